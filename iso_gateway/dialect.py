@@ -1,0 +1,389 @@
+"""Dialects: everything needed to read and write one host's ISO 8583 messages.
+
+A dialect is data (a TOML file under ``specs/dialects/``), never code: the field
+table with ISO types and lengths, how the MTI, bitmap, numbers, text and length
+prefixes are written on the wire, which fields a response echoes, and which
+fields carry card data. This module loads and checks those files and compiles
+them into the pyiso8583 spec that does the actual encoding and decoding.
+
+It must never touch a socket or import trio.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+# ISO 8583 data element types. pyiso8583 checks lengths and encodings but not
+# these character classes, so `check_field_type` does.
+FIELD_TYPES = ("n", "a", "an", "ans", "as", "ns", "anp", "z", "b", "x+n")
+
+TextEncoding = Literal["ascii", "ebcdic"]
+NumericEncoding = Literal["ascii", "ebcdic", "bcd"]
+BinaryEncoding = Literal["raw", "hex"]
+LengthEncoding = Literal["ascii", "ebcdic", "bcd", "binary"]
+# Odd-length BCD values get one pad nibble: "left" is a 0 on the left (jPOS
+# pad=true), "right" a 0 on the right (jPOS pad=false), "right_f" an F on the right.
+BcdPad = Literal["left", "right", "right_f"]
+
+_PY_CODEC = {"ascii": "ascii", "ebcdic": "cp500"}
+PREFIX_DIGITS = {"": 0, "L": 1, "LL": 2, "LLL": 3, "LLLL": 4}
+
+
+def specs_dir() -> Path:
+    """Where the shipped specs live: next to the package in a checkout, inside it when installed."""
+    env = os.environ.get("ISO_GATEWAY_SPECS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "specs", here / "specs"):
+        if (candidate / "dialects").is_dir():
+            return candidate
+    return here.parent / "specs"
+
+
+# --------------------------------------------------------------------------- file model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _FieldFile(_Strict):
+    name: str
+    type: str
+    len: int | None = Field(default=None, ge=1, le=9999, description="fixed length")
+    max: int | None = Field(default=None, ge=1, le=9999, description="maximum length of a variable field")
+    prefix: Literal["L", "LL", "LLL", "LLLL"] | None = None
+    encoding: Literal["ascii", "ebcdic", "bcd", "raw", "hex"] | None = None
+    length_encoding: LengthEncoding | None = None
+    bcd_pad: BcdPad | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        if v not in FIELD_TYPES:
+            raise ValueError(f"unknown type {v!r}; one of {', '.join(FIELD_TYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _length_shape(self) -> "_FieldFile":
+        if (self.len is None) == (self.max is None):
+            raise ValueError("give exactly one of 'len' (fixed) or 'max' with 'prefix' (variable)")
+        if self.max is not None and self.prefix is None:
+            raise ValueError("a variable field ('max') needs a 'prefix' (L, LL, LLL or LLLL)")
+        if self.len is not None and self.prefix is not None:
+            raise ValueError("a fixed field ('len') takes no 'prefix'")
+        if self.max is not None and self.max >= 10 ** len(self.prefix or ""):
+            raise ValueError(f"max {self.max} does not fit a {self.prefix} prefix")
+        return self
+
+
+class _WireFile(_Strict):
+    mti: NumericEncoding = "ascii"
+    bitmap: Literal["hex", "binary"] = "hex"
+    numeric: NumericEncoding = "ascii"
+    text: TextEncoding = "ascii"
+    binary: BinaryEncoding = "raw"
+    length: LengthEncoding = "ascii"
+    bcd_pad: BcdPad = "left"
+
+
+class _CardDataFile(_Strict):
+    pan: list[int] = [2]
+    mask: list[int] = [14]
+    remove: list[int] = [35, 36, 45, 52, 55]
+    presence: list[int] = [64, 128]
+
+
+class _ResponseFile(_Strict):
+    echo: list[int]
+
+
+class _DialectFile(_Strict):
+    name: str
+    title: str
+    standard: Literal["1987", "1993", "2003"]
+    wire: _WireFile = _WireFile()
+    card_data: _CardDataFile = _CardDataFile()
+    response: _ResponseFile
+    fields: dict[str, _FieldFile]
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", v):
+            raise ValueError("a dialect name is lower-case letters, digits, '-' and '_'")
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _field_numbers(cls, v: dict[str, _FieldFile]) -> dict[str, _FieldFile]:
+        for key in v:
+            if not key.isdigit() or not 2 <= int(key) <= 128 or key != str(int(key)):
+                raise ValueError(f"field number {key!r} is not 2..128")
+        return v
+
+
+def pydantic_to_config_error(source: str, exc: ValidationError) -> ConfigError:
+    """The first problem of a pydantic error as a ConfigError naming the key path."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        msg = "required key is missing"
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return ConfigError(source, loc, msg)
+
+
+# --------------------------------------------------------------------------- compiled model
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDef:
+    """One data element as the dialect writes it.
+
+    ``length`` is the fixed length or the maximum, in the field's own units:
+    digits for numeric fields, characters for text, bytes for binary fields.
+    ``prefix`` is the number of length digits (0 for a fixed field).
+    ``encoding`` is how the value is written: ascii, ebcdic, bcd, raw or hex.
+    """
+
+    number: int
+    name: str
+    type: str
+    length: int
+    prefix: int
+    encoding: str
+    length_encoding: str
+    bcd_pad: str = "left"
+
+    @property
+    def fixed(self) -> bool:
+        return self.prefix == 0
+
+    @property
+    def format(self) -> str:
+        """The ISO notation: n6, ans..40, n..19."""
+        if self.fixed:
+            return f"{self.type}{self.length}"
+        return f"{self.type}{'.' * self.prefix}{self.length}"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    title: str
+    standard: str
+    mti_encoding: str
+    bitmap_encoding: str
+    fields: dict[int, FieldDef]
+    echo: tuple[int, ...]
+    pan_fields: frozenset[int]
+    mask_fields: frozenset[int]
+    remove_fields: frozenset[int]
+    presence_fields: frozenset[int]
+    source: str
+    spec: dict[str, Any] = field(repr=False, compare=False, hash=False)
+
+    def field_name(self, number: int) -> str:
+        fd = self.fields.get(number)
+        return fd.name if fd else f"field {number}"
+
+
+def _resolve_field(num: int, f: _FieldFile, wire: _WireFile, where: str, source: str) -> FieldDef:
+    if f.encoding is not None:
+        enc = f.encoding
+    elif f.type in ("n", "z"):
+        enc = wire.numeric
+    elif f.type == "b":
+        enc = wire.binary
+    else:
+        enc = wire.text
+    allowed = {
+        "n": {"ascii", "ebcdic", "bcd"},
+        "z": {"ascii", "ebcdic", "bcd"},
+        "b": {"raw", "hex"},
+    }.get(f.type, {"ascii", "ebcdic"})
+    if enc not in allowed:
+        raise ConfigError(source, f"{where}.encoding", f"{enc!r} can't carry type {f.type!r}; one of {sorted(allowed)}")
+    length_encoding = f.length_encoding or wire.length
+    return FieldDef(
+        number=num,
+        name=f.name,
+        type=f.type,
+        length=f.len if f.len is not None else f.max,  # type: ignore[arg-type]
+        prefix=PREFIX_DIGITS[f.prefix or ""],
+        encoding=enc,
+        length_encoding=length_encoding,
+        bcd_pad=f.bcd_pad or wire.bcd_pad,
+    )
+
+
+def prefix_width(fd: FieldDef) -> int:
+    """Bytes the length prefix takes on the wire."""
+    if fd.prefix == 0:
+        return 0
+    if fd.length_encoding in ("ascii", "ebcdic"):
+        return fd.prefix
+    if fd.length_encoding == "bcd":
+        return (fd.prefix + 1) // 2
+    return 1 if fd.prefix <= 2 else 2  # binary: uint8 up to 255, then uint16
+
+
+def _pyiso_field(fd: FieldDef) -> dict[str, Any]:
+    len_enc = {"ascii": "ascii", "ebcdic": "cp500", "bcd": "bcd", "binary": "b"}[fd.length_encoding]
+    spec: dict[str, Any] = {"len_enc": len_enc, "len_type": prefix_width(fd), "desc": fd.name}
+    if fd.encoding == "bcd":
+        spec.update(data_enc="b", len_count="nibbles", max_len=fd.length)
+        key, digit = {"left": ("left_pad", "0"), "right": ("right_pad", "0"), "right_f": ("right_pad", "F")}[fd.bcd_pad]
+        spec[key] = digit
+    elif fd.encoding == "raw":
+        spec.update(data_enc="b", max_len=fd.length)
+    elif fd.encoding == "hex":
+        spec.update(data_enc="ascii", max_len=fd.length * 2)
+    else:
+        spec.update(data_enc=_PY_CODEC[fd.encoding], max_len=fd.length)
+    return spec
+
+
+def _build_spec(d: _DialectFile, fields: dict[int, FieldDef]) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "h": {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 0, "desc": "Header"},
+    }
+    if d.wire.mti == "bcd":
+        spec["t"] = {"data_enc": "b", "len_enc": "ascii", "len_type": 0, "max_len": 2, "desc": "MTI"}
+    else:
+        spec["t"] = {"data_enc": _PY_CODEC[d.wire.mti], "len_enc": "ascii", "len_type": 0, "max_len": 4, "desc": "MTI"}
+    for key, desc in (("p", "Primary bitmap"), ("1", "Secondary bitmap")):
+        if d.wire.bitmap == "binary":
+            spec[key] = {"data_enc": "b", "len_enc": "ascii", "len_type": 0, "max_len": 8, "desc": desc}
+        else:
+            spec[key] = {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 16, "desc": desc}
+    for num in range(2, 129):
+        fd = fields.get(num)
+        if fd is None:
+            # Undefined fields still need an entry; a message that sets one fails
+            # to decode with a clear "field N" error instead of a KeyError.
+            spec[str(num)] = {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 0, "desc": "Undefined"}
+        else:
+            spec[str(num)] = _pyiso_field(fd)
+    return spec
+
+
+def parse_dialect(text: str, source: str) -> Dialect:
+    """Parse and check a dialect file's text. Raises ConfigError naming the key path."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    try:
+        d = _DialectFile.model_validate(raw)
+    except ValidationError as exc:
+        raise pydantic_to_config_error(source, exc) from None
+    fields: dict[int, FieldDef] = {}
+    for key, f in d.fields.items():
+        num = int(key)
+        fields[num] = _resolve_field(num, f, d.wire, f"fields.{key}", source)
+    for section, nums in (
+        ("response.echo", d.response.echo),
+        ("card_data.pan", d.card_data.pan),
+        ("card_data.mask", d.card_data.mask),
+        ("card_data.remove", d.card_data.remove),
+        ("card_data.presence", d.card_data.presence),
+    ):
+        for n in nums:
+            if n not in fields:
+                raise ConfigError(source, section, f"field {n} is not defined in [fields]")
+    return Dialect(
+        name=d.name,
+        title=d.title,
+        standard=d.standard,
+        mti_encoding=d.wire.mti,
+        bitmap_encoding=d.wire.bitmap,
+        fields=fields,
+        echo=tuple(d.response.echo),
+        pan_fields=frozenset(d.card_data.pan),
+        mask_fields=frozenset(d.card_data.mask),
+        remove_fields=frozenset(d.card_data.remove),
+        presence_fields=frozenset(d.card_data.presence),
+        source=source,
+        spec=_build_spec(d, fields),
+    )
+
+
+def load_dialect_file(path: str | os.PathLike[str]) -> Dialect:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), "", f"can't read: {exc.strerror}") from None
+    return parse_dialect(text, str(p))
+
+
+def dialect_paths(extra_dirs: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Dialect name -> file, shipped ones first; a file in ``extra_dirs`` overrides by name."""
+    found: dict[str, Path] = {}
+    for d in (specs_dir() / "dialects", *map(Path, extra_dirs)):
+        if d.is_dir():
+            for p in sorted(d.glob("*.toml")):
+                found[p.stem] = p
+    return found
+
+
+@lru_cache(maxsize=64)
+def get_dialect(name_or_path: str, extra_dirs: tuple[str, ...] = ()) -> Dialect:
+    """A dialect by shipped name (``iso87ascii``) or by file path."""
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        return load_dialect_file(name_or_path)
+    paths = dialect_paths(extra_dirs)
+    if name_or_path not in paths:
+        known = ", ".join(sorted(paths)) or "none"
+        raise ConfigError("dialect", name_or_path, f"unknown dialect; known: {known}")
+    dialect = load_dialect_file(paths[name_or_path])
+    if dialect.name != name_or_path:
+        raise ConfigError(str(paths[name_or_path]), "name", f"{dialect.name!r} does not match the file name")
+    return dialect
+
+
+# --------------------------------------------------------------------------- field types
+
+_TYPE_PATTERNS = {
+    "n": re.compile(r"[0-9]*"),
+    "a": re.compile(r"[A-Za-z ]*"),
+    "an": re.compile(r"[A-Za-z0-9 ]*"),
+    "anp": re.compile(r"[A-Za-z0-9 ]*"),
+    "ans": re.compile(r"[\x20-\x7e]*"),
+    "as": re.compile(r"[^0-9\x00-\x1f\x7f-\xff]*"),
+    "ns": re.compile(r"[^A-Za-z\x00-\x1f\x7f-\xff]*"),
+    "z": re.compile(r"[0-9=D^]*"),
+    "b": re.compile(r"[0-9A-Fa-f]*"),
+    "x+n": re.compile(r"[CD][0-9]*"),
+}
+
+
+def check_field_type(fd: FieldDef, value: str) -> str | None:
+    """None when ``value`` fits the field's ISO type and length, else the reason (no value in it)."""
+    if not _TYPE_PATTERNS[fd.type].fullmatch(value):
+        return f"not of type {fd.type}"
+    n = len(value)
+    if fd.type == "b":
+        n //= 2
+    if fd.fixed and n != fd.length:
+        return f"length {n}, expected {fd.length}"
+    if n > fd.length:
+        return f"length {n}, over the maximum {fd.length}"
+    return None

@@ -1,0 +1,248 @@
+"""The message model: MTI rules, decode/encode through pyiso8583, responses, field 90.
+
+A message is a plain ``dict[str, str]`` as pyiso8583 uses it: ``"t"`` holds the
+MTI and ``"2"`` .. ``"128"`` the field values as text (binary fields as upper
+case hex). Bitmaps are derived, never stored in the dict.
+
+Errors raised here name the field and the reason, never a value, so a PAN can't
+leave through an exception. Nothing here touches a socket or imports trio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import iso8583
+from iso8583.decoder import DecodeError as _PyDecodeError
+from iso8583.encoder import EncodeError as _PyEncodeError
+
+from .dialect import Dialect, check_field_type
+from .errors import DecodeError, EncodeError, FieldTypeError
+
+Message = dict[str, str]
+
+# --------------------------------------------------------------------------- MTI
+
+MTI_CLASSES = {
+    "1": "authorization",
+    "2": "financial",
+    "3": "file action",
+    "4": "reversal",
+    "5": "reconciliation",
+    "6": "administrative",
+    "7": "fee collection",
+    "8": "network management",
+}
+MTI_FUNCTIONS = {
+    "0": "request",
+    "1": "request response",
+    "2": "advice",
+    "3": "advice response",
+    "4": "notification",
+    "5": "notification acknowledgement",
+}
+
+
+def is_valid_mti(mti: str) -> bool:
+    return len(mti) == 4 and mti.isdigit() and mti[1] in MTI_CLASSES and mti[2] in MTI_FUNCTIONS
+
+
+def response_mti(mti: str) -> str:
+    """0100 -> 0110, 0420/0421 -> 0430: the function digit goes up by one, origin back to 0."""
+    if not is_valid_mti(mti) or mti[2] not in "024":
+        raise ValueError("not a request or advice MTI")
+    return f"{mti[:2]}{int(mti[2]) + 1}0"
+
+
+def request_mti(mti: str) -> str:
+    """0110 -> 0100, 0430 -> 0420."""
+    if not is_valid_mti(mti) or mti[2] not in "135":
+        raise ValueError("not a response MTI")
+    return f"{mti[:2]}{int(mti[2]) - 1}0"
+
+
+def is_request(mti: str) -> bool:
+    return len(mti) == 4 and mti[2] in "024"
+
+
+def is_response(mti: str) -> bool:
+    return len(mti) == 4 and mti[2] in "135"
+
+
+def is_repeat(mti: str) -> bool:
+    """Origin digit 1, 3 or 5: a repeat (0101, 0421)."""
+    return len(mti) == 4 and mti[3] in "135"
+
+
+def repeat_mti(mti: str) -> str:
+    """0420 -> 0421, 0100 -> 0101; a repeat stays a repeat."""
+    if len(mti) != 4 or mti[3] not in "012345":
+        raise ValueError("not an MTI with a known origin")
+    return mti if is_repeat(mti) else f"{mti[:3]}{int(mti[3]) + 1}"
+
+
+def original_mti(mti: str) -> str:
+    """0421 -> 0420: the MTI with the repeat flag cleared."""
+    return f"{mti[:3]}{int(mti[3]) - 1}" if is_repeat(mti) else mti
+
+
+def match_class(mti: str) -> str:
+    """The part of an MTI a response shares with its request (jPOS QMUX's mapping):
+    version + class + function rounded down to the request, origin dropped.
+    0100, 0101 and 0110 all give "010"; 0420, 0421 and 0430 give "042"."""
+    f = mti[2]
+    return mti[:2] + (str(int(f) - 1) if f in "13579" else f)
+
+
+def mti_class(mti: str) -> str:
+    return MTI_CLASSES.get(mti[1:2], "unknown")
+
+
+def mti_function(mti: str) -> str:
+    return MTI_FUNCTIONS.get(mti[2:3], "unknown")
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def decode(dialect: Dialect, raw: bytes | bytearray, *, check_types: bool = True) -> Message:
+    """Decode one message (no length header, no TPDU) into a field dict.
+
+    Raises DecodeError naming the field; FieldTypeError when a value decodes
+    but breaks its ISO type (letters in an ``n`` field), unless ``check_types``
+    is off.
+    """
+    try:
+        doc, _ = iso8583.decode(bytes(raw), dialect.spec)
+    except _PyDecodeError as exc:
+        raise DecodeError(exc.msg, exc.field, exc.pos) from None
+    except (ValueError, TypeError, IndexError):
+        raise DecodeError("bytes do not decode under dialect " + dialect.name) from None
+    doc.pop("h", None)
+    doc.pop("p", None)
+    doc.pop("1", None)
+    if not is_valid_mti(doc.get("t", "")):
+        raise DecodeError("not a valid MTI", "t")
+    if check_types:
+        problem = first_type_problem(dialect, doc)
+        if problem:
+            raise FieldTypeError(problem[1], problem[0])
+    return doc
+
+
+def encode(dialect: Dialect, msg: Message, *, check_types: bool = True) -> bytes:
+    """Encode a field dict into one message's bytes (no length header)."""
+    if not is_valid_mti(msg.get("t", "")):
+        raise EncodeError("not a valid MTI", "t")
+    doc = {k: v for k, v in msg.items() if k not in ("p", "1", "h")}
+    for key in doc:
+        if key != "t" and (not key.isdigit() or int(key) not in dialect.fields):
+            raise EncodeError(f"not defined in dialect {dialect.name}", key)
+    if check_types:
+        problem = first_type_problem(dialect, doc)
+        if problem:
+            raise FieldTypeError(problem[1], problem[0])
+    try:
+        raw, _ = iso8583.encode(doc, dialect.spec)
+    except _PyEncodeError as exc:
+        raise EncodeError(exc.msg, exc.field) from None
+    except (ValueError, TypeError, LookupError):
+        raise EncodeError("fields do not encode under dialect " + dialect.name) from None
+    return bytes(raw)
+
+
+def first_type_problem(dialect: Dialect, msg: Message) -> tuple[str, str] | None:
+    """(field, reason) for the first field whose value breaks its ISO type."""
+    for key in sorted((k for k in msg if k.isdigit()), key=int):
+        fd = dialect.fields.get(int(key))
+        if fd is None:
+            return key, "not defined in the dialect"
+        reason = check_field_type(fd, msg[key])
+        if reason:
+            return key, reason
+    return None
+
+
+# --------------------------------------------------------------------------- responses
+
+# Fields a responder sets and a request never hands down to its response.
+RESPONDER_FIELDS = frozenset({"38", "39", "44", "54", "55"})
+
+
+def build_response(
+    dialect: Dialect,
+    request: Message,
+    response_code: str,
+    *,
+    auth_code: str | None = None,
+    extra: Message | None = None,
+) -> Message:
+    """A response to ``request``: response MTI, the dialect's echo fields, 39 and 38.
+
+    38 (authorization id) is set only for an approval (39 = 00) when given.
+    """
+    resp: Message = {"t": response_mti(request["t"])}
+    for num in dialect.echo:
+        key = str(num)
+        if key in request and key not in RESPONDER_FIELDS:
+            resp[key] = request[key]
+    resp["39"] = response_code
+    if auth_code is not None and response_code == "00":
+        resp["38"] = auth_code
+    if extra:
+        resp.update(extra)
+    return resp
+
+
+# --------------------------------------------------------------------------- field 90
+
+F90_LENGTH = 42
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalData:
+    """Field 90, original data elements (v87 n42): what a reversal points back to."""
+
+    mti: str
+    stan: str
+    transmission: str  # DE 7, MMDDhhmmss
+    acquirer: str = ""  # DE 32
+    forwarder: str = ""  # DE 33
+
+    def encode(self) -> str:
+        parts = (
+            (self.mti, 4, "original MTI"),
+            (self.stan, 6, "original STAN"),
+            (self.transmission or "0", 10, "original transmission date and time"),
+            (self.acquirer or "0", 11, "original acquirer id"),
+            (self.forwarder or "0", 11, "original forwarder id"),
+        )
+        out = []
+        for value, width, what in parts:
+            if not value.isdigit() or len(value) > width:
+                raise EncodeError(f"{what} is not numeric of at most {width} digits", "90")
+            out.append(value.zfill(width))  # right-justified, zero-filled
+        return "".join(out)
+
+    @classmethod
+    def parse(cls, value: str) -> "OriginalData":
+        if len(value) != F90_LENGTH or not value.isdigit():
+            raise DecodeError(f"original data elements must be {F90_LENGTH} digits", "90")
+        return cls(
+            mti=value[0:4],
+            stan=value[4:10],
+            transmission=value[10:20],
+            acquirer=value[20:31].lstrip("0"),
+            forwarder=value[31:42].lstrip("0"),
+        )
+
+    @classmethod
+    def of(cls, original: Message) -> "OriginalData":
+        """Field 90 for a reversal of ``original``."""
+        return cls(
+            mti=original_mti(original["t"]),
+            stan=original.get("11", "0"),
+            transmission=original.get("7", "0"),
+            acquirer=original.get("32", ""),
+            forwarder=original.get("33", ""),
+        )
