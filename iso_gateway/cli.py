@@ -1,0 +1,215 @@
+"""The ``iso-gateway`` command: one entry point, one sub-command per job.
+
+Bad input prints one clear line on stderr and exits non-zero; a traceback is a
+bug. Output is masked unless ``--unmasked`` is given, which warns on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import ConfigError, IsoGatewayError
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _err(msg: str) -> None:
+    print(f"iso-gateway: {msg}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- decode / encode
+
+
+def _read_input(args: argparse.Namespace) -> bytes:
+    """The bytes to decode: --file (raw bytes), else HEX argument, else hex on stdin."""
+    if args.file:
+        try:
+            with open(args.file, "rb") as fh:
+                return fh.read()
+        except OSError as exc:
+            raise IsoGatewayError(f"can't read {args.file}: {exc.strerror}") from None
+    text = args.hex if args.hex not in (None, "-") else sys.stdin.read()
+    cleaned = "".join(text.split())
+    if cleaned.lower().startswith("0x"):
+        cleaned = cleaned[2:]
+    try:
+        return bytes.fromhex(cleaned)
+    except ValueError:
+        raise IsoGatewayError("input is not hexadecimal (use --file for raw bytes)") from None
+
+
+def _framer(args: argparse.Namespace):  # noqa: ANN202 - Framer, imported lazily
+    from .framing import framer_from_config
+
+    options = {}
+    if args.length_includes_header:
+        options["length_includes_header"] = True
+    if args.tpdu:
+        options["tpdu"] = True
+    return framer_from_config(args.framing, **options)
+
+
+def _describe(dialect, msg: dict[str, str], unmasked: bool) -> list[dict[str, str]]:  # noqa: ANN001
+    from .masking import REMOVED, mask_field
+    from .message import mti_class, mti_function
+
+    rows = [{"field": "t", "name": "Message type indicator", "format": "n4",
+             "value": msg["t"], "meaning": f"{mti_class(msg['t'])} {mti_function(msg['t'])}"}]
+    for key in sorted((k for k in msg if k.isdigit()), key=int):
+        num = int(key)
+        fd = dialect.fields[num]
+        value = msg[key] if unmasked else mask_field(dialect, num, msg[key])
+        rows.append({"field": key, "name": fd.name, "format": fd.format,
+                     "value": REMOVED if value is None else value})
+    return rows
+
+
+@command("decode")
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .dialect import get_dialect
+    from .message import decode
+
+    dialect = get_dialect(args.dialect)
+    data = _read_input(args)
+    if args.unmasked:
+        print("WARNING: --unmasked prints card data in clear; do not paste this output anywhere.", file=sys.stderr)
+    messages: list[tuple[bytes, bytes]] = []
+    if args.framing:
+        framer = _framer(args)
+        decoder = framer.decoder()
+        for frame in decoder.feed(data):
+            if not frame.keepalive:
+                messages.append((frame.header, frame.message))
+        if decoder.pending:
+            raise IsoGatewayError(f"{decoder.pending} bytes left after the last complete frame")
+    else:
+        messages.append((b"", data))
+    if not messages:
+        raise IsoGatewayError("no message in the input")
+    out = []
+    for header, raw in messages:
+        msg = decode(dialect, raw, check_types=not args.lenient)
+        entry = {"dialect": dialect.name, "length": len(raw), "fields": _describe(dialect, msg, args.unmasked)}
+        if header:
+            entry["header"] = header.hex().upper()
+        out.append(entry)
+    if args.json:
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
+        return EXIT_OK
+    for i, entry in enumerate(out):
+        if len(out) > 1:
+            print(f"--- message {i + 1} of {len(out)}")
+        head = f"dialect {entry['dialect']}, {entry['length']} bytes"
+        if "header" in entry:
+            head += f", header {entry['header']}"
+        print(head)
+        for row in entry["fields"]:
+            label = "MTI" if row["field"] == "t" else f"{int(row['field']):>3}"
+            extra = f"  ({row['meaning']})" if "meaning" in row else ""
+            print(f"{label}  {row['format']:<9} {row['name'][:44]:<44} {row['value']}{extra}")
+    return EXIT_OK
+
+
+@command("encode")
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .dialect import get_dialect
+    from .message import encode
+
+    dialect = get_dialect(args.dialect)
+    text = args.json_text if args.json_text not in (None, "-") else sys.stdin.read()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise IsoGatewayError(f"input is not JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(doc, dict):
+        raise IsoGatewayError('input must be a JSON object such as {"t": "0800", "11": "000001", "70": "301"}')
+    fields: dict[str, str] = {}
+    for key, value in doc.items():
+        key = "t" if key in ("t", "mti", "MTI", "0") else str(key)
+        fields[key] = value if isinstance(value, str) else str(value)
+    raw = encode(dialect, fields)
+    if args.framing:
+        raw = _framer(args).encode(raw, header=bytes.fromhex(args.header) if args.header else b"")
+    print(raw.hex().upper())
+    return EXIT_OK
+
+
+@command("dialects")
+def cmd_dialects(args: argparse.Namespace) -> int:
+    from .dialect import dialect_paths, get_dialect
+
+    for name, path in dialect_paths().items():
+        try:
+            d = get_dialect(name)
+            print(f"{name:<14} {d.title}  [{path}]")
+        except ConfigError as exc:
+            print(f"{name:<14} INVALID: {exc}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_wire_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dialect", default="iso87ascii", help="dialect name or .toml path (default: iso87ascii)")
+    p.add_argument("--framing", help="length-header framing of the input: ascii4, binary2, binary2r, bcd2, binary4")
+    p.add_argument("--length-includes-header", action="store_true", help="the length header counts itself")
+    p.add_argument("--tpdu", action="store_true", help="a 5-byte TPDU follows the length header")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iso-gateway", description="ISO 8583 gateway daemon and tools")
+    parser.add_argument("--version", action="version", version=f"iso-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("decode", help="decode a message or a framed stream and print its fields, masked")
+    p.add_argument("hex", nargs="?", help="the message as hex; '-' or nothing reads hex from stdin")
+    p.add_argument("--file", help="read raw bytes from this file instead")
+    _add_wire_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--unmasked", action="store_true", help="show card data in clear (warns on stderr)")
+    p.add_argument("--lenient", action="store_true", help="do not check ISO field types (n, an, ...)")
+
+    p = sub.add_parser("encode", help="encode a JSON field object into hex")
+    p.add_argument("json_text", nargs="?", metavar="JSON", help='e.g. \'{"t": "0800", "11": "000001", "70": "301"}\'; - reads stdin')
+    _add_wire_options(p)
+    p.add_argument("--header", help="TPDU or fixed header bytes as hex, with --framing")
+
+    sub.add_parser("dialects", help="list the dialects found in specs/dialects")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except IsoGatewayError as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK

@@ -1,0 +1,228 @@
+"""Configuration: one TOML file, validated at start into frozen objects.
+
+Every setting documents its default and unit here, and the README's
+configuration reference is checked against these models by a test. A bad file
+is refused with the file, the key path and the reason; on SIGHUP a bad file is
+refused the same way and the running configuration stays.
+
+Nothing here opens a socket or imports trio.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .dialect import pydantic_to_config_error
+from .errors import ConfigError
+
+ResponseCode = str
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _code(v: str) -> str:
+    if len(v) != 2 or not v.isalnum():
+        raise ValueError("a response code is 2 characters, e.g. '91'")
+    return v
+
+
+def _loopback_or_any(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError("give an IP address (e.g. 127.0.0.1, ::1, 0.0.0.0)") from None
+    return host
+
+
+class WireConfig(_Model):
+    """How one side speaks: dialect and framing."""
+
+    dialect: str = Field("iso87ascii", description="dialect name from specs/dialects, or a .toml path")
+    framing: str = Field("ascii4", description="length header: ascii4, binary2, binary2r, bcd2, binary4")
+    length_includes_header: bool = Field(False, description="the length counts the length header (and TPDU/header) too")
+    tpdu: bool = Field(False, description="a 5-byte TPDU follows the length header; replies swap its addresses")
+    header: str = Field("", description="a fixed header (hex) that follows the length header")
+    max_frame: int = Field(8192, ge=64, le=1 << 20, description="largest message accepted, bytes")
+
+    @field_validator("header")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        try:
+            bytes.fromhex(v)
+        except ValueError:
+            raise ValueError("header must be hex") from None
+        return v
+
+
+class ListenerConfig(WireConfig):
+    """A front-end listener. Defaults: see each field."""
+
+    name: str = Field(description="label used in logs and metrics")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(ge=0, le=65535, description="TCP port; 0 picks a free one")
+    rules: str = Field("default", description="validation rule set from specs/rules, or a .toml path")
+    max_connections: int = Field(2000, ge=1, description="open connections; more are accepted, counted and closed")
+    max_in_flight: int = Field(64, ge=1, description="requests in flight per connection before reading pauses")
+    idle_timeout: float = Field(300.0, gt=0, description="seconds without a frame before a connection is closed")
+    partial_frame_timeout: float = Field(5.0, gt=0, description="seconds a started frame may take to complete")
+    send_timeout: float = Field(10.0, gt=0, description="seconds a send to a front end may block before it is dropped")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _loopback_or_any(v)
+
+
+class HostConfig(_Model):
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class UpstreamConfig(WireConfig):
+    """A bank switch: hosts tried in order (failover), N connections kept open."""
+
+    name: str = Field(description="label used in routes, logs and metrics")
+    hosts: list[str] = Field(min_length=1, description='"host:port" entries in failover order')
+    connections: int = Field(1, ge=1, le=64, description="connections kept open to the active host")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds for TCP connect (domain ref. 3.6: about 5 s)")
+    reconnect_initial: float = Field(0.5, gt=0, description="first reconnect delay, seconds; doubles each failure")
+    reconnect_max: float = Field(30.0, gt=0, description="longest reconnect delay, seconds (jitter: up to +25%)")
+    sign_on: bool = Field(False, description="send 0800 sign-on and carry traffic only after 0810 with 00")
+    sign_on_timeout: float = Field(5.0, gt=0, description="seconds to wait for the sign-on 0810")
+    sign_off: bool = Field(True, description="send 0800 sign-off on shutdown when signed on")
+    echo_interval: float = Field(30.0, ge=0, description="write-idle seconds before an echo 0800; 0 disables")
+    echo_timeout: float = Field(5.0, gt=0, description="seconds to wait for an echo 0810")
+    echo_misses: int = Field(2, ge=1, description="missed echoes in a row before the link is reconnected")
+    max_in_flight: int = Field(2000, ge=1, description="requests in flight per connection; more go elsewhere or get 91")
+    match_fields: list[int] = Field(
+        default_factory=list,
+        description="fields besides MTI class and STAN that a response must echo to match (e.g. [41, 7])",
+    )
+    network_codes: dict[str, str] = Field(
+        default_factory=lambda: {"sign_on": "001", "sign_off": "002", "echo": "301"},
+        description="DE 70 values: verify with the switch",
+    )
+    institution_id: str = Field("", description="DE 32 for messages the gateway originates (0800); empty: none")
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for h in v:
+            host, _, port = h.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{h!r} is not host:port")
+            _loopback_or_any(host.strip("[]"))
+        return v
+
+    def host_list(self) -> list[HostConfig]:
+        out = []
+        for h in self.hosts:
+            host, _, port = h.rpartition(":")
+            out.append(HostConfig(host=host.strip("[]"), port=int(port)))
+        return out
+
+
+class RouteConfig(_Model):
+    """A route: every given criterion must match; the longest matching BIN prefix wins."""
+
+    name: str
+    upstream: str = Field(description="name of an [[upstreams]] entry")
+    mti: list[str] = Field(default_factory=list, description="MTIs this route carries; empty: any")
+    bins: list[str] = Field(default_factory=list, description='PAN prefixes ("4", "510000") or ranges ("510000-559999")')
+    currencies: list[str] = Field(default_factory=list, description="DE 49 values; empty: any")
+    terminals: list[str] = Field(default_factory=list, description="DE 41 values; empty: any")
+    merchants: list[str] = Field(default_factory=list, description="DE 42 values; empty: any")
+    timeout: float = Field(30.0, gt=0, le=600, description="seconds to wait for the switch (domain ref. 3.6)")
+
+
+class RoutingConfig(_Model):
+    no_route_code: str = Field("92", description="answer when no route matches")
+    unknown_bin_code: str = Field("15", description="answer when the PAN's BIN is in no route; '' uses no_route_code")
+
+    @field_validator("no_route_code")
+    @classmethod
+    def _codes(cls, v: str) -> str:
+        return _code(v)
+
+    @field_validator("unknown_bin_code")
+    @classmethod
+    def _bin_code(cls, v: str) -> str:
+        return v if v == "" else _code(v)
+
+
+class GatewayConfig(_Model):
+    name: str = Field("iso-gateway", description="node name in logs")
+    timeout_code: str = Field("91", description="answer to the front end when the switch does not answer in time (or 68)")
+    unavailable_code: str = Field("91", description="answer when no upstream link can carry the request")
+    drain_timeout: float = Field(10.0, gt=0, description="seconds SIGTERM waits for in-flight requests")
+    local_network_management: bool = Field(True, description="answer front-end 0800 locally with 0810")
+
+    @field_validator("timeout_code", "unavailable_code")
+    @classmethod
+    def _codes(cls, v: str) -> str:
+        return _code(v)
+
+
+class LogConfig(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = Field("text", description="text for people, json for log shippers")
+    file: str = Field("", description="log file; empty: stderr")
+
+
+class MetricsConfig(_Model):
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="address of the /metrics, /healthz, /readyz endpoint")
+    port: int = Field(9108, ge=0, le=65535, description="port of that endpoint; 0 picks a free one")
+
+
+class Config(_Model):
+    gateway: GatewayConfig = GatewayConfig()
+    routing: RoutingConfig = RoutingConfig()
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    listeners: list[ListenerConfig] = Field(min_length=1)
+    upstreams: list[UpstreamConfig] = Field(min_length=1)
+    routes: list[RouteConfig] = Field(min_length=1)
+    dialect_dirs: list[str] = Field(default_factory=list, description="extra folders searched for dialect files")
+    rule_dirs: list[str] = Field(default_factory=list, description="extra folders searched for rule files")
+
+    @model_validator(mode="after")
+    def _references(self) -> "Config":
+        names = [u.name for u in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ValueError("upstream names must be unique")
+        lnames = [lst.name for lst in self.listeners]
+        if len(set(lnames)) != len(lnames):
+            raise ValueError("listener names must be unique")
+        for i, r in enumerate(self.routes):
+            if r.upstream not in names:
+                raise ValueError(f"routes[{i}] ({r.name}) names upstream {r.upstream!r}, which is not defined")
+        return self
+
+
+def parse_config(text: str, source: str) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise pydantic_to_config_error(source, exc) from None
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), "", f"can't read: {exc.strerror}") from None
+    return parse_config(text, str(p))

@@ -1,0 +1,240 @@
+"""Read a few fields out of raw ISO 8583 bytes, and splice fixed fields, without a full decode.
+
+The hot path of the gateway never decodes a whole message: it walks the bitmap
+and the length prefixes with a plan compiled from the dialect (the same TOML
+file pyiso8583 is driven by), reads the handful of fields it needs (MTI, 11,
+37, 38, 39, 41, ...) and replaces the STAN in place. Property tests hold the
+scanner to pyiso8583's full decode and encode for every shipped dialect.
+
+Errors name the field, never its value. Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from .dialect import Dialect, FieldDef, prefix_width
+from .errors import DecodeError, EncodeError
+
+# How a field's length prefix is read (kind, width in bytes).
+_P_NONE, _P_ASCII, _P_BCD, _P_BIN, _P_EBCDIC = range(5)
+# How a length becomes a byte count.
+_U_BYTES, _U_NIBBLES, _U_HEX = range(3)
+# How a value becomes text.
+_V_ASCII, _V_BCD, _V_RAW, _V_EBCDIC = range(4)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    number: int
+    prefix_kind: int
+    prefix_width: int
+    fixed_bytes: int  # byte length of a fixed field; 0 for a variable one
+    unit: int
+    value_kind: int
+    max_units: int
+    length: int  # fixed length in the field's own units
+    bcd_pad: str  # where an odd BCD value's pad nibble goes: left, right, right_f
+
+
+def _compile(fd: FieldDef) -> _Plan:
+    width = prefix_width(fd)
+    if fd.prefix == 0:
+        pkind = _P_NONE
+    else:
+        pkind = {"ascii": _P_ASCII, "bcd": _P_BCD, "binary": _P_BIN, "ebcdic": _P_EBCDIC}[fd.length_encoding]
+    if fd.encoding == "bcd":
+        unit, vkind = _U_NIBBLES, _V_BCD
+    elif fd.encoding == "raw":
+        unit, vkind = _U_BYTES, _V_RAW
+    elif fd.encoding == "hex":
+        unit, vkind = _U_HEX, _V_ASCII
+    elif fd.encoding == "ebcdic":
+        unit, vkind = _U_BYTES, _V_EBCDIC
+    else:
+        unit, vkind = _U_BYTES, _V_ASCII
+    fixed = 0
+    if fd.prefix == 0:
+        fixed = _byte_len(fd.length, unit)
+    return _Plan(fd.number, pkind, width, fixed, unit, vkind, fd.length, fd.length, fd.bcd_pad)
+
+
+def _byte_len(units: int, unit: int) -> int:
+    if unit == _U_NIBBLES:
+        return (units + 1) >> 1
+    if unit == _U_HEX:
+        return units * 2
+    return units
+
+
+@dataclass(slots=True)
+class Scan:
+    """What a scan found: the MTI, the set of present fields (as a bitmap int,
+    bit for field n is ``1 << (128 - n)``), the wanted values, and their byte spans."""
+
+    mti: str
+    bitmap: int
+    values: dict[int, str]
+    spans: dict[int, tuple[int, int]]
+    end: int  # offset just past the last field walked
+
+    def has(self, field: int) -> bool:
+        return bool(self.bitmap >> (128 - field) & 1)
+
+    def present(self) -> list[int]:
+        return [n for n in range(2, 129) if self.bitmap >> (128 - n) & 1]
+
+
+class Scanner:
+    """A scan plan for one dialect and one set of wanted fields."""
+
+    def __init__(self, dialect: Dialect, wanted: Iterable[int] = (11, 37, 38, 39, 41, 42)) -> None:
+        self.dialect = dialect
+        self.wanted = frozenset(wanted)
+        self._last_wanted = max(self.wanted, default=0)
+        self._plans: list[_Plan | None] = [None] * 129
+        for num, fd in dialect.fields.items():
+            self._plans[num] = _compile(fd)
+        self._mti_kind = dialect.mti_encoding
+        self._mti_len = 2 if dialect.mti_encoding == "bcd" else 4
+        self._bitmap_hex = dialect.bitmap_encoding == "hex"
+        self._bitmap_len = 16 if self._bitmap_hex else 8
+
+    # ------------------------------------------------------------------ scan
+
+    def scan(self, raw: bytes | bytearray, *, full: bool = False) -> Scan:
+        """Read the MTI and the wanted fields.
+
+        With ``full`` the walk goes through every field and checks that the
+        message ends exactly where the last field does, which proves the
+        framing of every field (not the type of every value).
+        """
+        mti_len = self._mti_len
+        n = len(raw)
+        if n < mti_len:
+            raise DecodeError("message shorter than its MTI", "t", 0)
+        if self._mti_kind == "bcd":
+            mti = raw[:2].hex()
+        else:
+            try:
+                mti = raw[:4].decode("cp500" if self._mti_kind == "ebcdic" else "ascii")
+            except UnicodeDecodeError:
+                raise DecodeError("MTI is not text", "t", 0) from None
+        if not mti.isdigit():
+            raise DecodeError("MTI is not numeric", "t", 0)
+        pos = mti_len
+        bitmap, pos = self._read_bitmap(raw, pos, "p")
+        bitmap <<= 64
+        if bitmap >> 127 & 1:
+            secondary, pos = self._read_bitmap(raw, pos, "1")
+            bitmap |= secondary
+        values: dict[int, str] = {}
+        spans: dict[int, tuple[int, int]] = {}
+        wanted = self.wanted
+        plans = self._plans
+        last = 128 if full else self._last_wanted
+        rest = bitmap & ~(1 << 127)  # field 1 is the secondary bitmap, read above
+        while rest:
+            num = 129 - rest.bit_length()
+            if num > last:
+                break
+            rest ^= 1 << (128 - num)
+            plan = plans[num]
+            if plan is None:
+                raise DecodeError("field present but not defined in the dialect", str(num), pos)
+            if plan.prefix_kind == _P_NONE:
+                size = plan.fixed_bytes
+                units = plan.length
+            else:
+                units = self._read_prefix(raw, pos, plan)
+                pos += plan.prefix_width
+                size = _byte_len(units, plan.unit)
+            end = pos + size
+            if end > n:
+                raise DecodeError("message ends inside the field", str(num), pos)
+            if num in wanted:
+                values[num] = self._value(raw, pos, end, units, plan)
+                spans[num] = (pos, end)
+            pos = end
+        if full and pos != n:
+            raise DecodeError("extra bytes after the last field", None, pos)
+        return Scan(mti, bitmap, values, spans, pos)
+
+    def _read_bitmap(self, raw: bytes | bytearray, pos: int, field: str) -> tuple[int, int]:
+        end = pos + self._bitmap_len
+        if end > len(raw):
+            raise DecodeError("message ends inside the bitmap", field, pos)
+        if self._bitmap_hex:
+            try:
+                return int(raw[pos:end], 16), end
+            except ValueError:
+                raise DecodeError("bitmap is not hexadecimal", field, pos) from None
+        return int.from_bytes(raw[pos:end], "big"), end
+
+    @staticmethod
+    def _read_prefix(raw: bytes | bytearray, pos: int, plan: _Plan) -> int:
+        end = pos + plan.prefix_width
+        if end > len(raw):
+            raise DecodeError("message ends inside the length prefix", str(plan.number), pos)
+        chunk = raw[pos:end]
+        kind = plan.prefix_kind
+        try:
+            if kind == _P_ASCII:
+                if not chunk.isdigit():
+                    raise ValueError
+                units = int(chunk)
+            elif kind == _P_BCD:
+                units = int(chunk.hex(), 10)
+            elif kind == _P_BIN:
+                units = int.from_bytes(chunk, "big")
+            else:
+                text = bytes(chunk).decode("cp500")
+                if not text.isdigit():
+                    raise ValueError
+                units = int(text)
+        except ValueError:
+            raise DecodeError("length prefix is not a number", str(plan.number), pos) from None
+        if units > plan.max_units:
+            raise DecodeError(f"length {units} over the maximum {plan.max_units}", str(plan.number), pos)
+        return units
+
+    @staticmethod
+    def _value(raw: bytes | bytearray, start: int, end: int, units: int, plan: _Plan) -> str:
+        kind = plan.value_kind
+        chunk = raw[start:end]
+        try:
+            if kind == _V_ASCII:
+                return chunk.decode("ascii")
+            if kind == _V_EBCDIC:
+                return bytes(chunk).decode("cp500")
+            text = chunk.hex().upper()
+            if kind == _V_BCD and units & 1:
+                text = text[1:] if plan.bcd_pad == "left" else text[:-1]
+            return text
+        except UnicodeDecodeError:
+            raise DecodeError("field is not text", str(plan.number), start) from None
+
+    # ------------------------------------------------------------------ splice
+
+    def encode_value(self, field: int, value: str) -> bytes:
+        """The wire bytes of a fixed-length field's value."""
+        plan = self._plans[field]
+        if plan is None or plan.prefix_kind != _P_NONE:
+            raise EncodeError("only a fixed-length field can be spliced", str(field))
+        if len(value) != plan.length * (2 if plan.unit == _U_HEX else 1):
+            raise EncodeError(f"value must be {plan.length} long", str(field))
+        kind = plan.value_kind
+        if kind == _V_ASCII:
+            return value.encode("ascii")
+        if kind == _V_EBCDIC:
+            return value.encode("cp500")
+        if kind == _V_BCD and len(value) & 1:
+            value = {"left": "0" + value, "right": value + "0"}.get(plan.bcd_pad, value + "F")
+        return bytes.fromhex(value)
+
+    def splice(self, raw: bytes | bytearray, scan: Scan, field: int, value: str) -> bytes:
+        """``raw`` with fixed field ``field`` (found by ``scan``) replaced by ``value``."""
+        start, end = scan.spans[field]
+        data = self.encode_value(field, value)
+        return b"".join((raw[:start], data, raw[end:]))
