@@ -163,6 +163,43 @@ def cmd_dialects(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@command("run")
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run
+
+    return run(args.config)
+
+
+@command("check-config")
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Load the configuration and everything it names (dialects, rules, routes), start nothing."""
+    from .config import load_config
+    from .dialect import get_dialect
+    from .framing import framer_from_config
+    from .routing import RouteTable
+    from .validation import load_rules
+
+    cfg = load_config(args.config)
+    dd, rd = tuple(cfg.dialect_dirs), tuple(cfg.rule_dirs)
+    for i, lc in enumerate(cfg.listeners):
+        get_dialect(lc.dialect, dd)
+        load_rules(lc.rules, rd)
+        framer_from_config(lc.framing, source=args.config, where=f"listeners[{i}].framing")
+    for i, uc in enumerate(cfg.upstreams):
+        get_dialect(uc.dialect, dd)
+        framer_from_config(uc.framing, source=args.config, where=f"upstreams[{i}].framing")
+    RouteTable(cfg.routes, cfg.routing, source=args.config)
+    print(f"{args.config}: OK ({len(cfg.listeners)} listeners, {len(cfg.upstreams)} upstreams, {len(cfg.routes)} routes)")
+    return EXIT_OK
+
+
+@command("sim-switch")
+def cmd_sim_switch(args: argparse.Namespace) -> int:
+    from .sim.switch import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -192,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header", help="TPDU or fixed header bytes as hex, with --framing")
 
     sub.add_parser("dialects", help="list the dialects found in specs/dialects")
+
+    p = sub.add_parser("run", help="run the gateway daemon")
+    p.add_argument("--config", required=True, help="the gateway's TOML configuration")
+
+    p = sub.add_parser("check-config", help="validate a configuration file and everything it names, start nothing")
+    p.add_argument("config", help="the gateway's TOML configuration")
+
+    p = sub.add_parser("sim-switch", help="run the bank switch simulator")
+    from .sim.switch import add_arguments
+
+    add_arguments(p)
     return parser
 
 

@@ -69,7 +69,7 @@ class Metrics:
         self.rejections = counter("validation_rejections_total", "Requests answered by the gateway without reaching a switch.", ("listener", "reason", "rc"))
         self.decode_errors = counter("decode_errors_total", "Messages that did not decode.", ("side", "name", "reason"))
         self.duplicates = counter("duplicates_total", "Repeated front-end requests recognised as duplicates.", ("listener",))
-        self.connections_open = gauge("front_connections", "Front-end connections open.", ("listener",))
+        self.connections_open = gauge("front_connections_open", "Front-end connections open.", ("listener",))
         self.connections_total = counter("front_connections_total", "Front-end connections by outcome (accepted, refused).", ("listener", "outcome"))
         self.connections_closed = counter("front_connections_closed_total", "Front-end connections closed, by reason.", ("listener", "reason"))
         self.frames_too_large = counter("frames_too_large_total", "Frames over the size limit.", ("side", "name"))

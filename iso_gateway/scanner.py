@@ -103,12 +103,14 @@ class Scanner:
 
     # ------------------------------------------------------------------ scan
 
-    def scan(self, raw: bytes | bytearray, *, full: bool = False) -> Scan:
+    def scan(self, raw: bytes | bytearray, *, full: bool = False, found: dict[int, str] | None = None) -> Scan:
         """Read the MTI and the wanted fields.
 
         With ``full`` the walk goes through every field and checks that the
         message ends exactly where the last field does, which proves the
-        framing of every field (not the type of every value).
+        framing of every field (not the type of every value). With ``found``,
+        the wanted values read before a DecodeError are left in that dict, so a
+        caller can still echo the STAN and terminal of a broken request.
         """
         mti_len = self._mti_len
         n = len(raw)
@@ -129,7 +131,7 @@ class Scanner:
         if bitmap >> 127 & 1:
             secondary, pos = self._read_bitmap(raw, pos, "1")
             bitmap |= secondary
-        values: dict[int, str] = {}
+        values: dict[int, str] = {} if found is None else found
         spans: dict[int, tuple[int, int]] = {}
         wanted = self.wanted
         plans = self._plans

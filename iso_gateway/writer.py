@@ -11,6 +11,8 @@ writer is marked broken and the owner closes the connection.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import trio
 
 
@@ -19,16 +21,18 @@ class WriterBroken(Exception):
 
 
 class FrameWriter:
-    __slots__ = ("_stream", "_queue", "_sending", "broken", "send_timeout", "bytes_sent", "max_queue")
+    __slots__ = ("_stream", "_queue", "_sending", "broken", "send_timeout", "bytes_sent", "on_broken")
 
-    def __init__(self, stream: trio.abc.SendStream, send_timeout: float = 10.0, max_queue: int = 16 << 20) -> None:
+    def __init__(self, stream: trio.abc.SendStream, send_timeout: float = 10.0) -> None:
         self._stream = stream
         self._queue: list[bytes] = []
         self._sending = False
         self.broken: str | None = None
         self.send_timeout = send_timeout
         self.bytes_sent = 0
-        self.max_queue = max_queue
+        # Called once with the reason when the writer breaks, so the owner can
+        # close the connection even while its reader is blocked elsewhere.
+        self.on_broken: Callable[[str], None] | None = None
 
     def enqueue(self, frame: bytes) -> None:
         """Queue a frame; call ``flush`` (now or after queueing more) to send it."""
@@ -67,6 +71,8 @@ class FrameWriter:
     def _break(self, reason: str) -> None:
         self.broken = reason
         self._queue.clear()
+        if self.on_broken is not None:
+            self.on_broken(reason)
 
     @property
     def idle(self) -> bool:

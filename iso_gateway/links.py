@@ -1,0 +1,448 @@
+"""Upstream links: persistent connections to a bank switch.
+
+Each ``UpstreamConnection`` connects (trying the upstream's hosts in order),
+optionally signs on (0800/001, traffic only after an 0810 with 00), then reads
+responses, answers the switch's own 0800s, sends an echo (0800/301) when it has
+been write-idle for ``echo_interval`` and reconnects after ``echo_misses``
+unanswered echoes. Reconnects back off exponentially with jitter. When a
+connection drops, every request in flight on it is answered at once.
+
+Protocol decisions (matching, STANs, deadlines) live in ``matching``; this
+module only moves bytes, sleeps and keeps state. It never raises out of
+``run``: every failure is a counted, logged state change.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from .config import UpstreamConfig
+from .dialect import Dialect, get_dialect
+from .errors import FrameError, IsoGatewayError, MessageError
+from .framing import Framer, framer_from_config
+from .matching import Key, PendingTable, StanAllocator, match_key
+from .message import build_response, decode, encode, is_request
+from .scanner import Scan, Scanner
+from .writer import FrameWriter
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+log = logging.getLogger("iso_gateway.links")
+
+# How long a timed-out request's key is remembered, so that its response is
+# counted as late rather than unknown (jPOS QMUX keeps unhandled ones 120 s).
+LATE_WINDOW = 120.0
+LATE_MEMORY = 100_000
+
+
+class LinkState(enum.Enum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    SIGNING_ON = "signing_on"
+    READY = "ready"
+    DOWN = "down"
+
+
+class Waiter(Protocol):
+    """Something in the pending table: a front-end request or the link's own 0800."""
+
+    mti: str
+
+    def on_response(self, conn: "UpstreamConnection", raw: bytes, scan: Scan, now: float) -> FrameWriter | None: ...
+
+    def on_timeout(self, conn: "UpstreamConnection", now: float) -> FrameWriter | None: ...
+
+    def on_link_lost(self, conn: "UpstreamConnection", now: float) -> FrameWriter | None: ...
+
+
+class LinkListener(Protocol):
+    """What a link tells the gateway about traffic nobody waits for."""
+
+    def on_unmatched(self, conn: "UpstreamConnection", scan: Scan, raw: bytes, late: object | None, now: float) -> FrameWriter | None: ...
+
+
+class _NetworkWaiter:
+    """The link's own 0800 (sign-on, echo, sign-off) waiting for its 0810."""
+
+    __slots__ = ("mti", "event", "rc", "sent_at", "rtt")
+
+    def __init__(self, sent_at: float) -> None:
+        self.mti = "0800"
+        self.event = trio.Event()
+        self.rc: str | None = None
+        self.sent_at = sent_at
+        self.rtt = 0.0
+
+    def on_response(self, conn: "UpstreamConnection", raw: bytes, scan: Scan, now: float) -> None:
+        self.rc = scan.values.get(39, "")
+        self.rtt = now - self.sent_at
+        self.event.set()
+
+    def on_timeout(self, conn: "UpstreamConnection", now: float) -> None:
+        self.event.set()
+
+    on_link_lost = on_timeout
+
+
+def transmission_time(now: datetime | None = None) -> str:
+    """DE 7: MMDDhhmmss in UTC."""
+    return (now or datetime.now(timezone.utc)).strftime("%m%d%H%M%S")
+
+
+class UpstreamConnection:
+    """One TCP connection to a switch, reconnected for as long as ``run`` runs."""
+
+    def __init__(self, upstream: "Upstream", index: int) -> None:
+        self.upstream = upstream
+        self.cfg = upstream.cfg
+        self.index = index
+        self.state = LinkState.DISCONNECTED
+        self.host = ""
+        self.writer: FrameWriter | None = None
+        self.pending: PendingTable[Waiter] = PendingTable()
+        self.stans = StanAllocator(random.randint(1, 999_999))
+        self.last_write = 0.0
+        self.late: OrderedDict[Key, tuple[float, object]] = OrderedDict()
+        self._timer_wakeup = trio.Event()
+        self._timer_target = float("inf")
+        self._session_scope: trio.CancelScope | None = None
+        self.connects = 0
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def ready(self) -> bool:
+        return self.state is LinkState.READY and self.writer is not None and self.writer.broken is None
+
+    def _set_state(self, state: LinkState) -> None:
+        self.state = state
+        m = self.upstream.metrics
+        if m is not None and self.host:
+            m.set_link_state(self.cfg.name, self.host, state.value)
+
+    # ------------------------------------------------------------------ sending
+
+    def send_request(self, waiter: Waiter, raw_with_stan: bytes, key: Key, deadline: float, now: float) -> FrameWriter:
+        """Register ``waiter`` under ``key`` and queue the frame; the caller flushes the writer."""
+        assert self.writer is not None
+        self.pending.add(key, waiter, deadline)
+        if deadline < self._timer_target:
+            self._timer_wakeup.set()
+        self.writer.enqueue(self.upstream.framer.encode(raw_with_stan))
+        self.last_write = now
+        return self.writer
+
+    def allocate_stan(self) -> str:
+        return self.stans.allocate(self.pending)
+
+    async def network_exchange(self, code: str, timeout: float) -> tuple[str | None, float]:
+        """Send an 0800 with DE 70 = ``code`` and wait for its 0810: (response code or None, rtt)."""
+        if self.writer is None or self.writer.broken:
+            return None, 0.0
+        up = self.upstream
+        now = trio.current_time()
+        stan = self.allocate_stan()
+        msg = {"t": "0800", "7": transmission_time(), "11": stan, "70": code}
+        if self.cfg.institution_id:
+            msg["32"] = self.cfg.institution_id
+        waiter = _NetworkWaiter(now)
+        raw = encode(up.dialect, msg)
+        writer = self.send_request(waiter, raw, match_key("0800", stan, ()), now + timeout, now)
+        if up.metrics:
+            up.metrics.upstream_sent(self.cfg.name, "0800").inc()
+        await writer.flush()
+        await waiter.event.wait()
+        return waiter.rc, waiter.rtt
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect: until cancelled."""
+        cfg = self.cfg
+        hosts = cfg.host_list()
+        delay = cfg.reconnect_initial
+        host_index = 0
+        while True:
+            host = hosts[host_index]
+            self.host = f"{host.host}:{host.port}"
+            self._set_state(LinkState.CONNECTING)
+            if self.connects and self.upstream.metrics:
+                self.upstream.metrics.reconnects(cfg.name, self.host).inc()
+            self.connects += 1
+            stream = None
+            try:
+                with trio.fail_after(cfg.connect_timeout):
+                    stream = await trio.open_tcp_stream(host.host, host.port)
+            except (OSError, trio.TooSlowError) as exc:
+                reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or type(exc).__name__)
+                log.warning("upstream %s connection %d: connect to %s failed: %s", cfg.name, self.index, self.host, reason)
+                if self.upstream.metrics:
+                    self.upstream.metrics.connect_failures(cfg.name, self.host).inc()
+            if stream is not None:
+                signed_on = False
+                try:
+                    signed_on = await self._session(stream)
+                finally:
+                    self._lost()
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+                if signed_on:
+                    delay = cfg.reconnect_initial  # a session that carried traffic resets the backoff
+                    host_index = 0
+                    self._set_state(LinkState.DISCONNECTED)
+                    await trio.sleep(cfg.reconnect_initial * random.uniform(0.5, 1.0))
+                    continue
+            self._set_state(LinkState.DISCONNECTED)
+            host_index = (host_index + 1) % len(hosts)
+            if host_index == 0:
+                await trio.sleep(delay * random.uniform(1.0, 1.25))  # jitter keeps many gateways apart
+                delay = min(delay * 2, cfg.reconnect_max)
+
+    async def _session(self, stream: trio.SocketStream) -> bool:
+        """Serve one connection; True if it reached READY."""
+        cfg = self.cfg
+        self.writer = FrameWriter(stream, send_timeout=max(cfg.echo_timeout, 5.0))
+        decoder = self.upstream.framer.decoder()
+        reached_ready = False
+        async with trio.open_nursery() as nursery:
+            self._session_scope = nursery.cancel_scope
+            nursery.start_soon(self._read_loop, stream, decoder)
+            nursery.start_soon(self._timer_loop)
+            if cfg.sign_on:
+                self._set_state(LinkState.SIGNING_ON)
+                rc, _ = await self.network_exchange(cfg.network_codes.get("sign_on", "001"), cfg.sign_on_timeout)
+                result = "ok" if rc == "00" else ("timeout" if rc is None else "declined")
+                if self.upstream.metrics:
+                    self.upstream.metrics.sign_ons(cfg.name, result).inc()
+                if rc != "00":
+                    log.warning("upstream %s connection %d: sign-on to %s %s", cfg.name, self.index, self.host, result)
+                    nursery.cancel_scope.cancel()
+                    return False
+            self._set_state(LinkState.READY)
+            reached_ready = True
+            log.info("upstream %s connection %d: ready on %s", cfg.name, self.index, self.host)
+            if cfg.echo_interval > 0:
+                nursery.start_soon(self._echo_loop)
+        return reached_ready
+
+    def _lost(self) -> None:
+        """The connection is gone: answer everything that was waiting on it."""
+        was_ready = self.state is LinkState.READY
+        self._set_state(LinkState.DOWN)
+        self._session_scope = None
+        now = trio.current_time()
+        touched: set[FrameWriter] = set()
+        for waiter in self.pending.drain():
+            w = waiter.on_link_lost(self, now)
+            if w is not None:
+                touched.add(w)
+        self._timer_target = float("inf")
+        for w in touched:
+            self.upstream.schedule_flush(w)
+        if was_ready:
+            log.warning("upstream %s connection %d: link to %s lost", self.cfg.name, self.index, self.host)
+        self.writer = None
+
+    def drop(self) -> None:
+        """Close the current session (it reconnects)."""
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _read_loop(self, stream: trio.SocketStream, decoder) -> None:  # noqa: ANN001
+        up = self.upstream
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    log.warning("upstream %s connection %d: switch closed the connection", self.cfg.name, self.index)
+                    break
+                frames = decoder.feed(data)
+                now = trio.current_time()
+                touched: list[FrameWriter] = []
+                for frame in frames:
+                    if frame.keepalive:
+                        continue
+                    w = self._on_frame(frame.message, now)
+                    if w is not None:
+                        touched.append(w)
+                for w in touched:
+                    await w.flush()
+                if self.writer is not None and self.writer.broken:
+                    break
+        except FrameError as exc:
+            log.warning("upstream %s connection %d: framing lost: %s", self.cfg.name, self.index, exc)
+            if up.metrics:
+                up.metrics.decode_errors("upstream", self.cfg.name, "framing").inc()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.warning("upstream %s connection %d: read failed: %s", self.cfg.name, self.index, type(exc).__name__)
+        finally:
+            if self._session_scope is not None:
+                self._session_scope.cancel()
+
+    def _on_frame(self, raw: bytes, now: float) -> FrameWriter | None:
+        up = self.upstream
+        try:
+            scan = up.scanner.scan(raw)
+        except MessageError as exc:
+            log.warning("upstream %s: undecodable message dropped: %s", self.cfg.name, exc)
+            if up.metrics:
+                up.metrics.decode_errors("upstream", self.cfg.name, "decode").inc()
+            return None
+        mti = scan.mti
+        if up.metrics:
+            up.metrics.upstream_received(self.cfg.name, mti, scan.values.get(39, "")).inc()
+        if is_request(mti):
+            return self._on_switch_request(raw, mti)
+        key = match_key(mti, scan.values.get(11, ""), tuple(scan.values.get(f, "") for f in self.cfg.match_fields))
+        waiter = self.pending.pop(key)
+        if waiter is None:
+            late = self.late.pop(key, None)
+            return up.listener.on_unmatched(self, scan, raw, late[1] if late else None, now)
+        return waiter.on_response(self, raw, scan, now)
+
+    def _on_switch_request(self, raw: bytes, mti: str) -> FrameWriter | None:
+        """The switch's own 0800 (echo, sign-on): answer 0810 with 00. Others are refused."""
+        up = self.upstream
+        if self.writer is None:
+            return None
+        try:
+            req = decode(up.dialect, raw, check_types=False)
+        except IsoGatewayError:
+            return None
+        if mti[1] != "8":
+            log.warning("upstream %s: switch sent an unsupported %s; answered 12", self.cfg.name, mti)
+            code = "12"
+        else:
+            code = "00"
+        try:
+            resp = encode(up.dialect, build_response(up.dialect, req, code), check_types=False)
+        except IsoGatewayError:
+            return None
+        self.writer.enqueue(up.framer.encode(resp))
+        if up.metrics:
+            up.metrics.upstream_sent(self.cfg.name, resp[:4].decode("ascii", "replace") if up.dialect.mti_encoding != "bcd" else resp[:2].hex()).inc()
+        return self.writer
+
+    def remember_late(self, key: Key, info: object, now: float) -> None:
+        late = self.late
+        late[key] = (now, info)
+        while late and (len(late) > LATE_MEMORY or next(iter(late.values()))[0] < now - LATE_WINDOW):
+            late.popitem(last=False)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.pending.next_deadline()
+            self._timer_wakeup = trio.Event()
+            self._timer_target = deadline if deadline is not None else float("inf")
+            if deadline is None:
+                await self._timer_wakeup.wait()
+                continue
+            with trio.move_on_at(deadline):
+                await self._timer_wakeup.wait()
+            now = trio.current_time()
+            touched: set[FrameWriter] = set()
+            for waiter in self.pending.expire(now):
+                w = waiter.on_timeout(self, now)
+                if w is not None:
+                    touched.add(w)
+            for w in touched:
+                await w.flush()
+
+    async def _echo_loop(self) -> None:
+        cfg = self.cfg
+        misses = 0
+        while True:
+            idle_until = self.last_write + cfg.echo_interval
+            now = trio.current_time()
+            if now < idle_until:
+                await trio.sleep_until(idle_until)
+                continue
+            rc, rtt = await self.network_exchange(cfg.network_codes.get("echo", "301"), cfg.echo_timeout)
+            m = self.upstream.metrics
+            if rc is None:
+                misses += 1
+                if m:
+                    m.echo_missed(cfg.name).inc()
+                log.warning("upstream %s connection %d: echo not answered (%d in a row)", cfg.name, self.index, misses)
+                if misses >= cfg.echo_misses:
+                    log.warning("upstream %s connection %d: marking the link down and reconnecting", cfg.name, self.index)
+                    self.drop()
+                    return
+            else:
+                misses = 0
+                if m:
+                    m.echo_rtt(cfg.name).observe(rtt)
+
+    async def sign_off(self) -> None:
+        if self.ready and self.cfg.sign_on and self.cfg.sign_off:
+            rc, _ = await self.network_exchange(self.cfg.network_codes.get("sign_off", "002"), self.cfg.sign_on_timeout)
+            log.info("upstream %s connection %d: signed off (%s)", self.cfg.name, self.index, rc or "no answer")
+
+
+class Upstream:
+    """A switch: its configuration, codec and connections."""
+
+    def __init__(self, cfg: UpstreamConfig, listener: LinkListener, metrics: "Metrics | None" = None,
+                 dialect_dirs: tuple[str, ...] = ()) -> None:
+        self.cfg = cfg
+        self.listener = listener
+        self.metrics = metrics
+        self.dialect: Dialect = get_dialect(cfg.dialect, dialect_dirs)
+        self.framer: Framer = framer_from_config(
+            cfg.framing, where=f"upstreams.{cfg.name}.framing", max_frame=cfg.max_frame,
+            length_includes_header=cfg.length_includes_header, tpdu=cfg.tpdu,
+            **({"header": cfg.header} if cfg.header else {}),
+        )
+        self.scanner = Scanner(self.dialect, {11, 38, 39, 41, 70, *cfg.match_fields})
+        self.connections = [UpstreamConnection(self, i) for i in range(cfg.connections)]
+        self._flush_send: trio.MemorySendChannel[FrameWriter] | None = None
+
+    def pick(self) -> UpstreamConnection | None:
+        """The least-loaded ready connection with room, or None."""
+        best: UpstreamConnection | None = None
+        best_load = self.cfg.max_in_flight
+        for c in self.connections:
+            if c.ready:
+                load = len(c.pending)
+                if load < best_load:
+                    best, best_load = c, load
+        return best
+
+    @property
+    def ready(self) -> bool:
+        return any(c.ready for c in self.connections)
+
+    def in_flight(self) -> int:
+        return sum(len(c.pending) for c in self.connections)
+
+    def schedule_flush(self, writer: FrameWriter) -> None:
+        """Flush a writer from a task of its own (used where the caller can't await)."""
+        if self._flush_send is not None:
+            try:
+                self._flush_send.send_nowait(writer)
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                pass
+
+    async def run(self) -> None:
+        send, receive = trio.open_memory_channel[FrameWriter](10_000)
+        self._flush_send = send
+        async with trio.open_nursery() as nursery:
+            for c in self.connections:
+                nursery.start_soon(c.run)
+            async for writer in receive:
+                await writer.flush()
+
+    async def sign_off(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for c in self.connections:
+                nursery.start_soon(c.sign_off)

@@ -1,0 +1,60 @@
+"""The pending table and STAN allocation, without sockets or sleeping."""
+
+from iso_gateway.matching import STAN_MAX, PendingTable, StanAllocator, match_key
+
+
+def test_a_response_mti_matches_its_request_and_repeat():
+    assert match_key("0100", "000001") == match_key("0110", "000001")
+    assert match_key("0420", "000001") == match_key("0430", "000001") == match_key("0421", "000001")
+    assert match_key("0100", "000001") != match_key("0410", "000001")  # a reversal answer never matches an auth
+
+
+def test_stans_wrap_at_999999_and_never_give_000000():
+    alloc = StanAllocator(STAN_MAX - 1)
+    assert [alloc.allocate(set()) for _ in range(3)] == ["999998", "999999", "000001"]
+
+
+def test_stans_skip_values_still_in_flight():
+    table: PendingTable[str] = PendingTable()
+    table.add(match_key("0100", "000002"), "a", 10.0)
+    alloc = StanAllocator(1)
+    assert alloc.allocate(table) == "000001"
+    assert alloc.allocate(table) == "000003"
+
+
+def test_expire_returns_only_entries_past_their_deadline_in_order():
+    table: PendingTable[str] = PendingTable()
+    table.add(match_key("0100", "000001"), "late", 5.0)
+    table.add(match_key("0100", "000002"), "early", 1.0)
+    table.add(match_key("0100", "000003"), "later", 9.0)
+    assert table.next_deadline() == 1.0
+    assert table.expire(5.0) == ["early", "late"]
+    assert len(table) == 1 and table.next_deadline() == 9.0
+
+
+def test_a_matched_entry_never_expires_and_its_stan_is_free_again():
+    table: PendingTable[str] = PendingTable()
+    key = match_key("0200", "000007")
+    table.add(key, "x", 1.0)
+    assert "000007" in table
+    assert table.pop(match_key("0210", "000007")) == "x"
+    assert "000007" not in table
+    assert table.expire(100.0) == []
+    assert table.next_deadline() is None
+
+
+def test_drain_empties_the_table():
+    table: PendingTable[int] = PendingTable()
+    for i in range(1, 50):
+        table.add(match_key("0100", f"{i:06d}"), i, float(i))
+    assert sorted(table.drain()) == list(range(1, 50))
+    assert len(table) == 0 and table.expire(1e9) == []
+
+
+def test_expiry_cost_does_not_depend_on_matched_entries_left_in_the_heap():
+    table: PendingTable[int] = PendingTable()
+    for i in range(1, 10_001):
+        table.add(match_key("0100", f"{i:06d}"), i, float(i))
+    for i in range(1, 10_000):
+        table.pop(match_key("0110", f"{i:06d}"))
+    assert table.expire(20_000.0) == [10_000]
