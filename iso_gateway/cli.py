@@ -193,6 +193,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args.connections)
+
+
 @command("sim-switch")
 def cmd_sim_switch(args: argparse.Namespace) -> int:
     from .sim.switch import run
@@ -235,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a configuration file and everything it names, start nothing")
     p.add_argument("config", help="the gateway's TOML configuration")
+
+    p = sub.add_parser("demo", help="run the simulator and the gateway on loopback and show a burst of traffic")
+    p.add_argument("--connections", type=int, default=8, help="front-end connections (default 8)")
 
     p = sub.add_parser("sim-switch", help="run the bank switch simulator")
     from .sim.switch import add_arguments

@@ -23,6 +23,7 @@ _P_NONE, _P_ASCII, _P_BCD, _P_BIN, _P_EBCDIC = range(5)
 _U_BYTES, _U_NIBBLES, _U_HEX = range(3)
 # How a value becomes text.
 _V_ASCII, _V_BCD, _V_RAW, _V_EBCDIC = range(4)
+_VARIABLE, _UNDEFINED = -1, -2
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +95,15 @@ class Scanner:
         self.wanted = frozenset(wanted)
         self._last_wanted = max(self.wanted, default=0)
         self._plans: list[_Plan | None] = [None] * 129
+        # Per field: the byte size of a fixed field, _VARIABLE, or _UNDEFINED; and
+        # whether a wanted value is plain ASCII (the common case, decoded inline).
+        self._fixed: list[int] = [_UNDEFINED] * 129
+        self._ascii: list[bool] = [False] * 129
+        self._steps: dict[tuple[int, bool], tuple[tuple[int, int, bool], ...]] = {}
         for num, fd in dialect.fields.items():
-            self._plans[num] = _compile(fd)
+            plan = self._plans[num] = _compile(fd)
+            self._fixed[num] = plan.fixed_bytes if plan.prefix_kind == _P_NONE else _VARIABLE
+            self._ascii[num] = plan.value_kind == _V_ASCII
         self._mti_kind = dialect.mti_encoding
         self._mti_len = 2 if dialect.mti_encoding == "bcd" else 4
         self._bitmap_hex = dialect.bitmap_encoding == "hex"
@@ -131,37 +139,73 @@ class Scanner:
         if bitmap >> 127 & 1:
             secondary, pos = self._read_bitmap(raw, pos, "1")
             bitmap |= secondary
+        start = pos
         values: dict[int, str] = {} if found is None else found
         spans: dict[int, tuple[int, int]] = {}
-        wanted = self.wanted
-        plans = self._plans
+        steps = self._steps.get((bitmap, full))
+        if steps is None:
+            steps = self._compile_steps(bitmap, full)
+        ascii_ = self._ascii
+        # The hot loop: one iteration per present field; a fixed field is skipped by
+        # its size. Running past the end is checked once after the loop (slices
+        # don't raise), and the slow path then names the field.
+        for num, size, want in steps:
+            if size < 0:
+                if size == _UNDEFINED:
+                    raise DecodeError("field present but not defined in the dialect", str(num), pos)
+                plan = self._plans[num]
+                units = self._read_prefix(raw, pos, plan)  # type: ignore[arg-type]
+                pos += plan.prefix_width  # type: ignore[union-attr]
+                size = _byte_len(units, plan.unit)  # type: ignore[union-attr]
+            end = pos + size
+            if want and end <= n:
+                if ascii_[num]:
+                    try:
+                        values[num] = raw[pos:end].decode("ascii")
+                    except UnicodeDecodeError:
+                        raise DecodeError("field is not text", str(num), pos) from None
+                else:
+                    plan = self._plans[num]
+                    units = plan.length if plan.prefix_kind == _P_NONE else self._read_prefix(  # type: ignore[union-attr]
+                        raw, pos - plan.prefix_width, plan)  # type: ignore[union-attr,arg-type]
+                    values[num] = self._value(raw, pos, end, units, plan)  # type: ignore[arg-type]
+                spans[num] = (pos, end)
+            pos = end
+        if pos > n:
+            self._raise_truncated(raw, steps, start)
+        if full and pos != n:
+            raise DecodeError("extra bytes after the last field", None, pos)
+        return Scan(mti, bitmap, values, spans, pos)
+
+    def _compile_steps(self, bitmap: int, full: bool) -> tuple[tuple[int, int, bool], ...]:
+        """The walk for one bitmap: (field, fixed byte size or a marker, wanted) per present field."""
         last = 128 if full else self._last_wanted
-        rest = bitmap & ~(1 << 127)  # field 1 is the secondary bitmap, read above
+        steps = []
+        rest = bitmap & ~(1 << 127)  # field 1 is the secondary bitmap, read already
         while rest:
             num = 129 - rest.bit_length()
             if num > last:
                 break
             rest ^= 1 << (128 - num)
-            plan = plans[num]
-            if plan is None:
-                raise DecodeError("field present but not defined in the dialect", str(num), pos)
-            if plan.prefix_kind == _P_NONE:
-                size = plan.fixed_bytes
-                units = plan.length
-            else:
-                units = self._read_prefix(raw, pos, plan)
-                pos += plan.prefix_width
-                size = _byte_len(units, plan.unit)
-            end = pos + size
-            if end > n:
+            steps.append((num, self._fixed[num], num in self.wanted))
+        if len(self._steps) >= 4096:  # real traffic has a few dozen bitmaps; garbage must not grow this
+            self._steps.clear()
+        result = self._steps[(bitmap, full)] = tuple(steps)
+        return result
+
+    def _raise_truncated(self, raw: bytes | bytearray, steps: tuple[tuple[int, int, bool], ...], pos: int) -> None:
+        """Slow path: find the field the message ends in, for the error."""
+        n = len(raw)
+        for num, size, _ in steps:
+            if size < 0:
+                plan = self._plans[num]
+                units = self._read_prefix(raw, pos, plan)  # type: ignore[arg-type]
+                pos += plan.prefix_width  # type: ignore[union-attr]
+                size = _byte_len(units, plan.unit)  # type: ignore[union-attr]
+            if pos + size > n:
                 raise DecodeError("message ends inside the field", str(num), pos)
-            if num in wanted:
-                values[num] = self._value(raw, pos, end, units, plan)
-                spans[num] = (pos, end)
-            pos = end
-        if full and pos != n:
-            raise DecodeError("extra bytes after the last field", None, pos)
-        return Scan(mti, bitmap, values, spans, pos)
+            pos += size
+        raise DecodeError("message ends inside a field", None, pos)
 
     def _read_bitmap(self, raw: bytes | bytearray, pos: int, field: str) -> tuple[int, int]:
         end = pos + self._bitmap_len
