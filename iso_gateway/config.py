@@ -33,7 +33,7 @@ def _code(v: str) -> str:
     return v
 
 
-def _loopback_or_any(host: str) -> str:
+def _ip_address(host: str) -> str:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -78,7 +78,7 @@ class ListenerConfig(WireConfig):
     @field_validator("host")
     @classmethod
     def _host(cls, v: str) -> str:
-        return _loopback_or_any(v)
+        return _ip_address(v)
 
 
 class HostConfig(_Model):
@@ -119,7 +119,7 @@ class UpstreamConfig(WireConfig):
             host, _, port = h.rpartition(":")
             if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
                 raise ValueError(f"{h!r} is not host:port")
-            _loopback_or_any(host.strip("[]"))
+            _ip_address(host.strip("[]"))
         return v
 
     def host_list(self) -> list[HostConfig]:
@@ -133,7 +133,7 @@ class UpstreamConfig(WireConfig):
 class RouteConfig(_Model):
     """A route: every given criterion must match; the longest matching BIN prefix wins."""
 
-    name: str
+    name: str = Field(description="label used in logs")
     upstream: str = Field(description="name of an [[upstreams]] entry")
     mti: list[str] = Field(default_factory=list, description="MTIs this route carries; empty: any")
     bins: list[str] = Field(default_factory=list, description='PAN prefixes ("4", "510000") or ranges ("510000-559999")')
@@ -172,13 +172,13 @@ class GatewayConfig(_Model):
 
 
 class LogConfig(_Model):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     format: Literal["text", "json"] = Field("text", description="text for people, json for log shippers")
     file: str = Field("", description="log file; empty: stderr")
 
 
 class MetricsConfig(_Model):
-    enabled: bool = True
+    enabled: bool = Field(True, description="serve metrics over HTTP")
     host: str = Field("127.0.0.1", description="address of the /metrics, /healthz, /readyz endpoint")
     port: int = Field(9108, ge=0, le=65535, description="port of that endpoint; 0 picks a free one")
 
@@ -226,3 +226,49 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(str(p), "", f"can't read: {exc.strerror}") from None
     return parse_config(text, str(p))
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _default_text(field) -> str:  # noqa: ANN001 - a pydantic FieldInfo
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'{k} = "{v}"' for k, v in value.items()) + "}"
+    return str(value)
+
+
+def reference_markdown() -> str:
+    """The configuration reference table for the README, made from the models themselves."""
+    sections = [
+        ("[gateway]", GatewayConfig),
+        ("[routing]", RoutingConfig),
+        ("[log]", LogConfig),
+        ("[metrics]", MetricsConfig),
+        ("[[listeners]]", ListenerConfig),
+        ("[[upstreams]]", UpstreamConfig),
+        ("[[routes]]", RouteConfig),
+        ("top level", Config),
+    ]
+    lines = []
+    for title, model in sections:
+        lines.append(f"**{title}**")
+        lines.append("")
+        lines.append("| key | default | meaning |")
+        lines.append("|---|---|---|")
+        for name, field in model.model_fields.items():
+            if isinstance(field.get_default(call_default_factory=True), BaseModel):
+                continue
+            if model is Config and name in ("listeners", "upstreams", "routes"):
+                continue
+            lines.append(f"| `{name}` | {_default_text(field)} | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -198,6 +198,11 @@ class Dialect:
     presence_fields: frozenset[int]
     source: str
     spec: dict[str, Any] = field(repr=False, compare=False, hash=False)
+
+    @cached_property
+    def bcd_track_fields(self) -> tuple[int, ...]:
+        """Track-data (z) fields written in BCD, whose '=' separator is the nibble D on the wire."""
+        return tuple(n for n, fd in self.fields.items() if fd.type == "z" and fd.encoding == "bcd")
 
     def field_name(self, number: int) -> str:
         fd = self.fields.get(number)

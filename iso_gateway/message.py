@@ -138,6 +138,10 @@ def encode(dialect: Dialect, msg: Message, *, check_types: bool = True) -> bytes
     for key in doc:
         if key != "t" and (not key.isdigit() or int(key) not in dialect.fields):
             raise EncodeError(f"not defined in dialect {dialect.name}", key)
+    for num in dialect.bcd_track_fields:
+        value = doc.get(str(num))
+        if value is not None and "=" in value:
+            doc[str(num)] = value.replace("=", "D")  # BCD track data writes the separator as the nibble D
     if check_types:
         problem = first_type_problem(dialect, doc)
         if problem:
