@@ -5,46 +5,59 @@ sending, that same task sends everything queued (no hand-off to a writer task,
 so a quiet connection pays no task switch per message); if somebody is sending,
 it returns at once and the sender picks the frame up on its next round.
 
-A send that blocks past ``send_timeout`` means the peer stopped reading: the
-writer is marked broken and the owner closes the connection.
+A send that blocks past ``send_timeout`` means the peer stopped reading; a send
+that fails or is cancelled part-way leaves the stream's framing unknown. Either
+way the writer is broken for good and the owner closes the connection.
+
+Used by the gateway (``enqueue`` + ``flush``, never raising: the owner reads
+``broken``) and by the simulator and clients (``send``, which raises once the
+writer is broken and waits when more than ``high_water`` bytes are queued).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import trio
 
 
-class WriterBroken(Exception):
-    """The stream can't be written any more (peer gone, or stalled past the send timeout)."""
-
-
 class FrameWriter:
-    __slots__ = ("_stream", "_queue", "_sending", "broken", "send_timeout", "bytes_sent", "on_broken")
+    __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "broken", "send_timeout",
+                 "high_water", "bytes_sent", "on_broken")
 
-    def __init__(self, stream: trio.abc.SendStream, send_timeout: float = 10.0) -> None:
+    def __init__(self, stream: trio.abc.SendStream, send_timeout: float = math.inf, high_water: int = 1 << 20) -> None:
         self._stream = stream
         self._queue: list[bytes] = []
+        self._queued = 0
         self._sending = False
+        self._drained = trio.Event()
         self.broken: str | None = None
+        # Seconds one send_all may block before the peer counts as stalled.
         self.send_timeout = send_timeout
+        # Bytes queued behind a send under way before ``send`` waits (1 MiB:
+        # thousands of messages, far more than any window in flight, yet a
+        # bound on what a stalled peer costs).
+        self.high_water = high_water
         self.bytes_sent = 0
         # Called once with the reason when the writer breaks, so the owner can
         # close the connection even while its reader is blocked elsewhere.
         self.on_broken: Callable[[str], None] | None = None
 
+    @property
+    def idle(self) -> bool:
+        return not self._sending and not self._queue
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting to be sent."""
+        return self._queued
+
     def enqueue(self, frame: bytes) -> None:
         """Queue a frame; call ``flush`` (now or after queueing more) to send it."""
         if self.broken is None:
             self._queue.append(frame)
-
-    async def send(self, frame: bytes) -> None:
-        """Queue a frame and, unless another task is sending, send the queue."""
-        if self.broken is None:
-            self._queue.append(frame)
-            if not self._sending:
-                await self.flush()
+            self._queued += len(frame)
 
     async def flush(self) -> None:
         """Send everything queued unless another task is already doing so.
@@ -55,25 +68,47 @@ class FrameWriter:
         self._sending = True
         try:
             while self._queue:
-                data = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
-                self._queue.clear()
+                queue = self._queue
+                data = b"".join(queue) if len(queue) > 1 else queue[0]
+                queue.clear()
+                self._queued = 0
                 with trio.move_on_after(self.send_timeout) as scope:
                     await self._stream.send_all(data)
                 if scope.cancelled_caught:
                     self._break("send_timeout")
                     return
                 self.bytes_sent += len(data)
+                self._drained.set()
+                self._drained = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._break("send_failed")
+        except BaseException:
+            self._break("cancelled")  # part of a frame may be out: the framing is unknown
+            raise
         finally:
             self._sending = False
+
+    async def send(self, frame: bytes) -> None:
+        """Queue a frame and send (or leave it to the task sending); raise once broken.
+
+        Waits only when more than ``high_water`` bytes are queued behind a
+        send under way (back-pressure from a slow reader).
+        """
+        if self.broken is not None:
+            raise trio.BrokenResourceError(f"an earlier write on this connection failed ({self.broken})")
+        self.enqueue(frame)
+        if self._sending:
+            if self._queued > self.high_water:
+                await self._drained.wait()
+        else:
+            await self.flush()
+        if self.broken is not None:
+            raise trio.BrokenResourceError(f"write failed ({self.broken})")
 
     def _break(self, reason: str) -> None:
         self.broken = reason
         self._queue.clear()
+        self._queued = 0
+        self._drained.set()
         if self.on_broken is not None:
             self.on_broken(reason)
-
-    @property
-    def idle(self) -> bool:
-        return not self._sending and not self._queue

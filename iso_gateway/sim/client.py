@@ -10,7 +10,7 @@ is no background reader task. Whichever waiting ``request()`` finds nobody
 reading becomes the reader until its own response is in, dispatches every
 other response it reads to its waiter, and then hands the reading over to a
 task that is still waiting (leader/follower). Writes go through one
-``StreamWriter``, so two tasks never write the stream at once.
+``FrameWriter``, so two tasks never write the stream at once.
 
 ``sample_auth`` (and ``sample_reversal``, ``sample_network``) build valid
 iso87ascii e-commerce messages for tests, demos and load.
@@ -29,6 +29,7 @@ import trio
 from ..dialect import Dialect, get_dialect
 from ..errors import FrameError, MessageError
 from ..framing import TPDU_ID, Frame, Framer, framer_from_config
+from ..writer import FrameWriter
 from ..message import (
     Message,
     OriginalData,
@@ -50,7 +51,6 @@ __all__ = [
     "MERCHANT_ID",
     "MERCHANT_NAME_LOCATION",
     "RequestTimeout",
-    "StreamWriter",
     "match_key",
     "sample_auth",
     "sample_network",
@@ -83,73 +83,6 @@ class ConnectionClosed(Exception):
 
 class RequestTimeout(TimeoutError):
     """No response (or no bytes) arrived before the deadline."""
-
-
-# --------------------------------------------------------------------------- writing
-
-
-class StreamWriter:
-    """The one writer of a stream: frames from any task go out in order, never two sends at once.
-
-    The house rule (ARCHITECTURE.md): when nothing is being sent, the task that
-    has bytes sends them itself; when a send is under way, other tasks append
-    to the buffer and return, and the sending task sends everything that
-    gathered in one ``send_all`` before it lets go. So a quiet connection pays
-    no task hand-off per message, and a busy one sends batches.
-
-    ``send`` returns once the bytes are written or handed to the task that is
-    writing. It waits (back-pressure) only when more than ``high_water`` bytes
-    are queued behind a slow reader. If a send fails or is cancelled part-way
-    the stream's framing is unknown, so the writer stays failed and every later
-    ``send`` raises ``trio.BrokenResourceError``: close the connection.
-    """
-
-    __slots__ = ("_stream", "_buf", "_busy", "_failed", "_drained", "high_water")
-
-    def __init__(self, stream: trio.abc.SendStream, *, high_water: int = 1 << 20) -> None:
-        self._stream = stream
-        self._buf = bytearray()
-        self._busy = False
-        self._failed = False
-        self._drained = trio.Event()
-        # 1 MiB: thousands of queued messages, far more than any window of
-        # requests in flight, yet a bound on what a stalled peer costs us.
-        self.high_water = high_water
-
-    @property
-    def failed(self) -> bool:
-        return self._failed
-
-    @property
-    def queued(self) -> int:
-        """Bytes waiting for the task that is writing."""
-        return len(self._buf)
-
-    async def send(self, data: bytes) -> None:
-        if self._failed:
-            raise trio.BrokenResourceError("an earlier write on this connection failed")
-        self._buf += data
-        if self._busy:
-            if len(self._buf) > self.high_water:
-                await self._drained.wait()
-                if self._failed:
-                    raise trio.BrokenResourceError("an earlier write on this connection failed")
-            return
-        self._busy = True
-        try:
-            while self._buf:
-                chunk = bytes(self._buf)
-                self._buf.clear()
-                await self._stream.send_all(chunk)
-                self._drained.set()
-                self._drained = trio.Event()
-        except BaseException:
-            self._failed = True
-            self._buf.clear()
-            self._drained.set()
-            raise
-        finally:
-            self._busy = False
 
 
 # --------------------------------------------------------------------------- client
@@ -197,7 +130,7 @@ class FrontEndClient:
             header = DEFAULT_TPDU
         self.header = header
         self.answer_echoes = answer_echoes
-        self._writer = StreamWriter(stream)
+        self._writer = FrameWriter(stream)
         self._decoder = framer.decoder()
         self._pending: dict[tuple[str, str, str], _Waiter] = {}
         self._waiting: dict[_Waiter, None] = {}  # everyone blocked in _wait, in arrival order

@@ -87,7 +87,7 @@ from ..message import (
     is_response,
     original_mti,
 )
-from .client import StreamWriter
+from ..writer import FrameWriter
 
 __all__ = [
     "CLOSE_DIGITS",
@@ -271,7 +271,7 @@ class _Connection:
     def __init__(self, conn_id: int, stream: trio.SocketStream, decoder: FrameDecoder, header: bytes) -> None:
         self.id = conn_id
         self.stream = stream
-        self.writer = StreamWriter(stream)
+        self.writer = FrameWriter(stream)
         self.decoder = decoder
         self.scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
