@@ -11,14 +11,12 @@ Nothing here opens a socket or imports trio.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .dialect import pydantic_to_config_error
-from .errors import ConfigError
+from .datafiles import parse_toml, read_text, validate
 
 ResponseCode = str
 
@@ -209,23 +207,11 @@ class Config(_Model):
 
 
 def parse_config(text: str, source: str) -> Config:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        raise pydantic_to_config_error(source, exc) from None
+    return validate(Config, parse_toml(text, source), source)
 
 
 def load_config(path: str | Path) -> Config:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(p), "", f"can't read: {exc.strerror}") from None
-    return parse_config(text, str(p))
+    return parse_config(read_text(path), str(path))
 
 
 # --------------------------------------------------------------------------- reference

@@ -19,7 +19,7 @@ import trio
 from hdrh.histogram import HdrHistogram
 
 from .config import Config, load_config
-from .dialect import specs_dir
+from .datafiles import specs_dir
 from .gateway import Gateway
 from .metrics import Metrics
 from .sim.client import FrontEndClient, sample_auth

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .datafiles import parse_toml, read_text, spec_files, validate
 from .errors import ConfigError
 
 # ISO 8583 data element types. pyiso8583 checks lengths and encodings but not
@@ -37,18 +37,6 @@ BcdPad = Literal["left", "right", "right_f"]
 
 _PY_CODEC = {"ascii": "ascii", "ebcdic": "cp500"}
 PREFIX_DIGITS = {"": 0, "L": 1, "LL": 2, "LLL": 3, "LLLL": 4}
-
-
-def specs_dir() -> Path:
-    """Where the shipped specs live: next to the package in a checkout, inside it when installed."""
-    env = os.environ.get("ISO_GATEWAY_SPECS")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "specs", here / "specs"):
-        if (candidate / "dialects").is_dir():
-            return candidate
-    return here.parent / "specs"
 
 
 # --------------------------------------------------------------------------- file model
@@ -132,21 +120,6 @@ class _DialectFile(_Strict):
             if not key.isdigit() or not 2 <= int(key) <= 128 or key != str(int(key)):
                 raise ValueError(f"field number {key!r} is not 2..128")
         return v
-
-
-def pydantic_to_config_error(source: str, exc: ValidationError) -> ConfigError:
-    """The first problem of a pydantic error as a ConfigError naming the key path."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        msg = "required key is missing"
-    elif err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    more = len(exc.errors()) - 1
-    if more:
-        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return ConfigError(source, loc, msg)
 
 
 # --------------------------------------------------------------------------- compiled model
@@ -291,14 +264,7 @@ def _build_spec(d: _DialectFile, fields: dict[int, FieldDef]) -> dict[str, Any]:
 
 def parse_dialect(text: str, source: str) -> Dialect:
     """Parse and check a dialect file's text. Raises ConfigError naming the key path."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
-    try:
-        d = _DialectFile.model_validate(raw)
-    except ValidationError as exc:
-        raise pydantic_to_config_error(source, exc) from None
+    d = validate(_DialectFile, parse_toml(text, source), source)
     fields: dict[int, FieldDef] = {}
     for key, f in d.fields.items():
         num = int(key)
@@ -331,22 +297,12 @@ def parse_dialect(text: str, source: str) -> Dialect:
 
 
 def load_dialect_file(path: str | os.PathLike[str]) -> Dialect:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(p), "", f"can't read: {exc.strerror}") from None
-    return parse_dialect(text, str(p))
+    return parse_dialect(read_text(path), str(path))
 
 
 def dialect_paths(extra_dirs: tuple[str, ...] = ()) -> dict[str, Path]:
     """Dialect name -> file, shipped ones first; a file in ``extra_dirs`` overrides by name."""
-    found: dict[str, Path] = {}
-    for d in (specs_dir() / "dialects", *map(Path, extra_dirs)):
-        if d.is_dir():
-            for p in sorted(d.glob("*.toml")):
-                found[p.stem] = p
-    return found
+    return spec_files("dialects", extra_dirs)
 
 
 @lru_cache(maxsize=64)

@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .dialect import Dialect, check_field_type, pydantic_to_config_error, specs_dir
+from .datafiles import parse_toml, read_text, spec_files, validate
+from .dialect import Dialect, check_field_type
 from .errors import ConfigError
 from .message import is_valid_mti
 
@@ -594,10 +594,7 @@ def parse_rules(text: str, source: str, extra_dirs: tuple[str, ...] = ()) -> Rul
 
 
 def _parse(text: str, source: str, extra_dirs: tuple[str, ...], chain: tuple[str, ...]) -> RuleSet:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    raw = parse_toml(text, source)
     if "name" not in raw:
         raise ConfigError(source, "name", "required key is missing")
     parent_ref = raw.get("extends")
@@ -612,11 +609,7 @@ def _parse(text: str, source: str, extra_dirs: tuple[str, ...], chain: tuple[str
             raise ConfigError(source, "extends", f"{parent_ref!r} extends this file again (a cycle)")
         parent = _load_file(path, extra_dirs, (*chain, _resolved(source)))
         raw = _merge(parent._raw, raw)
-    try:
-        model = _RulesFile.model_validate(raw)
-    except ValidationError as exc:
-        raise pydantic_to_config_error(source, exc) from None
-    return RuleSet(model, source, raw)
+    return RuleSet(validate(_RulesFile, raw, source), source, raw)
 
 
 def _resolved(source: str) -> str:
@@ -627,21 +620,12 @@ def _resolved(source: str) -> str:
 
 
 def _load_file(path: Path, extra_dirs: tuple[str, ...], chain: tuple[str, ...]) -> RuleSet:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), "", f"can't read: {exc.strerror}") from None
-    return _parse(text, str(path), extra_dirs, chain)
+    return _parse(read_text(path), str(path), extra_dirs, chain)
 
 
 def rules_paths(extra_dirs: tuple[str, ...] = ()) -> dict[str, Path]:
     """Rule set name -> file, shipped ones first; a file in ``extra_dirs`` overrides by name."""
-    found: dict[str, Path] = {}
-    for d in (specs_dir() / "rules", *map(Path, extra_dirs)):
-        if d.is_dir():
-            for p in sorted(d.glob("*.toml")):
-                found[p.stem] = p
-    return found
+    return spec_files("rules", extra_dirs)
 
 
 def _is_path(name_or_path: str) -> bool:
