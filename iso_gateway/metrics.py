@@ -36,6 +36,8 @@ class _Cached:
         self._children: dict[tuple[str, ...], Any] = {}
 
     def __call__(self, *labels: str) -> Any:
+        if not labels:
+            return self.metric  # a metric without labels is its own child
         child = self._children.get(labels)
         if child is None:
             child = self._children[labels] = self.metric.labels(*labels)
@@ -88,7 +90,13 @@ class Metrics:
         self.sign_ons = counter("sign_ons_total", "Sign-on attempts by result (ok, declined, timeout).", ("upstream", "result"))
         self.echo_rtt = histogram("echo_rtt_seconds", "Echo (0800/301) round-trip time.", ("upstream",), ECHO_BUCKETS)
         self.echo_missed = counter("echo_missed_total", "Echoes the switch did not answer in time.", ("upstream",))
-        self.reversals = counter("reversals_total", "Reversals by outcome (queued, sent, repeated, acknowledged, parked).", ("upstream", "outcome"))
+        self.reversals = counter("reversals_total", "Reversals by outcome (queued, sent, repeated, acknowledged, parked, cancelled).", ("upstream", "outcome"))
+        self.saf_depth = gauge("saf_queue_depth", "Reversals waiting in the store-and-forward queue.", ("upstream",))
+        self.saf_oldest_age = gauge("saf_oldest_age_seconds", "Age of the oldest reversal waiting in the store-and-forward queue.", ("upstream",))
+        self.saf_parked = gauge("saf_parked", "Reversals parked (dead letters) after their retry budget, waiting for an operator.", ("upstream",))
+        self.journal_writes = counter("journal_writes_total", "Journal records written, by kind.", ("kind",))
+        self.journal_commit_seconds = histogram("journal_commit_seconds", "Time of one journal group commit.", (), ECHO_BUCKETS)
+        self.journal_errors = counter("journal_errors_total", "Journal operations that failed.", ())
 
     def set_link_state(self, upstream: str, host: str, state: str) -> None:
         for s in LINK_STATES:
