@@ -48,6 +48,7 @@ class WireConfig(_Model):
     length_includes_header: bool = Field(False, description="the length counts the length header (and TPDU/header) too")
     tpdu: bool = Field(False, description="a 5-byte TPDU follows the length header; replies swap its addresses")
     header: str = Field("", description="a fixed header (hex) that follows the length header")
+    tpdu_value: str = Field("6000000000", description="TPDU (hex, 5 bytes) on messages this side starts, e.g. to a switch")
     max_frame: int = Field(8192, ge=64, le=1 << 20, description="largest message accepted, bytes")
 
     @field_validator("header")
@@ -57,6 +58,17 @@ class WireConfig(_Model):
             bytes.fromhex(v)
         except ValueError:
             raise ValueError("header must be hex") from None
+        return v
+
+    @field_validator("tpdu_value")
+    @classmethod
+    def _tpdu(cls, v: str) -> str:
+        try:
+            raw = bytes.fromhex(v)
+        except ValueError:
+            raise ValueError("tpdu_value must be hex") from None
+        if len(raw) != 5 or raw[0] != 0x60:
+            raise ValueError("a TPDU is 5 bytes starting with 60")
         return v
 
 

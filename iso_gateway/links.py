@@ -114,7 +114,10 @@ class UpstreamConnection:
         self._timer_wakeup = trio.Event()
         self._timer_target = float("inf")
         self._session_scope: trio.CancelScope | None = None
+        self._gauge_at: tuple[str, str] | None = None
         self.connects = 0
+        self.closing = False  # set on shutdown, so the end of the link is not a warning
+        self.last_header = b""  # TPDU or header of the switch's last frame (replies swap it)
 
     # ------------------------------------------------------------------ state
 
@@ -123,20 +126,25 @@ class UpstreamConnection:
         return self.state is LinkState.READY and self.writer is not None and self.writer.broken is None
 
     def _set_state(self, state: LinkState) -> None:
+        """Change state; the link_state gauge counts connections per (upstream, host, state)."""
         self.state = state
         m = self.upstream.metrics
         if m is not None and self.host:
-            m.set_link_state(self.cfg.name, self.host, state.value)
+            if self._gauge_at is not None:
+                m.link_state(self.cfg.name, *self._gauge_at).dec()
+            self._gauge_at = (self.host, state.value)
+            m.link_state(self.cfg.name, *self._gauge_at).inc()
 
     # ------------------------------------------------------------------ sending
 
     def send_request(self, waiter: Waiter, raw_with_stan: bytes, key: Key, deadline: float, now: float) -> FrameWriter:
         """Register ``waiter`` under ``key`` and queue the frame; the caller flushes the writer."""
         assert self.writer is not None
+        frame = self.upstream.encode_frame(raw_with_stan)  # before registering: a failure leaves nothing pending
         self.pending.add(key, waiter, deadline)
         if deadline < self._timer_target:
             self._timer_wakeup.set()
-        self.writer.enqueue(self.upstream.framer.encode(raw_with_stan))
+        self.writer.enqueue(frame)
         self.last_write = now
         return self.writer
 
@@ -190,6 +198,8 @@ class UpstreamConnection:
                 signed_on = False
                 try:
                     signed_on = await self._session(stream)
+                except Exception:  # noqa: BLE001 - a bug in one session must not stop the link, or the daemon
+                    log.exception("upstream %s connection %d: internal error; reconnecting", cfg.name, self.index)
                 finally:
                     self._lost()
                     with trio.CancelScope(shield=True):
@@ -248,7 +258,10 @@ class UpstreamConnection:
         for w in touched:
             self.upstream.schedule_flush(w)
         if was_ready:
-            log.warning("upstream %s connection %d: link to %s lost", self.cfg.name, self.index, self.host)
+            if self.closing:
+                log.info("upstream %s connection %d: link to %s closed", self.cfg.name, self.index, self.host)
+            else:
+                log.warning("upstream %s connection %d: link to %s lost", self.cfg.name, self.index, self.host)
         self.writer = None
 
     def drop(self) -> None:
@@ -272,6 +285,7 @@ class UpstreamConnection:
                 for frame in frames:
                     if frame.keepalive:
                         continue
+                    self.last_header = frame.header
                     w = self._on_frame(frame.message, now)
                     if w is not None:
                         touched.append(w)
@@ -328,7 +342,7 @@ class UpstreamConnection:
             resp = encode(up.dialect, build_response(up.dialect, req, code), check_types=False)
         except IsoGatewayError:
             return None
-        self.writer.enqueue(up.framer.encode(resp))
+        self.writer.enqueue(up.encode_frame(resp, reply_to=self.last_header))
         if up.metrics:
             up.metrics.upstream_sent(self.cfg.name, resp[:4].decode("ascii", "replace") if up.dialect.mti_encoding != "bcd" else resp[:2].hex()).inc()
         return self.writer
@@ -384,6 +398,7 @@ class UpstreamConnection:
                     m.echo_rtt(cfg.name).observe(rtt)
 
     async def sign_off(self) -> None:
+        self.closing = True
         if self.ready and self.cfg.sign_on and self.cfg.sign_off:
             rc, _ = await self.network_exchange(self.cfg.network_codes.get("sign_off", "002"), self.cfg.sign_on_timeout)
             log.info("upstream %s connection %d: signed off (%s)", self.cfg.name, self.index, rc or "no answer")
@@ -404,8 +419,14 @@ class Upstream:
             **({"header": cfg.header} if cfg.header else {}),
         )
         self.scanner = Scanner(self.dialect, {11, 38, 39, 41, 70, *cfg.match_fields})
+        # The TPDU (or fixed header) on frames the gateway starts; replies swap the peer's.
+        self.header = bytes.fromhex(cfg.tpdu_value) if cfg.tpdu else (bytes.fromhex(cfg.header) if cfg.header else b"")
         self.connections = [UpstreamConnection(self, i) for i in range(cfg.connections)]
         self._flush_send: trio.MemorySendChannel[FrameWriter] | None = None
+
+    def encode_frame(self, message: bytes, reply_to: bytes | None = None) -> bytes:
+        header = self.framer.reply_header(reply_to) if reply_to else self.header
+        return self.framer.encode(message, header=header)
 
     def pick(self) -> UpstreamConnection | None:
         """The least-loaded ready connection with room, or None."""

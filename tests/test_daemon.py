@@ -173,9 +173,9 @@ async def test_every_request_gets_exactly_one_answer_in_time_whatever_the_switch
 
 
 async def test_binary_dialect_with_tpdu_framing_end_to_end(harness):
-    sim = await harness.start_switch(dialect="iso87binary", framing="binary2")
-    wire = {"dialect": "iso87binary", "framing": "binary2"}
-    gw = await harness.start_gateway(listener={**wire, "tpdu": True}, upstream=wire)
+    sim = await harness.start_switch(dialect="iso87binary", framing="binary2", tpdu=True)
+    wire = {"dialect": "iso87binary", "framing": "binary2", "tpdu": True}
+    gw = await harness.start_gateway(listener=wire, upstream={**wire, "tpdu_value": "6000560078"})
     client = await FrontEndClient.connect("127.0.0.1", gw.listeners[0].port, "iso87binary",
                                           framer_from_config("binary2", tpdu=True), header=bytes.fromhex("6000120034"))
     harness.clients.append(client)
