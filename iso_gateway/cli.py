@@ -200,6 +200,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args.connections)
 
 
+@command("journal")
+@command("saf")
+def cmd_operator(args: argparse.Namespace) -> int:
+    from .operator import run
+
+    return run(args)
+
+
 @command("sim-switch")
 def cmd_sim_switch(args: argparse.Namespace) -> int:
     from .sim.switch import run
@@ -242,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a configuration file and everything it names, start nothing")
     p.add_argument("config", help="the gateway's TOML configuration")
+
+    from .operator import add_parsers
+
+    add_parsers(sub)
 
     p = sub.add_parser("demo", help="run the simulator and the gateway on loopback and show a burst of traffic")
     p.add_argument("--connections", type=int, default=8, help="front-end connections (default 8)")

@@ -121,6 +121,19 @@ class UpstreamConfig(WireConfig):
         description="DE 70 values: verify with the switch",
     )
     institution_id: str = Field("", description="DE 32 for messages the gateway originates (0800); empty: none")
+    reversal_mti: Literal["0420", "0400"] = Field("0420", description="what a timeout reversal is sent as; repeats are 0421/0401")
+    reversal_stan: Literal["new", "original"] = Field(
+        "new", description="a reversal's DE 11: a new STAN, or the original's (verify with the switch)")
+    reversal_timeout: float = Field(10.0, gt=0, description="seconds to wait for a reversal's 0430/0410 before repeating it")
+    reversal_codes: dict[str, str] = Field(
+        default_factory=lambda: {"timeout": "68", "link_lost": "68", "in_doubt": "68", "undeliverable": "68"},
+        description="DE 39 sent in a reversal, by why it is sent (68: response received too late); verify with the switch",
+    )
+    saf_first_delay: float = Field(1.0, ge=0, description="seconds a new reversal waits before its first attempt (a late decline can still cancel it)")
+    saf_retry_initial: float = Field(5.0, gt=0, description="seconds before the first repeat; doubles each time")
+    saf_retry_max: float = Field(300.0, gt=0, description="longest wait between repeats, seconds")
+    saf_budget: int = Field(6, ge=1, description="attempts before a reversal is parked for an operator (PayEx: 6)")
+    saf_window: int = Field(16, ge=1, description="reversals in flight at once on this upstream")
 
     @field_validator("hosts")
     @classmethod
@@ -174,11 +187,24 @@ class GatewayConfig(_Model):
     unavailable_code: str = Field("91", description="answer when no upstream link can carry the request")
     drain_timeout: float = Field(10.0, gt=0, description="seconds SIGTERM waits for in-flight requests")
     local_network_management: bool = Field(True, description="answer front-end 0800 locally with 0810")
+    duplicate_window: float = Field(300.0, ge=0, description="seconds a repeated front-end request (same 41, 42, 11, 7, 4, 37) is recognised; 0 disables")
+    unknown_original_code: str = Field("25", description="answer to a front-end reversal whose original is not in the journal")
+    amount_mismatch_code: str = Field("64", description="answer to a front-end reversal whose amount differs from the original's")
+    duplicate_in_flight: Literal["wait", "94"] = Field(
+        "wait", description="a duplicate of a request still in flight: answered when the first completes, or 94 at once")
 
-    @field_validator("timeout_code", "unavailable_code")
+    @field_validator("timeout_code", "unavailable_code", "unknown_original_code", "amount_mismatch_code")
     @classmethod
     def _codes(cls, v: str) -> str:
         return _code(v)
+
+
+class JournalConfig(_Model):
+    enabled: bool = Field(True, description="journal every transaction before it is sent; false keeps reversals in memory only (for measurement)")
+    path: str = Field("var/journal.sqlite3", description="SQLite file (WAL mode), created when missing")
+    synchronous: Literal["NORMAL", "FULL"] = Field("NORMAL", description="NORMAL survives a process crash; FULL also a power loss")
+    key_file: str = Field("var/pan.key", description="master key for PANs at rest (created when missing); ISO_GATEWAY_PAN_KEY overrides")
+    max_batch: int = Field(1000, ge=1, description="operations committed together at most")
 
 
 class LogConfig(_Model):
@@ -196,6 +222,7 @@ class MetricsConfig(_Model):
 class Config(_Model):
     gateway: GatewayConfig = GatewayConfig()
     routing: RoutingConfig = RoutingConfig()
+    journal: JournalConfig = JournalConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     listeners: list[ListenerConfig] = Field(min_length=1)
@@ -249,6 +276,7 @@ def reference_markdown() -> str:
     sections = [
         ("[gateway]", GatewayConfig),
         ("[routing]", RoutingConfig),
+        ("[journal]", JournalConfig),
         ("[log]", LogConfig),
         ("[metrics]", MetricsConfig),
         ("[[listeners]]", ListenerConfig),

@@ -16,16 +16,24 @@ afterwards (a reversal) goes through ``ReversalSink``.
 from __future__ import annotations
 
 import logging
+import secrets
 from datetime import datetime, timezone
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import trio
 
 from .config import Config
+from .duplicates import DuplicateEntry, DuplicateTable
+from .duplicates import Key as DupKey
+from .journal import ANSWERED, REVERSAL_FIELDS, REVERSED, Journal, new_id
+from .matching import StanAllocator
+from .message import OriginalData, original_mti
+from .reversals import DurableReversals, SafWorker
+from .security.pan import PanVault, load_master_key
 from .errors import ConfigError, IsoGatewayError, MessageError
 from .frontend import FrontConnection, Listener
 from .framing import Frame
-from .links import Upstream, UpstreamConnection
+from .links import STAN_BLOCK, Upstream, UpstreamConnection
 from .masking import mask_pan
 from .matching import match_key
 from .message import build_response, decode, encode, is_request, is_valid_mti, response_mti
@@ -36,49 +44,33 @@ from .writer import FrameWriter
 
 log = logging.getLogger("iso_gateway.gateway")
 
+REVERSAL_FIELD_NUMBERS = tuple(int(k) for k in REVERSAL_FIELDS)
+
 
 class ReversalSink(Protocol):
     """Where the gateway hands transactions that may need reversing.
 
-    ``timed_out``: the switch did not answer in time (or the link dropped after
-    the request was sent); ``late_response``: an answer came after the timeout;
-    ``undeliverable``: the switch answered but the front end is gone.
+    ``timed_out``: the switch did not answer in time, or the link dropped while
+    the request was out; the sink calls ``then()`` (which answers the front
+    end) once whatever it must store is durable. ``late_response``: an answer
+    came after the timeout. ``undeliverable``: the switch answered but the
+    front end is gone.
     """
 
-    def timed_out(self, request: "FrontRequest", reason: str) -> None: ...
+    def timed_out(self, request: "FrontRequest", reason: str,
+                  then: Callable[[], FrameWriter | None]) -> FrameWriter | None: ...
 
     def late_response(self, conn: UpstreamConnection, scan: Scan, raw: bytes, request: "FrontRequest | None") -> None: ...
 
     def undeliverable(self, request: "FrontRequest", scan: Scan, raw: bytes) -> None: ...
 
 
-class LogReversalSink:
-    """Counts and logs; the durable store-and-forward sink replaces it (see saf)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def timed_out(self, request: "FrontRequest", reason: str) -> None:
-        if request.mti[1] in "12":
-            self.metrics.reversals(request.upstream.cfg.name, "needed").inc()
-            log.warning("reversal needed (%s): %s upstream STAN %s", reason, request.mti, request.upstream_stan)
-
-    def late_response(self, conn: UpstreamConnection, scan: Scan, raw: bytes, request: "FrontRequest | None") -> None:
-        if request is not None and scan.values.get(39) == "00" and request.mti[1] in "12":
-            self.metrics.reversals(conn.cfg.name, "needed").inc()
-            log.warning("reversal needed (late approval): %s upstream STAN %s", request.mti, request.upstream_stan)
-
-    def undeliverable(self, request: "FrontRequest", scan: Scan, raw: bytes) -> None:
-        if scan.values.get(39) == "00" and request.mti[1] in "12":
-            self.metrics.reversals(request.upstream.cfg.name, "needed").inc()
-            log.warning("reversal needed (front end gone): %s upstream STAN %s", request.mti, request.upstream_stan)
-
-
 class FrontRequest:
     """A front-end request in flight to a switch: the pending-table entry for it."""
 
     __slots__ = ("gateway", "front", "raw", "header", "mti", "front_stan", "upstream_stan", "upstream",
-                 "received_at", "sent_at", "translate", "done")
+                 "received_at", "sent_at", "translate", "done", "sent", "txn_id", "original", "frame", "conn",
+                 "duplicate", "restore", "on_answer")
 
     def __init__(self, gateway: "Gateway", front: FrontConnection, raw: bytes, header: bytes, mti: str,
                  front_stan: str, upstream: Upstream, received_at: float, translate: bool) -> None:
@@ -94,6 +86,24 @@ class FrontRequest:
         self.sent_at = received_at
         self.translate = translate
         self.done = False
+        self.sent = False  # the frame left for the switch (else a timeout needs no reversal)
+        self.txn_id: int | None = None
+        self.original: dict[str, str] = {}  # the fields a reversal is built from (memory only)
+        self.frame = b""  # the framed upstream copy, held until the journal has the transaction
+        self.conn: UpstreamConnection | None = None
+        self.duplicate: "DuplicateEntry | None" = None
+        self.restore: dict[str, str] | None = None  # fields other than 11 to give back to the front end
+        self.on_answer: Callable[[str], None] | None = None  # told the switch's response code
+
+    def transmit(self) -> FrameWriter | None:
+        """Send the held frame (the journal has the transaction now), unless it already ended."""
+        conn = self.conn
+        if self.done or conn is None or conn.writer is None or not self.frame:
+            return None
+        conn.writer.enqueue(self.frame)
+        self.sent = True
+        self.frame = b""
+        return conn.writer
 
     def on_response(self, conn: UpstreamConnection, raw: bytes, scan: Scan, now: float) -> FrameWriter | None:
         self.done = True
@@ -101,17 +111,24 @@ class FrontRequest:
         gw.front_in_flight -= 1
         m = gw.metrics
         upname = conn.cfg.name
+        rc = scan.values.get(39, "")
         m.upstream_latency(upname, self.mti).observe(now - self.sent_at)
         m.in_flight(upname).dec()
+        if self.txn_id is not None:
+            gw.journal.submit(gw.journal.store.update_txn, self.txn_id, ANSWERED, rc, scan.values.get(38))
+        if self.on_answer is not None:
+            self.on_answer(rc)
         front = self.front
         if front.closed:
+            gw.complete_duplicates(self, rc, scan.values.get(38), None)
             gw.reversals.undeliverable(self, scan, raw)
             return None
         listener = front.listener
         try:
-            if self.translate:
+            if self.translate or self.restore:
                 msg = decode(conn.upstream.dialect, raw, check_types=False)
                 msg["11"] = self.front_stan
+                msg.update(self.restore or {})
                 out = encode(listener.dialect, msg, check_types=False)
             elif 11 in scan.spans:
                 out = conn.upstream.scanner.splice(raw, scan, 11, self.front_stan)
@@ -119,47 +136,69 @@ class FrontRequest:
                 out = raw
         except IsoGatewayError as exc:
             log.warning("response from %s can't be returned to the front end (%s); answering 96", upname, exc)
+            gw.complete_duplicates(self, "96", None, None)
             return gw.answer_locally(front, self.raw, self.header, "96", "bad_response", now, self.received_at)
+        gw.complete_duplicates(self, rc, scan.values.get(38), out)
         front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(self.header)))
         front.request_done()
-        m.front_sent(listener.name, scan.mti, scan.values.get(39, "")).inc()
+        m.front_sent(listener.name, scan.mti, rc).inc()
         m.request_latency(upname, self.mti).observe(now - self.received_at)
         return front.writer
 
     def on_timeout(self, conn: UpstreamConnection, now: float) -> FrameWriter | None:
         gw = self.gateway
-        gw.metrics.timeouts(conn.cfg.name, self.mti).inc()
-        log.warning("upstream %s: no answer to %s (upstream STAN %s) in time; answered %s",
-                    conn.cfg.name, self.mti, self.upstream_stan, gw.config.gateway.timeout_code)
-        conn.remember_late(self._key(conn), self, now)
-        gw.reversals.timed_out(self, "timeout")
-        return self._fail(gw.config.gateway.timeout_code, "timeout", now)
+        code = gw.config.gateway.timeout_code
+        if self.sent:
+            gw.metrics.timeouts(conn.cfg.name, self.mti).inc()
+            log.warning("upstream %s: no answer to %s (upstream STAN %s) in time; answered %s",
+                        conn.cfg.name, self.mti, self.upstream_stan, code)
+            conn.remember_late(match_key(self.mti, self.upstream_stan, ()), self, now)
+        else:
+            log.warning("upstream %s: %s could not be sent in time (journal slow or failing); answered %s",
+                        conn.cfg.name, self.mti, code)
+        return self._fail(code, "timeout", now)
 
     def on_link_lost(self, conn: UpstreamConnection, now: float) -> FrameWriter | None:
-        gw = self.gateway
-        gw.reversals.timed_out(self, "link_lost")
-        return self._fail(gw.config.gateway.unavailable_code, "link_lost", now)
-
-    def _key(self, conn: UpstreamConnection) -> tuple:
-        return match_key(self.mti, self.upstream_stan, ())
+        return self._fail(self.gateway.config.gateway.unavailable_code, "link_lost", now)
 
     def _fail(self, code: str, reason: str, now: float) -> FrameWriter | None:
+        """Answer ``code`` once the reversal (if one is owed) is durable."""
         self.done = True
         gw = self.gateway
         gw.front_in_flight -= 1
         gw.metrics.in_flight(self.upstream.cfg.name).dec()
-        return gw.answer_locally(self.front, self.raw, self.header, code, reason, now, self.received_at)
+        # The front end waited this long too: p99 latency must see timeouts, not only answers.
+        gw.metrics.request_latency(self.upstream.cfg.name, self.mti).observe(now - self.received_at)
+        if self.on_answer is not None:
+            self.on_answer(code)
+
+        def answer() -> FrameWriter | None:
+            gw.complete_duplicates(self, code, None, None)
+            return gw.answer_locally(self.front, self.raw, self.header, code, reason, now, self.received_at)
+
+        return gw.reversals.timed_out(self, reason, answer)
 
 
 class Gateway:
     """Listeners, upstreams and routes wired together; ``run`` serves until ``stop``."""
 
-    def __init__(self, config: Config, *, metrics: Metrics | None = None, reversals: ReversalSink | None = None,
-                 config_path: str | None = None) -> None:
+    def __init__(self, config: Config, *, metrics: Metrics | None = None, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.metrics = metrics or Metrics()
-        self.reversals: ReversalSink = reversals or LogReversalSink(self.metrics)
+        jc = config.journal
+        # Without the journal (measurement only) reversals still go through a SAF, kept in memory.
+        self.journaling = jc.enabled
+        if jc.enabled:
+            vault = PanVault(load_master_key(jc.key_file))
+            self.journal = Journal(jc.path, vault, synchronous=jc.synchronous, max_batch=jc.max_batch,
+                                   metrics=self.metrics)
+        else:
+            log.warning("journal disabled: transactions are not journaled and reversals are lost on restart")
+            self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=jc.max_batch,
+                                   metrics=self.metrics)
+        self.reversals = DurableReversals(self, self.journal)
+        self.duplicates = DuplicateTable(config.gateway.duplicate_window)
         dd = tuple(config.dialect_dirs)
         rd = tuple(config.rule_dirs)
         self.routes = RouteTable(config.routes, config.routing, source=config_path or "config")
@@ -170,6 +209,8 @@ class Gateway:
         self.draining = False
         self.front_in_flight = 0
         self.metrics_port: int | None = None
+        # More conditions for /readyz, each () -> (ok, why if not): e.g. the journal is writable.
+        self.readiness_checks: list[Callable[[], tuple[bool, str]]] = [self._journal_ready]
         self._now_utc = datetime.now(timezone.utc)
 
     # ------------------------------------------------------------------ control
@@ -184,6 +225,26 @@ class Gateway:
     @property
     def ports(self) -> list[int]:
         return [lst.port for lst in self.listeners]
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether this gateway can carry traffic, and why: what /readyz answers (runs on the event loop).
+
+        Ready: not shutting down, at least one upstream with a ready connection,
+        and every check in ``readiness_checks`` (the journal's "writable") passes.
+        """
+        if self.draining:
+            return False, "shutting down"
+        ready, not_ready = [], []
+        for name, up in self.upstreams.items():
+            n = sum(1 for c in up.connections if c.ready)
+            (ready if n else not_ready).append(f"upstream {name}: {n}/{len(up.connections)} connections ready")
+        if not ready:
+            return False, "no upstream link is ready (" + "; ".join(not_ready) + ")"
+        for check in self.readiness_checks:
+            ok, why = check()
+            if not ok:
+                return False, why
+        return True, "; ".join(ready + not_ready)
 
     def reload(self, config: Config) -> None:
         """Apply routes, rules and limits from a new configuration without dropping connections.
@@ -213,7 +274,17 @@ class Gateway:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         """Serve until ``stop``; then drain, answer what is left, sign off and return."""
+        self._restore_stans()
+        self.reversals.recover()
         async with trio.open_nursery() as root:
+            journal_scope = trio.CancelScope()
+
+            async def run_journal(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+                with journal_scope:
+                    await self.journal.run(task_status=task_status)
+
+            await root.start(run_journal)
+            self._tasks = root
             up_scope = trio.CancelScope()
 
             async def run_upstreams() -> None:
@@ -221,6 +292,8 @@ class Gateway:
                     async with trio.open_nursery() as n:
                         for up in self.upstreams.values():
                             n.start_soon(up.run)
+                            worker = self.reversals.workers[up.cfg.name] = SafWorker(self.reversals, up)
+                            n.start_soon(worker.run)
 
             root.start_soon(run_upstreams)
             conn_scope = trio.CancelScope()
@@ -245,6 +318,10 @@ class Gateway:
             await self._drain()
             conn_scope.cancel()
             up_scope.cancel()
+            self._save_stans()
+            await trio.sleep(0)  # let the last journal batch be handed back
+            journal_scope.cancel()
+        self.journal.close()
         self._stopped.set()
 
     async def _drain(self) -> None:
@@ -318,6 +395,17 @@ class Gateway:
             log.warning("listener %s: %s rejected with %s (%s%s)", listener.name, mti, rejection.code,
                         rejection.reason, f", field {rejection.field}" if rejection.field else "")
             return self.answer_locally(front, raw, header, rejection.code, rejection.reason, now, now, counted=False)
+        if mti[1] == "4":
+            front.in_flight += 1  # answered by the task, which may wait for the journal
+            self._tasks.start_soon(self._front_reversal, front, raw, header, scan, now)
+            return None
+        dup_key: DupKey | None = None
+        if self.duplicates.window:
+            dup_key = (listener.name, values.get(41, ""), values.get(42, ""), values.get(11, ""), values.get(7, ""),
+                       values.get(4, ""), values.get(37, ""))
+            entry = self.duplicates.lookup(dup_key, now)
+            if entry is not None:
+                return self._on_duplicate(front, raw, header, entry, now)
         route = self.routes.lookup(mti, values.get(2), values.get(49), values.get(41), values.get(42))
         if isinstance(route, NoRoute):
             m.rejections(listener.name, route.reason, route.code).inc()
@@ -332,35 +420,200 @@ class Gateway:
             m.rejections(listener.name, "no_link", code).inc()
             log.warning("listener %s: no usable link to %s; answered %s", listener.name, upstream.cfg.name, code)
             return self.answer_locally(front, raw, header, code, "no_link", now, now, counted=False)
-        return self._forward(front, raw, header, scan, upstream, conn, route.timeout, now)
+        return self._forward(front, raw, header, scan, upstream, conn, route.timeout, now, dup_key)
 
     def _forward(self, front: FrontConnection, raw: bytes, header: bytes, scan: Scan, upstream: Upstream,
-                 conn: UpstreamConnection, timeout: float, now: float) -> FrameWriter:
+                 conn: UpstreamConnection, timeout: float, now: float, dup_key: DupKey | None) -> FrameWriter | None:
         listener = front.listener
         translate = listener.dialect is not upstream.dialect
         mti = scan.mti
-        request = FrontRequest(self, front, raw, header, mti, scan.values.get(11, ""), upstream, now, translate)
+        values = scan.values
+        request = FrontRequest(self, front, raw, header, mti, values.get(11, ""), upstream, now, translate)
         stan = conn.allocate_stan()
         request.upstream_stan = stan
+        request.conn = conn
+        request.original = {str(k): values[k] for k in REVERSAL_FIELD_NUMBERS if k in values}
         if translate:
             msg = decode(listener.dialect, raw, check_types=False)
             msg["11"] = stan
             out = encode(upstream.dialect, msg, check_types=False)
         else:
             out = listener.scanner.splice(raw, scan, 11, stan)
-        extra = tuple(scan.values.get(f, "") for f in upstream.cfg.match_fields)
-        writer = conn.send_request(request, out, match_key(mti, stan, extra), now + timeout, now)
+        extra = tuple(values.get(f, "") for f in upstream.cfg.match_fields)
+        key = match_key(mti, stan, extra)
+        if dup_key is not None:
+            request.duplicate = self.duplicates.start(dup_key, request, now)
         front.in_flight += 1
         self.front_in_flight += 1
         m = self.metrics
         m.upstream_sent(upstream.cfg.name, mti).inc()
         m.in_flight(upstream.cfg.name).inc()
-        return writer
+        if not self.journaling:
+            request.sent = True
+            return conn.send_request(request, out, key, now + timeout, now)
+        # Journaled before it leaves: the frame waits for the commit of its batch.
+        request.frame = conn.register(request, out, key, now + timeout, now)
+        request.txn_id = new_id()
+        row = {"id": request.txn_id, "listener": listener.name, "mti": mti, "upstream": upstream.cfg.name,
+               "link": conn.index, "upstream_stan": stan}
+        self.journal.submit(self.journal.store.insert_txn, row, request.original,
+                            callback=lambda _r, error: self._journaled(request, key, error))
+        return None
+
+    def _journaled(self, request: FrontRequest, key: tuple, error: BaseException | None) -> FrameWriter | None:
+        if error is None:
+            return request.transmit()
+        # The journal can't take it: refuse rather than send what a crash would forget.
+        log.error("journal write failed (%s): %s answered 96 without being sent", type(error).__name__, request.mti)
+        conn = request.conn
+        if request.done or conn is None or conn.pending.pop(key) is not request:
+            return None
+        return request._fail("96", "journal_failed", trio.current_time())
+
+    def _journal_ready(self) -> tuple[bool, str]:
+        if self.journal.failed:
+            return False, f"the journal is not writable ({self.journal.failed})"
+        return True, ""
+
+    def _restore_stans(self) -> None:
+        """Resume each link's STAN counter past what it used before a restart (domain ref. 2.2)."""
+        store = self.journal.store
+        for up in self.upstreams.values():
+            for conn in up.connections:
+                last = self.journal.run_sync(store.get_meta, f"stan:{up.cfg.name}:{conn.index}")
+                if last is not None and last.isdigit():
+                    conn.stans = StanAllocator((int(last) + STAN_BLOCK) % 999_999 + 1)  # past anything used since the save
+                conn.on_stan_block = self._save_stan
+
+    def _save_stan(self, conn: UpstreamConnection) -> None:
+        self.journal.submit(self.journal.store.set_meta, f"stan:{conn.cfg.name}:{conn.index}", str(conn.stans.last))
+
+    def _save_stans(self) -> None:
+        for up in self.upstreams.values():
+            for conn in up.connections:
+                self._save_stan(conn)
+
+    # ------------------------------------------------------------------ duplicates
+
+    def _on_duplicate(self, front: FrontConnection, raw: bytes, header: bytes, entry: DuplicateEntry,
+                      now: float) -> FrameWriter | None:
+        listener = front.listener
+        self.metrics.duplicates(listener.name).inc()
+        if entry.in_flight:
+            if self.config.gateway.duplicate_in_flight == "94":
+                log.warning("listener %s: duplicate of a request still in flight; answered 94", listener.name)
+                return self.answer_locally(front, raw, header, "94", "duplicate", now, now, counted=False)
+            log.info("listener %s: duplicate of a request still in flight; it will get the same answer",
+                     listener.name)
+            front.in_flight += 1
+            entry.followers.append((front, raw, header))
+            return None
+        log.info("listener %s: duplicate request; the stored answer %s is replayed", listener.name, entry.rc)
+        return self.answer_locally(front, raw, header, entry.rc or "96", "duplicate", now, now, counted=False,
+                                   auth_code=entry.auth_code)
+
+    def complete_duplicates(self, request: FrontRequest, rc: str, auth_code: str | None, out: bytes | None) -> None:
+        """The first of a set of duplicates has its answer: keep it for replays, and answer the waiting ones."""
+        entry = request.duplicate
+        if entry is None:
+            return
+        entry.rc, entry.auth_code, entry.request = rc, auth_code, None
+        followers, entry.followers = entry.followers, []
+        now = trio.current_time()
+        for front, raw, header in followers:
+            front.request_done()
+            if front.closed:
+                continue
+            if out is not None:
+                listener = front.listener
+                front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(header)))
+                w: FrameWriter | None = front.writer
+            else:
+                w = self.answer_locally(front, raw, header, rc, "duplicate", now, now, counted=False,
+                                        auth_code=auth_code)
+            if w is not None:
+                request.upstream.schedule_flush(w)
+
+    # ------------------------------------------------------------------ front-end reversals
+
+    async def _front_reversal(self, front: FrontConnection, raw: bytes, header: bytes, scan: Scan,
+                              received_at: float) -> None:
+        """A 0400/0420/0421 from a front end: checked against the journal through field 90, then forwarded."""
+        try:
+            w = await self._front_reversal_inner(front, raw, header, scan, received_at)
+        except Exception:  # noqa: BLE001 - answer 96 rather than leave the front end waiting
+            log.exception("front-end reversal failed; answered 96")
+            w = self.answer_locally(front, raw, header, "96", "internal_error", received_at, received_at)
+        if w is not None:
+            await w.flush()
+
+    async def _front_reversal_inner(self, front: FrontConnection, raw: bytes, header: bytes, scan: Scan,
+                                    received_at: float) -> FrameWriter | None:
+        listener = front.listener
+        values = scan.values
+        m = self.metrics
+
+        def local(code: str, reason: str) -> FrameWriter | None:
+            if code != "00":
+                m.rejections(listener.name, reason, code).inc()
+            log.info("listener %s: %s answered %s (%s)", listener.name, scan.mti, code, reason)
+            return self.answer_locally(front, raw, header, code, reason, received_at, received_at)
+
+        try:
+            f90 = OriginalData.parse(values.get(90, ""))
+        except MessageError:
+            return local("30", "bad_original_data")
+        store = self.journal.store
+        found = await self.journal.call(store.find_original, values.get(41, ""), f90.stan, f90.transmission,
+                                        original_mti(f90.mti))
+        if found is None:
+            return local(self.config.gateway.unknown_original_code, "unknown_original")
+        txn, _original, saf_states = found
+        if values.get(4) != txn.amount and not scan.has(95):
+            return local(self.config.gateway.amount_mismatch_code, "amount_mismatch")
+        if txn.state == REVERSED or saf_states:
+            # Already reversed, or the gateway is reversing it itself: never twice.
+            return local("00", "already_reversed")
+        upstream = self.upstreams.get(txn.upstream)
+        conn = upstream.pick() if upstream is not None else None
+        if upstream is None or conn is None or self.draining:
+            return local(self.config.gateway.unavailable_code, "no_link")
+        msg = decode(listener.dialect, raw, check_types=False)
+        stan = conn.allocate_stan()
+        msg["11"] = stan
+        msg["90"] = OriginalData(mti=txn.mti, stan=txn.upstream_stan, transmission=txn.transmission,
+                                 acquirer=f90.acquirer, forwarder=f90.forwarder).encode()
+        out = encode(upstream.dialect, msg, check_types=False)
+        now = trio.current_time()
+        mti = scan.mti
+        request = FrontRequest(self, front, raw, header, mti, values.get(11, ""), upstream, received_at, True)
+        request.upstream_stan = stan
+        request.conn = conn
+        request.sent = True
+        request.restore = {"90": values[90]}
+        request.txn_id = new_id()
+        txn_id = txn.id
+
+        def answered(rc: str) -> None:
+            if rc == "00":
+                self.journal.submit(store.update_txn, txn_id, REVERSED, None, None)
+                self.journal.submit(store.cancel_unsent_saf, txn_id, "reversed by the front end")
+
+        request.on_answer = answered
+        self.journal.submit(store.insert_txn, {"id": request.txn_id, "listener": listener.name, "mti": mti,
+                                               "upstream": upstream.cfg.name, "link": conn.index,
+                                               "upstream_stan": stan}, {k: v for k, v in msg.items() if k != "t"})
+        self.front_in_flight += 1
+        m.upstream_sent(upstream.cfg.name, mti).inc()
+        m.in_flight(upstream.cfg.name).inc()
+        extra = tuple(values.get(f, "") for f in upstream.cfg.match_fields)
+        return conn.send_request(request, out, match_key(mti, stan, extra), now + upstream.cfg.reversal_timeout, now)
 
     # ------------------------------------------------------------------ local answers
 
     def answer_locally(self, front: FrontConnection, raw: bytes, header: bytes, code: str, reason: str,
-                       now: float, received_at: float, *, counted: bool = True) -> FrameWriter | None:
+                       now: float, received_at: float, *, counted: bool = True,
+                       auth_code: str | None = None) -> FrameWriter | None:
         """Answer a request with the gateway's own response (echo fields, 39 = ``code``).
 
         ``counted``: the request was counted in flight and this answer completes it.
@@ -375,7 +628,8 @@ class Gateway:
         out: bytes | None = None
         if req is not None:
             try:
-                out = encode(listener.dialect, build_response(listener.dialect, req, code), check_types=False)
+                out = encode(listener.dialect, build_response(listener.dialect, req, code, auth_code=auth_code),
+                             check_types=False)
             except IsoGatewayError:
                 out = None
         if out is None:

@@ -19,7 +19,7 @@ import logging
 import random
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import trio
 
@@ -41,6 +41,7 @@ log = logging.getLogger("iso_gateway.links")
 # counted as late rather than unknown (jPOS QMUX keeps unhandled ones 120 s).
 LATE_WINDOW = 120.0
 LATE_MEMORY = 100_000
+STAN_BLOCK = 1000  # a link's STAN counter is saved every this many STANs; a restart resumes past it
 
 
 class LinkState(enum.Enum):
@@ -118,6 +119,8 @@ class UpstreamConnection:
         self.connects = 0
         self.closing = False  # set on shutdown, so the end of the link is not a warning
         self.last_header = b""  # TPDU or header of the switch's last frame (replies swap it)
+        # Told every STAN_BLOCK STANs, so the counter can be saved (the gateway journals it).
+        self.on_stan_block: Callable[["UpstreamConnection"], None] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -137,19 +140,28 @@ class UpstreamConnection:
 
     # ------------------------------------------------------------------ sending
 
-    def send_request(self, waiter: Waiter, raw_with_stan: bytes, key: Key, deadline: float, now: float) -> FrameWriter:
-        """Register ``waiter`` under ``key`` and queue the frame; the caller flushes the writer."""
-        assert self.writer is not None
-        frame = self.upstream.encode_frame(raw_with_stan)  # before registering: a failure leaves nothing pending
+    def register(self, waiter: Waiter, raw_with_stan: bytes, key: Key, deadline: float, now: float) -> bytes:
+        """Put ``waiter`` in the pending table under ``key`` and return the frame to send.
+
+        The frame is encoded first, so a message that can't be framed leaves nothing pending."""
+        frame = self.upstream.encode_frame(raw_with_stan)
         self.pending.add(key, waiter, deadline)
         if deadline < self._timer_target:
             self._timer_wakeup.set()
-        self.writer.enqueue(frame)
         self.last_write = now
+        return frame
+
+    def send_request(self, waiter: Waiter, raw_with_stan: bytes, key: Key, deadline: float, now: float) -> FrameWriter:
+        """Register ``waiter`` and queue the frame; the caller flushes the writer."""
+        assert self.writer is not None
+        self.writer.enqueue(self.register(waiter, raw_with_stan, key, deadline, now))
         return self.writer
 
     def allocate_stan(self) -> str:
-        return self.stans.allocate(self.pending)
+        stan = self.stans.allocate(self.pending)
+        if self.on_stan_block is not None and self.stans.last % STAN_BLOCK == 0:
+            self.on_stan_block(self)
+        return stan
 
     async def network_exchange(self, code: str, timeout: float) -> tuple[str | None, float]:
         """Send an 0800 with DE 70 = ``code`` and wait for its 0810: (response code or None, rtt)."""
@@ -238,7 +250,8 @@ class UpstreamConnection:
                     return False
             self._set_state(LinkState.READY)
             reached_ready = True
-            log.info("upstream %s connection %d: ready on %s", cfg.name, self.index, self.host)
+            log.info("upstream %s connection %d: %s on %s", cfg.name, self.index,
+                     "signed on, ready" if cfg.sign_on else "ready", self.host)
             if cfg.echo_interval > 0:
                 nursery.start_soon(self._echo_loop)
         return reached_ready

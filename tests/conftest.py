@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import logging
 import resource
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -22,6 +25,51 @@ if _soft < _hard:
 
 TEST_PAN = "4761739001010119"
 OTHER_PANS = ("5413330089020011", "4000056655665556")
+# Every card number a test sends, Luhn-failing ones included (masking only recognises
+# Luhn-valid runs, so those must never be logged at all): none may reach a log line.
+ALL_TEST_PANS = (TEST_PAN, *OTHER_PANS, TEST_PAN[:-1] + "8", "9999990000000006")
+# Log files of daemon processes started by tests; the session's log check greps them too.
+DAEMON_LOG_FILES: list[Path] = []
+
+
+def pans_in(text: str) -> list[str]:
+    """The test PANs (or their first 15 digits) that appear in ``text``."""
+    return [pan for pan in ALL_TEST_PANS if pan in text or pan[:-1] in text]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_test_pan_in_anything_the_daemon_logged(tmp_path_factory):
+    """Log every gateway record of the session as the daemon would (text and JSON lines, at INFO) and grep it.
+
+    In-process gateways log through the same formatters as ``iso-gateway run``;
+    daemon processes add their log files to ``DAEMON_LOG_FILES``. A test PAN in
+    any of them fails the session (an error at teardown of the last test).
+    """
+    from iso_gateway.logs import JsonFormatter, MaskingFormatter, TEXT_FORMAT
+
+    folder = tmp_path_factory.mktemp("gateway-logs")
+    logger = logging.getLogger("iso_gateway")
+    handlers: list[logging.Handler] = []
+    for name, formatter in (("text.log", MaskingFormatter(TEXT_FORMAT)), ("json.log", JsonFormatter("test"))):
+        handler = logging.FileHandler(folder / name, encoding="utf-8")
+        handler.setFormatter(formatter)
+        handler.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        handlers.append(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield folder
+    logger.setLevel(level)
+    for handler in handlers:
+        logger.removeHandler(handler)
+        handler.close()
+    leaks = []
+    for path in [folder / "text.log", folder / "json.log", *DAEMON_LOG_FILES]:
+        if path.is_file():
+            for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if pans_in(line):
+                    leaks.append(f"{path}:{n}: {pans_in(line)}")
+    assert not leaks, "test PANs in clear in the gateway's logs:\n" + "\n".join(leaks[:20])
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -35,9 +83,11 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_config(switch_port: int, *, listener: dict | None = None, upstream: dict | None = None,
-                routes: list[dict] | None = None, **top: Any) -> Config:
+                routes: list[dict] | None = None, state_dir: Path | None = None, **top: Any) -> Config:
+    state = state_dir or Path(tempfile.mkdtemp(prefix="iso-gw-test-"))
     raw: dict[str, Any] = {
         "gateway": {"drain_timeout": 2.0},
+        "journal": {"path": str(state / "journal.sqlite3"), "key_file": str(state / "pan.key")},
         "metrics": {"enabled": False},
         "listeners": [merge({"name": "ecom", "host": "127.0.0.1", "port": 0}, listener or {})],
         "upstreams": [merge({"name": "cmi", "hosts": [f"127.0.0.1:{switch_port}"], "connections": 1,
@@ -58,8 +108,9 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: st
 
 
 class Harness:
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, state_dir: Path) -> None:
         self.nursery = nursery
+        self.state_dir = state_dir  # the journal and the PAN key of the gateway under test
         self.switch: SwitchSimulator | None = None
         self.switch_port = 0
         self.switch_scope: trio.CancelScope | None = None
@@ -85,6 +136,7 @@ class Harness:
         self.switch_scope.cancel()
 
     async def start_gateway(self, *, wait_ready: bool = True, **config_kw: Any) -> Gateway:
+        config_kw.setdefault("state_dir", self.state_dir)
         cfg = make_config(self.switch_port, **config_kw)
         gw = Gateway(cfg, metrics=Metrics(process=False))
         await self.nursery.start(gw.run)
@@ -112,8 +164,8 @@ class Harness:
 
 
 @pytest.fixture
-async def harness(nursery):
-    h = Harness(nursery)
+async def harness(nursery, tmp_path):
+    h = Harness(nursery, tmp_path)
     yield h
     for c in h.clients:
         with trio.move_on_after(1):

@@ -28,6 +28,9 @@ def write_config(path: Path, *, port: int, switch_port: int, extra_route: str = 
     path.write_text(f"""
 [gateway]
 drain_timeout = 5.0
+[journal]
+path = "{path.parent / 'journal.sqlite3'}"
+key_file = "{path.parent / 'pan.key'}"
 [log]
 level = "INFO"
 file = "{log_file or ''}"

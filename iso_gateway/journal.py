@@ -1,0 +1,487 @@
+"""The transaction journal and the store-and-forward (SAF) queue: durable, batched, PAN-safe.
+
+Every transaction the gateway forwards is a row in ``txn``; every reversal it
+owes a switch is a row in ``saf``. SQLite in WAL mode is the default store and
+needs no setup; ``Store`` is the small interface a server database can
+implement for several gateway nodes.
+
+Writes never block the event loop: operations go to one worker thread that
+owns the connection and commits whatever has queued up in one transaction
+(group commit), then hands the batch back to the trio side, where each
+operation's callback runs. So "journaled before it is sent" costs one commit
+per batch, not per message.
+
+What is stored: identities (listener, terminal, merchant, STANs, DE 7, RRN),
+amount, currency, the masked PAN, a keyed hash of the PAN, states and times.
+The PAN itself only inside AES-GCM ciphertext, and only the fields a reversal
+needs. Never CVV2, track data, PIN blocks or ICC data (see security/pan.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import trio
+
+from .masking import mask_pan
+from .security.pan import PanVault
+
+log = logging.getLogger("iso_gateway.journal")
+
+# Transaction states.
+RECEIVED = "received"          # journaled, not yet sent
+FORWARDED = "forwarded"        # sent to the switch, no answer yet (in doubt after a crash)
+ANSWERED = "answered"          # the switch answered (response_code)
+TIMED_OUT = "timed_out"        # no answer in time: a reversal is queued
+NOT_SENT = "not_sent"          # the link dropped before it left
+REVERSED = "reversed"          # a reversal of it was acknowledged
+# SAF states.
+SAF_PENDING = "pending"
+SAF_SENT = "sent"
+SAF_ACKED = "acked"
+SAF_PARKED = "parked"
+SAF_CANCELLED = "cancelled"
+
+# Fields a reversal is built from (domain ref. 1.4): never 14, 35, 36, 45, 48, 52, 55.
+REVERSAL_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "33", "37", "41", "42", "49")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS txn (
+    id INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    listener TEXT, mti TEXT, terminal TEXT, merchant TEXT, front_stan TEXT, transmission TEXT,
+    upstream TEXT, link INTEGER, upstream_stan TEXT, rrn TEXT, amount TEXT, currency TEXT,
+    pan_masked TEXT, pan_hash TEXT,
+    state TEXT NOT NULL, response_code TEXT, auth_code TEXT,
+    original BLOB
+);
+CREATE INDEX IF NOT EXISTS txn_rrn ON txn(rrn);
+CREATE INDEX IF NOT EXISTS txn_front ON txn(terminal, front_stan, transmission);
+CREATE INDEX IF NOT EXISTS txn_stan ON txn(front_stan);
+CREATE INDEX IF NOT EXISTS txn_state ON txn(state);
+CREATE TABLE IF NOT EXISTS saf (
+    id INTEGER PRIMARY KEY,
+    txn_id INTEGER,
+    upstream TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT, mti TEXT, stan TEXT, f90 TEXT, rrn TEXT, amount TEXT, currency TEXT, pan_masked TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    last_result TEXT,
+    message BLOB
+);
+CREATE INDEX IF NOT EXISTS saf_due ON saf(upstream, state, next_attempt);
+CREATE INDEX IF NOT EXISTS saf_txn ON saf(txn_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+_ids = count()
+_id_base = int(time.time() * 1000) << 20
+
+
+def new_id() -> int:
+    """A row id unique across restarts: the start time in ms, then a counter (a million per ms)."""
+    return _id_base + next(_ids)
+
+
+@dataclass(slots=True)
+class SafItem:
+    """A reversal owed to a switch, as the SAF worker sees it."""
+
+    id: int
+    txn_id: int | None
+    upstream: str
+    state: str
+    reason: str
+    mti: str
+    stan: str
+    f90: str
+    attempts: int
+    next_attempt: float
+    created: float
+    message: dict[str, str] = field(repr=False)  # the reversal's fields, PAN included: memory only
+
+
+@dataclass(slots=True)
+class TxnRow:
+    id: int
+    created: float
+    listener: str
+    mti: str
+    terminal: str
+    merchant: str
+    front_stan: str
+    transmission: str
+    upstream: str
+    upstream_stan: str
+    rrn: str
+    amount: str
+    currency: str
+    pan_masked: str
+    state: str
+    response_code: str | None
+    auth_code: str | None
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+class SQLiteStore:
+    """The SQL. Every method takes the connection and runs inside the caller's transaction.
+
+    This method set is the store interface: a server database (for several
+    gateway nodes sharing one SAF) implements the same methods on its own
+    connection type, and ``Journal`` runs them the same way.
+    """
+
+    def __init__(self, vault: PanVault) -> None:
+        self.vault = vault
+
+    @staticmethod
+    def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a crash of the process (SIGKILL);
+        # FULL also survives a power loss, at one fsync per group commit.
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.executescript(SCHEMA)
+        if path != ":memory:":
+            os.chmod(path, 0o600)  # card data at rest, even masked and encrypted: owner only
+        return conn
+
+    # -- writes
+
+    def insert_txn(self, conn: sqlite3.Connection, row: dict[str, Any], original: dict[str, str]) -> None:
+        pan = original.get("2", "")
+        now = time.time()
+        conn.execute(
+            "INSERT INTO txn (id, created, updated, listener, mti, terminal, merchant, front_stan, transmission,"
+            " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (row["id"], now, now, row["listener"], row["mti"], original.get("41", "").rstrip(),
+             original.get("42", "").rstrip(), original.get("11", ""), original.get("7", ""), row["upstream"],
+             row.get("link", 0), row["upstream_stan"], original.get("37", ""), original.get("4", ""),
+             original.get("49", ""), mask_pan(pan) if pan else "", self.vault.pan_hash(pan) if pan else "",
+             row.get("state", FORWARDED),
+             self.vault.seal({k: original[k] for k in REVERSAL_FIELDS if k in original})),
+        )
+
+    @staticmethod
+    def update_txn(conn: sqlite3.Connection, txn_id: int, state: str, response_code: str | None = None,
+                   auth_code: str | None = None) -> None:
+        conn.execute(
+            "UPDATE txn SET state=?, updated=?, response_code=COALESCE(?, response_code),"
+            " auth_code=COALESCE(?, auth_code) WHERE id=?",
+            (state, time.time(), response_code, auth_code, txn_id),
+        )
+
+    def insert_saf(self, conn: sqlite3.Connection, item: SafItem) -> None:
+        msg = item.message
+        pan = msg.get("2", "")
+        conn.execute(
+            "INSERT INTO saf (id, txn_id, upstream, state, reason, mti, stan, f90, rrn, amount, currency, pan_masked,"
+            " attempts, next_attempt, created, updated, message) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (item.id, item.txn_id, item.upstream, item.state, item.reason, item.mti, item.stan, item.f90,
+             msg.get("37", ""), msg.get("4", ""), msg.get("49", ""), mask_pan(pan) if pan else "",
+             item.attempts, item.next_attempt, item.created, time.time(), self.vault.seal(msg)),
+        )
+
+    @staticmethod
+    def update_saf(conn: sqlite3.Connection, saf_id: int, *, state: str, attempts: int | None = None,
+                   next_attempt: float | None = None, stan: str | None = None, result: str | None = None) -> None:
+        conn.execute(
+            "UPDATE saf SET state=?, updated=?, attempts=COALESCE(?, attempts), next_attempt=COALESCE(?, next_attempt),"
+            " stan=COALESCE(?, stan), last_result=COALESCE(?, last_result) WHERE id=?",
+            (state, time.time(), attempts, next_attempt, stan, result, saf_id),
+        )
+
+    @staticmethod
+    def cancel_unsent_saf(conn: sqlite3.Connection, txn_id: int, result: str) -> int:
+        """Cancel a reversal of ``txn_id`` that has not been sent yet; returns how many."""
+        cur = conn.execute(
+            "UPDATE saf SET state=?, updated=?, last_result=? WHERE txn_id=? AND state=? AND attempts=0",
+            (SAF_CANCELLED, time.time(), result, txn_id, SAF_PENDING),
+        )
+        return cur.rowcount
+
+    @staticmethod
+    def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+        conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                     (key, value))
+
+    # -- reads
+
+    @staticmethod
+    def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+        row = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _saf_item(self, row: Sequence[Any]) -> SafItem:
+        (sid, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, blob) = row
+        return SafItem(sid, txn_id, upstream, state, reason or "", mti or "", stan or "", f90 or "", attempts,
+                       next_attempt, created, self.vault.open(blob) if blob else {})
+
+    _SAF_COLUMNS = "id, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, message"
+
+    def due_saf(self, conn: sqlite3.Connection, upstream: str, now: float, limit: int) -> list[SafItem]:
+        rows = conn.execute(
+            f"SELECT {self._SAF_COLUMNS} FROM saf WHERE upstream=? AND state IN (?, ?) AND next_attempt<=?"
+            " ORDER BY next_attempt LIMIT ?",
+            (upstream, SAF_PENDING, SAF_SENT, now, limit),
+        ).fetchall()
+        return [self._saf_item(r) for r in rows]
+
+    @staticmethod
+    def saf_stats(conn: sqlite3.Connection) -> dict[str, tuple[int, float | None, int]]:
+        """upstream -> (waiting, created time of the oldest waiting, parked)."""
+        out: dict[str, tuple[int, float | None, int]] = {}
+        for upstream, waiting, oldest in conn.execute(
+            "SELECT upstream, COUNT(*), MIN(created) FROM saf WHERE state IN (?, ?) GROUP BY upstream",
+            (SAF_PENDING, SAF_SENT),
+        ):
+            out[upstream] = (waiting, oldest, 0)
+        for upstream, parked in conn.execute("SELECT upstream, COUNT(*) FROM saf WHERE state=? GROUP BY upstream",
+                                             (SAF_PARKED,)):
+            w, o, _ = out.get(upstream, (0, None, 0))
+            out[upstream] = (w, o, parked)
+        return out
+
+    def in_doubt(self, conn: sqlite3.Connection) -> list[tuple[int, str, str, str, dict[str, str]]]:
+        """Transactions sent upstream and never answered: (id, upstream, mti, upstream_stan, original fields)."""
+        rows = conn.execute(
+            "SELECT t.id, t.upstream, t.mti, t.upstream_stan, t.original FROM txn t"
+            " WHERE t.state=? AND NOT EXISTS (SELECT 1 FROM saf s WHERE s.txn_id=t.id)",
+            (FORWARDED,),
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3], self.vault.open(r[4]) if r[4] else {}) for r in rows]
+
+    def find_original(self, conn: sqlite3.Connection, terminal: str, stan: str, transmission: str,
+                      mti: str) -> tuple[TxnRow, dict[str, str], list[str]] | None:
+        """The transaction a front-end reversal points at, its fields and its reversals' states."""
+        row = conn.execute(
+            f"SELECT {TXN_COLUMNS}, original FROM txn WHERE terminal=? AND front_stan=? AND transmission=? AND mti=?"
+            " ORDER BY created DESC LIMIT 1",
+            (terminal.rstrip(), stan, transmission, mti),
+        ).fetchone()
+        if row is None:
+            return None
+        txn = TxnRow(*row[:-1])
+        states = [r[0] for r in conn.execute("SELECT state FROM saf WHERE txn_id=?", (txn.id,))]
+        return txn, (self.vault.open(row[-1]) if row[-1] else {}), states
+
+    @staticmethod
+    def find_txns(conn: sqlite3.Connection, *, rrn: str | None = None, stan: str | None = None,
+                  terminal: str | None = None, limit: int = 50) -> list[TxnRow]:
+        where, args = [], []
+        for column, value in (("rrn", rrn), ("front_stan", stan), ("terminal", terminal)):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        sql = f"SELECT {TXN_COLUMNS} FROM txn"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created DESC LIMIT ?"
+        return [TxnRow(*r) for r in conn.execute(sql, (*args, limit))]
+
+    @staticmethod
+    def list_saf(conn: sqlite3.Connection, states: Sequence[str], limit: int = 100) -> list[tuple[Any, ...]]:
+        marks = ",".join("?" * len(states))
+        return conn.execute(
+            "SELECT id, upstream, state, reason, mti, stan, rrn, amount, currency, pan_masked, attempts, next_attempt,"
+            f" created, last_result FROM saf WHERE state IN ({marks}) ORDER BY created LIMIT ?",
+            (*states, limit),
+        ).fetchall()
+
+
+TXN_COLUMNS = ("id, created, listener, mti, terminal, merchant, front_stan, transmission, upstream, upstream_stan,"
+               " rrn, amount, currency, pan_masked, state, response_code, auth_code")
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+Callback = Callable[[Any, BaseException | None], Any]
+
+
+class _Op:
+    __slots__ = ("fn", "args", "kwargs", "callback", "result", "error")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 callback: Callback | None) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.callback = callback
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+_STOP = object()
+
+
+class Journal:
+    """The store behind a worker thread with group commit; use from trio.
+
+    ``submit(fn, *args, callback=cb)`` queues ``fn(conn, *args)``; after the
+    batch holding it commits, ``cb(result, error)`` runs in the trio thread (a
+    callback may return a FrameWriter to flush). ``await call(fn, *args)``
+    does the same and returns the result.
+    """
+
+    def __init__(self, path: str, vault: PanVault, *, synchronous: str = "NORMAL", max_batch: int = 1000,
+                 metrics: Any = None) -> None:
+        self.path = path
+        self.store = SQLiteStore(vault)
+        self.synchronous = synchronous
+        self.max_batch = max_batch
+        self.metrics = metrics
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._done_send: trio.MemorySendChannel[list[_Op]] | None = None
+        self.failed: str | None = None
+        self.commits = 0
+        self.ops = 0
+        self._conn = SQLiteStore.connect(path, synchronous)  # opened here so a bad path fails at start
+
+    # -- lifecycle
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+        """Run the worker thread and deliver its results, until cancelled (then drain and stop)."""
+        self._token = trio.lowlevel.current_trio_token()
+        send, receive = trio.open_memory_channel[list[_Op]](math.inf)
+        self._done_send = send
+        self._thread = threading.Thread(target=self._work, name="journal", daemon=True)
+        self._thread.start()
+        task_status.started()
+        try:
+            async for batch in receive:
+                await self._deliver(batch)
+        finally:
+            with trio.CancelScope(shield=True):
+                self._queue.put(_STOP)
+                await trio.to_thread.run_sync(self._thread.join, 10)
+
+    async def _deliver(self, batch: list[_Op]) -> None:
+        touched = set()
+        for op in batch:
+            if op.callback is not None:
+                try:
+                    w = op.callback(op.result, op.error)
+                except Exception:  # noqa: BLE001 - one callback's bug must not stop the journal
+                    log.exception("journal callback failed")
+                    continue
+                if w is not None:
+                    touched.add(w)
+        for w in touched:
+            await w.flush()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- use
+
+    def submit(self, fn: Callable[..., Any], *args: Any, callback: Callback | None = None, **kwargs: Any) -> None:
+        self._queue.put(_Op(fn, args, kwargs, callback))
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(conn, *args)`` in the journal's transaction order and return its result."""
+        done = trio.Event()
+        box: list[Any] = []
+
+        def callback(result: Any, error: BaseException | None) -> None:
+            box.append((result, error))
+            done.set()
+
+        self.submit(fn, *args, callback=callback)
+        await done.wait()
+        result, error = box[0]
+        if error is not None:
+            raise error
+        return result
+
+    def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(conn, *args)`` right now on this thread (start-up and tools only, never on the event loop)."""
+        with self._conn:
+            return fn(self._conn, *args)
+
+    # -- the thread
+
+    def _work(self) -> None:
+        conn = self._conn
+        q = self._queue
+        while True:
+            first = q.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    op = q.get_nowait()
+                except queue.Empty:
+                    break
+                if op is _STOP:
+                    stop = True
+                    break
+                batch.append(op)
+            started = time.perf_counter()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for op in batch:
+                    try:
+                        op.result = op.fn(conn, *op.args, **op.kwargs)
+                    except sqlite3.IntegrityError as exc:
+                        op.error = exc
+                conn.execute("COMMIT")
+                self.failed = None
+            except sqlite3.Error as exc:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                self.failed = type(exc).__name__
+                log.error("journal commit failed (%s): %d operations refused", type(exc).__name__, len(batch))
+                for op in batch:
+                    op.error = exc
+                if self.metrics is not None:
+                    self.metrics.journal_errors().inc()
+            self.commits += 1
+            self.ops += len(batch)
+            if self.metrics is not None:
+                self.metrics.journal_commit_seconds().observe(time.perf_counter() - started)
+            self._hand_back(batch)
+            if stop:
+                return
+
+    def _hand_back(self, batch: list[_Op]) -> None:
+        if self._token is None or self._done_send is None:
+            return
+        send = self._done_send
+        try:
+            self._token.run_sync_soon(send.send_nowait, batch)
+        except trio.RunFinishedError:
+            pass
+
+
+def open_store_readonly(path: str, vault: PanVault) -> tuple[sqlite3.Connection, SQLiteStore]:
+    """For the operator tools: the store of a running or stopped gateway."""
+    if not Path(path).exists():
+        raise FileNotFoundError(path)
+    return SQLiteStore.connect(path), SQLiteStore(vault)
