@@ -114,8 +114,6 @@ class FrontRequest:
         rc = scan.values.get(39, "")
         m.upstream_latency(upname, self.mti).observe(now - self.sent_at)
         m.in_flight(upname).dec()
-        if self.txn_id is not None:
-            gw.journal.submit(gw.journal.store.update_txn, self.txn_id, ANSWERED, rc, scan.values.get(38))
         if self.on_answer is not None:
             self.on_answer(rc)
         front = self.front
@@ -139,7 +137,18 @@ class FrontRequest:
             gw.complete_duplicates(self, "96", None, None)
             return gw.answer_locally(front, self.raw, self.header, "96", "bad_response", now, self.received_at)
         gw.complete_duplicates(self, rc, scan.values.get(38), out)
-        front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(self.header)))
+        auth = scan.values.get(38)
+
+        def delivered(ok: bool) -> None:
+            # Only an answer handed to the front end's socket counts as answered: after a
+            # crash, anything less is in doubt and reversed (journal states, recovery).
+            if ok:
+                if self.txn_id is not None:
+                    gw.journal.submit(gw.journal.store.update_txn, self.txn_id, ANSWERED, rc, auth)
+            else:
+                gw.reversals.undeliverable(self, scan, raw)
+
+        front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(self.header)), delivered)
         front.request_done()
         m.front_sent(listener.name, scan.mti, rc).inc()
         m.request_latency(upname, self.mti).observe(now - self.received_at)

@@ -248,19 +248,15 @@ class SQLiteStore:
         return [self._saf_item(r) for r in rows]
 
     @staticmethod
-    def saf_stats(conn: sqlite3.Connection) -> dict[str, tuple[int, float | None, int]]:
-        """upstream -> (waiting, created time of the oldest waiting, parked)."""
-        out: dict[str, tuple[int, float | None, int]] = {}
-        for upstream, waiting, oldest in conn.execute(
-            "SELECT upstream, COUNT(*), MIN(created) FROM saf WHERE state IN (?, ?) GROUP BY upstream",
-            (SAF_PENDING, SAF_SENT),
-        ):
-            out[upstream] = (waiting, oldest, 0)
-        for upstream, parked in conn.execute("SELECT upstream, COUNT(*) FROM saf WHERE state=? GROUP BY upstream",
-                                             (SAF_PARKED,)):
-            w, o, _ = out.get(upstream, (0, None, 0))
-            out[upstream] = (w, o, parked)
-        return out
+    def saf_stats(conn: sqlite3.Connection, upstream: str) -> tuple[int, float | None, float | None, int]:
+        """(waiting, created time of the oldest waiting, earliest next attempt, parked) for one upstream."""
+        waiting, oldest, due = conn.execute(
+            "SELECT COUNT(*), MIN(created), MIN(next_attempt) FROM saf WHERE upstream=? AND state IN (?, ?)",
+            (upstream, SAF_PENDING, SAF_SENT),
+        ).fetchone()
+        (parked,) = conn.execute("SELECT COUNT(*) FROM saf WHERE upstream=? AND state=?",
+                                 (upstream, SAF_PARKED)).fetchone()
+        return waiting, oldest, due, parked
 
     def in_doubt(self, conn: sqlite3.Connection) -> list[tuple[int, str, str, str, dict[str, str]]]:
         """Transactions sent upstream and never answered: (id, upstream, mti, upstream_stan, original fields)."""
@@ -466,6 +462,12 @@ class Journal:
             self.ops += len(batch)
             if self.metrics is not None:
                 self.metrics.journal_commit_seconds().observe(time.perf_counter() - started)
+                kinds: dict[str, int] = {}
+                for op in batch:
+                    if op.fn.__name__.startswith(("insert", "update", "cancel", "set")):
+                        kinds[op.fn.__name__] = kinds.get(op.fn.__name__, 0) + 1
+                for kind, n in kinds.items():
+                    self.metrics.journal_writes(kind).inc(n)
             self._hand_back(batch)
             if stop:
                 return

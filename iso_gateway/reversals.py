@@ -21,7 +21,7 @@ import trio
 
 from .errors import IsoGatewayError
 from .journal import (
-    NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, Journal, SafItem, new_id,
+    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, Journal, SafItem, new_id,
 )
 from .matching import match_key
 from .message import encode
@@ -85,9 +85,13 @@ class DurableReversals:
         self.journal.submit(store.update_txn, request.txn_id, TIMED_OUT, rc, None)
 
     def undeliverable(self, request: "FrontRequest", scan: Scan, raw: bytes) -> None:
-        if scan.values.get(39) == "00" and request.mti[1] in "12":
+        """The switch answered, the front end can't be told: an approval is reversed."""
+        rc = scan.values.get(39, "")
+        if rc == "00" and request.mti[1] in "12":
             log.warning("approval for a front end that is gone: reversing it")
             self._queue(request, "undeliverable", auth_code=scan.values.get(38), then=lambda: None)
+        elif request.txn_id is not None:
+            self.journal.submit(self.journal.store.update_txn, request.txn_id, ANSWERED, rc, None)
 
     # -- queueing
 
@@ -110,6 +114,8 @@ class DurableReversals:
                 log.error("reversal could not be stored (%s)", type(error).__name__)
             else:
                 metrics.reversals(upstream.cfg.name, "queued").inc()
+                log.info("reversal %d queued for %s (%s, RRN %s)", item.id, upstream.cfg.name, reason,
+                         item.message.get("37", "?"))
                 worker = self.workers.get(upstream.cfg.name)
                 if worker is not None:
                     worker.wake()
@@ -195,8 +201,7 @@ class SafWorker:
         metrics = self.reversals.gateway.metrics
         name = cfg.name
         while True:
-            stats = await self.journal.call(store.saf_stats)
-            waiting, oldest, parked = stats.get(name, (0, None, 0))
+            waiting, oldest, due_at, parked = await self.journal.call(store.saf_stats, name)
             metrics.saf_depth(name).set(waiting)
             metrics.saf_oldest_age(name).set(time.time() - oldest if oldest else 0)
             metrics.saf_parked(name).set(parked)
@@ -212,7 +217,10 @@ class SafWorker:
                 for w in touched:
                     await w.flush()
             self._wakeup = trio.Event()
-            with trio.move_on_after(SAF_POLL):
+            # Sleep until the next item is due, but look again at least every SAF_POLL
+            # (an operator's retry from another process, gauges kept fresh).
+            pause = SAF_POLL if due_at is None else min(SAF_POLL, max(0.01, due_at - time.time()))
+            with trio.move_on_after(pause):
                 await self._wakeup.wait()
 
     def _send(self, item: SafItem) -> "FrameWriter | None":
@@ -257,6 +265,7 @@ class SafWorker:
         if item.txn_id is not None:
             self.journal.submit(store.update_txn, item.txn_id, REVERSED, None, None)
         self.reversals.gateway.metrics.reversals(self.upstream.cfg.name, "acknowledged").inc()
+        log.info("reversal %d (RRN %s) acknowledged by %s", item.id, item.message.get("37", "?"), self.upstream.cfg.name)
         self.wake()
 
     def failed(self, item: SafItem, attempts: int, why: str) -> None:
@@ -267,7 +276,10 @@ class SafWorker:
                       item.id, item.message.get("37", "?"), attempts, why)
             self._park(item, why)
             return
+        log.warning("reversal %d (RRN %s): attempt %d %s; it will be repeated", item.id,
+                    item.message.get("37", "?"), attempts, why)
         self.journal.submit(self.journal.store.update_saf, item.id, state=SAF_PENDING, result=why)
+        self.wake()
 
     def _park(self, item: SafItem, why: str) -> None:
         self.in_flight.discard(item.id)

@@ -23,7 +23,7 @@ import trio
 
 
 class FrameWriter:
-    __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "broken", "send_timeout",
+    __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "_notify", "broken", "send_timeout",
                  "high_water", "bytes_sent", "on_broken")
 
     def __init__(self, stream: trio.abc.SendStream, send_timeout: float = math.inf, high_water: int = 1 << 20) -> None:
@@ -32,6 +32,9 @@ class FrameWriter:
         self._queued = 0
         self._sending = False
         self._drained = trio.Event()
+        # Callbacks of queued frames that want to know whether they went out: (True) once
+        # send_all returned with them, (False) if the writer broke first.
+        self._notify: list[Callable[[bool], None]] = []
         self.broken: str | None = None
         # Seconds one send_all may block before the peer counts as stalled.
         self.send_timeout = send_timeout
@@ -53,11 +56,18 @@ class FrameWriter:
         """Bytes waiting to be sent."""
         return self._queued
 
-    def enqueue(self, frame: bytes) -> None:
-        """Queue a frame; call ``flush`` (now or after queueing more) to send it."""
+    def enqueue(self, frame: bytes, on_sent: Callable[[bool], None] | None = None) -> None:
+        """Queue a frame; call ``flush`` (now or after queueing more) to send it.
+
+        ``on_sent(True)`` runs once the frame is handed to the kernel, ``on_sent(False)``
+        if the writer breaks before (or is already broken)."""
         if self.broken is None:
             self._queue.append(frame)
             self._queued += len(frame)
+            if on_sent is not None:
+                self._notify.append(on_sent)
+        elif on_sent is not None:
+            on_sent(False)
 
     async def flush(self) -> None:
         """Send everything queued unless another task is already doing so.
@@ -72,12 +82,22 @@ class FrameWriter:
                 data = b"".join(queue) if len(queue) > 1 else queue[0]
                 queue.clear()
                 self._queued = 0
+                notify = self._notify
+                if notify:
+                    self._notify = []
                 with trio.move_on_after(self.send_timeout) as scope:
-                    await self._stream.send_all(data)
+                    try:
+                        await self._stream.send_all(data)
+                    except BaseException:
+                        self._notify = notify + self._notify  # not sent: told False by _break
+                        raise
                 if scope.cancelled_caught:
+                    self._notify = notify + self._notify
                     self._break("send_timeout")
                     return
                 self.bytes_sent += len(data)
+                for callback in notify:
+                    callback(True)
                 self._drained.set()
                 self._drained = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -110,5 +130,8 @@ class FrameWriter:
         self._queue.clear()
         self._queued = 0
         self._drained.set()
+        notify, self._notify = self._notify, []
+        for callback in notify:
+            callback(False)
         if self.on_broken is not None:
             self.on_broken(reason)

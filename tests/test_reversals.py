@@ -1,0 +1,199 @@
+"""Nothing lost: timeout reversals through the SAF, late responses, front-end reversals, duplicates, the store."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import trio
+
+from conftest import TEST_PAN, wait_for
+from iso_gateway.cli import main
+from iso_gateway.message import OriginalData
+from iso_gateway.sim.client import sample_auth, sample_reversal
+
+FAST_SAF = {"saf_first_delay": 0.0, "saf_retry_initial": 0.1, "saf_retry_max": 0.2, "reversal_timeout": 0.3}
+
+
+def saf_rows(harness) -> list[tuple]:
+    db = sqlite3.connect(harness.gateway.config.journal.path)
+    try:
+        return db.execute("SELECT state, reason, mti, stan, f90, attempts FROM saf ORDER BY created").fetchall()
+    finally:
+        db.close()
+
+
+def txn_state(harness, rrn: str) -> str:
+    db = sqlite3.connect(harness.gateway.config.journal.path)
+    try:
+        return db.execute("SELECT state FROM txn WHERE rrn=? AND mti LIKE '01%'", (rrn,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+async def test_a_timed_out_authorization_is_reversed_with_field_90_pointing_at_what_the_switch_saw(harness):
+    sim = await harness.start_switch()
+    gw = await harness.start_gateway(upstream={**FAST_SAF, "reversal_timeout": 2.0, "institution_id": "504001"},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    client = await harness.client()
+    req = {**harness.auth(10599), "32": "123456"}  # the switch approves after 0.5 s: too late
+    resp = await client.request(req, timeout=3)
+    assert resp["39"] == "91"
+    await wait_for(lambda: any(r.mti == "0420" and r.response_code == "00" for r in sim.records), 5, "0430")
+    original = next(r for r in sim.records if r.mti == "0100")
+    reversal = next(r for r in sim.records if r.mti == "0420")
+    f90 = OriginalData.parse(reversal.original)
+    assert (f90.mti, f90.stan, f90.transmission, f90.acquirer) == ("0100", original.stan, req["7"], "123456")
+    assert original.stan != req["11"]  # the switch saw the gateway's STAN, and field 90 says so
+    assert reversal.amount == req["4"] and reversal.rrn == req["37"] and reversal.applied
+    await wait_for(lambda: txn_state(harness, req["37"]) == "reversed", 3, "journal says reversed")
+    assert gw.metrics.reversals("cmi", "acknowledged")._value.get() == 1
+    assert gw.metrics.late_responses("cmi", "00")._value.get() == 1  # the late approval was not forwarded
+    assert client.responses == 1
+
+
+async def test_an_unacknowledged_reversal_is_repeated_as_0421_with_the_same_stan_then_parked(harness):
+    sim = await harness.start_switch()
+    gw = await harness.start_gateway(upstream={**FAST_SAF, "saf_budget": 3},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    client = await harness.client()
+    assert (await client.request(harness.auth(10097), timeout=3))["39"] == "91"  # never answered, nor its reversals
+    await wait_for(lambda: [r[0] for r in saf_rows(harness)] == ["parked"], 10, "parked")
+    sent = [r for r in sim.records if r.mti in ("0420", "0421")]
+    assert [r.mti for r in sent] == ["0420", "0421", "0421"]
+    assert len({r.stan for r in sent}) == 1 and len({r.original for r in sent}) == 1
+    assert gw.metrics.reversals("cmi", "parked")._value.get() == 1
+    assert gw.metrics.reversals("cmi", "repeated")._value.get() == 2
+    # An operator sends it again: the worker picks the change up and repeats it (0421).
+    path = gw.config.journal.path
+    assert main(["saf", "retry", "--journal", path, "--all"]) == 0
+    await wait_for(lambda: sum(1 for r in sim.records if r.mti == "0421") == 3, 5, "the retry")
+
+
+async def test_one_reversal_the_switch_never_acknowledges_does_not_hold_back_the_others(harness):
+    sim = await harness.start_switch()
+    await harness.start_gateway(upstream={**FAST_SAF, "saf_budget": 50},
+                                routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    client = await harness.client()
+    await client.request(harness.auth(10097), timeout=3)  # its reversals are never answered
+    for _ in range(3):
+        await client.request(harness.auth(10399), timeout=3)  # answered after 0.3 s: late, reversal acked
+    await wait_for(lambda: sum(1 for r in sim.records if r.mti in ("0420", "0421") and r.response_code == "00") == 3,
+                   8, "the three good reversals acknowledged")
+
+
+async def test_a_late_decline_cancels_a_reversal_not_yet_sent(harness):
+    sim = await harness.start_switch(seed=1, delay_probability=1.0, delay_range=(0.4, 0.4))
+    gw = await harness.start_gateway(upstream={"saf_first_delay": 1.5},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    client = await harness.client()
+    assert (await client.request(harness.auth(10051), timeout=3))["39"] == "91"
+    await wait_for(lambda: [r[0] for r in saf_rows(harness)] == ["cancelled"], 3, "cancelled")
+    await trio.sleep(1.5)
+    assert sim.count("0420") == 0
+    assert gw.metrics.reversals("cmi", "cancelled")._value.get() == 1
+
+
+async def test_a_link_lost_after_sending_queues_a_reversal_before_answering_91(harness):
+    sim = await harness.start_switch()
+    await harness.start_gateway(upstream=FAST_SAF, routes=[{"name": "all", "upstream": "cmi", "timeout": 5.0}])
+    client = await harness.client()
+    req = harness.auth(10098)  # the switch closes the connection on it
+    assert (await client.request(req, timeout=3))["39"] == "91"
+    assert [r[1] for r in saf_rows(harness)] == ["link_lost"]
+    await wait_for(lambda: any(r.mti == "0420" for r in sim.records), 5, "reversal after reconnect")
+    # 98 applies to the reversal too: the switch closes again; the SAF keeps going after each reconnect
+    await wait_for(lambda: sum(1 for r in sim.records if r.mti in ("0420", "0421")) >= 2, 5, "repeat")
+
+
+async def test_front_end_reversals_are_checked_against_the_journal_and_applied_once(harness):
+    sim = await harness.start_switch()
+    await harness.start_gateway()
+    client = await harness.client()
+    auth = harness.auth(25000)
+    assert (await client.request(auth, timeout=3))["39"] == "00"
+    unknown = sample_reversal({**auth, "11": "999999"})
+    assert (await client.request(unknown, timeout=3))["39"] == "25"
+    wrong_amount = {**sample_reversal(auth), "4": "000000024000"}
+    assert (await client.request(wrong_amount, timeout=3))["39"] == "64"
+    rev = sample_reversal(auth)
+    resp = await client.request(rev, timeout=3)
+    assert (resp["t"], resp["39"], resp["11"], resp["90"]) == ("0430", "00", rev["11"], rev["90"])
+    upstream_auth = next(r for r in sim.records if r.mti == "0100")
+    upstream_rev = next(r for r in sim.records if r.mti == "0420")
+    assert OriginalData.parse(upstream_rev.original).stan == upstream_auth.stan
+    await wait_for(lambda: txn_state(harness, auth["37"]) == "reversed", 3, "journal")
+    repeat = {**rev, "t": "0421"}
+    assert (await client.request(repeat, timeout=3))["39"] == "00"  # answered as before
+    assert sim.count("0420") == 1 and sim.count("0421") == 0  # and never reversed twice
+
+
+async def test_a_repeated_request_is_answered_from_the_first_and_never_sent_twice(harness):
+    sim = await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    req = harness.auth(31000)
+    first = await client.request(req, timeout=3)
+    again = await client.request(req, timeout=3)
+    assert first["39"] == again["39"] == "00" and first["38"] == again["38"]
+    assert sim.count("0100") == 1
+    assert gw.metrics.duplicates("ecom")._value.get() == 1
+
+
+async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harness):
+    sim = await harness.start_switch()
+    await harness.start_gateway(routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
+    a, b = await harness.client(), await harness.client()
+    req = harness.auth(10399)  # answered after 0.3 s
+    answers = []
+
+    async def send(client):
+        answers.append(await client.request(req, timeout=3))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(send, a)
+        await trio.sleep(0.05)
+        n.start_soon(send, b)
+    assert [r["39"] for r in answers] == ["00", "00"] and answers[0]["38"] == answers[1]["38"]
+    assert sim.count("0100") == 1
+
+
+async def test_duplicates_in_flight_can_be_answered_94(harness):
+    await harness.start_switch()
+    await harness.start_gateway(gateway={"duplicate_in_flight": "94"},
+                                routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
+    a, b = await harness.client(), await harness.client()
+    req = harness.auth(10399)
+    answers = {}
+
+    async def send(name, client):
+        answers[name] = (await client.request(req, timeout=3))["39"]
+
+    async with trio.open_nursery() as n:
+        n.start_soon(send, "first", a)
+        await trio.sleep(0.05)
+        n.start_soon(send, "second", b)
+    assert answers == {"first": "00", "second": "94"}
+
+
+async def test_the_store_holds_no_clear_pan_and_no_cvv2(harness):
+    await harness.start_switch()
+    gw = await harness.start_gateway(upstream=FAST_SAF, routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    client = await harness.client()
+    await client.request({**harness.auth(15000), "48": "CVV2=737 3DS=AAABBB"}, timeout=3)
+    await client.request(harness.auth(10097), timeout=3)  # a reversal is stored
+    await wait_for(lambda: len(saf_rows(harness)) == 1, 3, "reversal stored")
+    await trio.sleep(0.2)
+    blob = b"".join(p.read_bytes() for p in harness.state_dir.glob("journal.sqlite3*"))
+    assert blob and TEST_PAN.encode() not in blob and b"CVV2" not in blob and b"737 3DS" not in blob
+    assert b"476173******0119" in blob  # masked for people
+    assert gw.metrics.journal_writes("insert_txn")._value.get() == 2
+
+
+async def test_without_the_journal_reversals_still_go_out(harness):
+    sim = await harness.start_switch()
+    await harness.start_gateway(journal={"enabled": False}, upstream=FAST_SAF,
+                                routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    client = await harness.client()
+    assert (await client.request(harness.auth(10399), timeout=3))["39"] == "91"
+    await wait_for(lambda: any(r.mti == "0420" and r.response_code == "00" for r in sim.records), 5, "0430")
+    assert not list(harness.state_dir.glob("journal.sqlite3*"))
