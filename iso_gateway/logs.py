@@ -2,43 +2,80 @@
 
 Every record passes through ``masking.scrub`` after formatting, exception text
 included, so a PAN that slipped into a message (a private field, a peer's
-garbage quoted in an error) still comes out as first 6 + last 4.
+garbage quoted in an error) still comes out as first 6 + last 4. That holds for
+every logger in the process (the handler sits on the root logger), not only
+the gateway's own.
+
+One event per line: in the text format a traceback's lines are joined with
+" | "; in JSON the exception is one string field. JSON lines carry ``time``,
+``level``, ``logger``, ``message``, the ``node`` (``[gateway] name``) and
+``pid`` (several worker processes share one log), and any ``extra={...}`` a
+call site adds (``event``, ``upstream``, ...), all masked.
+
+What is logged, and at which level, is decided at the call sites: start and
+stop, configuration loaded, reloaded or refused, links up, down and sign-on
+results, timeouts, reversals, rejects (WARNING, with the reason). An approved
+request is never logged at INFO: at thousands per second the log would be the
+bottleneck and a second transaction journal. Metrics count those.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 from .masking import scrub
 
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+# LogRecord's own attributes: anything else on a record came from ``extra=``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
 
 class MaskingFormatter(logging.Formatter):
+    """Readable text, one line per event, masked."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return scrub(super().format(record))
+        return scrub(super().format(record).replace("\r", "").replace("\n", " | "))
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line, masked."""
+
+    def __init__(self, node: str = "") -> None:
+        super().__init__()
+        self.node = node
+
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.node:
+            doc["node"] = self.node
+        doc["pid"] = record.process if record.process is not None else os.getpid()
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in doc:
+                doc[key] = value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return scrub(json.dumps(doc, ensure_ascii=False))
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", file: str = "") -> None:
+def make_formatter(fmt: str = "text", node: str = "") -> logging.Formatter:
+    return JsonFormatter(node) if fmt == "json" else MaskingFormatter(TEXT_FORMAT)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text", file: str = "", node: str = "") -> None:
+    """Send every log record of the process to stderr or ``file``, formatted and masked."""
     handler: logging.Handler = logging.FileHandler(file, encoding="utf-8") if file else logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(make_formatter(fmt, node))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
