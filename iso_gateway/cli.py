@@ -215,6 +215,13 @@ def cmd_sim_switch(args: argparse.Namespace) -> int:
     return run(args)
 
 
+@command("load")
+def cmd_load(args: argparse.Namespace) -> int:
+    from .load.command import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -262,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .sim.switch import add_arguments
 
     add_arguments(p)
+
+    p = sub.add_parser("load", help="drive raw ISO 8583 load at a host and report rates, codes and latency")
+    from .load.command import add_arguments as add_load_arguments
+
+    add_load_arguments(p)
     return parser
 
 
