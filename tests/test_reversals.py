@@ -197,3 +197,23 @@ async def test_without_the_journal_reversals_still_go_out(harness):
     assert (await client.request(harness.auth(10399), timeout=3))["39"] == "91"
     await wait_for(lambda: any(r.mti == "0420" and r.response_code == "00" for r in sim.records), 5, "0430")
     assert not list(harness.state_dir.glob("journal.sqlite3*"))
+
+
+async def test_operators_find_transactions_and_park_reversals_with_masked_output(harness, capsys):
+    await harness.start_switch()
+    gw = await harness.start_gateway(upstream={**FAST_SAF, "saf_first_delay": 30.0},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    client = await harness.client()
+    req = harness.auth(10097)
+    assert (await client.request(req, timeout=3))["39"] == "91"
+    await wait_for(lambda: len(saf_rows(harness)) == 1, 3, "queued")
+    path = gw.config.journal.path
+    assert main(["journal", "find", "--journal", path, "--rrn", req["37"]]) == 0
+    out = capsys.readouterr().out
+    assert "476173******0119" in out and "timed_out" in out and TEST_PAN not in out
+    assert main(["saf", "list", "--journal", path, "--json"]) == 0
+    item = __import__("json").loads(capsys.readouterr().out.splitlines()[0])
+    assert (item["state"], item["reason"], item["mti"], item["pan"]) == ("pending", "timeout", "0420", "476173******0119")
+    assert main(["saf", "park", "--journal", path, str(item["id"])]) == 0
+    assert [r[0] for r in saf_rows(harness)] == ["parked"]
+    assert main(["saf", "park", "--journal", path, "12345"]) == 1  # nothing changed: says so
