@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
+import subprocess
+import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +30,7 @@ from iso_gateway.masking import luhn_ok
 from iso_gateway.message import decode
 from iso_gateway.sim.client import CASABLANCA
 from iso_gateway.sim.switch import SwitchSimulator
+from conftest import wait_for
 
 TIMEOUT = 0.5  # per request, in every run against the simulator
 
@@ -354,3 +358,26 @@ def test_bad_load_options_exit_2_with_one_line(capsys: pytest.CaptureFixture[str
     assert cli.main(["load", "--target", "127.0.0.1:9", "--mix", "no-such-mix"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "HOST:PORT" in err[0] and "unknown mix" in err[1]
+
+
+async def test_an_interrupted_run_stops_sending_drains_and_still_reports(nursery) -> None:
+    responder = InstantResponder()
+    port = await nursery.start(responder.serve, "127.0.0.1", 0)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "iso_gateway", "load", "--target", f"127.0.0.1:{port}", "--duration", "60", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        await wait_for(lambda: responder.answered > 0, timeout=20.0, what="the load to start")
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            out = b""
+            while chunk := await proc.stdout.receive_some():  # type: ignore[union-attr]
+                out += chunk
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    doc = json.loads(out)
+    assert doc["aborted"] == "interrupted" and doc["sent"] == doc["answered"] > 0

@@ -20,6 +20,7 @@ histograms, text and JSON; sans-IO), ``options``, ``engine`` (one process, trio)
 
 from __future__ import annotations
 
+import signal
 from functools import partial
 from typing import Callable
 
@@ -78,11 +79,25 @@ async def run_load(options: LoadOptions, *, progress: Callable[[Progress], None]
     return await engine.run()
 
 
-def run_load_sync(options: LoadOptions, *, progress: Callable[[Progress], None] | None = None) -> LoadResult:
-    """``run_load`` for callers without a trio loop (the CLI, a benchmark script)."""
+def run_load_sync(options: LoadOptions, *, progress: Callable[[Progress], None] | None = None,
+                  handle_signals: bool = False) -> LoadResult:
+    """``run_load`` for callers without a trio loop (the CLI, a benchmark script).
+
+    With ``handle_signals`` (main thread only), a first SIGINT or SIGTERM stops
+    sending and waits for the answers in flight, a second stops at once; the
+    result is returned either way, with ``aborted`` saying so.
+    """
+    seed = pick_seed(options.seed)
     if options.processes > 1:
         from .workers import run_processes
 
         _check(options)
-        return run_processes(options, seed=pick_seed(options.seed), progress=progress)
-    return trio.run(partial(run_load, options, progress=progress))
+        return run_processes(options, seed=seed, progress=progress, handle_signals=handle_signals)
+
+    async def main() -> LoadResult:
+        engine = Engine(options, seed=seed, progress=progress,
+                        signals=(signal.SIGINT, signal.SIGTERM) if handle_signals else ())
+        await engine.prepare()
+        return await engine.run()
+
+    return trio.run(main)

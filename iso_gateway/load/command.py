@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     line = ProgressLine(sys.stderr) if not args.quiet and sys.stderr.isatty() else None
     try:
-        result = run_load_sync(options, progress=line)
+        result = run_load_sync(options, progress=line, handle_signals=True)
     finally:
         if line is not None:
             line.clear()

@@ -250,6 +250,6 @@ class LoadResult:
             window_s=max(p.window_s for p in parts),
             elapsed_s=max(p.elapsed_s for p in parts),
             send_lag=lag,
-            aborted="; ".join(p.aborted for p in parts if p.aborted) or None,
+            aborted="; ".join(dict.fromkeys(p.aborted for p in parts if p.aborted)) or None,
             cpu_s=sum(p.cpu_s for p in parts),
         )

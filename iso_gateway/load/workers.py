@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import multiprocessing
+import os
 import queue as queue_module
+import signal
 import time
 from typing import Any, Callable
 
@@ -44,14 +46,19 @@ def _safe_reason(exc: BaseException) -> str:
 
 
 def _worker_main(options: LoadOptions, seed: int, index: int, workers: int, queue: Any, go: Any, progress: bool) -> None:
-    """A worker process: prepare, report ready, wait for the start, run, report the result."""
+    """A worker process: prepare, report ready, wait for the start, run, report the result.
+
+    A terminal's Ctrl-C reaches every process of the group; the parent alone
+    decides, and passes each interrupt on as SIGTERM (see ``run_processes``).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def report(p: Progress) -> None:
         queue.put(("progress", index, dataclasses.asdict(p)))
 
     async def main() -> None:
         engine = Engine(options, seed=seed, worker=index, workers=workers,
-                        progress=report if progress else None, encode_interval=True)
+                        progress=report if progress else None, encode_interval=True, signals=(signal.SIGTERM,))
         await engine.prepare()
         gc.collect()
         gc.freeze()  # full collections over the start-up objects (~10 ms each) stay out of the timings
@@ -85,8 +92,15 @@ def _merge_progress(snaps: list[dict[str, Any]]) -> Progress:
     )
 
 
-def run_processes(options: LoadOptions, *, seed: int, progress: Callable[[Progress], None] | None = None) -> LoadResult:
-    """Run ``options`` over ``options.processes`` worker processes; blocks until they are done."""
+def run_processes(options: LoadOptions, *, seed: int, progress: Callable[[Progress], None] | None = None,
+                  handle_signals: bool = False) -> LoadResult:
+    """Run ``options`` over ``options.processes`` worker processes; blocks until they are done.
+
+    With ``handle_signals`` (main thread only): SIGINT before the start stops
+    everything (KeyboardInterrupt); after it, each SIGINT is passed to the
+    workers as SIGTERM (first: stop sending and drain; second: stop now) and
+    their results are still merged; a third gives up on them.
+    """
     parts = options.split()
     n = len(parts)
     ctx = multiprocessing.get_context("spawn")
@@ -101,9 +115,26 @@ def run_processes(options: LoadOptions, *, seed: int, progress: Callable[[Progre
         p.start()
     results: dict[int, LoadResult] = {}
     latest: dict[int, dict[str, Any]] = {}
+    interrupts = [0, 0]  # received, passed on
+    started = False
+
+    def on_interrupt(_signum: int, _frame: object) -> None:
+        interrupts[0] += 1
+
+    previous = signal.signal(signal.SIGINT, on_interrupt) if handle_signals else None
+
+    def check_interrupts() -> None:
+        if interrupts[0] and (not started or interrupts[0] > 2):
+            raise KeyboardInterrupt
+        while interrupts[1] < interrupts[0]:
+            interrupts[1] += 1
+            for i, p in enumerate(procs):
+                if i not in results and p.pid is not None and p.is_alive():
+                    os.kill(p.pid, signal.SIGTERM)
 
     def next_message(deadline: float | None) -> tuple[str, int, Any]:
         while True:
+            check_interrupts()
             try:
                 return queue.get(timeout=POLL_INTERVAL)
             except queue_module.Empty:
@@ -124,6 +155,7 @@ def run_processes(options: LoadOptions, *, seed: int, progress: Callable[[Progre
             if kind == "ready":
                 ready += 1
         go.set()
+        started = True
         while len(results) < n:
             kind, i, payload = next_message(None)
             if kind == "error":
@@ -136,6 +168,8 @@ def run_processes(options: LoadOptions, *, seed: int, progress: Callable[[Progre
                     progress(_merge_progress(list(latest.values())))
                     latest.clear()
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         # Done: the workers exit on their own. Failed or interrupted: stop them now, not start them.
         for p in procs:
             if len(results) == n:
