@@ -1,4 +1,4 @@
-"""The daemon process: configuration, signals, the gateway and its metrics endpoint.
+"""The daemon process: configuration, signals, the gateway and its observability endpoint.
 
 SIGTERM/SIGINT: graceful stop (stop accepting, drain, answer the rest, sign
 off, exit 0). SIGHUP: reload routes, rules and limits from the same file; a bad
@@ -8,6 +8,7 @@ file is refused with a log line and the running configuration stays.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import trio
@@ -15,21 +16,33 @@ import trio
 from .config import Config, load_config
 from .errors import ConfigError
 from .gateway import Gateway
+from .http import ObservabilityServer, start_server
 from .metrics import Metrics
 
 log = logging.getLogger("iso_gateway.daemon")
 
 
-def start_metrics_server(config: Config, metrics: Metrics) -> int | None:
-    """Serve /metrics from a thread (prometheus-client's own server); returns the port."""
+def start_endpoint(config: Config, metrics: Metrics, gateway: Gateway | None = None,
+                   source: str = "config") -> ObservabilityServer | None:
+    """Serve /metrics, /healthz and /readyz from threads (see ``http``), or None when disabled.
+
+    Call inside ``trio.run``. An address that can't be bound is a ConfigError naming ``metrics.port``.
+    """
     if not config.metrics.enabled:
         return None
-    from prometheus_client import start_http_server
+    host, port = config.metrics.host, config.metrics.port
+    try:
+        server = start_server(host, port, metrics.registry, gateway.readiness if gateway is not None else None)
+    except OSError as exc:
+        raise ConfigError(source, "metrics.port", f"can't serve on {host}:{port}: {exc.strerror or exc}") from None
+    log.info("observability endpoint on %s: /metrics, /healthz, /readyz", server.url)
+    return server
 
-    server, _thread = start_http_server(config.metrics.port, addr=config.metrics.host, registry=metrics.registry)
-    port = server.server_address[1]
-    log.info("metrics on http://%s:%d/metrics", config.metrics.host, port)
-    return port
+
+def start_metrics_server(config: Config, metrics: Metrics, gateway: Gateway | None = None) -> int | None:
+    """``start_endpoint`` for the life of the process; returns the port (None when disabled)."""
+    server = start_endpoint(config, metrics, gateway)
+    return server.port if server is not None else None
 
 
 async def _signals(gateway: Gateway, config_path: str | None) -> None:
@@ -50,20 +63,38 @@ async def _signals(gateway: Gateway, config_path: str | None) -> None:
 async def serve(config: Config, config_path: str | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
     """Run a gateway until a stop signal (or ``gateway.stop()``)."""
     gateway = Gateway(config, config_path=config_path)
-    gateway.metrics_port = start_metrics_server(config, gateway.metrics)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, gateway, config_path)
-        await nursery.start(gateway.run)
-        task_status.started(gateway)
-        await gateway.wait_stopped()
-        nursery.cancel_scope.cancel()
+    endpoint = start_endpoint(config, gateway.metrics, gateway, config_path or "config")
+    gateway.metrics_port = endpoint.port if endpoint is not None else None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_signals, gateway, config_path)
+            await nursery.start(gateway.run)
+            task_status.started(gateway)
+            await gateway.wait_stopped()
+            nursery.cancel_scope.cancel()
+    finally:
+        if endpoint is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(endpoint.close)
     log.info("gateway stopped")
 
 
 def run(config_path: str) -> int:
-    config = load_config(config_path)
+    from . import __version__
     from .logs import setup_logging
 
-    setup_logging(config.log.level, config.log.format, config.log.file)
-    trio.run(serve, config, config_path)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        setup_logging()  # the file's own [log] settings are unknown: text on stderr
+        log.error("configuration refused, not starting: %s", exc)
+        return 2
+    setup_logging(config.log.level, config.log.format, config.log.file, node=config.gateway.name)
+    log.info("iso-gateway %s starting (pid %d); configuration %s loaded: %d listeners, %d upstreams, %d routes",
+             __version__, os.getpid(), config_path, len(config.listeners), len(config.upstreams), len(config.routes))
+    try:
+        trio.run(serve, config, config_path)
+    except ConfigError as exc:  # what the file names (dialects, rules, the endpoint's address) is unusable
+        log.error("configuration refused, not starting: %s", exc)
+        return 2
     return 0

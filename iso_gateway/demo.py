@@ -113,7 +113,7 @@ async def _main(connections: int) -> int:
         gateway = Gateway(config, metrics=Metrics(), config_path=str(base_path))
         from .daemon import start_metrics_server
 
-        metrics_port = start_metrics_server(config, gateway.metrics)
+        metrics_port = start_metrics_server(config, gateway.metrics, gateway)
         await nursery.start(gateway.run)
         with trio.move_on_after(10):
             while not all(u.ready for u in gateway.upstreams.values()):
@@ -139,7 +139,8 @@ async def _main(connections: int) -> int:
               f"p99 {hist.get_value_at_percentile(99) / 1000:.2f} ms, max {hist.get_max_value() / 1000:.2f} ms")
         print(f"the switch saw {sim.count('0100')} authorizations (the gateway answered the rejects itself)")
         if metrics_port:
-            print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (served while the demo runs)")
+            print(f"metrics: http://127.0.0.1:{metrics_port}/metrics, health: /healthz and /readyz"
+                  " (served while the demo runs)")
         gateway.stop()
         await gateway.wait_stopped()
         nursery.cancel_scope.cancel()

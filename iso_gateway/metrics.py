@@ -6,15 +6,25 @@ upstream, host, MTI, response code, reason, state. A label never carries a PAN,
 STAN, RRN, terminal or merchant id.
 
 Label children are cached per label tuple so the hot path pays a dict lookup,
-not prometheus-client's label resolution, per increment.
+not prometheus-client's label resolution, per increment. ``NullMetrics`` has the
+same attributes and does nothing, for measuring what metrics cost (the
+benchmark's "metrics off").
+
+Several worker processes (prometheus-client's multiprocess mode, with
+``PROMETHEUS_MULTIPROC_DIR`` set before prometheus-client is imported): every
+metric here works in that mode. Each gauge says how workers' values combine
+(``multiprocess_mode``; ignored with one process), build info is a gauge rather
+than an ``Info`` (which that mode does not support), and ``http`` aggregates
+every worker's files for the scrape. Process metrics then describe only the
+process serving the scrape.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client import ProcessCollector, PlatformCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 
 from . import __version__
 
@@ -24,6 +34,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ECHO_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 LINK_STATES = ("disconnected", "connecting", "signing_on", "ready", "down")
+
+PREFIX = "iso_gateway_"
 
 
 class _Cached:
@@ -53,51 +65,115 @@ class Metrics:
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
-        p = "iso_gateway_"
-        Info(p + "build", "Build information.", registry=r).info({"version": __version__})
+            GCCollector(registry=r)
+        p = PREFIX
+        # (name as scraped, type, labels, help): the README's metric table is made from it.
+        self.catalogue: list[tuple[str, str, tuple[str, ...], str]] = [
+            (p + "build_info", "gauge", ("version",), "Build information (always 1).")]
+        # A gauge, not an Info: the same exposition (iso_gateway_build_info{version="..."} 1),
+        # and it also works in multiprocess mode.
+        Gauge(p + "build_info", "Build information (always 1).", ("version",), registry=r,
+              multiprocess_mode="max").labels(__version__).set(1)
 
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Cached:
+            self.catalogue.append((p + name, "counter", labels, doc))
             return _Cached(Counter(p + name, doc, labels, registry=r))
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...]) -> _Cached:
-            return _Cached(Gauge(p + name, doc, labels, registry=r))
+        def gauge(name: str, doc: str, labels: tuple[str, ...], mode: str) -> _Cached:
+            # mode: how several workers' values combine (multiprocess mode only); "live" forgets dead workers.
+            self.catalogue.append((p + name, "gauge", labels, doc))
+            return _Cached(Gauge(p + name, doc, labels, registry=r, multiprocess_mode=mode))  # type: ignore[arg-type]
 
         def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> _Cached:
+            self.catalogue.append((p + name, "histogram", labels, doc))
             return _Cached(Histogram(p + name, doc, labels, registry=r, buckets=buckets))
 
         # front end
         self.front_received = counter("front_messages_received_total", "Messages received from front ends.", ("listener", "mti"))
         self.front_sent = counter("front_messages_sent_total", "Messages sent to front ends.", ("listener", "mti", "rc"))
-        self.rejections = counter("validation_rejections_total", "Requests answered by the gateway without reaching a switch.", ("listener", "reason", "rc"))
-        self.decode_errors = counter("decode_errors_total", "Messages that did not decode.", ("side", "name", "reason"))
+        self.rejections = counter("validation_rejections_total", "Requests answered by the gateway without reaching a switch: rule failures, no route, unknown BIN, no usable link.", ("listener", "reason", "rc"))
+        self.decode_errors = counter("decode_errors_total", "Messages that did not decode or lost framing, by side (front, upstream) and listener or upstream name.", ("side", "name", "reason"))
         self.duplicates = counter("duplicates_total", "Repeated front-end requests recognised as duplicates.", ("listener",))
-        self.connections_open = gauge("front_connections_open", "Front-end connections open.", ("listener",))
+        self.connections_open = gauge("front_connections_open", "Front-end connections open.", ("listener",), "livesum")
         self.connections_total = counter("front_connections_total", "Front-end connections by outcome (accepted, refused).", ("listener", "outcome"))
-        self.connections_closed = counter("front_connections_closed_total", "Front-end connections closed, by reason.", ("listener", "reason"))
-        self.frames_too_large = counter("frames_too_large_total", "Frames over the size limit.", ("side", "name"))
-        self.request_latency = histogram("request_duration_seconds", "From a front-end request received to its answer sent.", ("upstream", "mti"), LATENCY_BUCKETS)
+        self.connections_closed = counter("front_connections_closed_total", "Front-end connections closed, by reason (peer_closed, idle_timeout, stalled_partial_frame, stalled_reader, frame_too_large, framing_lost, reset, shutdown, internal_error).", ("listener", "reason"))
+        self.frames_too_large = counter("frames_too_large_total", "Frames over the size limit (max_frame), by side and listener or upstream name.", ("side", "name"))
+        self.request_latency = histogram("request_duration_seconds", "From a front-end request received to its answer sent (timeouts and dropped links included).", ("upstream", "mti"), LATENCY_BUCKETS)
         # upstream
         self.upstream_sent = counter("upstream_messages_sent_total", "Messages sent to switches.", ("upstream", "mti"))
         self.upstream_received = counter("upstream_messages_received_total", "Messages received from switches.", ("upstream", "mti", "rc"))
         self.upstream_latency = histogram("upstream_duration_seconds", "From a request sent to a switch to its response.", ("upstream", "mti"), LATENCY_BUCKETS)
-        self.in_flight = gauge("requests_in_flight", "Requests sent to a switch and not answered yet.", ("upstream",))
+        self.in_flight = gauge("requests_in_flight", "Requests sent to a switch and not answered yet.", ("upstream",), "livesum")
         self.timeouts = counter("timeouts_total", "Requests the switch did not answer in time.", ("upstream", "mti"))
         self.late_responses = counter("late_responses_total", "Responses that came after their request timed out.", ("upstream", "rc"))
         self.unmatched_responses = counter("unmatched_responses_total", "Responses nobody was waiting for.", ("upstream",))
-        self.link_state = gauge("link_state", "1 for the state each upstream connection is in.", ("upstream", "host", "state"))
+        self.link_state = gauge("link_state", "Upstream connections in each state, per upstream and host.", ("upstream", "host", "state"), "livesum")
         self.reconnects = counter("link_reconnects_total", "Upstream connection attempts after the first.", ("upstream", "host"))
         self.connect_failures = counter("link_connect_failures_total", "Failed upstream connection attempts.", ("upstream", "host"))
         self.sign_ons = counter("sign_ons_total", "Sign-on attempts by result (ok, declined, timeout).", ("upstream", "result"))
         self.echo_rtt = histogram("echo_rtt_seconds", "Echo (0800/301) round-trip time.", ("upstream",), ECHO_BUCKETS)
         self.echo_missed = counter("echo_missed_total", "Echoes the switch did not answer in time.", ("upstream",))
         self.reversals = counter("reversals_total", "Reversals by outcome (queued, sent, repeated, acknowledged, parked, cancelled).", ("upstream", "outcome"))
-        self.saf_depth = gauge("saf_queue_depth", "Reversals waiting in the store-and-forward queue.", ("upstream",))
-        self.saf_oldest_age = gauge("saf_oldest_age_seconds", "Age of the oldest reversal waiting in the store-and-forward queue.", ("upstream",))
-        self.saf_parked = gauge("saf_parked", "Reversals parked (dead letters) after their retry budget, waiting for an operator.", ("upstream",))
+        # The SAF lives in one store that every worker reports whole: workers' values are not added.
+        self.saf_depth = gauge("saf_queue_depth", "Reversals waiting in the store-and-forward queue.", ("upstream",), "livemax")
+        self.saf_oldest_age = gauge("saf_oldest_age_seconds", "Age of the oldest reversal waiting in the store-and-forward queue.", ("upstream",), "livemax")
+        self.saf_parked = gauge("saf_parked", "Reversals parked (dead letters) after their retry budget, waiting for an operator.", ("upstream",), "livemax")
         self.journal_writes = counter("journal_writes_total", "Journal records written, by kind.", ("kind",))
         self.journal_commit_seconds = histogram("journal_commit_seconds", "Time of one journal group commit.", (), ECHO_BUCKETS)
         self.journal_errors = counter("journal_errors_total", "Journal operations that failed.", ())
 
-    def set_link_state(self, upstream: str, host: str, state: str) -> None:
-        for s in LINK_STATES:
-            self.link_state(upstream, host, s).set(1 if s == state else 0)
+    def names(self) -> set[str]:
+        """Every name this registry can expose: sample names (``_total``, ``_bucket``, ...), and histograms' own."""
+        suffixes = {"counter": ("_total", "_created"), "histogram": ("", "_bucket", "_count", "_sum", "_created"),
+                    "info": ("_info",), "summary": ("", "_count", "_sum", "_created")}
+        out: set[str] = set()
+        for family in self.registry.collect():
+            out.update(family.name + suf for suf in suffixes.get(family.type, ("",)))
+            out.update(sample.name for sample in family.samples)
+        return out
+
+
+def reference_markdown() -> str:
+    """The README's metric table, made from the definitions above (a test keeps the two equal)."""
+    lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for name, kind, labels, doc in Metrics(process=False).catalogue:
+        lines.append(f"| `{name}` | {kind} | {', '.join(labels)} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+class _Nothing:
+    """A metric child that records nothing."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None: ...
+
+    def dec(self, amount: float = 1) -> None: ...
+
+    def set(self, value: float) -> None: ...
+
+    def observe(self, value: float) -> None: ...
+
+
+_NOTHING = _Nothing()
+
+
+class NullMetrics:
+    """Metrics switched off: every attribute of ``Metrics``, and every call a no-op.
+
+    For the benchmark's "metrics off" (what the hot path pays for metrics);
+    a running daemon always has real metrics.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def nothing(*labels: str) -> _Nothing:
+            return _NOTHING
+
+        setattr(self, name, nothing)  # found directly next time
+        return nothing
