@@ -22,7 +22,9 @@ from iso_gateway import cli
 from iso_gateway.dialect import get_dialect
 from iso_gateway.errors import ConfigError
 from iso_gateway.framing import framer_from_config
-from iso_gateway.load import JSON_SCHEMA, LoadError, LoadOptions, LoadResult, RequestFactory, load_mix, luhn_check_digit, run_load
+from iso_gateway.load import JSON_SCHEMA, LoadError, LoadOptions, LoadResult, Progress, RequestFactory, load_mix, luhn_check_digit, run_load
+from iso_gateway.load import engine as load_engine
+from iso_gateway.load.command import ProgressLine
 from iso_gateway.load.mix import parse_mix
 from iso_gateway.load.report import ERROR_KINDS, Tally
 from iso_gateway.load.responder import InstantResponder
@@ -289,6 +291,35 @@ async def test_a_target_that_closes_the_connection_counts_lost_requests_and_reco
     assert result.sent == 200
     assert result.errors["disconnects"] == 10 == result.errors["lost"]
     assert result.answered == 190 and switch.accepted == 11
+
+
+async def test_echo_requests_from_the_target_are_answered_while_loading(nursery) -> None:
+    sim = SwitchSimulator(echo_interval=0.05)
+    await nursery.start(sim.serve, "127.0.0.1", 0)
+    result = await run_load(options(sim.port, rate=200.0, duration=0.4, connections=1))
+    assert result.sent == 80 == result.answered and result.error_count == 0
+    assert sim.echo_answered > 0
+
+
+async def test_progress_is_reported_while_running(switch: SwitchSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(load_engine, "PROGRESS_INTERVAL", 0.05)
+    seen: list[Progress] = []
+    result = await run_load(options(switch.port, rate=500.0, duration=0.4, connections=1), progress=seen.append)
+    assert seen and all(a.sent <= b.sent for a, b in zip(seen, seen[1:]))
+    assert seen[-1].sent <= result.sent and any(p.p99_ms is not None for p in seen)
+
+
+def test_the_progress_line_rewrites_one_line() -> None:
+    import io
+
+    out = io.StringIO()
+    line = ProgressLine(out)
+    line(Progress(1.0, "load", 2000, 1990, 1, 0, 1990.0, 1.25, 10))
+    line(Progress(2.0, "load", 4000, 3990, 1, 0, 2000.0, None, 10))
+    line.clear()
+    text = out.getvalue()
+    assert "\n" not in text and text.count("\r") == 3
+    assert "sent 2,000" in text and "p99 1.25 ms" in text and "p99 -" in text
 
 
 async def test_an_unreachable_target_is_a_load_error() -> None:

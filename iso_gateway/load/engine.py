@@ -170,7 +170,7 @@ class Engine:
             try:
                 conn.stream = await self._open()
             except OSError as exc:
-                self.warm.errors["connect_failed"] += 1
+                self.measured.errors["connect_failed"] += 1  # before the load, but the tester must see it
                 failures.append(exc.strerror or str(exc))
 
         async with trio.open_nursery() as nursery:
