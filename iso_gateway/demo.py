@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,7 +36,8 @@ SCENARIOS: list[tuple[str, int, int, dict[str, str], str]] = [
     ("rejected by the gateway: bad card number (14)", 15000, 10, {"2": "4761739001010118"}, "14"),
     ("rejected by the gateway: expired card (54)", 15000, 10, {"14": "2001"}, "54"),
     ("rejected by the gateway: unknown BIN (15)", 15000, 5, {"2": "9999990000000006"}, "15"),
-    ("switch did not answer: timed out (91)", 15097, 5, {}, "91"),
+    # The switch answers these after 2.5 s: the front end hears 91 at 2 s, and the gateway reverses them.
+    ("switch answered too late: timed out (91)", 152599, 5, {}, "91"),
 ]
 
 
@@ -48,14 +50,18 @@ def example_config_path() -> Path:
     raise FileNotFoundError("deploy/gateway.toml (the example configuration) was not found")
 
 
-def demo_config(base: Config, switch_port: int) -> Config:
+def demo_config(base: Config, switch_port: int, state_dir: str) -> Config:
     raw = base.model_dump()
+    raw["journal"]["path"] = f"{state_dir}/journal.sqlite3"
+    raw["journal"]["key_file"] = f"{state_dir}/pan.key"
     for lst in raw["listeners"]:
         lst["port"] = 0
     for up in raw["upstreams"]:
         up["hosts"] = [f"127.0.0.1:{switch_port}"]
     for route in raw["routes"]:
         route["timeout"] = DEMO_TIMEOUT
+    for up in raw["upstreams"]:
+        up["saf_first_delay"] = 0.0
     raw["metrics"]["port"] = 0
     return Config.model_validate(raw)
 
@@ -109,7 +115,8 @@ async def _main(connections: int) -> int:
     sim = SwitchSimulator(dialect=base.upstreams[0].dialect, framing=base.upstreams[0].framing)
     async with trio.open_nursery() as nursery:
         switch_port = await nursery.start(sim.serve, "127.0.0.1", 0)
-        config = demo_config(base, switch_port)
+        state_dir = tempfile.mkdtemp(prefix="iso-gateway-demo-")
+        config = demo_config(base, switch_port, state_dir)
         gateway = Gateway(config, metrics=Metrics(), config_path=str(base_path))
         from .daemon import start_metrics_server
 
@@ -120,6 +127,7 @@ async def _main(connections: int) -> int:
                 await trio.sleep(0.01)
         print(f"switch simulator on 127.0.0.1:{switch_port}; gateway listening on 127.0.0.1:{gateway.ports[0]}"
               f" (config {base_path}, route timeouts {DEMO_TIMEOUT:g} s for the demo)")
+        print(f"journal (SQLite): {config.journal.path}")
         print(f"sending {sum(s[2] for s in SCENARIOS)} e-commerce authorizations (MAD) over {connections} connections...")
         outcomes, unexpected, codes, hist, elapsed = await _drive(gateway.ports[0], connections)
         total = sum(outcomes.values())
@@ -138,6 +146,13 @@ async def _main(connections: int) -> int:
         print(f"latency (timeouts excluded): p50 {hist.get_value_at_percentile(50) / 1000:.2f} ms, "
               f"p99 {hist.get_value_at_percentile(99) / 1000:.2f} ms, max {hist.get_max_value() / 1000:.2f} ms")
         print(f"the switch saw {sim.count('0100')} authorizations (the gateway answered the rejects itself)")
+        with trio.move_on_after(DEMO_TIMEOUT + 5):  # the timed-out ones are reversed: wait for the 0430s
+            while sum(1 for r in sim.records if r.mti == "0420" and r.response_code == "00") < 5:
+                await trio.sleep(0.05)
+        reversed_ = sum(1 for r in sim.records if r.mti in ("0420", "0421") and r.response_code == "00")
+        print(f"the {outcomes[SCENARIOS[-1][0]]} timed-out authorizations were reversed (0420); the switch "
+              f"acknowledged {reversed_}")
+        print(f"journal: iso-gateway journal find --journal {config.journal.path} --terminal DEMO0000")
         if metrics_port:
             print(f"metrics: http://127.0.0.1:{metrics_port}/metrics, health: /healthz and /readyz"
                   " (served while the demo runs)")

@@ -13,6 +13,7 @@ and counted and never reaches the listener.
 from __future__ import annotations
 
 import logging
+import math
 from itertools import count
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from .errors import FrameError, FrameTooLarge
 from .framing import Framer, framer_from_config
 from .scanner import Scanner
 from .validation import RuleSet, load_rules
+from .sockio import SocketIO
 from .writer import FrameWriter
 
 if TYPE_CHECKING:
@@ -81,7 +83,8 @@ class Listener:
         if self._accept_scope is not None:
             self._accept_scope.cancel()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, trio_stream: trio.SocketStream) -> None:
+        stream = SocketIO.adopt(trio_stream)
         m = self.gateway.metrics
         if len(self.connections) >= self.cfg.max_connections:
             m.connections_total(self.name, "refused").inc()
@@ -122,7 +125,7 @@ def gateway_match_fields(gateway: "Gateway") -> set[int]:
 class FrontConnection:
     """One front end's connection."""
 
-    def __init__(self, listener: Listener, stream: trio.SocketStream) -> None:
+    def __init__(self, listener: Listener, stream: SocketIO) -> None:
         self.id = next(_conn_ids)
         self.listener = listener
         self.stream = stream
@@ -148,42 +151,48 @@ class FrontConnection:
             resume.set()
 
     async def serve(self) -> str:
-        """Read frames until the connection ends; return why it ended."""
-        with self._scope:
-            return await self._read_loop()
-        return self._abort_reason
+        """Read frames until the connection ends; return why it ended.
 
-    async def _read_loop(self) -> str:
+        One cancel scope serves the whole connection: its deadline moves before
+        each read (idle or partial-frame timeout) and is lifted while requests
+        are processed, which costs far less than a scope per read. ``abort``
+        cancels it from outside."""
         listener = self.listener
         gateway = listener.gateway
         decoder = listener.framer.decoder()
         stream = self.stream
-        while True:
-            cfg = listener.cfg
-            partial = decoder.partial
-            with trio.move_on_after(cfg.partial_frame_timeout if partial else cfg.idle_timeout) as scope:
+        scope = self._scope
+        inf = math.inf
+        with scope:
+            while True:
+                cfg = listener.cfg
+                scope.deadline = trio.current_time() + (
+                    cfg.partial_frame_timeout if decoder.partial else cfg.idle_timeout)
                 try:
                     data = await stream.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return "reset"
-            if scope.cancelled_caught:
-                return "stalled_partial_frame" if partial else "idle_timeout"
-            if not data:
-                return "peer_closed"
-            try:
-                frames = decoder.feed(data)
-            except FrameTooLarge:
-                gateway.metrics.frames_too_large("front", listener.name).inc()
-                log.warning("listener %s connection %d: frame over %d bytes; closing", listener.name, self.id, cfg.max_frame)
-                return "frame_too_large"
-            except FrameError as exc:
-                gateway.metrics.decode_errors("front", listener.name, "framing").inc()
-                log.warning("listener %s connection %d: framing lost (%s); closing", listener.name, self.id, exc)
-                return "framing_lost"
-            if frames:
-                for writer in gateway.on_front_frames(self, frames):
-                    await writer.flush()
-            if self.in_flight >= cfg.max_in_flight:
-                # Backpressure: stop reading until answers drain below the limit.
-                self._resume = trio.Event()
-                await self._resume.wait()
+                scope.deadline = inf
+                if not data:
+                    return "peer_closed"
+                try:
+                    frames = decoder.feed(data)
+                except FrameTooLarge:
+                    gateway.metrics.frames_too_large("front", listener.name).inc()
+                    log.warning("listener %s connection %d: frame over %d bytes; closing", listener.name, self.id,
+                                cfg.max_frame)
+                    return "frame_too_large"
+                except FrameError as exc:
+                    gateway.metrics.decode_errors("front", listener.name, "framing").inc()
+                    log.warning("listener %s connection %d: framing lost (%s); closing", listener.name, self.id, exc)
+                    return "framing_lost"
+                if frames:
+                    for writer in gateway.on_front_frames(self, frames):
+                        await writer.flush()
+                if self.in_flight >= cfg.max_in_flight:
+                    # Backpressure: stop reading until answers drain below the limit.
+                    self._resume = trio.Event()
+                    await self._resume.wait()
+        if self._abort_reason:
+            return self._abort_reason
+        return "stalled_partial_frame" if decoder.partial else "idle_timeout"

@@ -30,6 +30,7 @@ from .framing import Framer, framer_from_config
 from .matching import Key, PendingTable, StanAllocator, match_key
 from .message import build_response, decode, encode, is_request
 from .scanner import Scan, Scanner
+from .sockio import SocketIO
 from .writer import FrameWriter
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ class UpstreamConnection:
             stream = None
             try:
                 with trio.fail_after(cfg.connect_timeout):
-                    stream = await trio.open_tcp_stream(host.host, host.port)
+                    stream = SocketIO.adopt(await trio.open_tcp_stream(host.host, host.port))
             except (OSError, trio.TooSlowError) as exc:
                 reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or type(exc).__name__)
                 log.warning("upstream %s connection %d: connect to %s failed: %s", cfg.name, self.index, self.host, reason)
@@ -228,7 +229,7 @@ class UpstreamConnection:
                 await trio.sleep(delay * random.uniform(1.0, 1.25))  # jitter keeps many gateways apart
                 delay = min(delay * 2, cfg.reconnect_max)
 
-    async def _session(self, stream: trio.SocketStream) -> bool:
+    async def _session(self, stream: SocketIO) -> bool:
         """Serve one connection; True if it reached READY."""
         cfg = self.cfg
         self.writer = FrameWriter(stream, send_timeout=max(cfg.echo_timeout, 5.0))
@@ -284,7 +285,7 @@ class UpstreamConnection:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _read_loop(self, stream: trio.SocketStream, decoder) -> None:  # noqa: ANN001
+    async def _read_loop(self, stream: SocketIO, decoder) -> None:  # noqa: ANN001
         up = self.upstream
         try:
             while True:

@@ -26,8 +26,10 @@ import logging
 import os
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .masking import scrub
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -74,7 +76,14 @@ def make_formatter(fmt: str = "text", node: str = "") -> logging.Formatter:
 
 def setup_logging(level: str = "INFO", fmt: str = "text", file: str = "", node: str = "") -> None:
     """Send every log record of the process to stderr or ``file``, formatted and masked."""
-    handler: logging.Handler = logging.FileHandler(file, encoding="utf-8") if file else logging.StreamHandler(sys.stderr)
+    if file:
+        try:
+            Path(file).parent.mkdir(parents=True, exist_ok=True)
+            handler: logging.Handler = logging.FileHandler(file, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(file, "log.file", f"can't open the log file: {exc.strerror}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(fmt, node))
     root = logging.getLogger()
     for h in list(root.handlers):

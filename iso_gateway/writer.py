@@ -17,21 +17,26 @@ writer is broken and waits when more than ``high_water`` bytes are queued).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import trio
 
+if TYPE_CHECKING:
+    from .sockio import SocketIO
+
 
 class FrameWriter:
-    __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "_notify", "broken", "send_timeout",
+    __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "_waiting", "_notify", "broken", "send_timeout",
                  "high_water", "bytes_sent", "on_broken")
 
-    def __init__(self, stream: trio.abc.SendStream, send_timeout: float = math.inf, high_water: int = 1 << 20) -> None:
+    def __init__(self, stream: "trio.abc.SendStream | SocketIO", send_timeout: float = math.inf,
+                 high_water: int = 1 << 20) -> None:
         self._stream = stream
         self._queue: list[bytes] = []
         self._queued = 0
         self._sending = False
         self._drained = trio.Event()
+        self._waiting = False  # a sender waits for the queue to drain (back-pressure)
         # Callbacks of queued frames that want to know whether they went out: (True) once
         # send_all returned with them, (False) if the writer broke first.
         self._notify: list[Callable[[bool], None]] = []
@@ -76,34 +81,36 @@ class FrameWriter:
         if self._sending or self.broken is not None:
             return
         self._sending = True
+        notify: list[Callable[[bool], None]] = []
         try:
             while self._queue:
                 queue = self._queue
                 data = b"".join(queue) if len(queue) > 1 else queue[0]
                 queue.clear()
                 self._queued = 0
-                notify = self._notify
-                if notify:
-                    self._notify = []
-                with trio.move_on_after(self.send_timeout) as scope:
-                    try:
-                        await self._stream.send_all(data)
-                    except BaseException:
-                        self._notify = notify + self._notify  # not sent: told False by _break
-                        raise
-                if scope.cancelled_caught:
-                    self._notify = notify + self._notify
-                    self._break("send_timeout")
-                    return
+                notify, self._notify = self._notify, []
+                # The common case costs one system call: a socket that takes the whole
+                # batch at once needs no timeout scope (creating one costs more than the send).
+                try_send = getattr(self._stream, "send_nowait", None)
+                sent = try_send(data) if try_send is not None else 0
+                if sent < len(data):
+                    with trio.move_on_after(self.send_timeout) as scope:
+                        await self._stream.send_all(memoryview(data)[sent:])
+                    if scope.cancelled_caught:
+                        self._break("send_timeout", notify)
+                        return
                 self.bytes_sent += len(data)
                 for callback in notify:
                     callback(True)
-                self._drained.set()
-                self._drained = trio.Event()
+                notify = []
+                if self._waiting:
+                    self._waiting = False
+                    self._drained.set()
+                    self._drained = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self._break("send_failed")
+            self._break("send_failed", notify)
         except BaseException:
-            self._break("cancelled")  # part of a frame may be out: the framing is unknown
+            self._break("cancelled", notify)  # part of a frame may be out: the framing is unknown
             raise
         finally:
             self._sending = False
@@ -119,18 +126,20 @@ class FrameWriter:
         self.enqueue(frame)
         if self._sending:
             if self._queued > self.high_water:
+                self._waiting = True
                 await self._drained.wait()
         else:
             await self.flush()
         if self.broken is not None:
             raise trio.BrokenResourceError(f"write failed ({self.broken})")
 
-    def _break(self, reason: str) -> None:
+    def _break(self, reason: str, unsent: list[Callable[[bool], None]] | None = None) -> None:
+        """Broken for good: every frame not known to be sent is reported unsent."""
         self.broken = reason
         self._queue.clear()
         self._queued = 0
         self._drained.set()
-        notify, self._notify = self._notify, []
+        notify, self._notify = (unsent or []) + self._notify, []
         for callback in notify:
             callback(False)
         if self.on_broken is not None:

@@ -1,0 +1,263 @@
+"""The gateway benchmark: throughput, latency and CPU per transaction, gateway vs direct, in one run.
+
+Starts a switch (the instant responder by default, or the simulator), then for
+each configuration a gateway in front of it, and drives both with
+`iso-gateway load` (a separate process) using the 16-field 0100 of
+specs/load/bench.toml. For each load shape (8 in flight on one connection,
+64 in flight on one connection, 16 connections sending one at a time) it
+prints throughput, p50/p99 latency and the gateway's CPU time per transaction
+(user + sys of the gateway's processes divided by transactions: stable on a
+noisy machine, unlike throughput). "direct" sends the same load straight to
+the switch: the baseline the gateway's added latency is read against.
+
+    python bench/bench_gateway.py                  # everything, ~3 minutes
+    python bench/bench_gateway.py --quick          # fewer transactions
+    python bench/bench_gateway.py --configs off,on --loads 8 --json
+
+Optional side-by-side: --jpos-gateway "CMD {front_port} {switch_host} {switch_port}"
+runs another gateway (e.g. a jPOS QServer+QMUX build) under the same loads,
+and reports the ratio of CPU per transaction.
+
+Nothing here asserts a figure; it prints them. 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HZ = os.sysconf("SC_CLK_TCK")
+
+LOADS = {  # name -> (connections, in flight per connection)
+    "8": (1, 8),
+    "64": (1, 64),
+    "seq16": (16, 1),
+}
+# name -> (journal, metrics, workers, description)
+CONFIGS = {
+    "off": (False, True, 1, "journal off"),
+    "on": (True, True, 1, "journal on"),
+    "nometrics": (False, False, 1, "journal off, metrics off"),
+    "w2": (True, True, 2, "journal on, 2 workers"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def process_tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                for child in fh.read().split():
+                    out.extend(process_tree(int(child)))
+    except OSError:
+        pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / HZ
+
+
+def gateway_config(path: Path, port: int, switch_port: int, state: Path, journal: bool, metrics: bool) -> None:
+    path.write_text(f"""
+[journal]
+enabled = {str(journal).lower()}
+path = "{state / 'journal.sqlite3'}"
+key_file = "{state / 'pan.key'}"
+[log]
+level = "WARNING"
+file = "{state / 'gateway.log'}"
+[metrics]
+enabled = {str(metrics).lower()}
+port = 0
+[[listeners]]
+name = "ecom"
+port = {port}
+max_in_flight = 256
+[[upstreams]]
+name = "cmi"
+hosts = ["127.0.0.1:{switch_port}"]
+connections = 1
+sign_on = true
+echo_interval = 0
+[[routes]]
+name = "all"
+upstream = "cmi"
+timeout = 30
+""")
+
+
+@dataclass
+class Result:
+    config: str
+    load: str
+    transactions: int
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float | None  # gateway CPU per transaction (None for direct)
+
+
+def run_load(port: int, connections: int, in_flight: int, count: int) -> dict:
+    argv = [sys.executable, "-m", "iso_gateway", "load", "--target", f"127.0.0.1:{port}", "--mix", "bench",
+            "--connections", str(connections), "--in-flight", str(in_flight), "--quiet", "--count", str(count),
+            "--json"]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout)
+
+
+def measure(name: str, load: str, port: int, pid: int | None, count: int) -> Result:
+    conns, in_flight = LOADS[load]
+    run_load(port, conns, in_flight, max(500, count // 10))  # warm up
+    before = cpu_seconds(pid) if pid else 0.0
+    report = run_load(port, conns, in_flight, count)
+    after = cpu_seconds(pid) if pid else 0.0
+    answered = report["answered"]
+    lat = report["latency_ms"]
+    return Result(name, load, answered, report["throughput_rps"], lat["p50"], lat["p99"],
+                  (after - before) / answered * 1e6 if pid and answered else None)
+
+
+class Proc:
+    def __init__(self, argv: list[str], port: int) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        wait_port(port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def wait_ready(port: int) -> None:
+    """Until an authorization through the gateway is approved (its link is signed on)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            r = run_load(port, 1, 1, 1)
+            if r["response_codes"].get("00"):
+                return
+        except subprocess.CalledProcessError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the gateway never became ready")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--count", type=int, default=30000, help="transactions per measurement")
+    ap.add_argument("--quick", action="store_true", help="5,000 transactions per measurement")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"among {', '.join(CONFIGS)}")
+    ap.add_argument("--loads", default=",".join(LOADS), help=f"among {', '.join(LOADS)}")
+    ap.add_argument("--switch", choices=("responder", "sim"), default="responder",
+                    help="the switch: the instant responder (default) or the simulator")
+    ap.add_argument("--jpos-gateway", help='command for another gateway: "... {front_port} {switch_host} {switch_port}"')
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    count = 5000 if args.quick else args.count
+    configs = [c for c in args.configs.split(",") if c]
+    loads = [x for x in args.loads.split(",") if x]
+    state = Path(tempfile.mkdtemp(prefix="iso-gateway-bench-"))
+    switch_port = free_port()
+    if args.switch == "sim":
+        switch_argv = [sys.executable, "-m", "iso_gateway", "sim-switch", "--port", str(switch_port)]
+    else:
+        switch_argv = [sys.executable, "-m", "iso_gateway.load.responder", "--port", str(switch_port)]
+    switch = Proc(switch_argv, switch_port)
+    results: list[Result] = []
+    try:
+        for load in loads:
+            results.append(measure("direct", load, switch_port, None, count))
+        for name in configs:
+            journal, metrics, workers, _ = CONFIGS[name]
+            port = free_port()
+            cfg = state / f"{name}.toml"
+            gateway_config(cfg, port, switch_port, state / name, journal, metrics)
+            argv = [sys.executable, "-m", "iso_gateway", "run", "--config", str(cfg)]
+            if workers > 1:
+                argv += ["--workers", str(workers)]
+            gw = Proc(argv, port)
+            try:
+                wait_ready(port)
+                for load in loads:
+                    results.append(measure(name, load, port, gw.proc.pid, count))
+            finally:
+                gw.stop()
+        if args.jpos_gateway:
+            port = free_port()
+            argv = shlex.split(args.jpos_gateway.format(front_port=port, switch_host="127.0.0.1",
+                                                        switch_port=switch_port))
+            other = Proc(argv, port)
+            try:
+                wait_ready(port)
+                for load in loads:
+                    results.append(measure("jpos", load, port, other.proc.pid, count))
+            finally:
+                other.stop()
+    finally:
+        switch.stop()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=1))
+        return 0
+    print(f"iso-gateway benchmark: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"switch={args.switch}, {count} transactions per row (16-field 0100, ascii4, loopback)")
+    print(f"{'config':<26} {'load':<7} {'tx/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/tx':>10} {'vs jpos':>8}")
+    jpos = {r.load: r.cpu_us for r in results if r.config == "jpos"}
+    for r in results:
+        desc = CONFIGS[r.config][3] if r.config in CONFIGS else r.config
+        cpu = f"{r.cpu_us:10.1f}" if r.cpu_us is not None else f"{'-':>10}"
+        ratio = f"{r.cpu_us / jpos[r.load]:7.2f}x" if r.cpu_us and jpos.get(r.load) and r.config != "jpos" else ""
+        print(f"{desc:<26} {r.load:<7} {r.throughput:8.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {cpu} {ratio:>8}")
+    direct = {r.load: r for r in results if r.config == "direct"}
+    print("latency the gateway adds (p50 / p99, vs direct):")
+    for r in results:
+        if r.config not in ("direct",) and r.load in direct:
+            d = direct[r.load]
+            print(f"  {r.config:<10} {r.load:<6} +{r.p50_ms - d.p50_ms:.2f} ms / +{r.p99_ms - d.p99_ms:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
