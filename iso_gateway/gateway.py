@@ -44,7 +44,7 @@ from .writer import FrameWriter
 
 log = logging.getLogger("iso_gateway.gateway")
 
-REVERSAL_FIELD_NUMBERS = tuple(int(k) for k in REVERSAL_FIELDS)
+REVERSAL_KEYS = tuple((int(k), k) for k in REVERSAL_FIELDS)
 
 
 class ReversalSink(Protocol):
@@ -88,12 +88,22 @@ class FrontRequest:
         self.done = False
         self.sent = False  # the frame left for the switch (else a timeout needs no reversal)
         self.txn_id: int | None = None
-        self.original: dict[str, str] = {}  # the fields a reversal is built from (memory only)
+        self.original: dict[str, str] = {}  # the fields a reversal is built from (memory only); see reversal_fields
         self.frame = b""  # the framed upstream copy, held until the journal has the transaction
         self.conn: UpstreamConnection | None = None
         self.duplicate: "DuplicateEntry | None" = None
         self.restore: dict[str, str] | None = None  # fields other than 11 to give back to the front end
         self.on_answer: Callable[[str], None] | None = None  # told the switch's response code
+
+    def reversal_fields(self) -> dict[str, str]:
+        """The fields a reversal of this request is built from: kept when journaled, else decoded now (rare path)."""
+        if not self.original:
+            try:
+                msg = decode(self.front.listener.dialect, self.raw, check_types=False)
+            except IsoGatewayError:
+                return {}
+            self.original = {k: msg[k] for k in REVERSAL_FIELDS if k in msg}
+        return self.original
 
     def transmit(self) -> FrameWriter | None:
         """Send the held frame (the journal has the transaction now), unless it already ended."""
@@ -441,15 +451,14 @@ class Gateway:
         stan = conn.allocate_stan()
         request.upstream_stan = stan
         request.conn = conn
-        request.original = {str(k): values[k] for k in REVERSAL_FIELD_NUMBERS if k in values}
         if translate:
             msg = decode(listener.dialect, raw, check_types=False)
             msg["11"] = stan
             out = encode(upstream.dialect, msg, check_types=False)
         else:
             out = listener.scanner.splice(raw, scan, 11, stan)
-        extra = tuple(values.get(f, "") for f in upstream.cfg.match_fields)
-        key = match_key(mti, stan, extra)
+        match_fields = upstream.cfg.match_fields
+        key = match_key(mti, stan, tuple(values.get(f, "") for f in match_fields) if match_fields else ())
         if dup_key is not None:
             request.duplicate = self.duplicates.start(dup_key, request, now)
         front.in_flight += 1
@@ -461,6 +470,7 @@ class Gateway:
             request.sent = True
             return conn.send_request(request, out, key, now + timeout, now)
         # Journaled before it leaves: the frame waits for the commit of its batch.
+        request.original = {key_: values[k] for k, key_ in REVERSAL_KEYS if k in values}
         request.frame = conn.register(request, out, key, now + timeout, now)
         request.txn_id = new_id()
         row = {"id": request.txn_id, "listener": listener.name, "mti": mti, "upstream": upstream.cfg.name,

@@ -86,12 +86,20 @@ def original_mti(mti: str) -> str:
     return f"{mti[:3]}{int(mti[3]) - 1}" if is_repeat(mti) else mti
 
 
+_MATCH_CLASSES: dict[str, str] = {}
+
+
 def match_class(mti: str) -> str:
     """The part of an MTI a response shares with its request (jPOS QMUX's mapping):
     version + class + function rounded down to the request, origin dropped.
     0100, 0101 and 0110 all give "010"; 0420, 0421 and 0430 give "042"."""
-    f = mti[2]
-    return mti[:2] + (str(int(f) - 1) if f in "13579" else f)
+    cls = _MATCH_CLASSES.get(mti)
+    if cls is None:
+        f = mti[2]
+        cls = mti[:2] + (str(int(f) - 1) if f in "13579" else f)
+        if len(_MATCH_CLASSES) < 1000 and mti.isdigit():  # per-message hot path: remember the few real MTIs
+            _MATCH_CLASSES[mti] = cls
+    return cls
 
 
 def mti_class(mti: str) -> str:

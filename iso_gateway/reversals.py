@@ -102,7 +102,7 @@ class DurableReversals:
     def _queue(self, request: "FrontRequest", reason: str, auth_code: str | None,
                then: Callable[[], "FrameWriter | None"]) -> None:
         upstream = request.upstream
-        item = self.make_item(upstream, request.original, request.mti, request.upstream_stan, reason,
+        item = self.make_item(upstream, request.reversal_fields(), request.mti, request.upstream_stan, reason,
                               request.txn_id, auth_code)
         store = self.journal.store
         if request.txn_id is not None:
