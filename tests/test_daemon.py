@@ -169,7 +169,7 @@ async def test_every_request_gets_exactly_one_answer_in_time_whatever_the_switch
             for i, c in enumerate(clients):
                 n.start_soon(worker, i, c)
     assert len(results) == 320
-    assert max(elapsed for _, elapsed in results) < timeout + 0.3
+    assert max(elapsed for _, elapsed in results) < timeout + 1.5  # the route timeout plus a margin for a busy machine
     codes = {code for code, _ in results}
     assert {"00", "51", "91"} <= codes
     assert all(c.unmatched == 0 for c in clients)  # nothing answered twice, nothing late forwarded

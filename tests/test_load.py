@@ -34,7 +34,7 @@ from iso_gateway.sim.client import CASABLANCA
 from iso_gateway.sim.switch import SwitchSimulator
 from conftest import wait_for
 
-TIMEOUT = 0.5  # per request, in every run against the simulator
+TIMEOUT = 2.0  # per request, in every run against the simulator (generous: a busy CI machine is slow)
 
 # A mix with known shares: of every 100 messages, 80 approved, 10 declined 51, 5 declined 05, 5 never answered.
 SHARES_MIX = """
