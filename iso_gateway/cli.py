@@ -165,9 +165,13 @@ def cmd_dialects(args: argparse.Namespace) -> int:
 
 @command("run")
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.workers > 1 and args.worker_index is None:
+        from .workers import supervise  # sets up multiprocess metrics before anything imports them
+
+        return supervise(args.config, args.workers)
     from .daemon import run
 
-    return run(args.config)
+    return run(args.config, worker=args.worker_index)
 
 
 @command("check-config")
@@ -254,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the gateway daemon")
     p.add_argument("--config", required=True, help="the gateway's TOML configuration")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the listening port (SO_REUSEPORT), each with its own upstream links")
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for each worker
 
     p = sub.add_parser("check-config", help="validate a configuration file and everything it names, start nothing")
     p.add_argument("config", help="the gateway's TOML configuration")

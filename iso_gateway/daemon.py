@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from functools import partial
 
 import trio
 
@@ -60,10 +61,12 @@ async def _signals(gateway: Gateway, config_path: str | None) -> None:
                 gateway.stop()
 
 
-async def serve(config: Config, config_path: str | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+async def serve(config: Config, config_path: str | None = None, *, worker: int | None = None,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
     """Run a gateway until a stop signal (or ``gateway.stop()``)."""
-    gateway = Gateway(config, config_path=config_path)
-    endpoint = start_endpoint(config, gateway.metrics, gateway, config_path or "config")
+    gateway = Gateway(config, config_path=config_path, worker=worker)
+    # A worker's metrics go to the shared multiprocess folder; the supervisor serves them.
+    endpoint = start_endpoint(config, gateway.metrics, gateway, config_path or "config") if worker is None else None
     gateway.metrics_port = endpoint.port if endpoint is not None else None
     try:
         async with trio.open_nursery() as nursery:
@@ -79,7 +82,8 @@ async def serve(config: Config, config_path: str | None = None, *, task_status=t
     log.info("gateway stopped")
 
 
-def run(config_path: str) -> int:
+def run(config_path: str, worker: int | None = None) -> int:
+    """Run the daemon in this process; ``worker`` is set for one of ``--workers`` (see workers.py)."""
     from . import __version__
     from .logs import setup_logging
 
@@ -89,11 +93,12 @@ def run(config_path: str) -> int:
         setup_logging()  # the file's own [log] settings are unknown: text on stderr
         log.error("configuration refused, not starting: %s", exc)
         return 2
-    setup_logging(config.log.level, config.log.format, config.log.file, node=config.gateway.name)
+    node = config.gateway.name if worker is None else f"{config.gateway.name}/w{worker}"
+    setup_logging(config.log.level, config.log.format, config.log.file, node=node)
     log.info("iso-gateway %s starting (pid %d); configuration %s loaded: %d listeners, %d upstreams, %d routes",
              __version__, os.getpid(), config_path, len(config.listeners), len(config.upstreams), len(config.routes))
     try:
-        trio.run(serve, config, config_path)
+        trio.run(partial(serve, config, config_path, worker=worker))
     except ConfigError as exc:  # what the file names (dialects, rules, the endpoint's address) is unusable
         log.error("configuration refused, not starting: %s", exc)
         return 2

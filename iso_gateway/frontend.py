@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from itertools import count
 from typing import TYPE_CHECKING
 
@@ -69,7 +70,10 @@ class Listener:
 
     async def serve(self, connection_nursery: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         """Accept connections until ``stop_accepting``; connections live in ``connection_nursery``."""
-        listeners = await trio.open_tcp_listeners(self.cfg.port, host=self.cfg.host)
+        if self.gateway.worker is None:
+            listeners = await trio.open_tcp_listeners(self.cfg.port, host=self.cfg.host)
+        else:
+            listeners = [await open_shared_listener(self.cfg.host, self.cfg.port)]
         self.port = listeners[0].socket.getsockname()[1]
         with trio.CancelScope() as scope:
             self._accept_scope = scope
@@ -113,6 +117,18 @@ class Listener:
                 log.info("listener %s connection %d closed: %s", self.name, conn.id, reason)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+
+async def open_shared_listener(host: str, port: int, backlog: int = 4096) -> trio.SocketListener:
+    """A listening socket with SO_REUSEPORT: worker processes bound to one port, the kernel
+    spreading new connections among them."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    await sock.bind((host, port))
+    sock.listen(backlog)
+    return trio.SocketListener(sock)
 
 
 def gateway_match_fields(gateway: "Gateway") -> set[int]:

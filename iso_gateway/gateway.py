@@ -201,8 +201,12 @@ class FrontRequest:
 class Gateway:
     """Listeners, upstreams and routes wired together; ``run`` serves until ``stop``."""
 
-    def __init__(self, config: Config, *, metrics: Metrics | None = None, config_path: str | None = None) -> None:
+    def __init__(self, config: Config, *, metrics: Metrics | None = None, config_path: str | None = None,
+                 worker: int | None = None) -> None:
         self.config = config
+        # Worker process number with --workers (listeners share the port, the journal file is shared
+        # and each worker owns its rows); None for a single process.
+        self.worker = worker
         self.config_path = config_path
         self.metrics = metrics or Metrics()
         jc = config.journal
@@ -211,7 +215,7 @@ class Gateway:
         if jc.enabled:
             vault = PanVault(load_master_key(jc.key_file))
             self.journal = Journal(jc.path, vault, synchronous=jc.synchronous, max_batch=jc.max_batch,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, worker=worker or 0)
         else:
             log.warning("journal disabled: transactions are not journaled and reversals are lost on restart")
             self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=jc.max_batch,
@@ -499,13 +503,17 @@ class Gateway:
         store = self.journal.store
         for up in self.upstreams.values():
             for conn in up.connections:
-                last = self.journal.run_sync(store.get_meta, f"stan:{up.cfg.name}:{conn.index}")
+                last = self.journal.run_sync(store.get_meta, self._stan_key(conn))
                 if last is not None and last.isdigit():
                     conn.stans = StanAllocator((int(last) + STAN_BLOCK) % 999_999 + 1)  # past anything used since the save
                 conn.on_stan_block = self._save_stan
 
+    def _stan_key(self, conn: UpstreamConnection) -> str:
+        prefix = "stan" if self.worker is None else f"stan:w{self.worker}"
+        return f"{prefix}:{conn.cfg.name}:{conn.index}"
+
     def _save_stan(self, conn: UpstreamConnection) -> None:
-        self.journal.submit(self.journal.store.set_meta, f"stan:{conn.cfg.name}:{conn.index}", str(conn.stans.last))
+        self.journal.submit(self.journal.store.set_meta, self._stan_key(conn), str(conn.stans.last))
 
     def _save_stans(self) -> None:
         for up in self.upstreams.values():

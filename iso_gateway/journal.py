@@ -64,12 +64,11 @@ CREATE TABLE IF NOT EXISTS txn (
     upstream TEXT, link INTEGER, upstream_stan TEXT, rrn TEXT, amount TEXT, currency TEXT,
     pan_masked TEXT, pan_hash TEXT,
     state TEXT NOT NULL, response_code TEXT, auth_code TEXT,
-    original BLOB
+    original BLOB,
+    worker INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS txn_rrn ON txn(rrn);
-CREATE INDEX IF NOT EXISTS txn_front ON txn(terminal, front_stan, transmission);
-CREATE INDEX IF NOT EXISTS txn_stan ON txn(front_stan);
-CREATE INDEX IF NOT EXISTS txn_state ON txn(state);
+CREATE INDEX IF NOT EXISTS txn_front ON txn(front_stan, terminal, transmission);
 CREATE TABLE IF NOT EXISTS saf (
     id INTEGER PRIMARY KEY,
     txn_id INTEGER,
@@ -81,9 +80,10 @@ CREATE TABLE IF NOT EXISTS saf (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     last_result TEXT,
-    message BLOB
+    message BLOB,
+    worker INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS saf_due ON saf(upstream, state, next_attempt);
+CREATE INDEX IF NOT EXISTS saf_due ON saf(upstream, worker, state, next_attempt);
 CREATE INDEX IF NOT EXISTS saf_txn ON saf(txn_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
@@ -91,11 +91,19 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 
 _ids = count()
 _id_base = int(time.time() * 1000) << 20
+# How far back recovery looks for in-doubt transactions: a reversal must reach the
+# switch within 24 h (Mastercard rules, domain ref. 3.3), so two days is ample.
+RECOVERY_WINDOW = 2 * 86400.0
 
 
 def new_id() -> int:
     """A row id unique across restarts: the start time in ms, then a counter (a million per ms)."""
     return _id_base + next(_ids)
+
+
+def id_at(t: float) -> int:
+    """The smallest id ``new_id`` could give at time ``t``."""
+    return int(t * 1000) << 20
 
 
 @dataclass(slots=True)
@@ -114,6 +122,7 @@ class SafItem:
     next_attempt: float
     created: float
     message: dict[str, str] = field(repr=False)  # the reversal's fields, PAN included: memory only
+    worker: int = 0  # the worker process that owns it (see --workers)
 
 
 @dataclass(slots=True)
@@ -148,8 +157,10 @@ class SQLiteStore:
     connection type, and ``Journal`` runs them the same way.
     """
 
-    def __init__(self, vault: PanVault) -> None:
+    def __init__(self, vault: PanVault, worker: int = 0) -> None:
         self.vault = vault
+        # With --workers, processes share the file; each one sends and recovers only its own rows.
+        self.worker = worker
 
     @staticmethod
     def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
@@ -160,6 +171,10 @@ class SQLiteStore:
         # NORMAL in WAL mode: a commit survives a crash of the process (SIGKILL);
         # FULL also survives a power loss, at one fsync per group commit.
         conn.execute(f"PRAGMA synchronous={synchronous}")
+        for table in ("txn", "saf"):  # files written before the worker column existed
+            cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            if cols and "worker" not in cols:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN worker INTEGER NOT NULL DEFAULT 0")
         conn.executescript(SCHEMA)
         if path != ":memory:":
             os.chmod(path, 0o600)  # card data at rest, even masked and encrypted: owner only
@@ -172,14 +187,14 @@ class SQLiteStore:
         now = time.time()
         conn.execute(
             "INSERT INTO txn (id, created, updated, listener, mti, terminal, merchant, front_stan, transmission,"
-            " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original, worker)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (row["id"], now, now, row["listener"], row["mti"], original.get("41", "").rstrip(),
              original.get("42", "").rstrip(), original.get("11", ""), original.get("7", ""), row["upstream"],
              row.get("link", 0), row["upstream_stan"], original.get("37", ""), original.get("4", ""),
              original.get("49", ""), mask_pan(pan) if pan else "", self.vault.pan_hash(pan) if pan else "",
              row.get("state", FORWARDED),
-             self.vault.seal({k: original[k] for k in REVERSAL_FIELDS if k in original})),
+             self.vault.seal({k: original[k] for k in REVERSAL_FIELDS if k in original}), self.worker),
         )
 
     @staticmethod
@@ -196,10 +211,10 @@ class SQLiteStore:
         pan = msg.get("2", "")
         conn.execute(
             "INSERT INTO saf (id, txn_id, upstream, state, reason, mti, stan, f90, rrn, amount, currency, pan_masked,"
-            " attempts, next_attempt, created, updated, message) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " attempts, next_attempt, created, updated, message, worker) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (item.id, item.txn_id, item.upstream, item.state, item.reason, item.mti, item.stan, item.f90,
              msg.get("37", ""), msg.get("4", ""), msg.get("49", ""), mask_pan(pan) if pan else "",
-             item.attempts, item.next_attempt, item.created, time.time(), self.vault.seal(msg)),
+             item.attempts, item.next_attempt, item.created, time.time(), self.vault.seal(msg), self.worker),
         )
 
     @staticmethod
@@ -241,29 +256,33 @@ class SQLiteStore:
 
     def due_saf(self, conn: sqlite3.Connection, upstream: str, now: float, limit: int) -> list[SafItem]:
         rows = conn.execute(
-            f"SELECT {self._SAF_COLUMNS} FROM saf WHERE upstream=? AND state IN (?, ?) AND next_attempt<=?"
+            f"SELECT {self._SAF_COLUMNS} FROM saf WHERE upstream=? AND worker=? AND state IN (?, ?) AND next_attempt<=?"
             " ORDER BY next_attempt LIMIT ?",
-            (upstream, SAF_PENDING, SAF_SENT, now, limit),
+            (upstream, self.worker, SAF_PENDING, SAF_SENT, now, limit),
         ).fetchall()
         return [self._saf_item(r) for r in rows]
 
-    @staticmethod
-    def saf_stats(conn: sqlite3.Connection, upstream: str) -> tuple[int, float | None, float | None, int]:
+    def saf_stats(self, conn: sqlite3.Connection, upstream: str) -> tuple[int, float | None, float | None, int]:
         """(waiting, created time of the oldest waiting, earliest next attempt, parked) for one upstream."""
         waiting, oldest, due = conn.execute(
-            "SELECT COUNT(*), MIN(created), MIN(next_attempt) FROM saf WHERE upstream=? AND state IN (?, ?)",
-            (upstream, SAF_PENDING, SAF_SENT),
+            "SELECT COUNT(*), MIN(created), MIN(next_attempt) FROM saf"
+            " WHERE upstream=? AND worker=? AND state IN (?, ?)",
+            (upstream, self.worker, SAF_PENDING, SAF_SENT),
         ).fetchone()
-        (parked,) = conn.execute("SELECT COUNT(*) FROM saf WHERE upstream=? AND state=?",
-                                 (upstream, SAF_PARKED)).fetchone()
+        (parked,) = conn.execute("SELECT COUNT(*) FROM saf WHERE upstream=? AND worker=? AND state=?",
+                                 (upstream, self.worker, SAF_PARKED)).fetchone()
         return waiting, oldest, due, parked
 
-    def in_doubt(self, conn: sqlite3.Connection) -> list[tuple[int, str, str, str, dict[str, str]]]:
-        """Transactions sent upstream and never answered: (id, upstream, mti, upstream_stan, original fields)."""
+    def in_doubt(self, conn: sqlite3.Connection, since: float | None = None) -> list[tuple[int, str, str, str, dict[str, str]]]:
+        """This worker's transactions sent upstream and never answered: (id, upstream, mti, upstream_stan, fields).
+
+        Only rows newer than ``since`` (default: the last RECOVERY_WINDOW) are read, by id range:
+        ids grow with time, so no index on the state is needed (one fewer to update per write)."""
+        since = time.time() - RECOVERY_WINDOW if since is None else since
         rows = conn.execute(
             "SELECT t.id, t.upstream, t.mti, t.upstream_stan, t.original FROM txn t"
-            " WHERE t.state=? AND NOT EXISTS (SELECT 1 FROM saf s WHERE s.txn_id=t.id)",
-            (FORWARDED,),
+            " WHERE t.id>=? AND t.worker=? AND t.state=? AND NOT EXISTS (SELECT 1 FROM saf s WHERE s.txn_id=t.id)",
+            (id_at(since), self.worker, FORWARDED),
         ).fetchall()
         return [(r[0], r[1], r[2], r[3], self.vault.open(r[4]) if r[4] else {}) for r in rows]
 
@@ -341,9 +360,9 @@ class Journal:
     """
 
     def __init__(self, path: str, vault: PanVault, *, synchronous: str = "NORMAL", max_batch: int = 1000,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, worker: int = 0) -> None:
         self.path = path
-        self.store = SQLiteStore(vault)
+        self.store = SQLiteStore(vault, worker)
         self.synchronous = synchronous
         self.max_batch = max_batch
         self.metrics = metrics
