@@ -33,7 +33,8 @@ def start_endpoint(config: Config, metrics: Metrics, gateway: Gateway | None = N
         return None
     host, port = config.metrics.host, config.metrics.port
     try:
-        server = start_server(host, port, metrics.registry, gateway.readiness if gateway is not None else None)
+        server = start_server(host, port, metrics.registry, gateway.readiness if gateway is not None else None,
+                              before_scrape=metrics.flush)
     except OSError as exc:
         raise ConfigError(source, "metrics.port", f"can't serve on {host}:{port}: {exc.strerror or exc}") from None
     log.info("observability endpoint on %s: /metrics, /healthz, /readyz", server.url)

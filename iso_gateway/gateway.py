@@ -44,6 +44,10 @@ from .writer import FrameWriter
 
 log = logging.getLogger("iso_gateway.gateway")
 
+# Seconds between hand-overs of the hot path's counters to prometheus-client
+# (a scrape also triggers one, so a scrape is never stale).
+METRICS_FLUSH = 1.0
+
 REVERSAL_KEYS = tuple((int(k), k) for k in REVERSAL_FIELDS)
 
 
@@ -313,6 +317,7 @@ class Gateway:
             async def run_upstreams() -> None:
                 with up_scope:
                     async with trio.open_nursery() as n:
+                        n.start_soon(self._flush_metrics)
                         for up in self.upstreams.values():
                             n.start_soon(up.run)
                             worker = self.reversals.workers[up.cfg.name] = SafWorker(self.reversals, up)
@@ -346,6 +351,15 @@ class Gateway:
             journal_scope.cancel()
         self.journal.close()
         self._stopped.set()
+
+    async def _flush_metrics(self) -> None:
+        """The hot path counts in plain numbers; prometheus-client gets them every second (and at each scrape)."""
+        try:
+            while True:
+                await trio.sleep(METRICS_FLUSH)
+                self.metrics.flush()
+        finally:
+            self.metrics.flush()
 
     async def _drain(self) -> None:
         self.draining = True

@@ -106,15 +106,23 @@ class ObservabilityApp:
     """The WSGI application: /metrics, /healthz, /readyz; anything else is 404."""
 
     def __init__(self, registry: CollectorRegistry, token: trio.lowlevel.TrioToken,
-                 readiness: Readiness | None = None, *, deadline: float = LOOP_DEADLINE) -> None:
+                 readiness: Readiness | None = None, *, deadline: float = LOOP_DEADLINE,
+                 before_scrape: Callable[[], None] | None = None) -> None:
         self.metrics_app = make_wsgi_app(exposition_registry(registry))
         self.token = token
         self.readiness = readiness
         self.deadline = deadline
+        # Run on the event loop before a scrape renders: brings the loop's fast counters in.
+        self.before_scrape = before_scrape
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
+            if self.before_scrape is not None:
+                try:
+                    call_on_loop(self.token, self.before_scrape, self.deadline)
+                except LoopUnresponsive:
+                    pass  # serve what was flushed last (at most a second old)
             return self.metrics_app(environ, start_response)
         if path not in ("/healthz", "/readyz"):
             return _text(start_response, "404 Not Found", "not found: try /metrics, /healthz or /readyz\n")
@@ -200,8 +208,10 @@ def _family(host: str, port: int) -> socket.AddressFamily:
 
 
 def start_server(host: str, port: int, registry: CollectorRegistry, readiness: Readiness | None = None,
-                 *, deadline: float = LOOP_DEADLINE) -> ObservabilityServer:
+                 *, deadline: float = LOOP_DEADLINE,
+                 before_scrape: Callable[[], None] | None = None) -> ObservabilityServer:
     """Start serving from a thread; call from inside ``trio.run`` (the probes need its token)."""
-    app = ObservabilityApp(registry, trio.lowlevel.current_trio_token(), readiness, deadline=deadline)
+    app = ObservabilityApp(registry, trio.lowlevel.current_trio_token(), readiness, deadline=deadline,
+                           before_scrape=before_scrape)
     return ObservabilityServer(host, port, app).start()
 

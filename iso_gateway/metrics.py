@@ -38,21 +38,68 @@ LINK_STATES = ("disconnected", "connecting", "signing_on", "ready", "down")
 PREFIX = "iso_gateway_"
 
 
+class _FastCounter:
+    """A counter child the event loop bumps with a plain addition; ``Metrics.flush`` hands the
+    increase to prometheus-client (whose every increment takes a lock: most of what metrics
+    cost per transaction). Only for metrics changed on the event loop thread."""
+
+    __slots__ = ("value", "_flushed", "_target")
+
+    def __init__(self, target: Any) -> None:
+        self.value = 0.0
+        self._flushed = 0.0
+        self._target = target
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def get(self) -> float:
+        return self.value
+
+    def flush(self) -> None:
+        delta = self.value - self._flushed
+        if delta:
+            self._flushed = self.value
+            self._target.inc(delta)
+
+
+class _FastGauge(_FastCounter):
+    __slots__ = ()
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def flush(self) -> None:
+        if self.value != self._flushed:
+            self._flushed = self.value
+            self._target.set(self.value)
+
+
 class _Cached:
-    """A metric with its label children cached by label values."""
+    """A metric with its label children cached by label values (fast children when ``fast``)."""
 
-    __slots__ = ("metric", "_children")
+    __slots__ = ("metric", "_children", "_fast", "_flushing")
 
-    def __init__(self, metric: Any) -> None:
+    def __init__(self, metric: Any, fast: type[_FastCounter] | None = None,
+                 flushing: list[_FastCounter] | None = None) -> None:
         self.metric = metric
         self._children: dict[tuple[str, ...], Any] = {}
+        self._fast = fast
+        self._flushing = flushing
 
     def __call__(self, *labels: str) -> Any:
-        if not labels:
-            return self.metric  # a metric without labels is its own child
         child = self._children.get(labels)
         if child is None:
-            child = self._children[labels] = self.metric.labels(*labels)
+            target = self.metric.labels(*labels) if labels else self.metric
+            if self._fast is not None and self._flushing is not None:
+                child = self._fast(target)
+                self._flushing.append(child)
+            else:
+                child = target
+            self._children[labels] = child
         return child
 
 
@@ -75,14 +122,18 @@ class Metrics:
         Gauge(p + "build_info", "Build information (always 1).", ("version",), registry=r,
               multiprocess_mode="max").labels(__version__).set(1)
 
-        def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Cached:
+        # Children changed on the event loop: plain numbers, handed to prometheus-client by flush().
+        self._flushing: list[_FastCounter] = []
+
+        def counter(name: str, doc: str, labels: tuple[str, ...], fast: bool = True) -> _Cached:
             self.catalogue.append((p + name, "counter", labels, doc))
-            return _Cached(Counter(p + name, doc, labels, registry=r))
+            return _Cached(Counter(p + name, doc, labels, registry=r), _FastCounter if fast else None, self._flushing)
 
         def gauge(name: str, doc: str, labels: tuple[str, ...], mode: str) -> _Cached:
             # mode: how several workers' values combine (multiprocess mode only); "live" forgets dead workers.
             self.catalogue.append((p + name, "gauge", labels, doc))
-            return _Cached(Gauge(p + name, doc, labels, registry=r, multiprocess_mode=mode))  # type: ignore[arg-type]
+            return _Cached(Gauge(p + name, doc, labels, registry=r, multiprocess_mode=mode),  # type: ignore[arg-type]
+                           _FastGauge, self._flushing)
 
         def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> _Cached:
             self.catalogue.append((p + name, "histogram", labels, doc))
@@ -118,9 +169,16 @@ class Metrics:
         self.saf_depth = gauge("saf_queue_depth", "Reversals waiting in the store-and-forward queue.", ("upstream",), "livemax")
         self.saf_oldest_age = gauge("saf_oldest_age_seconds", "Age of the oldest reversal waiting in the store-and-forward queue.", ("upstream",), "livemax")
         self.saf_parked = gauge("saf_parked", "Reversals parked (dead letters) after their retry budget, waiting for an operator.", ("upstream",), "livemax")
-        self.journal_writes = counter("journal_writes_total", "Journal records written, by kind.", ("kind",))
+        # The journal's worker thread counts these: thread-safe prometheus-client children.
+        self.journal_writes = counter("journal_writes_total", "Journal records written, by kind.", ("kind",), fast=False)
         self.journal_commit_seconds = histogram("journal_commit_seconds", "Time of one journal group commit.", (), ECHO_BUCKETS)
-        self.journal_errors = counter("journal_errors_total", "Journal operations that failed.", ())
+        self.journal_errors = counter("journal_errors_total", "Journal operations that failed.", (), fast=False)
+
+    def flush(self) -> None:
+        """Hand every fast child's change to prometheus-client. Call on the event loop thread
+        (the gateway does every second, and before each scrape)."""
+        for child in self._flushing:
+            child.flush()
 
     def names(self) -> set[str]:
         """Every name this registry can expose: sample names (``_total``, ``_bucket``, ...), and histograms' own."""

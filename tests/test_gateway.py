@@ -80,7 +80,7 @@ async def test_a_late_response_is_never_forwarded(harness):
     resp = await client.request(late, timeout=3)
     assert resp["39"] == "91"
     late_metric = gw.metrics.late_responses("cmi", "00")
-    await wait_for(lambda: late_metric._value.get() == 1, 3, "late response counted")
+    await wait_for(lambda: late_metric.get() == 1, 3, "late response counted")
     ok = await client.request(harness.auth(15000), timeout=3)  # the connection is fine and in step
     assert ok["39"] == "00"
     assert client.unmatched == 0 and client.responses == 2
@@ -155,7 +155,7 @@ async def test_a_link_whose_echoes_go_unanswered_is_reconnected(harness):
     first = conn.connects
     sim.mute_network = True  # the switch stops answering 0800s
     await wait_for(lambda: conn.connects > first, 5, "reconnect after missed echoes")
-    assert gw.metrics.echo_missed("cmi")._value.get() >= 2
+    assert gw.metrics.echo_missed("cmi").get() >= 2
 
 
 async def test_two_front_ends_with_the_same_stans_in_flight_each_get_their_own_answers(harness):
@@ -223,7 +223,7 @@ async def test_connections_over_the_limit_are_refused_and_the_listener_keeps_ser
     await wait_for(lambda: len(gw.listeners[0].connections) == 2, 2, "two connections")
     extra = await harness.client()
     frame = await extra.receive_frame(2) if False else None
-    await wait_for(lambda: gw.metrics.connections_total("ecom", "refused")._value.get() == 1, 2, "refusal counted")
+    await wait_for(lambda: gw.metrics.connections_total("ecom", "refused").get() == 1, 2, "refusal counted")
     assert (await a.request(harness.auth(), timeout=3))["39"] == "00"
     await b.aclose()
     await wait_for(lambda: len(gw.listeners[0].connections) == 1, 2, "one closed")
@@ -241,7 +241,7 @@ async def test_a_client_that_stalls_in_a_half_frame_is_dropped_while_others_are_
     assert (await good.request(harness.auth(), timeout=3))["39"] == "00"
     with trio.fail_after(2):
         assert await stalled.receive_some(100) == b""  # the gateway closed it
-    assert gw.metrics.connections_closed("ecom", "stalled_partial_frame")._value.get() == 1
+    assert gw.metrics.connections_closed("ecom", "stalled_partial_frame").get() == 1
     assert (await good.request(harness.auth(), timeout=3))["39"] == "00"
     await stalled.aclose()
 
@@ -257,13 +257,13 @@ async def test_garbage_is_answered_or_counted_and_lost_framing_closes_cleanly(ha
     assert (resp["t"], resp["39"]) == ("0110", "30")
     await client.send_raw(client.framer.encode(b"\xff\xfe garbage"))  # unreadable: counted and dropped
     assert (await client.request(harness.auth(), timeout=3))["39"] == "00"  # the connection survives
-    assert gw.metrics.decode_errors("front", "ecom", "decode")._value.get() == 2
+    assert gw.metrics.decode_errors("front", "ecom", "decode").get() == 2
     raw = await trio.open_tcp_stream("127.0.0.1", harness.port)
     await raw.send_all(b"00X1")  # not a length: framing is lost
     with trio.fail_after(2):
         assert await raw.receive_some(100) == b""
     await raw.aclose()
-    assert gw.metrics.connections_closed("ecom", "framing_lost")._value.get() == 1
+    assert gw.metrics.connections_closed("ecom", "framing_lost").get() == 1
 
 
 async def test_reading_pauses_at_the_in_flight_limit_and_every_request_is_answered(harness):

@@ -23,6 +23,7 @@ m.connections_open("ecom").inc(2)
 m.link_state("cmi", "127.0.0.1:9583", "ready").inc()
 m.request_latency("cmi", "0100").observe(0.012)
 m.saf_depth("cmi").set(5)
+m.flush()  # what the gateway does every second and before each scrape
 """
 
 SCRAPE = """

@@ -44,7 +44,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @asynccontextmanager
 async def endpoint(gateway: Gateway, deadline: float = 0.5) -> AsyncIterator[str]:
     """The gateway's observability endpoint on a free 127.0.0.1 port; yields its base URL."""
-    server = start_server("127.0.0.1", 0, gateway.metrics.registry, gateway.readiness, deadline=deadline)
+    server = start_server("127.0.0.1", 0, gateway.metrics.registry, gateway.readiness, deadline=deadline,
+                          before_scrape=gateway.metrics.flush)
     try:
         yield server.url
     finally:
@@ -123,7 +124,7 @@ async def test_known_traffic_is_read_back_exactly_from_metrics(harness):
         # Each timeout queues a reversal (durable before the 91 went out); the simulator applies
         # "97: never answers" to the reversal too, so both stay sent and unacknowledged.
         sent = gw.metrics.reversals("cmi", "sent")
-        await wait_for(lambda: sent._value.get() == 2, 10, "both reversals sent")
+        await wait_for(lambda: sent.get() == 2, 10, "both reversals sent")
 
         s = await scrape(url)
 

@@ -9,7 +9,7 @@ import trio
 from conftest import TEST_PAN, wait_for
 from iso_gateway.cli import main
 from iso_gateway.message import OriginalData
-from iso_gateway.sim.client import sample_auth, sample_reversal
+from iso_gateway.sim.client import sample_reversal
 
 FAST_SAF = {"saf_first_delay": 0.0, "saf_retry_initial": 0.1, "saf_retry_max": 0.2, "reversal_timeout": 0.3}
 
@@ -46,8 +46,8 @@ async def test_a_timed_out_authorization_is_reversed_with_field_90_pointing_at_w
     assert original.stan != req["11"]  # the switch saw the gateway's STAN, and field 90 says so
     assert reversal.amount == req["4"] and reversal.rrn == req["37"] and reversal.applied
     await wait_for(lambda: txn_state(harness, req["37"]) == "reversed", 3, "journal says reversed")
-    assert gw.metrics.reversals("cmi", "acknowledged")._value.get() == 1
-    assert gw.metrics.late_responses("cmi", "00")._value.get() == 1  # the late approval was not forwarded
+    assert gw.metrics.reversals("cmi", "acknowledged").get() == 1
+    assert gw.metrics.late_responses("cmi", "00").get() == 1  # the late approval was not forwarded
     assert client.responses == 1
 
 
@@ -61,8 +61,8 @@ async def test_an_unacknowledged_reversal_is_repeated_as_0421_with_the_same_stan
     sent = [r for r in sim.records if r.mti in ("0420", "0421")]
     assert [r.mti for r in sent] == ["0420", "0421", "0421"]
     assert len({r.stan for r in sent}) == 1 and len({r.original for r in sent}) == 1
-    assert gw.metrics.reversals("cmi", "parked")._value.get() == 1
-    assert gw.metrics.reversals("cmi", "repeated")._value.get() == 2
+    assert gw.metrics.reversals("cmi", "parked").get() == 1
+    assert gw.metrics.reversals("cmi", "repeated").get() == 2
     # An operator sends it again: the worker picks the change up and repeats it (0421).
     path = gw.config.journal.path
     assert main(["saf", "retry", "--journal", path, "--all"]) == 0
@@ -90,7 +90,7 @@ async def test_a_late_decline_cancels_a_reversal_not_yet_sent(harness):
     await wait_for(lambda: [r[0] for r in saf_rows(harness)] == ["cancelled"], 3, "cancelled")
     await trio.sleep(1.5)
     assert sim.count("0420") == 0
-    assert gw.metrics.reversals("cmi", "cancelled")._value.get() == 1
+    assert gw.metrics.reversals("cmi", "cancelled").get() == 1
 
 
 async def test_a_link_lost_after_sending_queues_a_reversal_before_answering_91(harness):
@@ -136,7 +136,7 @@ async def test_a_repeated_request_is_answered_from_the_first_and_never_sent_twic
     again = await client.request(req, timeout=3)
     assert first["39"] == again["39"] == "00" and first["38"] == again["38"]
     assert sim.count("0100") == 1
-    assert gw.metrics.duplicates("ecom")._value.get() == 1
+    assert gw.metrics.duplicates("ecom").get() == 1
 
 
 async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harness):

@@ -77,8 +77,13 @@ upstream = "cmi"
         result = await run_load(LoadOptions(host="127.0.0.1", port=port, mix="bench", connections=8, in_flight=4,
                                             count=2000, timeout=10))
         assert result.answered == 2000 and result.codes == {"00": 2000}
+        # Workers hand their counters to the shared files every second.
+        key = "iso_gateway_front_messages_received_total|listener=ecom|mti=0100"
+        with trio.move_on_after(5):
+            while (await trio.to_thread.run_sync(scrape, metrics_port)).get(key) != 2000:
+                await trio.sleep(0.2)
         metrics = await trio.to_thread.run_sync(scrape, metrics_port)
-        assert metrics["iso_gateway_front_messages_received_total|listener=ecom|mti=0100"] == 2000
+        assert metrics[key] == 2000
         assert sim.count("0100") == 2000
         db = sqlite3.connect(tmp_path / "journal.sqlite3")
         per_worker = dict(db.execute("SELECT worker, COUNT(*) FROM txn GROUP BY worker").fetchall())
