@@ -18,10 +18,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-Key = tuple[str, str, str, str, str, str, str]
+Key = str  # the listener and the identity fields joined: one compact string per entry
 
-# Entries kept at most, whatever the window: a bound on memory under any load.
-MAX_ENTRIES = 200_000
+# Entries kept at most, whatever the window: a bound on memory under any load
+# (about 250 bytes each: 25 MB at the limit, when the window is effectively shorter).
+MAX_ENTRIES = 100_000
 
 
 class DuplicateEntry:

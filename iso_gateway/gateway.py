@@ -438,8 +438,9 @@ class Gateway:
             return None
         dup_key: DupKey | None = None
         if self.duplicates.window:
-            dup_key = (listener.name, values.get(41, ""), values.get(42, ""), values.get(11, ""), values.get(7, ""),
-                       values.get(4, ""), values.get(37, ""))
+            get = values.get
+            dup_key = "|".join((listener.name, get(41, ""), get(42, ""), get(11, ""), get(7, ""), get(4, ""),
+                                get(37, "")))
             entry = self.duplicates.lookup(dup_key, now)
             if entry is not None:
                 return self._on_duplicate(front, raw, header, entry, now)

@@ -91,14 +91,18 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 
 _ids = count()
 _id_base = int(time.time() * 1000) << 20
+_worker_bits = 0  # this process's worker number, in the low 6 bits of every id (set by Journal)
+MAX_WORKERS = 64
 # How far back recovery looks for in-doubt transactions: a reversal must reach the
 # switch within 24 h (Mastercard rules, domain ref. 3.3), so two days is ample.
 RECOVERY_WINDOW = 2 * 86400.0
 
 
 def new_id() -> int:
-    """A row id unique across restarts: the start time in ms, then a counter (a million per ms)."""
-    return _id_base + next(_ids)
+    """A row id unique across restarts and worker processes: the process start time in ms,
+    then a counter, then the worker number (ids stay unique while a process makes fewer
+    than 16,000 a millisecond, on average since it started)."""
+    return _id_base + (next(_ids) << 6) + _worker_bits
 
 
 def id_at(t: float) -> int:
@@ -167,7 +171,14 @@ class SQLiteStore:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        conn.execute("PRAGMA journal_mode=WAL")
+        for attempt in range(50):  # several workers opening one new file race to set WAL mode
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
         # NORMAL in WAL mode: a commit survives a crash of the process (SIGKILL);
         # FULL also survives a power loss, at one fsync per group commit.
         conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -182,29 +193,36 @@ class SQLiteStore:
 
     # -- writes
 
-    def insert_txn(self, conn: sqlite3.Connection, row: dict[str, Any], original: dict[str, str]) -> None:
-        pan = original.get("2", "")
-        now = time.time()
-        conn.execute(
-            "INSERT INTO txn (id, created, updated, listener, mti, terminal, merchant, front_stan, transmission,"
-            " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original, worker)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (row["id"], now, now, row["listener"], row["mti"], original.get("41", "").rstrip(),
-             original.get("42", "").rstrip(), original.get("11", ""), original.get("7", ""), row["upstream"],
-             row.get("link", 0), row["upstream_stan"], original.get("37", ""), original.get("4", ""),
-             original.get("49", ""), mask_pan(pan) if pan else "", self.vault.pan_hash(pan) if pan else "",
-             row.get("state", FORWARDED),
-             self.vault.seal({k: original[k] for k in REVERSAL_FIELDS if k in original}), self.worker),
-        )
+    _INSERT_TXN = (
+        "INSERT INTO txn (id, created, updated, listener, mti, terminal, merchant, front_stan, transmission,"
+        " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original, worker)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+    _UPDATE_TXN = ("UPDATE txn SET state=?, updated=?, response_code=COALESCE(?, response_code),"
+                   " auth_code=COALESCE(?, auth_code) WHERE id=?")
 
-    @staticmethod
-    def update_txn(conn: sqlite3.Connection, txn_id: int, state: str, response_code: str | None = None,
+    def _txn_params(self, row: dict[str, Any], original: dict[str, str], now: float) -> tuple[Any, ...]:
+        pan = original.get("2", "")
+        return (row["id"], now, now, row["listener"], row["mti"], original.get("41", "").rstrip(),
+                original.get("42", "").rstrip(), original.get("11", ""), original.get("7", ""), row["upstream"],
+                row.get("link", 0), row["upstream_stan"], original.get("37", ""), original.get("4", ""),
+                original.get("49", ""), mask_pan(pan) if pan else "", self.vault.pan_hash(pan) if pan else "",
+                row.get("state", FORWARDED),
+                self.vault.seal({k: original[k] for k in REVERSAL_FIELDS if k in original}), self.worker)
+
+    def insert_txn(self, conn: sqlite3.Connection, row: dict[str, Any], original: dict[str, str]) -> None:
+        conn.execute(self._INSERT_TXN, self._txn_params(row, original, time.time()))
+
+    def insert_txn_many(self, conn: sqlite3.Connection, calls: list[tuple[Any, ...]]) -> None:
+        now = time.time()
+        conn.executemany(self._INSERT_TXN, [self._txn_params(row, original, now) for row, original in calls])
+
+    def update_txn(self, conn: sqlite3.Connection, txn_id: int, state: str, response_code: str | None = None,
                    auth_code: str | None = None) -> None:
-        conn.execute(
-            "UPDATE txn SET state=?, updated=?, response_code=COALESCE(?, response_code),"
-            " auth_code=COALESCE(?, auth_code) WHERE id=?",
-            (state, time.time(), response_code, auth_code, txn_id),
-        )
+        conn.execute(self._UPDATE_TXN, (state, time.time(), response_code, auth_code, txn_id))
+
+    def update_txn_many(self, conn: sqlite3.Connection, calls: list[tuple[Any, ...]]) -> None:
+        now = time.time()
+        conn.executemany(self._UPDATE_TXN, [(c[1], now, *(c[2:] + (None, None))[:2], c[0]) for c in calls])
 
     def insert_saf(self, conn: sqlite3.Connection, item: SafItem) -> None:
         msg = item.message
@@ -361,6 +379,10 @@ class Journal:
 
     def __init__(self, path: str, vault: PanVault, *, synchronous: str = "NORMAL", max_batch: int = 1000,
                  metrics: Any = None, worker: int = 0) -> None:
+        global _worker_bits
+        if not 0 <= worker < MAX_WORKERS:
+            raise ValueError(f"worker number must be below {MAX_WORKERS}")
+        _worker_bits = worker
         self.path = path
         self.store = SQLiteStore(vault, worker)
         self.synchronous = synchronous
@@ -373,6 +395,13 @@ class Journal:
         self.failed: str | None = None
         self.commits = 0
         self.ops = 0
+        # Operations submitted during one turn of the event loop go to the thread as one
+        # list: one queue hand-off (and at most one thread wake-up) per turn, not per op.
+        self._pending: list[_Op] = []
+        self._kick: trio.Event | None = None
+        # Statements run as one executemany when a batch holds a run of them.
+        self._bulk = {SQLiteStore.insert_txn: self.store.insert_txn_many,
+                      SQLiteStore.update_txn: self.store.update_txn_many}
         self._conn = SQLiteStore.connect(path, synchronous)  # opened here so a bad path fails at start
 
     # -- lifecycle
@@ -384,14 +413,31 @@ class Journal:
         self._done_send = send
         self._thread = threading.Thread(target=self._work, name="journal", daemon=True)
         self._thread.start()
-        task_status.started()
+        self._kick = trio.Event()
         try:
-            async for batch in receive:
-                await self._deliver(batch)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump)
+                task_status.started()
+                async for batch in receive:
+                    await self._deliver(batch)
         finally:
             with trio.CancelScope(shield=True):
+                self._hand_over()
                 self._queue.put(_STOP)
                 await trio.to_thread.run_sync(self._thread.join, 10)
+
+    async def _pump(self) -> None:
+        """Hand what the loop submitted to the thread, once per turn of the loop."""
+        while True:
+            assert self._kick is not None
+            await self._kick.wait()
+            self._kick = trio.Event()
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._queue.put(pending)
 
     async def _deliver(self, batch: list[_Op]) -> None:
         touched = set()
@@ -413,7 +459,12 @@ class Journal:
     # -- use
 
     def submit(self, fn: Callable[..., Any], *args: Any, callback: Callback | None = None, **kwargs: Any) -> None:
-        self._queue.put(_Op(fn, args, kwargs, callback))
+        """Queue ``fn(conn, *args, **kwargs)``; call from the event loop thread."""
+        self._pending.append(_Op(fn, args, kwargs, callback))
+        if self._kick is not None:
+            self._kick.set()
+        else:  # not running yet (start-up) or any more: straight to the thread
+            self._hand_over()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(conn, *args)`` in the journal's transaction order and return its result."""
@@ -445,25 +496,21 @@ class Journal:
             first = q.get()
             if first is _STOP:
                 return
-            batch = [first]
+            batch = list(first)
             stop = False
             while len(batch) < self.max_batch:
                 try:
-                    op = q.get_nowait()
+                    more = q.get_nowait()
                 except queue.Empty:
                     break
-                if op is _STOP:
+                if more is _STOP:
                     stop = True
                     break
-                batch.append(op)
+                batch.extend(more)
             started = time.perf_counter()
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                for op in batch:
-                    try:
-                        op.result = op.fn(conn, *op.args, **op.kwargs)
-                    except sqlite3.IntegrityError as exc:
-                        op.error = exc
+                self._apply(conn, batch)
                 conn.execute("COMMIT")
                 self.failed = None
             except sqlite3.Error as exc:
@@ -490,6 +537,30 @@ class Journal:
             self._hand_back(batch)
             if stop:
                 return
+
+    def _apply(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        """Run the batch in order; a run of the same bulk-able statement is one executemany."""
+        bulk = self._bulk
+        i, n = 0, len(batch)
+        while i < n:
+            op = batch[i]
+            many = bulk.get(getattr(op.fn, "__func__", None)) if not op.kwargs else None
+            j = i + 1
+            if many is not None:
+                while j < n and batch[j].fn == op.fn and not batch[j].kwargs:
+                    j += 1
+            if many is not None and j - i > 1:
+                try:
+                    many(conn, [o.args for o in batch[i:j]])
+                except sqlite3.IntegrityError as exc:
+                    for o in batch[i:j]:
+                        o.error = exc
+            else:
+                try:
+                    op.result = op.fn(conn, *op.args, **op.kwargs)
+                except sqlite3.IntegrityError as exc:
+                    op.error = exc
+            i = j
 
     def _hand_back(self, batch: list[_Op]) -> None:
         if self._token is None or self._done_send is None:

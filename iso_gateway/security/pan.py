@@ -50,9 +50,18 @@ def load_master_key(key_file: str | os.PathLike[str]) -> bytes:
     path = Path(key_file)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written whole under a temporary name, then linked into place: a process
+        # racing us (another worker) sees either no key file or a complete one.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        finally:
+            os.unlink(tmp)
     try:
         key = bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError):
