@@ -7,6 +7,7 @@ file is refused with a log line and the running configuration stays.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -73,6 +74,10 @@ async def serve(config: Config, config_path: str | None = None, *, worker: int |
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals, gateway, config_path)
             await nursery.start(gateway.run)
+            # Everything built at start (dialects, rules, routes, tables) lives as long as the
+            # process: keep it out of every future garbage collection, whose pauses would
+            # otherwise grow with it (a full collection walks every tracked object).
+            gc.freeze()
             task_status.started(gateway)
             await gateway.wait_stopped()
             nursery.cancel_scope.cancel()

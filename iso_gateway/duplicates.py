@@ -26,34 +26,36 @@ MAX_ENTRIES = 100_000
 
 
 class DuplicateEntry:
-    __slots__ = ("key", "created", "request", "followers", "rc", "auth_code", "response")
+    """A request still in flight, and the duplicates waiting for its answer."""
+
+    __slots__ = ("key", "created", "request", "followers")
 
     def __init__(self, key: Key, created: float, request: Any) -> None:
         self.key = key
         self.created = created
-        self.request = request  # the first request while it is in flight, then None
+        self.request = request
         self.followers: list[Any] = []  # duplicates waiting for the first one's answer
-        self.rc: str | None = None
-        self.auth_code: str | None = None
-        self.response: bytes | None = None  # the switch's answer, only until the followers have it
 
-    @property
-    def in_flight(self) -> bool:
-        return self.rc is None
+
+# A completed request: (created, response code, authorization code). A plain tuple of
+# strings and a float, which the garbage collector stops tracking: a table of 100,000
+# of them then costs a full collection nothing (objects cost tens of milliseconds).
+Done = tuple
 
 
 class DuplicateTable:
     def __init__(self, window: float, max_entries: int = MAX_ENTRIES) -> None:
         self.window = window
         self.max_entries = max_entries
-        self._entries: OrderedDict[Key, DuplicateEntry] = OrderedDict()
+        self._entries: OrderedDict[Key, DuplicateEntry | Done] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, key: Key, now: float) -> DuplicateEntry | None:
+    def lookup(self, key: Key, now: float) -> DuplicateEntry | Done | None:
+        """The entry for ``key``: a DuplicateEntry (in flight), a Done tuple, or None."""
         entry = self._entries.get(key)
-        if entry is not None and now - entry.created > self.window:
+        if entry is not None and now - _created(entry) > self.window:
             del self._entries[key]
             return None
         return entry
@@ -64,9 +66,17 @@ class DuplicateTable:
         cutoff = now - self.window
         while entries:
             first = next(iter(entries.values()))
-            if first.created >= cutoff and len(entries) <= self.max_entries:
-                break
-            if first.in_flight and len(entries) <= self.max_entries:
-                break  # keep in-flight entries: their duplicates must still wait
+            if len(entries) <= self.max_entries and (_created(first) >= cutoff or isinstance(first, DuplicateEntry)):
+                break  # within the window, or still in flight (its duplicates must still wait)
             entries.popitem(last=False)
         return entry
+
+    def complete(self, entry: DuplicateEntry, rc: str, auth_code: str | None) -> None:
+        """The first request has its answer: keep only the codes, for replays."""
+        if self._entries.get(entry.key) is entry:
+            self._entries[entry.key] = (entry.created, rc, auth_code)
+        entry.request = None
+
+
+def _created(entry: DuplicateEntry | Done) -> float:
+    return entry.created if isinstance(entry, DuplicateEntry) else entry[0]

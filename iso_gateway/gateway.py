@@ -537,11 +537,11 @@ class Gateway:
 
     # ------------------------------------------------------------------ duplicates
 
-    def _on_duplicate(self, front: FrontConnection, raw: bytes, header: bytes, entry: DuplicateEntry,
+    def _on_duplicate(self, front: FrontConnection, raw: bytes, header: bytes, entry: DuplicateEntry | tuple,
                       now: float) -> FrameWriter | None:
         listener = front.listener
         self.metrics.duplicates(listener.name).inc()
-        if entry.in_flight:
+        if isinstance(entry, DuplicateEntry):
             if self.config.gateway.duplicate_in_flight == "94":
                 log.warning("listener %s: duplicate of a request still in flight; answered 94", listener.name)
                 return self.answer_locally(front, raw, header, "94", "duplicate", now, now, counted=False)
@@ -550,16 +550,17 @@ class Gateway:
             front.in_flight += 1
             entry.followers.append((front, raw, header))
             return None
-        log.info("listener %s: duplicate request; the stored answer %s is replayed", listener.name, entry.rc)
-        return self.answer_locally(front, raw, header, entry.rc or "96", "duplicate", now, now, counted=False,
-                                   auth_code=entry.auth_code)
+        _, rc, auth_code = entry
+        log.info("listener %s: duplicate request; the stored answer %s is replayed", listener.name, rc)
+        return self.answer_locally(front, raw, header, rc or "96", "duplicate", now, now, counted=False,
+                                   auth_code=auth_code)
 
     def complete_duplicates(self, request: FrontRequest, rc: str, auth_code: str | None, out: bytes | None) -> None:
         """The first of a set of duplicates has its answer: keep it for replays, and answer the waiting ones."""
         entry = request.duplicate
         if entry is None:
             return
-        entry.rc, entry.auth_code, entry.request = rc, auth_code, None
+        self.duplicates.complete(entry, rc, auth_code)
         followers, entry.followers = entry.followers, []
         now = trio.current_time()
         for front, raw, header in followers:

@@ -57,13 +57,16 @@ class PendingTable(Generic[T]):
     """Requests waiting for a response, by match key, with deadlines.
 
     Deadlines sit in a heap with lazy deletion: popping a matched entry is O(1)
-    and expiry is O(log n) per entry, whatever the table holds.
+    and expiry is O(log n) per entry. The heap holds only (deadline, sequence,
+    key), never the entry, so a matched request is freed at once rather than
+    when its deadline passes; when stale heap items outnumber live ones the heap
+    is rebuilt, so its size stays proportional to what is in flight.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[Key, T] = {}
+        self._entries: dict[Key, tuple[T, float, int]] = {}
         self._stans: dict[str, int] = {}
-        self._heap: list[tuple[float, int, Key, T]] = []
+        self._heap: list[tuple[float, int, Key]] = []
         self._seq = count()
 
     def __len__(self) -> int:
@@ -73,19 +76,30 @@ class PendingTable(Generic[T]):
         """Whether a STAN is in flight (used by the allocator)."""
         return stan in self._stans
 
+    @property
+    def scheduled(self) -> int:
+        """Deadlines in the heap, stale ones included (bounded by 4 x in flight + 1024)."""
+        return len(self._heap)
+
     def add(self, key: Key, entry: T, deadline: float) -> None:
         if key in self._entries:
             raise KeyError("a request with this match key is already in flight")
-        self._entries[key] = entry
+        seq = next(self._seq)
+        self._entries[key] = (entry, deadline, seq)
         stan = key[1]
         self._stans[stan] = self._stans.get(stan, 0) + 1  # type: ignore[index]
-        heapq.heappush(self._heap, (deadline, next(self._seq), key, entry))
+        heap = self._heap
+        heapq.heappush(heap, (deadline, seq, key))
+        if len(heap) > 4 * len(self._entries) + 1024:
+            self._heap = [(d, q, k) for k, (_, d, q) in self._entries.items()]
+            heapq.heapify(self._heap)
 
     def pop(self, key: Key) -> T | None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._forget_stan(key)
-        return entry
+        item = self._entries.pop(key, None)
+        if item is None:
+            return None
+        self._forget_stan(key)
+        return item[0]
 
     def _forget_stan(self, key: Key) -> None:
         stan = key[1]
@@ -95,9 +109,13 @@ class PendingTable(Generic[T]):
         else:
             del self._stans[stan]  # type: ignore[arg-type]
 
+    def _live(self, seq: int, key: Key) -> bool:
+        item = self._entries.get(key)
+        return item is not None and item[2] == seq
+
     def next_deadline(self) -> float | None:
         heap = self._heap
-        while heap and self._entries.get(heap[0][2]) is not heap[0][3]:
+        while heap and not self._live(heap[0][1], heap[0][2]):
             heapq.heappop(heap)  # matched or removed already
         return heap[0][0] if heap else None
 
@@ -105,23 +123,25 @@ class PendingTable(Generic[T]):
         """Remove and return every entry whose deadline is at or before ``now``."""
         out: list[T] = []
         heap = self._heap
+        entries = self._entries
         while heap and heap[0][0] <= now:
-            _, _, key, entry = heapq.heappop(heap)
-            if self._entries.get(key) is entry:
-                del self._entries[key]
+            _, seq, key = heapq.heappop(heap)
+            item = entries.get(key)
+            if item is not None and item[2] == seq:
+                del entries[key]
                 self._forget_stan(key)
-                out.append(entry)
-        if not self._entries:
+                out.append(item[0])
+        if not entries:
             heap.clear()
         return out
 
     def drain(self) -> list[T]:
         """Remove and return everything (the link dropped)."""
-        out = list(self._entries.values())
+        out = [item[0] for item in self._entries.values()]
         self._entries.clear()
         self._stans.clear()
         self._heap.clear()
         return out
 
     def values(self) -> Iterator[T]:
-        return iter(list(self._entries.values()))
+        return iter([item[0] for item in self._entries.values()])

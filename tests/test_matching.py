@@ -58,3 +58,22 @@ def test_expiry_cost_does_not_depend_on_matched_entries_left_in_the_heap():
     for i in range(1, 10_000):
         table.pop(match_key("0110", f"{i:06d}"))
     assert table.expire(20_000.0) == [10_000]
+
+
+def test_a_key_reused_after_its_answer_keeps_its_own_deadline():
+    table: PendingTable[str] = PendingTable()
+    key = match_key("0100", "000001")
+    table.add(key, "first", 1.0)
+    assert table.pop(key) == "first"
+    table.add(key, "second", 10.0)
+    assert table.expire(5.0) == []  # the first one's deadline is not the second one's
+    assert table.expire(10.0) == ["second"]
+
+
+def test_the_heap_stays_proportional_to_what_is_in_flight():
+    table: PendingTable[int] = PendingTable()
+    for i in range(1, 100_001):
+        key = match_key("0100", f"{i % 999_999 + 1:06d}")
+        table.add(key, i, 30.0 + i)
+        table.pop(key)
+    assert len(table) == 0 and table.scheduled <= 1024 + 4
