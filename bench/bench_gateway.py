@@ -185,6 +185,91 @@ def wait_ready(port: int) -> None:
     raise RuntimeError("the gateway never became ready")
 
 
+def rss_mb(pid: int) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def open_loop(port: int, rate: float, seconds: float) -> dict:
+    argv = [sys.executable, "-m", "iso_gateway", "load", "--target", f"127.0.0.1:{port}", "--mix", "bench",
+            "--connections", "4", "--rate", str(rate), "--duration", str(seconds), "--quiet", "--json"]
+    return json.loads(subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout)
+
+
+def extras(state: Path, switch_port: int, count: int, idle_connections: int) -> list[str]:
+    """Idle connections, linear cost, latency at half the maximum throughput, a SAF backlog."""
+    import resource
+    import sqlite3
+
+    lines: list[str] = []
+    for journal in (False, True):
+        name = "journal on" if journal else "journal off"
+        port = free_port()
+        cfg = state / f"extras-{journal}.toml"
+        gateway_config(cfg, port, switch_port, state / f"extras-{journal}", journal=journal, metrics=True)
+        cfg.write_text(cfg.read_text().replace("max_in_flight = 256", "max_in_flight = 256\nmax_connections = 20000"))
+        gw = Proc([sys.executable, "-m", "iso_gateway", "run", "--config", str(cfg)], port)
+        try:
+            wait_ready(port)
+            pid = gw.proc.pid
+            # Latency at half the maximum throughput (open loop, from intended send times).
+            peak = measure("extras", "64", port, pid, count).throughput
+            half = peak / 2
+            direct = open_loop(switch_port, half, 10)
+            through = open_loop(port, half, 10)
+            added = through["latency_ms"]["p99"] - direct["latency_ms"]["p99"]
+            lines.append(f"{name}: half of max throughput ({peak:.0f} tx/s closed loop) = {half:.0f} tx/s open loop: "
+                         f"p99 {through['latency_ms']['p99']:.2f} ms via the gateway, "
+                         f"{direct['latency_ms']['p99']:.2f} ms direct: +{added:.2f} ms added")
+            # Linear cost: the same load, 10x longer.
+            small = measure("extras", "8", port, pid, count)
+            large = measure("extras", "8", port, pid, count * 10)
+            lines.append(f"{name}: linear cost at 8 in flight: {small.cpu_us:.1f} µs/tx over {count} tx, "
+                         f"{large.cpu_us:.1f} µs/tx over {count * 10} tx (ratio {large.cpu_us / small.cpu_us:.2f})")
+            if not journal:
+                continue
+            # Idle front-end connections: memory and CPU while nothing happens.
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            rss0 = rss_mb(pid)
+            socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle_connections)]
+            time.sleep(3)
+            cpu0 = cpu_seconds(pid)
+            time.sleep(10)
+            idle_cpu = cpu_seconds(pid) - cpu0
+            rss1 = rss_mb(pid)
+            for sk in socks:
+                sk.close()
+            lines.append(f"{idle_connections} idle front-end connections: RSS {rss0:.0f} -> {rss1:.0f} MB, "
+                         f"CPU while idle for 10 s: {idle_cpu:.2f} s")
+            # A SAF backlog of 100,000 reversals (due tomorrow: counted, not sent) vs none.
+            before = measure("extras", "8", port, pid, count)
+            db = sqlite3.connect(state / "extras-True" / "journal.sqlite3", timeout=30)
+            now = time.time()
+            with db:
+                db.executemany(
+                    "INSERT INTO saf (id, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt,"
+                    " created, updated, worker) VALUES (?, NULL, 'cmi', 'pending', 'bench', '0420', '', '', 0, ?,"
+                    " ?, ?, 0)", [(10**18 + i, now + 86400, now, now) for i in range(100_000)])
+            db.close()
+            time.sleep(2)
+            after = measure("extras", "8", port, pid, count)
+            lines.append(f"SAF backlog of 100,000 (journal on, 8 in flight): {before.cpu_us:.1f} -> {after.cpu_us:.1f} "
+                         f"µs/tx, p99 {before.p99_ms:.2f} -> {after.p99_ms:.2f} ms, {before.throughput:.0f} -> "
+                         f"{after.throughput:.0f} tx/s")
+        finally:
+            gw.stop()
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=30000, help="transactions per measurement")
@@ -195,6 +280,9 @@ def main() -> int:
                     help="the switch: the instant responder (default) or the simulator")
     ap.add_argument("--jpos-gateway", help='command for another gateway: "... {front_port} {switch_host} {switch_port}"')
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--extras", action="store_true",
+                    help="also: linear cost, latency at half the maximum, a 100,000-item SAF backlog, idle connections")
+    ap.add_argument("--idle-connections", type=int, default=10_000)
     args = ap.parse_args()
     count = 5000 if args.quick else args.count
     configs = [c for c in args.configs.split(",") if c]
@@ -225,6 +313,7 @@ def main() -> int:
                     results.append(measure(name, load, port, gw.proc.pid, count))
             finally:
                 gw.stop()
+        extra_lines = extras(state, switch_port, count, args.idle_connections) if args.extras else []
         if args.jpos_gateway:
             port = free_port()
             argv = shlex.split(args.jpos_gateway.format(front_port=port, switch_host="127.0.0.1",
@@ -239,7 +328,7 @@ def main() -> int:
     finally:
         switch.stop()
     if args.json:
-        print(json.dumps([r.__dict__ for r in results], indent=1))
+        print(json.dumps({"rows": [r.__dict__ for r in results], "extras": extra_lines}, indent=1))
         return 0
     print(f"iso-gateway benchmark: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"switch={args.switch}, {count} transactions per row (16-field 0100, ascii4, loopback)")
@@ -251,6 +340,8 @@ def main() -> int:
         ratio = f"{r.cpu_us / jpos[r.load]:7.2f}x" if r.cpu_us and jpos.get(r.load) and r.config != "jpos" else ""
         print(f"{desc:<26} {r.load:<7} {r.throughput:8.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {cpu} {ratio:>8}")
     direct = {r.load: r for r in results if r.config == "direct"}
+    for line in extra_lines:
+        print(line)
     print("latency the gateway adds (p50 / p99, vs direct):")
     for r in results:
         if r.config not in ("direct",) and r.load in direct:

@@ -283,16 +283,25 @@ class SQLiteStore:
         ).fetchall()
         return [self._saf_item(r) for r in rows]
 
+    def next_due(self, conn: sqlite3.Connection, upstream: str) -> float | None:
+        """The earliest next attempt among this worker's waiting reversals (an index seek per state)."""
+        dues = [conn.execute("SELECT MIN(next_attempt) FROM saf WHERE upstream=? AND worker=? AND state=?",
+                             (upstream, self.worker, state)).fetchone()[0] for state in (SAF_PENDING, SAF_SENT)]
+        known = [d for d in dues if d is not None]
+        return min(known) if known else None
+
     def saf_stats(self, conn: sqlite3.Connection, upstream: str) -> tuple[int, float | None, float | None, int]:
-        """(waiting, created time of the oldest waiting, earliest next attempt, parked) for one upstream."""
-        waiting, oldest, due = conn.execute(
-            "SELECT COUNT(*), MIN(created), MIN(next_attempt) FROM saf"
-            " WHERE upstream=? AND worker=? AND state IN (?, ?)",
+        """(waiting, created time of the oldest waiting, earliest next attempt, parked) for one upstream.
+
+        Counting reads every waiting row: the SAF worker does it for its gauges every
+        STATS_EVERY seconds, and looks up only ``next_due`` in between."""
+        waiting, oldest = conn.execute(
+            "SELECT COUNT(*), MIN(created) FROM saf WHERE upstream=? AND worker=? AND state IN (?, ?)",
             (upstream, self.worker, SAF_PENDING, SAF_SENT),
         ).fetchone()
         (parked,) = conn.execute("SELECT COUNT(*) FROM saf WHERE upstream=? AND worker=? AND state=?",
                                  (upstream, self.worker, SAF_PARKED)).fetchone()
-        return waiting, oldest, due, parked
+        return waiting, oldest, self.next_due(conn, upstream), parked
 
     def in_doubt(self, conn: sqlite3.Connection, since: float | None = None) -> list[tuple[int, str, str, str, dict[str, str]]]:
         """This worker's transactions sent upstream and never answered: (id, upstream, mti, upstream_stan, fields).

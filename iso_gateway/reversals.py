@@ -35,8 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("iso_gateway.reversals")
 
-# Seconds between looks at the SAF table for due items (and gauge updates).
+# Seconds between looks at the SAF table for due items.
 SAF_POLL = 1.0
+# Seconds between full counts of the SAF table (the saf gauges): counting a large
+# backlog reads every row, so it is not done on every look.
+STATS_EVERY = 5.0
 
 
 def policy_of(upstream: "Upstream") -> RetryPolicy:
@@ -200,13 +203,18 @@ class SafWorker:
         cfg = self.upstream.cfg
         metrics = self.reversals.gateway.metrics
         name = cfg.name
+        stats_at = 0.0
         while True:
-            waiting, oldest, due_at, parked = await self.journal.call(store.saf_stats, name)
-            metrics.saf_depth(name).set(waiting)
-            metrics.saf_oldest_age(name).set(time.time() - oldest if oldest else 0)
-            metrics.saf_parked(name).set(parked)
+            if time.monotonic() >= stats_at:  # the full count: for the gauges, now and then
+                waiting, oldest, due_at, parked = await self.journal.call(store.saf_stats, name)
+                metrics.saf_depth(name).set(waiting)
+                metrics.saf_oldest_age(name).set(time.time() - oldest if oldest else 0)
+                metrics.saf_parked(name).set(parked)
+                stats_at = time.monotonic() + STATS_EVERY
+            else:
+                due_at = await self.journal.call(store.next_due, name)
             room = cfg.saf_window - len(self.in_flight)
-            if self.upstream.ready and room > 0 and waiting:
+            if self.upstream.ready and room > 0 and due_at is not None and due_at <= time.time():
                 due = await self.journal.call(store.due_saf, name, time.time(), room + len(self.in_flight))
                 touched = set()
                 for item in due:

@@ -72,8 +72,12 @@ upstream = "cmi"
                 except OSError:
                     pass
                 await trio.sleep(0.1)
+        ready_key = "iso_gateway_link_state|host=127.0.0.1:%d|state=ready|upstream=cmi" % switch_port
+        with trio.move_on_after(5):  # each worker hands its gauges over every second
+            while (await trio.to_thread.run_sync(scrape, metrics_port)).get(ready_key) != 2:
+                await trio.sleep(0.2)
         metrics = await trio.to_thread.run_sync(scrape, metrics_port)
-        assert metrics["iso_gateway_link_state|host=127.0.0.1:%d|state=ready|upstream=cmi" % switch_port] == 2
+        assert metrics[ready_key] == 2  # one link per worker
         result = await run_load(LoadOptions(host="127.0.0.1", port=port, mix="bench", connections=8, in_flight=4,
                                             count=2000, timeout=10))
         assert result.answered == 2000 and result.codes == {"00": 2000}
