@@ -228,34 +228,26 @@ class RouteTable:
                         continue
                     ids = level.covers[bisect_right(starts, key) - 1]
                 for i in ids:
-                    c = criteria[i]
-                    if c is None or (
-                        (c[0] is None or mti in c[0])
-                        and (c[1] is None or currency in c[1])
-                        and (c[2] is None or terminal in c[2])
-                        and (c[3] is None or merchant in c[3])
-                    ):
+                    if _fits(criteria[i], mti, currency, terminal, merchant):
                         return self._routes[i]
         for i in self._catch_all:
-            c = criteria[i]
-            if c is None or (
-                (c[0] is None or mti in c[0])
-                and (c[1] is None or currency in c[1])
-                and (c[2] is None or terminal in c[2])
-                and (c[3] is None or merchant in c[3])
-            ):
+            if _fits(criteria[i], mti, currency, terminal, merchant):
                 return self._routes[i]
         if pan:
             for i in self._bin_routes:
-                c = criteria[i]
-                if c is None or (
-                    (c[0] is None or mti in c[0])
-                    and (c[1] is None or currency in c[1])
-                    and (c[2] is None or terminal in c[2])
-                    and (c[3] is None or merchant in c[3])
-                ):
+                if _fits(criteria[i], mti, currency, terminal, merchant):
                     return self._unknown_bin
         return self._no_route
+
+
+def _fits(c: tuple | None, mti: str, currency: str | None, terminal: str | None, merchant: str | None) -> bool:
+    """Whether a route's criteria other than BINs (MTIs, currencies, terminals, merchants) admit the message."""
+    return c is None or (
+        (c[0] is None or mti in c[0])
+        and (c[1] is None or currency in c[1])
+        and (c[2] is None or terminal in c[2])
+        and (c[3] is None or merchant in c[3])
+    )
 
 
 def _segments(length: int, ranges: list[tuple[str, str, int]], intern) -> tuple[list[str], list[tuple[int, ...]]]:
