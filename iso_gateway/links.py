@@ -352,13 +352,14 @@ class UpstreamConnection:
             code = "12"
         else:
             code = "00"
+        answer = build_response(up.dialect, req, code)
         try:
-            resp = encode(up.dialect, build_response(up.dialect, req, code), check_types=False)
+            resp = encode(up.dialect, answer, check_types=False)
         except IsoGatewayError:
             return None
         self.writer.enqueue(up.encode_frame(resp, reply_to=self.last_header))
         if up.metrics:
-            up.metrics.upstream_sent(self.cfg.name, resp[:4].decode("ascii", "replace") if up.dialect.mti_encoding != "bcd" else resp[:2].hex()).inc()
+            up.metrics.upstream_sent(self.cfg.name, answer["t"]).inc()
         return self.writer
 
     def remember_late(self, key: Key, info: object, now: float) -> None:
