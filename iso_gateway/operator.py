@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import load_config
 from .errors import IsoGatewayError
 from .journal import SAF_PARKED, SAF_PENDING, SAF_SENT, SQLiteStore
+from .reversals import saf_label
 
 SAF_STATES = ("pending", "sent", "acked", "parked", "cancelled")
 
@@ -78,7 +79,7 @@ def saf_list(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(doc))
         else:
-            print(f"{sid} {upstream} {state:<9} {reason:<13} {mti} stan={stan or '-'} rrn={rrn} amount={amount} "
+            print(f"{saf_label(sid)} {upstream} {state:<9} {reason:<13} {mti} stan={stan or '-'} rrn={rrn} amount={amount} "
                   f"{currency} pan={pan} attempts={attempts} next={doc['next_attempt']} last={last or '-'}")
     if not rows and not args.json:
         print("the queue is empty" if set(states) & {"pending", "sent"} else "nothing in those states")

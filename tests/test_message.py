@@ -99,3 +99,13 @@ def test_scrub_masks_pans_in_free_text_but_not_other_digit_runs():
     assert scrub(f"note {PAN} end") == "note 476173******0119 end"
     assert scrub("amount 000000015000 stan 000123") == "amount 000000015000 stan 000123"
     assert scrub("0100000123112710300000000123456") == "0100000123112710300000000123456"  # too long for a PAN
+
+
+def test_scrub_leaves_a_labelled_rrn_and_grouped_saf_ids_readable_but_still_masks_pans():
+    rrn = "100000000008"  # 12 digits that happen to pass Luhn, as one RRN in ten does
+    assert scrub(f"late answer (RRN {rrn})") == f"late answer (RRN {rrn})"
+    assert scrub(f"value {rrn}") == "value 10******0008"  # unlabelled: masked, to be safe
+    assert scrub(f"RRN {PAN}") == "RRN 476173******0119"  # longer than an RRN can be: a PAN
+    from iso_gateway.reversals import saf_label
+    label = saf_label(1882994020673651200)
+    assert scrub(f"reversal {label} queued") == f"reversal {label} queued" and int(label) == 1882994020673651200
