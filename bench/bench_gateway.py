@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from iso_gateway.sim.integrity import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -52,12 +54,6 @@ CONFIGS = {
     "nometrics": (False, False, 1, "journal off, metrics off"),
     "w2": (True, True, 2, "journal on, 2 workers"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:

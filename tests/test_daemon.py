@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,8 @@ import trio
 from conftest import wait_for
 from iso_gateway.framing import framer_from_config
 from iso_gateway.sim.client import FrontEndClient, sample_auth
+from iso_gateway.sim.integrity import free_port
 from iso_gateway.sim.switch import SwitchSimulator
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(path: Path, *, port: int, switch_port: int, extra_route: str = "", log_file: Path | None = None,

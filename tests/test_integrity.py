@@ -11,7 +11,7 @@ import trio
 from conftest import TEST_PAN, wait_for
 from iso_gateway.message import OriginalData
 from iso_gateway.sim.client import FrontEndClient, sample_auth
-from iso_gateway.sim.integrity import GatewayProcess, _config, _free_port, run_check
+from iso_gateway.sim.integrity import GatewayProcess, _config, free_port, run_check
 from iso_gateway.sim.switch import SwitchSimulator
 
 
@@ -29,7 +29,7 @@ async def test_thousands_of_authorizations_survive_a_sigkill_and_a_misbehaving_s
 async def test_a_transaction_in_flight_when_the_gateway_is_killed_is_reversed_after_restart(nursery, tmp_path):
     sim = SwitchSimulator()
     switch_port = await nursery.start(sim.serve, "127.0.0.1", 0)
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "gateway.toml"
     _config(cfg, port, switch_port, tmp_path)
     cfg.write_text(cfg.read_text().replace("timeout = 0.5", "timeout = 30.0"))  # it stays in flight

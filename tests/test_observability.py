@@ -28,6 +28,7 @@ from conftest import DAEMON_LOG_FILES, OTHER_PANS, TEST_PAN, pans_in, wait_for
 from iso_gateway import __version__
 from iso_gateway.gateway import Gateway
 from iso_gateway.http import start_server
+from iso_gateway.sim.integrity import free_port
 from iso_gateway.logs import JsonFormatter, MaskingFormatter, TEXT_FORMAT
 from iso_gateway.metrics import Metrics, NullMetrics, reference_markdown
 from iso_gateway.sim.client import FrontEndClient, sample_auth
@@ -88,12 +89,6 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     """Sum of every sample of ``name`` whose labels include these."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- /metrics

@@ -49,7 +49,8 @@ class Outcome:
     duplicates: int = 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (for the gateway processes the checks start)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -246,7 +247,7 @@ async def run_check(requests: int, kills: int, seed: int, connections: int = 16,
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         switch_port = await nursery.start(sim.serve, "127.0.0.1", 0)
-        port = _free_port()
+        port = free_port()
         cfg = state / "gateway.toml"
         _config(cfg, port, switch_port, state)
         gateway = GatewayProcess(cfg, port)
