@@ -205,6 +205,9 @@ class JournalConfig(_Model):
     synchronous: Literal["NORMAL", "FULL"] = Field("NORMAL", description="NORMAL survives a process crash; FULL also a power loss")
     key_file: str = Field("var/pan.key", description="master key for PANs at rest (created when missing); ISO_GATEWAY_PAN_KEY overrides")
     max_batch: int = Field(1000, ge=1, description="operations committed together at most")
+    indexer: Literal["process", "thread"] = Field(
+        "process", description="where the write-ahead log is written into SQLite: a child process (off the "
+        "event loop's core) or the journal thread")
 
 
 class LogConfig(_Model):

@@ -158,7 +158,7 @@ class FrontRequest:
             # crash, anything less is in doubt and reversed (journal states, recovery).
             if ok:
                 if self.txn_id is not None:
-                    gw.journal.submit(gw.journal.store.update_txn, self.txn_id, ANSWERED, rc, auth)
+                    gw.journal.set_state(self.txn_id, ANSWERED, rc, auth)
             else:
                 gw.reversals.undeliverable(self, scan, raw)
 
@@ -219,7 +219,8 @@ class Gateway:
         if jc.enabled:
             vault = PanVault(load_master_key(jc.key_file))
             self.journal = Journal(jc.path, vault, synchronous=jc.synchronous, max_batch=jc.max_batch,
-                                   metrics=self.metrics, worker=worker or 0)
+                                   metrics=self.metrics, worker=worker or 0, replay_all=worker is None,
+                                   indexer=jc.indexer)
         else:
             log.warning("journal disabled: transactions are not journaled and reversals are lost on restart")
             self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=jc.max_batch,
@@ -238,6 +239,8 @@ class Gateway:
         self.metrics_port: int | None = None
         # More conditions for /readyz, each () -> (ok, why if not): e.g. the journal is writable.
         self.readiness_checks: list[Callable[[], tuple[bool, str]]] = [self._journal_ready]
+        # Requests of the chunk being handled, logged but not sent yet (see _send_held).
+        self._held: list[tuple[FrontRequest, tuple]] = []
         self._now_utc = datetime.now(timezone.utc)
 
     # ------------------------------------------------------------------ control
@@ -406,7 +409,22 @@ class Gateway:
                 continue
             if w is not None:
                 touched.add(w)
+        if self._held:
+            self._send_held(touched)
         return touched
+
+    def _send_held(self, touched: set[FrameWriter]) -> None:
+        """The chunk's requests are logged with one write, then sent; if the write fails, none is."""
+        held, self._held = self._held, []
+        error: OSError | None = None
+        try:
+            self.journal.write_log()
+        except OSError as exc:
+            error = exc
+        for request, key in held:
+            w = request.transmit() if error is None else self._journaled(request, key, error)
+            if w is not None:
+                touched.add(w)
 
     def _on_request(self, front: FrontConnection, raw: bytes, header: bytes, now: float) -> FrameWriter | None:
         listener = front.listener
@@ -488,14 +506,22 @@ class Gateway:
         if not self.journaling:
             request.sent = True
             return conn.send_request(request, out, key, now + timeout, now)
-        # Journaled before it leaves: the frame waits for the commit of its batch.
+        # Journaled before it leaves.
         request.original = {key_: values[k] for k, key_ in REVERSAL_KEYS if k in values}
-        request.frame = conn.register(request, out, key, now + timeout, now)
         request.txn_id = new_id()
         row = {"id": request.txn_id, "listener": listener.name, "mti": mti, "upstream": upstream.cfg.name,
                "link": conn.index, "upstream_stan": stan}
-        self.journal.submit(self.journal.store.insert_txn, row, request.original,
-                            callback=lambda _r, error: self._journaled(request, key, error))
+        journal = self.journal
+        request.frame = conn.register(request, out, key, now + timeout, now)
+        if journal.write_ahead:
+            # Into the log (txlog.py) with the others of this chunk, in one write before any
+            # of them is sent (on_front_frames).
+            journal.record_txn(row, request.original, write=False)
+            self._held.append((request, key))
+            return None
+        # synchronous=FULL: the frame waits for the (fsync'd) commit of its batch.
+        journal.submit(journal.store.insert_txn, row, request.original,
+                       callback=lambda _r, error: self._journaled(request, key, error))
         return None
 
     def _journaled(self, request: FrontRequest, key: tuple, error: BaseException | None) -> FrameWriter | None:
@@ -607,6 +633,7 @@ class Gateway:
         except MessageError:
             return local("30", "bad_original_data")
         store = self.journal.store
+        await self.journal.sync()  # the original may be in the write-ahead log only
         found = await self.journal.call(store.find_original, values.get(41, ""), f90.stan, f90.transmission,
                                         original_mti(f90.mti))
         if found is None:
@@ -639,13 +666,20 @@ class Gateway:
 
         def answered(rc: str) -> None:
             if rc == "00":
-                self.journal.submit(store.update_txn, txn_id, REVERSED, None, None)
+                self.journal.set_state(txn_id, REVERSED)
                 self.journal.submit(store.cancel_unsent_saf, txn_id, "reversed by the front end")
 
         request.on_answer = answered
-        self.journal.submit(store.insert_txn, {"id": request.txn_id, "listener": listener.name, "mti": mti,
-                                               "upstream": upstream.cfg.name, "link": conn.index,
-                                               "upstream_stan": stan}, {k: v for k, v in msg.items() if k != "t"})
+        row = {"id": request.txn_id, "listener": listener.name, "mti": mti, "upstream": upstream.cfg.name,
+               "link": conn.index, "upstream_stan": stan}
+        fields = {k: msg[k] for k in REVERSAL_FIELDS if k in msg}
+        if self.journal.write_ahead:
+            try:
+                self.journal.record_txn(row, fields)
+            except OSError:
+                return local("96", "journal_failed")
+        else:
+            self.journal.submit(store.insert_txn, row, fields)
         self.front_in_flight += 1
         m.upstream_sent(upstream.cfg.name, mti).inc()
         m.in_flight(upstream.cfg.name).inc()

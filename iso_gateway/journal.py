@@ -19,6 +19,7 @@ needs. Never CVV2, track data, PIN blocks or ICC data (see security/pan.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import trio
 
+from . import txlog
 from .masking import mask_pan
 from .security.pan import PanVault
 
@@ -54,6 +56,9 @@ SAF_CANCELLED = "cancelled"
 
 # Seconds between WAL checkpoints (the checkpoint thread; see Journal._checkpoints).
 CHECKPOINT_EVERY = 1.0
+# Seconds between bulk writes of the write-ahead log's rows into SQLite (see txlog.py):
+# a transaction answered within this time is written once, in its final state.
+INDEX_EVERY = 0.2
 
 # Fields a reversal is built from (domain ref. 1.4): never 14, 35, 36, 45, 48, 52, 55.
 REVERSAL_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "33", "37", "41", "42", "49")
@@ -198,26 +203,79 @@ class SQLiteStore:
 
     _INSERT_TXN = (
         "INSERT INTO txn (id, created, updated, listener, mti, terminal, merchant, front_stan, transmission,"
-        " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original, worker)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+        " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original, worker,"
+        " response_code, auth_code) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
     _UPDATE_TXN = ("UPDATE txn SET state=?, updated=?, response_code=COALESCE(?, response_code),"
                    " auth_code=COALESCE(?, auth_code) WHERE id=?")
 
-    def _txn_params(self, row: dict[str, Any], original: dict[str, str], now: float) -> tuple[Any, ...]:
+    def txn_params(self, row: dict[str, Any], original: dict[str, str], now: float) -> tuple[Any, ...]:
+        """The ``txn`` row's values, in ``_INSERT_TXN`` order."""
+        sealed = self.vault.seal({k: original[k] for k in REVERSAL_FIELDS if k in original})
+        return self._columns(row["id"], now, now, row["listener"], row["mti"], row["upstream"], row.get("link", 0),
+                             row["upstream_stan"], original, row.get("state", FORWARDED), sealed, self.worker,
+                             None, None)
+
+    def logged_params(self, record: Sequence[Any]) -> tuple[Any, ...]:
+        """The ``txn`` row of a write-ahead log "T" record (see ``Journal.record_txn``)."""
+        _, txn_id, created, listener, mti, upstream, link, upstream_stan, worker, sealed = record
+        return self._columns(txn_id, created, created, listener, mti, upstream, link, upstream_stan,
+                             self.vault.open(sealed), FORWARDED, sealed, worker, None, None)
+
+    def _columns(self, txn_id: int, created: float, updated: float, listener: str, mti: str, upstream: str,
+                 link: int, upstream_stan: str, original: dict[str, str], state: str, sealed: bytes, worker: int,
+                 rc: str | None, auth: str | None) -> tuple[Any, ...]:
         pan = original.get("2", "")
-        return (row["id"], now, now, row["listener"], row["mti"], original.get("41", "").rstrip(),
-                original.get("42", "").rstrip(), original.get("11", ""), original.get("7", ""), row["upstream"],
-                row.get("link", 0), row["upstream_stan"], original.get("37", ""), original.get("4", ""),
-                original.get("49", ""), mask_pan(pan) if pan else "", self.vault.pan_hash(pan) if pan else "",
-                row.get("state", FORWARDED),
-                self.vault.seal({k: original[k] for k in REVERSAL_FIELDS if k in original}), self.worker)
+        get = original.get
+        return (txn_id, created, updated, listener, mti, get("41", "").rstrip(), get("42", "").rstrip(), get("11", ""),
+                get("7", ""), upstream, link, upstream_stan, get("37", ""), get("4", ""), get("49", ""),
+                mask_pan(pan) if pan else "", self.vault.pan_hash(pan) if pan else "", state, sealed, worker, rc, auth)
 
     def insert_txn(self, conn: sqlite3.Connection, row: dict[str, Any], original: dict[str, str]) -> None:
-        conn.execute(self._INSERT_TXN, self._txn_params(row, original, time.time()))
+        conn.execute(self._INSERT_TXN, self.txn_params(row, original, time.time()))
 
     def insert_txn_many(self, conn: sqlite3.Connection, calls: list[tuple[Any, ...]]) -> None:
         now = time.time()
-        conn.executemany(self._INSERT_TXN, [self._txn_params(row, original, now) for row, original in calls])
+        conn.executemany(self._INSERT_TXN, [self.txn_params(row, original, now) for row, original in calls])
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _insert_many_sql(size: int) -> str:
+        head, values = SQLiteStore._INSERT_TXN.split(" VALUES ")
+        return head.replace("INSERT", "INSERT OR IGNORE", 1) + " VALUES " + ",".join([values] * size)
+
+    def apply_log(self, conn: sqlite3.Connection, records: list[tuple[Any, ...]]) -> tuple[int, int]:
+        """Write one write-ahead log segment's records (txlog.py) into ``txn``, in the caller's
+        transaction: (rows inserted, rows updated).
+
+        An answer to a row of the same segment is folded into the row, so most transactions
+        are one INSERT; a few dozen rows go in one statement. A row already there (the
+        segment is applied again after a crash) is kept as it is, and updates apply in order."""
+        rows: dict[int, list[Any]] = {}
+        updates: list[tuple[Any, ...]] = []
+        for record in records:
+            if record[0] == "T":
+                rows[record[1]] = list(self.logged_params(record))
+                continue
+            _, txn_id, state, when, rc, auth = record
+            row = rows.get(txn_id)
+            if row is None:
+                updates.append((state, when, rc, auth, txn_id))
+                continue
+            row[_P_STATE] = state
+            row[_P_UPDATED] = when
+            if rc is not None:
+                row[_P_RESPONSE_CODE] = rc
+            if auth is not None:
+                row[_P_AUTH_CODE] = auth
+        pending = list(rows.values())
+        inserted, i, n = 0, 0, len(pending)
+        for size in _CHUNKS:
+            while n - i >= size:
+                cur = conn.execute(self._insert_many_sql(size), [v for row in pending[i:i + size] for v in row])
+                inserted += cur.rowcount
+                i += size
+        updated = conn.executemany(self._UPDATE_TXN, updates).rowcount if updates else 0
+        return inserted, updated
 
     def update_txn(self, conn: sqlite3.Connection, txn_id: int, state: str, response_code: str | None = None,
                    auth_code: str | None = None) -> None:
@@ -354,6 +412,12 @@ class SQLiteStore:
         ).fetchall()
 
 
+# Rows per INSERT in ``apply_log``: 64 at a time, the rest in smaller powers of two
+# (a few prepared statements, each under SQLite's 32,766 bound values).
+_CHUNKS = (64, 32, 16, 8, 4, 2, 1)
+# Positions in a ``txn_params`` row.
+_P_UPDATED, _P_STATE, _P_RESPONSE_CODE, _P_AUTH_CODE = 2, 17, 20, 21
+
 TXN_COLUMNS = ("id, created, listener, mti, terminal, merchant, front_stan, transmission, upstream, upstream_stan,"
                " rrn, amount, currency, pan_masked, state, response_code, auth_code")
 
@@ -380,6 +444,37 @@ class _Op:
 _STOP = object()
 
 
+def replay_segments(conn: sqlite3.Connection, store: SQLiteStore, worker: int | None) -> int:
+    """Write what log segments left behind by a crash hold into SQLite, then delete them.
+
+    ``worker`` None: every segment beside the file (a single process, or the supervisor
+    before it starts the workers); else that worker's own."""
+    from .indexer import apply_segment
+
+    rows = 0
+    for path in txlog.segments(store_path(conn), worker):
+        try:
+            inserted, updated = apply_segment(conn, store, path)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            log.error("journal log %s could not be replayed (%s); left in place", path.name, type(exc).__name__)
+            continue
+        rows += inserted
+        log.info("journal log %s replayed: %d transactions added, %d updated", path.name, inserted, updated)
+    return rows
+
+
+def _apply_log_file(conn: sqlite3.Connection, store: SQLiteStore, path: Path) -> tuple[int, int]:
+    """Thread-mode indexing: one segment in the batch's transaction (deleted after the commit)."""
+    records, torn = txlog.read(path)
+    if torn:
+        log.warning("journal log %s ended with %d unreadable bytes", path.name, torn)
+    return store.apply_log(conn, records)
+
+
+def store_path(conn: sqlite3.Connection) -> str:
+    return conn.execute("PRAGMA database_list").fetchone()[2]
+
+
 class Journal:
     """The store behind a worker thread with group commit; use from trio.
 
@@ -390,7 +485,7 @@ class Journal:
     """
 
     def __init__(self, path: str, vault: PanVault, *, synchronous: str = "NORMAL", max_batch: int = 1000,
-                 metrics: Any = None, worker: int = 0) -> None:
+                 metrics: Any = None, worker: int = 0, replay_all: bool = True, indexer: str = "process") -> None:
         global _worker_bits
         if not 0 <= worker < MAX_WORKERS:
             raise ValueError(f"worker number must be below {MAX_WORKERS}")
@@ -418,6 +513,19 @@ class Journal:
         if path != ":memory:":
             self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does it (see _checkpoints)
         self._checkpoint_stop = threading.Event()
+        # Forwarded transactions go to the write-ahead log (txlog.py) from the event loop and
+        # reach SQLite through the indexer (indexer.py) every INDEX_EVERY seconds. With
+        # synchronous=FULL (a power loss must not lose them either) they take the thread and
+        # its fsync'd commit instead.
+        self.write_ahead = path != ":memory:" and synchronous != "FULL"
+        self.indexer_mode = indexer
+        self.txlog: txlog.TxLog | None = None
+        self._indexer: Any = None
+        self._indexed: dict[Path, trio.Event] = {}  # segments someone waits for (see ``sync``)
+        if self.write_ahead:
+            # A single process owns every segment beside the file; a worker only its own.
+            replay_segments(self._conn, self.store, None if replay_all else worker)
+            self.txlog = txlog.TxLog(path, worker)
 
     # -- lifecycle
 
@@ -429,18 +537,30 @@ class Journal:
         self._thread = threading.Thread(target=self._work, name="journal", daemon=True)
         self._thread.start()
         checkpointer = None
-        if self.path != ":memory:":
+        # The indexer process checkpoints when there is one (the copy stays off this process's GIL).
+        if self.path != ":memory:" and not (self.write_ahead and self.indexer_mode == "process"):
             checkpointer = threading.Thread(target=self._checkpoints, name="journal-checkpoint", daemon=True)
             checkpointer.start()
         self._kick = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump)
+                if self.txlog is not None:
+                    if self.indexer_mode == "process":
+                        from .indexer import LogIndexer
+
+                        self._indexer = LogIndexer(self, self._segment_done)
+                        await nursery.start(self._indexer.run)
+                    nursery.start_soon(self._index)
                 task_status.started()
                 async for batch in receive:
                     await self._deliver(batch)
         finally:
             with trio.CancelScope(shield=True):
+                if self.txlog is not None:
+                    await self._rotate()
+                    if self._indexer is not None:
+                        await self._indexer.close(10)
                 self._hand_over()
                 self._queue.put(_STOP)
                 self._checkpoint_stop.set()
@@ -473,6 +593,114 @@ class Journal:
             self._kick = trio.Event()
             self._hand_over()
 
+    async def _index(self) -> None:
+        """Every INDEX_EVERY seconds the log segment is closed and goes to the indexer."""
+        while True:
+            await trio.sleep(INDEX_EVERY)
+            await self._rotate()
+
+    async def _rotate(self) -> Path | None:
+        assert self.txlog is not None
+        try:
+            path = self.txlog.rotate()
+        except OSError as exc:
+            self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
+            return None
+        if path is None:
+            return None
+        if self._indexer is not None:
+            await self._indexer.send(path)
+        else:  # thread mode, or the process is not running (start-up, shutdown)
+            self.submit(_apply_log_file, self.store, path,
+                        callback=lambda counts, error: self._segment_done(
+                            path, error is None, type(error).__name__ if error else "%d %d" % counts, unlink=True))
+        return path
+
+    def _segment_done(self, path: Path, ok: bool, detail: str, unlink: bool = False) -> None:
+        """The indexer is done with a segment: ``detail`` is "<inserted> <updated>", or why it failed."""
+        if ok:
+            if self.metrics is not None:
+                counts = detail.split()
+                if len(counts) == 2 and all(c.isdigit() for c in counts):
+                    self.metrics.journal_writes("insert_txn").inc(int(counts[0]))
+                    self.metrics.journal_writes("update_txn").inc(int(counts[1]))
+            if unlink:
+                try:
+                    path.unlink()
+                except OSError as exc:
+                    log.warning("journal log %s not deleted (%s)", path.name, exc.strerror)
+            if self.failed is not None and self.failed.startswith("indexer"):
+                self.failed = None
+        else:
+            log.error("journal log %s could not be written to SQLite (%s); kept for the next start", path.name,
+                      detail)
+            self.note_failure(f"indexer: {detail}")
+        event = self._indexed.pop(path, None)
+        if event is not None:
+            event.set()
+
+    async def sync(self, timeout: float = 5.0) -> None:
+        """Wait until what was logged so far is in SQLite (reads that must see it: front-end
+        reversals looking for their original)."""
+        if self.txlog is None:
+            return
+        path = await self._rotate()
+        if path is None:
+            return
+        event = self._indexed.setdefault(path, trio.Event())
+        with trio.move_on_after(timeout):
+            await event.wait()
+            return
+        log.warning("journal: the indexer did not write %s within %.0f s", path.name, timeout)
+
+    def note_failure(self, why: str) -> None:
+        self.failed = why
+        log.error("journal: %s", why)
+        if self.metrics is not None:
+            self.metrics.journal_errors().inc()
+
+    def record_txn(self, row: dict[str, Any], original: dict[str, str], *, write: bool = True) -> None:
+        """Journal a transaction about to be sent (write-ahead mode): in the log now, in SQLite
+        within INDEX_EVERY. Raises OSError when the log can't be written: then the
+        transaction must not be sent. With ``write=False`` the record waits for ``write_log``,
+        which must succeed before the transaction is sent.
+
+        ``original`` holds only REVERSAL_FIELDS. The event loop seals it and writes; the
+        indexer derives the row's columns (masked PAN, keyed hash, identities) from it."""
+        assert self.txlog is not None
+        record = ("T", row["id"], time.time(), row["listener"], row["mti"], row["upstream"], row.get("link", 0),
+                  row["upstream_stan"], self.store.worker, self.store.vault.seal(original))
+        self.txlog.append(record, write=False)
+        if write:
+            self.write_log()
+
+    def write_log(self) -> None:
+        """Everything logged so far to the kernel (one system call); raises OSError."""
+        assert self.txlog is not None
+        try:
+            self.txlog.write()
+        except OSError as exc:
+            self.txlog.discard()  # those transactions are refused, never sent
+            self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
+            raise
+        if self.failed is not None and self.failed.startswith("log:"):
+            self.failed = None
+
+    def set_state(self, txn_id: int, state: str, response_code: str | None = None,
+                  auth_code: str | None = None) -> None:
+        """A transaction's new state (answered, timed out, reversed...): in write-ahead mode a
+        log record, written with the next write (or within INDEX_EVERY), applied after the row."""
+        if self.txlog is None:
+            self.submit(self.store.update_txn, txn_id, state, response_code, auth_code)
+            return
+        self.txlog.append(("U", txn_id, state, time.time(), response_code, auth_code), write=False)
+
+    def _kick_pump(self) -> None:
+        if self._kick is not None:
+            self._kick.set()
+        else:
+            self._hand_over()
+
     def _hand_over(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, []
@@ -493,6 +721,8 @@ class Journal:
             await w.flush()
 
     def close(self) -> None:
+        if self.txlog is not None:
+            self.txlog.close()
         self._conn.close()
 
     # -- use
@@ -500,10 +730,7 @@ class Journal:
     def submit(self, fn: Callable[..., Any], *args: Any, callback: Callback | None = None, **kwargs: Any) -> None:
         """Queue ``fn(conn, *args, **kwargs)``; call from the event loop thread."""
         self._pending.append(_Op(fn, args, kwargs, callback))
-        if self._kick is not None:
-            self._kick.set()
-        else:  # not running yet (start-up) or any more: straight to the thread
-            self._hand_over()
+        self._kick_pump()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(conn, *args)`` in the journal's transaction order and return its result."""
@@ -569,8 +796,9 @@ class Journal:
                 self.metrics.journal_commit_seconds().observe(time.perf_counter() - started)
                 kinds: dict[str, int] = {}
                 for op in batch:
-                    if op.fn.__name__.startswith(("insert", "update", "cancel", "set")):
-                        kinds[op.fn.__name__] = kinds.get(op.fn.__name__, 0) + 1
+                    name = op.fn.__name__
+                    if name.startswith(("insert", "update", "cancel", "set")):
+                        kinds[name] = kinds.get(name, 0) + 1
                 for kind, n in kinds.items():
                     self.metrics.journal_writes(kind).inc(n)
             self._hand_back(batch)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import txlog
 from .config import load_config
 from .errors import IsoGatewayError
 from .journal import SAF_PARKED, SAF_PENDING, SAF_SENT, SQLiteStore
@@ -64,6 +66,10 @@ def journal_find(args: argparse.Namespace) -> int:
                   f"rc={r.response_code or '-'}")
     if not rows and not args.json:
         print("no matching transaction")
+    waiting = txlog.segments(args.journal or load_config(args.config).journal.path)
+    if waiting:  # a running gateway writes them within a second; a stopped one at its next start
+        print(f"note: {len(waiting)} journal log segment(s) not yet in the database: the newest transactions "
+              "(within the last second, or before a crash) may not show until they are", file=sys.stderr)
     return 0
 
 

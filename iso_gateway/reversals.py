@@ -92,7 +92,7 @@ class DurableReversals:
                 log.info("late decline (%s) on %s: its unsent reversal is cancelled", rc, conn.cfg.name)
 
         self.journal.submit(store.cancel_unsent_saf, request.txn_id, f"late response {rc}", callback=cancelled)
-        self.journal.submit(store.update_txn, request.txn_id, TIMED_OUT, rc, None)
+        self.journal.set_state(request.txn_id, TIMED_OUT, rc)
 
     def undeliverable(self, request: "FrontRequest", scan: Scan, raw: bytes) -> None:
         """The switch answered, the front end can't be told: an approval is reversed."""
@@ -101,13 +101,13 @@ class DurableReversals:
             log.warning("approval for a front end that is gone: reversing it")
             self._queue(request, "undeliverable", auth_code=scan.values.get(38), then=lambda: None)
         elif request.txn_id is not None:
-            self.journal.submit(self.journal.store.update_txn, request.txn_id, ANSWERED, rc, None)
+            self.journal.set_state(request.txn_id, ANSWERED, rc)
 
     # -- queueing
 
     def _note_txn(self, request: "FrontRequest", state: str) -> None:
         if request.txn_id is not None:
-            self.journal.submit(self.journal.store.update_txn, request.txn_id, state, None, None)
+            self.journal.set_state(request.txn_id, state)
 
     def _queue(self, request: "FrontRequest", reason: str, auth_code: str | None,
                then: Callable[[], "FrameWriter | None"]) -> None:
@@ -116,7 +116,7 @@ class DurableReversals:
                               request.txn_id, auth_code)
         store = self.journal.store
         if request.txn_id is not None:
-            self.journal.submit(store.update_txn, request.txn_id, TIMED_OUT, None, None)
+            self.journal.set_state(request.txn_id, TIMED_OUT)
         metrics = self.gateway.metrics
 
         def durable(result: object, error: BaseException | None) -> "FrameWriter | None":
@@ -278,7 +278,7 @@ class SafWorker:
         store = self.journal.store
         self.journal.submit(store.update_saf, item.id, state=SAF_ACKED, result="acknowledged")
         if item.txn_id is not None:
-            self.journal.submit(store.update_txn, item.txn_id, REVERSED, None, None)
+            self.journal.set_state(item.txn_id, REVERSED)
         self.reversals.gateway.metrics.reversals(self.upstream.cfg.name, "acknowledged").inc()
         log.info("reversal %s (RRN %s) acknowledged by %s", saf_label(item.id), item.message.get("37", "?"), self.upstream.cfg.name)
         self.wake()

@@ -41,17 +41,20 @@ def supervise(config_path: str, workers: int) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir  # before prometheus-client is imported, here and in workers
     from .config import load_config
     from .errors import ConfigError
-    from .journal import MAX_WORKERS, SQLiteStore
+    from .journal import MAX_WORKERS, SQLiteStore, replay_segments
     from .logs import setup_logging
-    from .security.pan import load_master_key
+    from .security.pan import PanVault, load_master_key
 
     config = load_config(config_path)
     setup_logging(config.log.level, config.log.format, config.log.file, config.gateway.name)
     if workers > MAX_WORKERS:
         raise ConfigError("--workers", "", f"at most {MAX_WORKERS} workers")
     if config.journal.enabled:  # create the shared file and key once, before the workers race to
-        load_master_key(config.journal.key_file)
-        SQLiteStore.connect(config.journal.path, config.journal.synchronous).close()
+        vault = PanVault(load_master_key(config.journal.key_file))
+        conn = SQLiteStore.connect(config.journal.path, config.journal.synchronous)
+        # What any worker logged before a crash of the whole group (a restarted worker replays its own).
+        replay_segments(conn, SQLiteStore(vault), None)
+        conn.close()
     try:
         return trio.run(_supervise, config_path, workers, mp_dir)
     finally:

@@ -208,6 +208,9 @@ async def test_operators_find_transactions_and_park_reversals_with_masked_output
     assert (await client.request(req, timeout=3))["39"] == "91"
     await wait_for(lambda: len(saf_rows(harness)) == 1, 3, "queued")
     path = gw.config.journal.path
+    # The timeout reaches the database with the next indexer batch (journal.INDEX_EVERY).
+    await wait_for(lambda: sqlite3.connect(path).execute("SELECT state FROM txn WHERE rrn=?", (req["37"],))
+                   .fetchone() == ("timed_out",), 3, "the state in the database")
     assert main(["journal", "find", "--journal", path, "--rrn", req["37"]]) == 0
     out = capsys.readouterr().out
     assert "476173******0119" in out and "timed_out" in out and TEST_PAN not in out
