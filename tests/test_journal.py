@@ -1,0 +1,138 @@
+"""The journal's write-ahead log (txlog.py) and its indexer (indexer.py): durable before sending, in SQLite soon after."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from conftest import TEST_PAN, wait_for
+from iso_gateway import txlog
+from iso_gateway.journal import ANSWERED, FORWARDED, REVERSED, Journal, new_id
+from iso_gateway.security.pan import PanVault
+
+ORIGINAL = {"2": TEST_PAN, "4": "000000010000", "7": "1127101010", "11": "000123", "37": "633100000001",
+            "41": "TERM0001", "42": "MERCHANT0000001", "49": "504"}
+
+
+def row(txn_id: int) -> dict:
+    return {"id": txn_id, "listener": "ecom", "mti": "0100", "upstream": "cmi", "link": 0, "upstream_stan": "400001"}
+
+
+def rows(path: Path) -> list[tuple]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT id, state, response_code, auth_code, pan_masked, rrn FROM txn ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def test_records_read_back_and_a_torn_tail_ends_the_segment(tmp_path):
+    seg = tmp_path / "j.sqlite3-txlog.w00.1"
+    records = [("T", 1, 2.0, "ecom", "0100", "cmi", 0, "000001", 0, b"\x00sealed"), ("U", 1, "answered", 3.0, "00", None)]
+    seg.write_bytes(b"".join(txlog.encode(r) for r in records))
+    assert txlog.read(seg) == (records, 0)
+    whole = seg.read_bytes()
+    seg.write_bytes(whole[:-3])  # the crash cut the last write short
+    assert txlog.read(seg) == (records[:1], len(txlog.encode(records[1])) - 3)
+    seg.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0xFF]))  # a flipped byte fails the CRC
+    assert txlog.read(seg)[0] == records[:1]
+
+
+def test_what_a_killed_process_logged_is_in_the_database_after_the_next_start(tmp_path):
+    db = tmp_path / "journal.sqlite3"
+    vault = PanVault(secrets.token_bytes(32))
+    journal = Journal(str(db), vault)
+    answered, in_flight = new_id(), new_id()
+    journal.record_txn(row(answered), ORIGINAL)
+    journal.record_txn(row(in_flight), {**ORIGINAL, "37": "633100000002"})
+    journal.set_state(answered, ANSWERED, "00", "A1B2C3")
+    journal.write_log()  # then the process dies: nothing reached SQLite
+    journal.txlog.close()
+    assert rows(db) == [] and len(txlog.segments(str(db))) == 1
+    segment_bytes = txlog.segments(str(db))[0].read_bytes()
+    assert TEST_PAN.encode() not in segment_bytes and b"476173" not in segment_bytes  # the PAN only sealed
+
+    again = Journal(str(db), vault)  # the next start replays, then deletes, the segment
+    assert rows(db) == [(answered, ANSWERED, "00", "A1B2C3", "476173******0119", "633100000001"),
+                        (in_flight, FORWARDED, None, None, "476173******0119", "633100000002")]
+    assert txlog.segments(str(db)) == []
+    in_doubt = again.run_sync(again.store.in_doubt)
+    assert [(t[0], t[4]["2"]) for t in in_doubt] == [(in_flight, TEST_PAN)]  # reversed after the restart
+    again.close()
+
+
+def test_a_segment_applied_twice_changes_nothing(tmp_path):
+    db = tmp_path / "journal.sqlite3"
+    vault = PanVault(secrets.token_bytes(32))
+    journal = Journal(str(db), vault)
+    txn = new_id()
+    journal.record_txn(row(txn), ORIGINAL)
+    journal.set_state(txn, ANSWERED, "00", None)
+    journal.write_log()
+    seg = journal.txlog.rotate()
+    copy = seg.read_bytes()
+    journal.close()
+    Journal(str(db), vault).close()
+    journal = Journal(str(db), vault)
+    journal.run_sync(journal.store.update_txn, txn, REVERSED)  # a later change, then the crash replays the old segment
+    journal.close()
+    seg.write_bytes(copy)
+    Journal(str(db), vault).close()
+    assert [r[:2] for r in rows(db)] == [(txn, REVERSED)]
+
+
+@pytest.mark.parametrize("indexer", ["process", "thread"])
+async def test_transactions_reach_the_database_through_the_indexer_and_no_segment_is_left(harness, indexer):
+    await harness.start_switch()
+    gw = await harness.start_gateway(journal={"indexer": indexer})
+    client = await harness.client()
+    answers = [await client.request(harness.auth(15000), timeout=3) for _ in range(20)]
+    assert {a["39"] for a in answers} == {"00"}
+    db = Path(gw.config.journal.path)
+    await wait_for(lambda: [r[1] for r in rows(db)] == [ANSWERED] * 20, 3, "20 answered rows")
+    assert gw.metrics.journal_writes("insert_txn")._value.get() == 20
+    gw.stop()
+    await gw.wait_stopped()
+    assert txlog.segments(str(db)) == []  # a clean stop leaves everything in SQLite
+
+
+async def test_a_log_that_cant_be_written_refuses_the_transaction_and_says_not_ready(harness, monkeypatch):
+    sim = await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", full)
+        assert (await client.request(harness.auth(15000), timeout=3))["39"] == "96"
+        assert gw.readiness()[0] is False and "No space left" in gw.readiness()[1]
+    assert sum(r.mti == "0100" for r in sim.records) == 1  # the refused one never left
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    assert gw.readiness()[0] is True
+
+
+async def test_a_killed_indexer_is_restarted_and_loses_nothing(harness):
+    await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    db = Path(gw.config.journal.path)
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    await wait_for(lambda: len(rows(db)) == 1, 3, "the first row")
+    indexer = gw.journal._indexer
+    await wait_for(lambda: indexer._proc is not None, 3, "the indexer running")
+    os.kill(indexer._proc.pid, signal.SIGKILL)
+    for _ in range(10):
+        assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    await wait_for(lambda: len(rows(db)) == 11, 10, "every row, through the restarted indexer")
+    await wait_for(lambda: gw.journal.failed is None, 5, "the failure cleared")
+    await trio.sleep(0)
