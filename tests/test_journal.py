@@ -97,7 +97,7 @@ async def test_transactions_reach_the_database_through_the_indexer_and_no_segmen
     assert {a["39"] for a in answers} == {"00"}
     db = Path(gw.config.journal.path)
     await wait_for(lambda: [r[1] for r in rows(db)] == [ANSWERED] * 20, 3, "20 answered rows")
-    assert gw.metrics.journal_writes("insert_txn")._value.get() == 20
+    await wait_for(lambda: gw.metrics.journal_writes("insert_txn")._value.get() == 20, 3, "counted")
     gw.stop()
     await gw.wait_stopped()
     assert txlog.segments(str(db)) == []  # a clean stop leaves everything in SQLite

@@ -1,0 +1,410 @@
+"""The journal's store: the SQLite schema and statements, PAN-safe, with no event loop in sight.
+
+``SQLiteStore`` is the small interface a server database can implement for
+several gateway nodes; ``Journal`` (journal.py) runs its methods in its worker
+thread, and the indexer process (indexer.py) runs ``apply_log`` without
+importing trio at all (it stays a small process).
+
+What is stored: identities (listener, terminal, merchant, STANs, DE 7, RRN),
+amount, currency, the masked PAN, a keyed hash of the PAN, states and times.
+The PAN itself only inside AES-GCM ciphertext, and only the fields a reversal
+needs. Never CVV2, track data, PIN blocks or ICC data (see security/pan.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any, Sequence
+
+from .masking import mask_pan
+from .security.pan import PanVault
+
+log = logging.getLogger("iso_gateway.journal")
+
+# Transaction states.
+RECEIVED = "received"          # journaled, not yet sent
+FORWARDED = "forwarded"        # sent to the switch, no answer yet (in doubt after a crash)
+ANSWERED = "answered"          # the switch answered (response_code)
+TIMED_OUT = "timed_out"        # no answer in time: a reversal is queued
+NOT_SENT = "not_sent"          # the link dropped before it left
+REVERSED = "reversed"          # a reversal of it was acknowledged
+# SAF states.
+SAF_PENDING = "pending"
+SAF_SENT = "sent"
+SAF_ACKED = "acked"
+SAF_PARKED = "parked"
+SAF_CANCELLED = "cancelled"
+
+# Seconds between WAL checkpoints (the checkpoint thread; see Journal._checkpoints).
+CHECKPOINT_EVERY = 1.0
+# Seconds between bulk writes of the write-ahead log's rows into SQLite (see txlog.py):
+# a transaction answered within this time is written once, in its final state.
+INDEX_EVERY = 0.2
+
+# Fields a reversal is built from (domain ref. 1.4): never 14, 35, 36, 45, 48, 52, 55.
+REVERSAL_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "33", "37", "41", "42", "49")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS txn (
+    id INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    listener TEXT, mti TEXT, terminal TEXT, merchant TEXT, front_stan TEXT, transmission TEXT,
+    upstream TEXT, link INTEGER, upstream_stan TEXT, rrn TEXT, amount TEXT, currency TEXT,
+    pan_masked TEXT, pan_hash TEXT,
+    state TEXT NOT NULL, response_code TEXT, auth_code TEXT,
+    original BLOB,
+    worker INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS txn_rrn ON txn(rrn);
+CREATE INDEX IF NOT EXISTS txn_front ON txn(front_stan, terminal, transmission);
+CREATE TABLE IF NOT EXISTS saf (
+    id INTEGER PRIMARY KEY,
+    txn_id INTEGER,
+    upstream TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT, mti TEXT, stan TEXT, f90 TEXT, rrn TEXT, amount TEXT, currency TEXT, pan_masked TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    last_result TEXT,
+    message BLOB,
+    worker INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS saf_due ON saf(upstream, worker, state, next_attempt);
+CREATE INDEX IF NOT EXISTS saf_txn ON saf(txn_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+_ids = count()
+_id_base = int(time.time() * 1000) << 20
+_worker_bits = 0  # this process's worker number, in the low 6 bits of every id (set by Journal)
+MAX_WORKERS = 64
+# How far back recovery looks for in-doubt transactions: a reversal must reach the
+# switch within 24 h (Mastercard rules, domain ref. 3.3), so two days is ample.
+RECOVERY_WINDOW = 2 * 86400.0
+
+
+def new_id() -> int:
+    """A row id unique across restarts and worker processes: the process start time in ms,
+    then a counter, then the worker number (ids stay unique while a process makes fewer
+    than 16,000 a millisecond, on average since it started)."""
+    return _id_base + (next(_ids) << 6) + _worker_bits
+
+
+def id_at(t: float) -> int:
+    """The smallest id ``new_id`` could give at time ``t``."""
+    return int(t * 1000) << 20
+
+
+@dataclass(slots=True)
+class SafItem:
+    """A reversal owed to a switch, as the SAF worker sees it."""
+
+    id: int
+    txn_id: int | None
+    upstream: str
+    state: str
+    reason: str
+    mti: str
+    stan: str
+    f90: str
+    attempts: int
+    next_attempt: float
+    created: float
+    message: dict[str, str] = field(repr=False)  # the reversal's fields, PAN included: memory only
+    worker: int = 0  # the worker process that owns it (see --workers)
+
+
+@dataclass(slots=True)
+class TxnRow:
+    id: int
+    created: float
+    listener: str
+    mti: str
+    terminal: str
+    merchant: str
+    front_stan: str
+    transmission: str
+    upstream: str
+    upstream_stan: str
+    rrn: str
+    amount: str
+    currency: str
+    pan_masked: str
+    state: str
+    response_code: str | None
+    auth_code: str | None
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+class SQLiteStore:
+    """The SQL. Every method takes the connection and runs inside the caller's transaction.
+
+    This method set is the store interface: a server database (for several
+    gateway nodes sharing one SAF) implements the same methods on its own
+    connection type, and ``Journal`` runs them the same way.
+    """
+
+    def __init__(self, vault: PanVault, worker: int = 0) -> None:
+        self.vault = vault
+        # With --workers, processes share the file; each one sends and recovers only its own rows.
+        self.worker = worker
+
+    @staticmethod
+    def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        for attempt in range(50):  # several workers opening one new file race to set WAL mode
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+        # NORMAL in WAL mode: a commit survives a crash of the process (SIGKILL);
+        # FULL also survives a power loss, at one fsync per group commit.
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        for table in ("txn", "saf"):  # files written before the worker column existed
+            cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            if cols and "worker" not in cols:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN worker INTEGER NOT NULL DEFAULT 0")
+        conn.executescript(SCHEMA)
+        if path != ":memory:":
+            os.chmod(path, 0o600)  # card data at rest, even masked and encrypted: owner only
+        return conn
+
+    # -- writes
+
+    _INSERT_TXN = (
+        "INSERT INTO txn (id, created, updated, listener, mti, terminal, merchant, front_stan, transmission,"
+        " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original, worker,"
+        " response_code, auth_code) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+    _UPDATE_TXN = ("UPDATE txn SET state=?, updated=?, response_code=COALESCE(?, response_code),"
+                   " auth_code=COALESCE(?, auth_code) WHERE id=?")
+
+    def txn_params(self, row: dict[str, Any], original: dict[str, str], now: float) -> tuple[Any, ...]:
+        """The ``txn`` row's values, in ``_INSERT_TXN`` order."""
+        sealed = self.vault.seal({k: original[k] for k in REVERSAL_FIELDS if k in original})
+        return self._columns(row["id"], now, now, row["listener"], row["mti"], row["upstream"], row.get("link", 0),
+                             row["upstream_stan"], original, row.get("state", FORWARDED), sealed, self.worker,
+                             None, None)
+
+    def logged_params(self, record: Sequence[Any]) -> tuple[Any, ...]:
+        """The ``txn`` row of a write-ahead log "T" record (see ``Journal.record_txn``)."""
+        _, txn_id, created, listener, mti, upstream, link, upstream_stan, worker, sealed = record
+        return self._columns(txn_id, created, created, listener, mti, upstream, link, upstream_stan,
+                             self.vault.open(sealed), FORWARDED, sealed, worker, None, None)
+
+    def _columns(self, txn_id: int, created: float, updated: float, listener: str, mti: str, upstream: str,
+                 link: int, upstream_stan: str, original: dict[str, str], state: str, sealed: bytes, worker: int,
+                 rc: str | None, auth: str | None) -> tuple[Any, ...]:
+        pan = original.get("2", "")
+        get = original.get
+        return (txn_id, created, updated, listener, mti, get("41", "").rstrip(), get("42", "").rstrip(), get("11", ""),
+                get("7", ""), upstream, link, upstream_stan, get("37", ""), get("4", ""), get("49", ""),
+                mask_pan(pan) if pan else "", self.vault.pan_hash(pan) if pan else "", state, sealed, worker, rc, auth)
+
+    def insert_txn(self, conn: sqlite3.Connection, row: dict[str, Any], original: dict[str, str]) -> None:
+        conn.execute(self._INSERT_TXN, self.txn_params(row, original, time.time()))
+
+    def insert_txn_many(self, conn: sqlite3.Connection, calls: list[tuple[Any, ...]]) -> None:
+        now = time.time()
+        conn.executemany(self._INSERT_TXN, [self.txn_params(row, original, now) for row, original in calls])
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _insert_many_sql(size: int) -> str:
+        head, values = SQLiteStore._INSERT_TXN.split(" VALUES ")
+        return head.replace("INSERT", "INSERT OR IGNORE", 1) + " VALUES " + ",".join([values] * size)
+
+    def apply_log(self, conn: sqlite3.Connection, records: list[tuple[Any, ...]]) -> tuple[int, int]:
+        """Write one write-ahead log segment's records (txlog.py) into ``txn``, in the caller's
+        transaction: (rows inserted, rows updated).
+
+        An answer to a row of the same segment is folded into the row, so most transactions
+        are one INSERT; a few dozen rows go in one statement. A row already there (the
+        segment is applied again after a crash) is kept as it is, and updates apply in order."""
+        rows: dict[int, list[Any]] = {}
+        updates: list[tuple[Any, ...]] = []
+        for record in records:
+            if record[0] == "T":
+                rows[record[1]] = list(self.logged_params(record))
+                continue
+            _, txn_id, state, when, rc, auth = record
+            row = rows.get(txn_id)
+            if row is None:
+                updates.append((state, when, rc, auth, txn_id))
+                continue
+            row[_P_STATE] = state
+            row[_P_UPDATED] = when
+            if rc is not None:
+                row[_P_RESPONSE_CODE] = rc
+            if auth is not None:
+                row[_P_AUTH_CODE] = auth
+        pending = list(rows.values())
+        inserted, i, n = 0, 0, len(pending)
+        for size in _CHUNKS:
+            while n - i >= size:
+                cur = conn.execute(self._insert_many_sql(size), [v for row in pending[i:i + size] for v in row])
+                inserted += cur.rowcount
+                i += size
+        updated = conn.executemany(self._UPDATE_TXN, updates).rowcount if updates else 0
+        return inserted, updated
+
+    def update_txn(self, conn: sqlite3.Connection, txn_id: int, state: str, response_code: str | None = None,
+                   auth_code: str | None = None) -> None:
+        conn.execute(self._UPDATE_TXN, (state, time.time(), response_code, auth_code, txn_id))
+
+    def update_txn_many(self, conn: sqlite3.Connection, calls: list[tuple[Any, ...]]) -> None:
+        now = time.time()
+        conn.executemany(self._UPDATE_TXN, [(c[1], now, *(c[2:] + (None, None))[:2], c[0]) for c in calls])
+
+    def insert_saf(self, conn: sqlite3.Connection, item: SafItem) -> None:
+        msg = item.message
+        pan = msg.get("2", "")
+        conn.execute(
+            "INSERT INTO saf (id, txn_id, upstream, state, reason, mti, stan, f90, rrn, amount, currency, pan_masked,"
+            " attempts, next_attempt, created, updated, message, worker) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (item.id, item.txn_id, item.upstream, item.state, item.reason, item.mti, item.stan, item.f90,
+             msg.get("37", ""), msg.get("4", ""), msg.get("49", ""), mask_pan(pan) if pan else "",
+             item.attempts, item.next_attempt, item.created, time.time(), self.vault.seal(msg), self.worker),
+        )
+
+    @staticmethod
+    def update_saf(conn: sqlite3.Connection, saf_id: int, *, state: str, attempts: int | None = None,
+                   next_attempt: float | None = None, stan: str | None = None, result: str | None = None) -> None:
+        conn.execute(
+            "UPDATE saf SET state=?, updated=?, attempts=COALESCE(?, attempts), next_attempt=COALESCE(?, next_attempt),"
+            " stan=COALESCE(?, stan), last_result=COALESCE(?, last_result) WHERE id=?",
+            (state, time.time(), attempts, next_attempt, stan, result, saf_id),
+        )
+
+    @staticmethod
+    def cancel_unsent_saf(conn: sqlite3.Connection, txn_id: int, result: str) -> int:
+        """Cancel a reversal of ``txn_id`` that has not been sent yet; returns how many."""
+        cur = conn.execute(
+            "UPDATE saf SET state=?, updated=?, last_result=? WHERE txn_id=? AND state=? AND attempts=0",
+            (SAF_CANCELLED, time.time(), result, txn_id, SAF_PENDING),
+        )
+        return cur.rowcount
+
+    @staticmethod
+    def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+        conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                     (key, value))
+
+    # -- reads
+
+    @staticmethod
+    def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+        row = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _saf_item(self, row: Sequence[Any]) -> SafItem:
+        (sid, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, blob) = row
+        return SafItem(sid, txn_id, upstream, state, reason or "", mti or "", stan or "", f90 or "", attempts,
+                       next_attempt, created, self.vault.open(blob) if blob else {})
+
+    _SAF_COLUMNS = "id, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, message"
+
+    def due_saf(self, conn: sqlite3.Connection, upstream: str, now: float, limit: int) -> list[SafItem]:
+        rows = conn.execute(
+            f"SELECT {self._SAF_COLUMNS} FROM saf WHERE upstream=? AND worker=? AND state IN (?, ?) AND next_attempt<=?"
+            " ORDER BY next_attempt LIMIT ?",
+            (upstream, self.worker, SAF_PENDING, SAF_SENT, now, limit),
+        ).fetchall()
+        return [self._saf_item(r) for r in rows]
+
+    def next_due(self, conn: sqlite3.Connection, upstream: str) -> float | None:
+        """The earliest next attempt among this worker's waiting reversals (an index seek per state)."""
+        dues = [conn.execute("SELECT MIN(next_attempt) FROM saf WHERE upstream=? AND worker=? AND state=?",
+                             (upstream, self.worker, state)).fetchone()[0] for state in (SAF_PENDING, SAF_SENT)]
+        known = [d for d in dues if d is not None]
+        return min(known) if known else None
+
+    def saf_stats(self, conn: sqlite3.Connection, upstream: str) -> tuple[int, float | None, float | None, int]:
+        """(waiting, created time of the oldest waiting, earliest next attempt, parked) for one upstream.
+
+        Counting reads every waiting row: the SAF worker does it for its gauges every
+        STATS_EVERY seconds, and looks up only ``next_due`` in between."""
+        waiting, oldest = conn.execute(
+            "SELECT COUNT(*), MIN(created) FROM saf WHERE upstream=? AND worker=? AND state IN (?, ?)",
+            (upstream, self.worker, SAF_PENDING, SAF_SENT),
+        ).fetchone()
+        (parked,) = conn.execute("SELECT COUNT(*) FROM saf WHERE upstream=? AND worker=? AND state=?",
+                                 (upstream, self.worker, SAF_PARKED)).fetchone()
+        return waiting, oldest, self.next_due(conn, upstream), parked
+
+    def in_doubt(self, conn: sqlite3.Connection, since: float | None = None) -> list[tuple[int, str, str, str, dict[str, str]]]:
+        """This worker's transactions sent upstream and never answered: (id, upstream, mti, upstream_stan, fields).
+
+        Only rows newer than ``since`` (default: the last RECOVERY_WINDOW) are read, by id range:
+        ids grow with time, so no index on the state is needed (one fewer to update per write)."""
+        since = time.time() - RECOVERY_WINDOW if since is None else since
+        rows = conn.execute(
+            "SELECT t.id, t.upstream, t.mti, t.upstream_stan, t.original FROM txn t"
+            " WHERE t.id>=? AND t.worker=? AND t.state=? AND NOT EXISTS (SELECT 1 FROM saf s WHERE s.txn_id=t.id)",
+            (id_at(since), self.worker, FORWARDED),
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3], self.vault.open(r[4]) if r[4] else {}) for r in rows]
+
+    def find_original(self, conn: sqlite3.Connection, terminal: str, stan: str, transmission: str,
+                      mti: str) -> tuple[TxnRow, dict[str, str], list[str]] | None:
+        """The transaction a front-end reversal points at, its fields and its reversals' states."""
+        row = conn.execute(
+            f"SELECT {TXN_COLUMNS}, original FROM txn WHERE terminal=? AND front_stan=? AND transmission=? AND mti=?"
+            " ORDER BY created DESC LIMIT 1",
+            (terminal.rstrip(), stan, transmission, mti),
+        ).fetchone()
+        if row is None:
+            return None
+        txn = TxnRow(*row[:-1])
+        states = [r[0] for r in conn.execute("SELECT state FROM saf WHERE txn_id=?", (txn.id,))]
+        return txn, (self.vault.open(row[-1]) if row[-1] else {}), states
+
+    @staticmethod
+    def find_txns(conn: sqlite3.Connection, *, rrn: str | None = None, stan: str | None = None,
+                  terminal: str | None = None, limit: int = 50) -> list[TxnRow]:
+        where, args = [], []
+        for column, value in (("rrn", rrn), ("front_stan", stan), ("terminal", terminal)):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        sql = f"SELECT {TXN_COLUMNS} FROM txn"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created DESC LIMIT ?"
+        return [TxnRow(*r) for r in conn.execute(sql, (*args, limit))]
+
+    @staticmethod
+    def list_saf(conn: sqlite3.Connection, states: Sequence[str], limit: int = 100) -> list[tuple[Any, ...]]:
+        marks = ",".join("?" * len(states))
+        return conn.execute(
+            "SELECT id, upstream, state, reason, mti, stan, rrn, amount, currency, pan_masked, attempts, next_attempt,"
+            f" created, last_result FROM saf WHERE state IN ({marks}) ORDER BY created LIMIT ?",
+            (*states, limit),
+        ).fetchall()
+
+
+# Rows per INSERT in ``apply_log``: 64 at a time, the rest in smaller powers of two
+# (a few prepared statements, each under SQLite's 32,766 bound values).
+_CHUNKS = (64, 32, 16, 8, 4, 2, 1)
+# Positions in a ``txn_params`` row.
+_P_UPDATED, _P_STATE, _P_RESPONSE_CODE, _P_AUTH_CODE = 2, 17, 20, 21
+
+TXN_COLUMNS = ("id, created, listener, mti, terminal, merchant, front_stan, transmission, upstream, upstream_stan,"
+               " rrn, amount, currency, pan_masked, state, response_code, auth_code")
