@@ -338,6 +338,12 @@ def main() -> int:
     direct = {r.load: r for r in results if r.config == "direct"}
     for line in extra_lines:
         print(line)
+    by = {(r.config, r.load): r for r in results}
+    shares = [f"{load} {by['on', load].throughput / by['off', load].throughput:.0%}"
+              for load in LOADS if ("on", load) in by and ("off", load) in by and by["off", load].throughput]
+    if shares:
+        print("throughput with the journal on, as a share of off (the journal issue asks at least 75%): "
+              + ", ".join(shares))
     print("latency the gateway adds (p50 / p99, vs direct):")
     for r in results:
         if r.config not in ("direct",) and r.load in direct:

@@ -221,21 +221,22 @@ class Journal:
             await self._rotate()
 
     async def _rotate(self) -> Path | None:
+        """Close the segment and hand the complete ones to the indexer; returns the newest."""
         assert self.txlog is not None
         try:
-            path = self.txlog.rotate()
+            paths = self.txlog.rotate()
         except OSError as exc:
             self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
-            return None
-        if path is None:
-            return None
-        if self._indexer is not None:
-            await self._indexer.send(path)
-        else:  # thread mode, or the process is not running (start-up, shutdown)
-            self.submit(_apply_log_file, self.store, path,
-                        callback=lambda counts, error: self._segment_done(
-                            path, error is None, type(error).__name__ if error else "%d %d" % counts, unlink=True))
-        return path
+            paths = self.txlog.rotate() if self.txlog.path is None else []  # the one a failed write closed
+        for path in paths:
+            if self._indexer is not None:
+                await self._indexer.send(path)
+            else:  # thread mode
+                self.submit(_apply_log_file, self.store, path,
+                            callback=lambda counts, error, path=path: self._segment_done(
+                                path, error is None, type(error).__name__ if error else "%d %d" % counts,
+                                unlink=True))
+        return paths[-1] if paths else None
 
     def _segment_done(self, path: Path, ok: bool, detail: str, unlink: bool = False) -> None:
         """The indexer is done with a segment: ``detail`` is "<inserted> <updated>", or why it failed."""
@@ -299,9 +300,8 @@ class Journal:
         """Everything logged so far to the kernel (one system call); raises OSError."""
         assert self.txlog is not None
         try:
-            self.txlog.write()
+            self.txlog.write()  # on failure it drops those transactions: they are refused, never sent
         except OSError as exc:
-            self.txlog.discard()  # those transactions are refused, never sent
             self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
             raise
         if self.failed is not None and self.failed.startswith("log:"):

@@ -10,15 +10,16 @@ times a second (``Journal``); once a segment's rows are committed there, the
 segment is deleted. After a crash, the segments left behind are replayed
 into SQLite at start, before in-doubt transactions are looked for.
 
-A segment holds records, each ``length (4 bytes LE) | CRC-32 (4 bytes LE) |
-payload``, the payload a marshalled tuple:
+A segment holds frames, each ``length (4 bytes LE) | CRC-32 (4 bytes LE) |
+payload``, the payload a marshalled list of the records of one write (the
+requests of one chunk, and the answers since the last write), each a tuple:
 
 - ``("T", *txn columns)``: a transaction sent upstream (the row as SQLite
   will hold it: masked PAN, keyed hash, the reversal fields in AES-GCM
   ciphertext; never a clear PAN, CVV2, track data or PIN block);
 - ``("U", id, state, updated, response_code, auth_code)``: its answer.
 
-A record cut short by the crash (a short or corrupt tail) ends the replay of
+A frame cut short by the crash (a short or corrupt tail) ends the replay of
 its segment, which is reported. Segments are named
 ``<journal file>-txlog.w<worker>.<start time ms>-<pid>`` beside the journal,
 mode 0600, one writer process each.
@@ -54,8 +55,9 @@ def segments(db_path: str, worker: int | None = None) -> list[Path]:
     return sorted(folder.glob(segment_glob(db_path, worker)), key=lambda p: p.name.rsplit(".", 1)[-1])
 
 
-def encode(record: tuple[Any, ...]) -> bytes:
-    payload = marshal.dumps(record, _MARSHAL_VERSION)
+def encode(records: list[tuple[Any, ...]]) -> bytes:
+    """One frame: the records written by one ``write`` (a chunk of requests, answers since)."""
+    payload = marshal.dumps(records, _MARSHAL_VERSION)
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -73,12 +75,12 @@ def read(path: Path) -> tuple[list[tuple[Any, ...]], int]:
         if zlib.crc32(payload) != crc:
             break
         try:
-            record = marshal.loads(payload)
+            frame = marshal.loads(payload)
         except (ValueError, EOFError, TypeError):
             break
-        if not isinstance(record, tuple) or not record or record[0] not in ("T", "U"):
+        if not isinstance(frame, list) or not all(isinstance(r, tuple) and r and r[0] in ("T", "U") for r in frame):
             break
-        records.append(record)
+        records.extend(frame)
         pos = start + length
     return records, end - pos
 
@@ -91,8 +93,8 @@ class TxLog:
         self.base = f"{Path(db_path).name}-txlog.w{worker:02d}"
         self._fd = -1
         self.path: Path | None = None
-        self._written = 0  # bytes in the current segment
-        self._buffer: list[bytes] = []  # records not yet written (answers wait for the next write)
+        self._buffer: list[tuple[Any, ...]] = []  # records not yet written (answers wait for the next write)
+        self._closed: list[Path] = []  # segments closed early (a failed write), for the next rotate
         self._seq = 0
         self.bytes_written = 0
 
@@ -100,44 +102,55 @@ class TxLog:
         self._seq += 1
         self.path = self.folder / f"{self.base}.{int(time.time() * 1000):013d}{self._seq:06d}-{os.getpid()}"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._written = 0
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            assert self.path is not None
+            self._closed.append(self.path)
+            self.path = None
 
     def append(self, record: tuple[Any, ...], *, write: bool) -> None:
         """Add a record; with ``write`` everything buffered goes to the kernel now (raises OSError)."""
-        self._buffer.append(encode(record))
+        self._buffer.append(record)
         if write:
             self.write()
 
     def write(self) -> None:
+        """Everything buffered, as one frame, in one system call.
+
+        If that fails (a full disk), the transactions of the frame are dropped (the caller
+        refuses them) while the answers stay buffered for the next write, and the segment
+        is closed: it may end in a torn frame, and nothing may follow one."""
         if not self._buffer:
             return
-        if self._fd < 0:
-            self._open()
-        data = b"".join(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        view = memoryview(data)
-        while view:  # a regular file takes it all at once unless the disk is full
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            if self._fd < 0:
+                self._open()
+            data = encode(self._buffer)
+            view = memoryview(data)
+            while view:  # a regular file takes it all at once unless the disk is full
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            self._buffer = [r for r in self._buffer if r[0] == "U"]
+            try:
+                self._close()
+            except OSError:
+                pass
+            raise
         self._buffer.clear()
-        self._written += len(data)
         self.bytes_written += len(data)
 
-    def discard(self) -> None:
-        """Drop what is buffered (a write failed: the caller refuses those transactions)."""
-        self._buffer.clear()
-
-    def rotate(self) -> Path | None:
-        """Write what is buffered, close the segment and return its path (None if it got nothing).
-
-        The next record starts a new segment; the caller deletes the old one once
-        its rows are safe in SQLite."""
+    def rotate(self) -> list[Path]:
+        """Write what is buffered, close the segment and return the segments now complete
+        (oldest first; none if nothing was written). The next record starts a new segment;
+        the caller deletes the old ones once their rows are safe in SQLite."""
         self.write()
-        if self._fd < 0:
-            return None
-        os.close(self._fd)
-        self._fd = -1
-        old, self.path = self.path, None
-        return old
+        self._close()
+        done, self._closed = self._closed, []
+        return done
 
     def close(self) -> None:
         if self._fd >= 0:

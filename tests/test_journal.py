@@ -35,14 +35,41 @@ def rows(path: Path) -> list[tuple]:
 
 def test_records_read_back_and_a_torn_tail_ends_the_segment(tmp_path):
     seg = tmp_path / "j.sqlite3-txlog.w00.1"
-    records = [("T", 1, 2.0, "ecom", "0100", "cmi", 0, "000001", 0, b"\x00sealed"), ("U", 1, "answered", 3.0, "00", None)]
-    seg.write_bytes(b"".join(txlog.encode(r) for r in records))
-    assert txlog.read(seg) == (records, 0)
+    first = [("T", 1, 2.0, "ecom", "0100", "cmi", 0, "000001", 0, b"\x00sealed")]
+    second = [("U", 1, "answered", 3.0, "00", None), ("T", 2, 4.0, "ecom", "0100", "cmi", 0, "000002", 0, b"s")]
+    seg.write_bytes(txlog.encode(first) + txlog.encode(second))
+    assert txlog.read(seg) == (first + second, 0)
     whole = seg.read_bytes()
     seg.write_bytes(whole[:-3])  # the crash cut the last write short
-    assert txlog.read(seg) == (records[:1], len(txlog.encode(records[1])) - 3)
+    assert txlog.read(seg) == (first, len(txlog.encode(second)) - 3)
     seg.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0xFF]))  # a flipped byte fails the CRC
-    assert txlog.read(seg)[0] == records[:1]
+    assert txlog.read(seg)[0] == first
+
+
+def test_a_failed_write_closes_the_segment_so_nothing_follows_a_torn_frame(tmp_path, monkeypatch):
+    log_ = txlog.TxLog(str(tmp_path / "j.sqlite3"), 0)
+    log_.append(("T", 1, 1.0, "ecom", "0100", "cmi", 0, "000001", 0, b"s"), write=True)
+    log_.append(("U", 1, "answered", 2.0, "00", None), write=False)
+    log_.append(("T", 2, 3.0, "ecom", "0100", "cmi", 0, "000002", 0, b"s"), write=False)
+    first = log_.path
+    real_write = os.write
+
+    def half(fd, data):  # the disk fills up half-way through the frame
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half)
+    with pytest.raises(OSError):
+        log_.write()
+    monkeypatch.setattr(os, "write", real_write)
+    log_.append(("T", 3, 4.0, "ecom", "0100", "cmi", 0, "000003", 0, b"s"), write=True)
+    assert log_.path != first  # a new segment, after the torn one
+    done = log_.rotate()
+    assert done[0] == first and len(done) == 2
+    records, torn = txlog.read(first)
+    assert [r[:2] for r in records] == [("T", 1)] and torn > 0
+    # The refused transaction 2 is gone; the answer to 1 was kept and went with the next write.
+    assert [r[:2] for r in txlog.read(done[1])[0]] == [("U", 1), ("T", 3)]
 
 
 def test_what_a_killed_process_logged_is_in_the_database_after_the_next_start(tmp_path):
@@ -76,7 +103,7 @@ def test_a_segment_applied_twice_changes_nothing(tmp_path):
     journal.record_txn(row(txn), ORIGINAL)
     journal.set_state(txn, ANSWERED, "00", None)
     journal.write_log()
-    seg = journal.txlog.rotate()
+    (seg,) = journal.txlog.rotate()
     copy = seg.read_bytes()
     journal.close()
     Journal(str(db), vault).close()
@@ -136,3 +163,17 @@ async def test_a_killed_indexer_is_restarted_and_loses_nothing(harness):
     await wait_for(lambda: len(rows(db)) == 11, 10, "every row, through the restarted indexer")
     await wait_for(lambda: gw.journal.failed is None, 5, "the failure cleared")
     await trio.sleep(0)
+
+
+async def test_with_synchronous_full_requests_wait_for_the_thread_commit_and_no_log_is_written(harness):
+    sim = await harness.start_switch()
+    gw = await harness.start_gateway(journal={"synchronous": "FULL"},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    assert not gw.journal.write_ahead
+    client = await harness.client()
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    assert (await client.request(harness.auth(10097), timeout=3))["39"] == "91"  # reversed, as ever
+    db = Path(gw.config.journal.path)
+    await wait_for(lambda: sorted(r[1] for r in rows(db)) == [ANSWERED, "timed_out"], 3, "both rows")
+    await wait_for(lambda: any(r.mti in ("0420", "0421") for r in sim.records), 5, "the reversal")
+    assert txlog.segments(str(db)) == []
