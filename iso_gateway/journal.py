@@ -68,7 +68,7 @@ class _Op:
 _STOP = object()
 
 
-def replay_segments(conn: sqlite3.Connection, store: SQLiteStore, worker: int | None) -> int:
+def replay_segments(conn: sqlite3.Connection, store: SQLiteStore, worker: int | None, *, quiet: bool = False) -> int:
     """Write what log segments left behind by a crash hold into SQLite, then delete them.
 
     ``worker`` None: every segment beside the file (a single process, or the supervisor
@@ -80,10 +80,13 @@ def replay_segments(conn: sqlite3.Connection, store: SQLiteStore, worker: int | 
         try:
             inserted, updated = apply_segment(conn, store, path)
         except (sqlite3.Error, OSError, ValueError) as exc:
-            log.error("journal log %s could not be replayed (%s); left in place", path.name, type(exc).__name__)
-            continue
+            # Later segments wait too: their answers may belong to this one's transactions.
+            log.error("journal log %s could not be replayed (%s); it and %d later ones are left in place",
+                      path.name, type(exc).__name__, len(txlog.segments(store_path(conn), worker)) - 1)
+            break
         rows += inserted
-        log.info("journal log %s replayed: %d transactions added, %d updated", path.name, inserted, updated)
+        if not quiet:
+            log.info("journal log %s replayed: %d transactions added, %d updated", path.name, inserted, updated)
     return rows
 
 
@@ -178,16 +181,27 @@ class Journal:
                     await self._deliver(batch)
         finally:
             with trio.CancelScope(shield=True):
-                if self.txlog is not None:
-                    await self._rotate()
-                    if self._indexer is not None:
-                        await self._indexer.close(10)
+                if self._indexer is not None:
+                    await self._indexer.close(10)  # it finishes what it was sent, then exits
                 self._hand_over()
                 self._queue.put(_STOP)
                 self._checkpoint_stop.set()
                 await trio.to_thread.run_sync(self._thread.join, 10)
                 if checkpointer is not None:
                     await trio.to_thread.run_sync(checkpointer.join, 10)
+                if self.txlog is not None and not self._thread.is_alive():
+                    self._finish_log()
+
+    def _finish_log(self) -> None:
+        """At stop: what the indexer has not written (the last segment at least) goes into SQLite
+        now, from this process, so a clean stop leaves no segment behind."""
+        assert self.txlog is not None
+        try:
+            self.txlog.rotate()
+        except OSError as exc:
+            self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
+        self.txlog.close()
+        replay_segments(self._conn, self.store, self.store.worker, quiet=True)
 
     def _checkpoints(self) -> None:
         """Copy the WAL into the database from a connection of its own, every CHECKPOINT_EVERY seconds.
@@ -492,9 +506,9 @@ class LogIndexer:
                     task_status.started()
                 await self._read(proc)
             finally:
-                self._ready = trio.Event()
-                self._proc = None
+                self._ready = trio.Event()  # (``close`` still has ``_proc`` when this task is cancelled)
             code = await proc.wait()
+            self._proc = None
             if self._closing:
                 return
             log.error("journal indexer exited with %s; %d segments wait; restarting it", code, len(self.unacked))
@@ -531,7 +545,7 @@ class LogIndexer:
 
     async def close(self, timeout: float) -> None:
         """Let the child finish what it was sent, then stop it (after ``timeout`` it is killed;
-        what it had not done stays on disk for the next start)."""
+        what it had not done is left on disk, for ``Journal._finish_log``)."""
         self._closing = True
         proc = self._proc
         if proc is None:
@@ -542,6 +556,8 @@ class LogIndexer:
             await proc.wait()
         if proc.returncode is None:
             proc.kill()
+            await proc.wait()
+        self._proc = None
 
 
 def open_store_readonly(path: str, vault: PanVault) -> tuple[sqlite3.Connection, SQLiteStore]:

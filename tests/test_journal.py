@@ -125,9 +125,13 @@ async def test_transactions_reach_the_database_through_the_indexer_and_no_segmen
     db = Path(gw.config.journal.path)
     await wait_for(lambda: [r[1] for r in rows(db)] == [ANSWERED] * 20, 3, "20 answered rows")
     await wait_for(lambda: gw.metrics.journal_writes("insert_txn")._value.get() == 20, 3, "counted")
-    gw.stop()
+    answers = [await client.request(harness.auth(15000), timeout=3) for _ in range(5)]
+    gw.stop()  # at once: the last ones are still in the log
     await gw.wait_stopped()
-    assert txlog.segments(str(db)) == []  # a clean stop leaves everything in SQLite
+    assert [r[1] for r in rows(db)] == [ANSWERED] * 25  # a clean stop leaves everything in SQLite
+    assert txlog.segments(str(db)) == []
+    if indexer == "process":
+        assert gw.journal._indexer._proc is None  # and the indexer process has exited
 
 
 async def test_a_log_that_cant_be_written_refuses_the_transaction_and_says_not_ready(harness, monkeypatch):
