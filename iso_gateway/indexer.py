@@ -41,8 +41,14 @@ NICE = 10
 
 
 def apply_segment(conn: sqlite3.Connection, store: Any, path: Path) -> tuple[int, int]:
-    """Write one segment into SQLite and delete it: (rows inserted, rows updated)."""
-    records, torn = txlog.read(path)
+    """Write one segment into SQLite and delete it: (rows inserted, rows updated).
+
+    A segment that is gone was written by someone else (the indexer of a gateway killed a
+    moment ago, racing the new gateway's replay): nothing to do."""
+    try:
+        records, torn = txlog.read(path)
+    except FileNotFoundError:
+        return 0, 0
     if torn:
         log.warning("journal log %s ended with %d unreadable bytes (cut short by a crash)", path.name, torn)
     conn.execute("BEGIN IMMEDIATE")
@@ -52,7 +58,7 @@ def apply_segment(conn: sqlite3.Connection, store: Any, path: Path) -> tuple[int
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    path.unlink()
+    path.unlink(missing_ok=True)
     return counts
 
 
@@ -74,7 +80,12 @@ def main() -> int:
     store = SQLiteStore(PanVault(bytes.fromhex(hello.pop("key"))), hello["worker"])
     out = sys.stdout
     checkpoint_at = 0.0
+    parent = os.getppid()
     for line in sys.stdin:
+        if os.getppid() != parent:
+            # The gateway died (SIGKILL): its next start replays the segments in order; writing
+            # one now could apply it after newer ones and undo their state changes.
+            break
         verb, _, arg = line.rstrip("\n").partition(" ")
         if verb != "apply":
             continue
