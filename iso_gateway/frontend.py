@@ -204,7 +204,10 @@ class FrontConnection:
                     return "framing_lost"
                 if frames:
                     for writer in gateway.on_front_frames(self, frames):
-                        await writer.flush()
+                        if writer.deferred:
+                            writer.flush_later()
+                        else:
+                            await writer.flush()
                 if self.in_flight >= cfg.max_in_flight:
                     # Backpressure: stop reading until answers drain below the limit.
                     self._resume = trio.Event()

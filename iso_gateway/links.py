@@ -239,6 +239,10 @@ class UpstreamConnection:
             self._session_scope = nursery.cancel_scope
             nursery.start_soon(self._read_loop, stream, decoder)
             nursery.start_soon(self._timer_loop)
+            # Front ends' requests are flushed by this task, after every task runnable now has
+            # queued its own: with many front connections sending one request each, they leave
+            # together in one send instead of one system call apiece (writer.flush_later).
+            nursery.start_soon(self.writer.run_flusher)
             if cfg.sign_on:
                 self._set_state(LinkState.SIGNING_ON)
                 rc, _ = await self.network_exchange(cfg.network_codes.get("sign_on", "001"), cfg.sign_on_timeout)

@@ -12,6 +12,9 @@ way the writer is broken for good and the owner closes the connection.
 Used by the gateway (``enqueue`` + ``flush``, never raising: the owner reads
 ``broken``) and by the simulator and clients (``send``, which raises once the
 writer is broken and waits when more than ``high_water`` bytes are queued).
+An upstream link's writer also has a flusher task (``run_flusher``): front
+connections queue their requests and ``flush_later``, and the flusher sends
+what all of them queued in one go once they have run.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
 
 class FrameWriter:
     __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "_waiting", "_notify", "broken", "send_timeout",
-                 "high_water", "bytes_sent", "on_broken")
+                 "high_water", "bytes_sent", "on_broken", "_flush_wanted", "deferred")
 
     def __init__(self, stream: "trio.abc.SendStream | SocketIO", send_timeout: float = math.inf,
                  high_water: int = 1 << 20) -> None:
@@ -51,6 +54,9 @@ class FrameWriter:
         # Called once with the reason when the writer breaks, so the owner can
         # close the connection even while its reader is blocked elsewhere.
         self.on_broken: Callable[[str], None] | None = None
+        # Set while ``run_flusher`` runs: callers may then ``flush_later`` instead of flushing.
+        self.deferred = False
+        self._flush_wanted = trio.Event()
 
     @property
     def idle(self) -> bool:
@@ -114,6 +120,22 @@ class FrameWriter:
             raise
         finally:
             self._sending = False
+
+    def flush_later(self) -> None:
+        """Have the flusher task send what is queued once the tasks runnable now have run (many
+        front ends' requests to one switch link then leave in one ``send``)."""
+        self._flush_wanted.set()
+
+    async def run_flusher(self) -> None:
+        """Serve ``flush_later`` until cancelled (the owner runs it beside its reader)."""
+        self.deferred = True
+        try:
+            while True:
+                await self._flush_wanted.wait()
+                self._flush_wanted = trio.Event()
+                await self.flush()
+        finally:
+            self.deferred = False
 
     async def send(self, frame: bytes) -> None:
         """Queue a frame and send (or leave it to the task sending); raise once broken.
