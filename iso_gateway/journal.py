@@ -34,14 +34,25 @@ import trio
 from . import store as store_module
 from . import txlog
 from .security.pan import PanVault
-from .store import (  # noqa: F401 - the journal's names, used through this module by the rest
-    ANSWERED, CHECKPOINT_EVERY, FORWARDED, INDEX_EVERY, MAX_WORKERS, NOT_SENT, RECEIVED, RECOVERY_WINDOW,
+from .store import (
+    ANSWERED, CHECKPOINT_EVERY, FORWARDED, MAX_WORKERS, NOT_SENT, RECEIVED, RECOVERY_WINDOW,
     REVERSAL_FIELDS, REVERSED, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT, SCHEMA, TIMED_OUT,
     TXN_COLUMNS, SafItem, SQLiteStore, TxnRow, id_at, new_id,
 )
 
+# The store's names are the journal's too: the rest of the gateway imports them from here.
+__all__ = [
+    "ANSWERED", "CHECKPOINT_EVERY", "FORWARDED", "MAX_WORKERS", "NOT_SENT", "RECEIVED", "RECOVERY_WINDOW",
+    "REVERSAL_FIELDS", "REVERSED", "SAF_ACKED", "SAF_CANCELLED", "SAF_PARKED", "SAF_PENDING", "SAF_SENT", "SCHEMA",
+    "TIMED_OUT", "TXN_COLUMNS", "SafItem", "SQLiteStore", "TxnRow", "id_at", "new_id",
+    "INDEX_EVERY", "Journal", "LogIndexer", "open_store_readonly", "replay_segments",
+]
+
 log = logging.getLogger("iso_gateway.journal")
 
+# Seconds between bulk writes of the write-ahead log's rows into SQLite (see txlog.py):
+# a transaction answered within this time is written once, in its final state.
+INDEX_EVERY = 0.2
 # An indexer process that dies is started again after this many seconds.
 INDEXER_RESTART_DELAY = 1.0
 

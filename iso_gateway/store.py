@@ -44,9 +44,6 @@ SAF_CANCELLED = "cancelled"
 
 # Seconds between WAL checkpoints (the checkpoint thread; see Journal._checkpoints).
 CHECKPOINT_EVERY = 1.0
-# Seconds between bulk writes of the write-ahead log's rows into SQLite (see txlog.py):
-# a transaction answered within this time is written once, in its final state.
-INDEX_EVERY = 0.2
 
 # Fields a reversal is built from (domain ref. 1.4): never 14, 35, 36, 45, 48, 52, 55.
 REVERSAL_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "33", "37", "41", "42", "49")
