@@ -239,7 +239,9 @@ class Gateway:
         self.metrics_port: int | None = None
         # More conditions for /readyz, each () -> (ok, why if not): e.g. the journal is writable.
         self.readiness_checks: list[Callable[[], tuple[bool, str]]] = [self._journal_ready]
-        # Requests of the chunk being handled, logged but not sent yet (see _send_held).
+        # Requests logged but not yet written to the log nor sent (see _send_held): those of the
+        # chunk being handled, or of every front connection that ran this turn when the links'
+        # flusher tasks send (then the log gets one write, and one seal, for all of them).
         self._held: list[tuple[FrontRequest, tuple]] = []
         self._now_utc = datetime.now(timezone.utc)
 
@@ -409,6 +411,18 @@ class Gateway:
                 continue
             if w is not None:
                 touched.add(w)
+        if self._held:
+            writers = {request.conn.writer for request, _ in self._held if request.conn is not None}
+            if all(w is not None and w.deferred for w in writers):
+                for w in writers:  # their flusher calls _send_held first (see links.py)
+                    w.flush_later()  # type: ignore[union-attr]
+            else:
+                self._send_held(touched)
+        return touched
+
+    def release_held(self) -> set[FrameWriter]:
+        """A link's flusher is about to send: log and queue every held request first."""
+        touched: set[FrameWriter] = set()
         if self._held:
             self._send_held(touched)
         return touched

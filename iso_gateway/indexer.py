@@ -46,7 +46,7 @@ def apply_segment(conn: sqlite3.Connection, store: Any, path: Path) -> tuple[int
     A segment that is gone was written by someone else (the indexer of a gateway killed a
     moment ago, racing the new gateway's replay): nothing to do."""
     try:
-        records, torn = txlog.read(path)
+        records, torn = txlog.read(path, store.vault.open_bytes)
     except FileNotFoundError:
         return 0, 0
     if torn:

@@ -103,7 +103,7 @@ def replay_segments(conn: sqlite3.Connection, store: SQLiteStore, worker: int | 
 
 def _apply_log_file(conn: sqlite3.Connection, store: SQLiteStore, path: Path) -> tuple[int, int]:
     """Thread-mode indexing: one segment in the batch's transaction (deleted after the commit)."""
-    records, torn = txlog.read(path)
+    records, torn = txlog.read(path, store.vault.open_bytes)
     if torn:
         log.warning("journal log %s ended with %d unreadable bytes", path.name, torn)
     return store.apply_log(conn, records)
@@ -162,7 +162,7 @@ class Journal:
         if self.write_ahead:
             # A single process owns every segment beside the file; a worker only its own.
             replay_segments(self._conn, self.store, None if replay_all else worker)
-            self.txlog = txlog.TxLog(path, worker)
+            self.txlog = txlog.TxLog(path, worker, vault.seal_bytes)
 
     # -- lifecycle
 
@@ -312,11 +312,11 @@ class Journal:
         transaction must not be sent. With ``write=False`` the record waits for ``write_log``,
         which must succeed before the transaction is sent.
 
-        ``original`` holds only REVERSAL_FIELDS. The event loop seals it and writes; the
-        indexer derives the row's columns (masked PAN, keyed hash, identities) from it."""
+        ``original`` holds only REVERSAL_FIELDS. The log seals it with the rest of its write;
+        the indexer derives the row's columns (masked PAN, keyed hash, identities) from it."""
         assert self.txlog is not None
         record = ("T", row["id"], time.time(), row["listener"], row["mti"], row["upstream"], row.get("link", 0),
-                  row["upstream_stan"], self.store.worker, self.store.vault.seal(original))
+                  row["upstream_stan"], self.store.worker, original)
         self.txlog.append(record, write=False)
         if write:
             self.write_log()

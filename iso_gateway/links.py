@@ -70,6 +70,10 @@ class LinkListener(Protocol):
 
     def on_unmatched(self, conn: "UpstreamConnection", scan: Scan, raw: bytes, late: object | None, now: float) -> FrameWriter | None: ...
 
+    def release_held(self) -> set[FrameWriter]:
+        """Queue what waits to be sent (requests waiting for their journal write); returns the writers touched."""
+        ...
+
 
 class _NetworkWaiter:
     """The link's own 0800 (sign-on, echo, sign-off) waiting for its 0810."""
@@ -242,6 +246,7 @@ class UpstreamConnection:
             # Front ends' requests are flushed by this task, after every task runnable now has
             # queued its own: with many front connections sending one request each, they leave
             # together in one send instead of one system call apiece (writer.flush_later).
+            self.writer.before_flush = self.upstream.listener.release_held
             nursery.start_soon(self.writer.run_flusher)
             if cfg.sign_on:
                 self._set_state(LinkState.SIGNING_ON)

@@ -201,10 +201,11 @@ class SQLiteStore:
                              None, None)
 
     def logged_params(self, record: Sequence[Any]) -> tuple[Any, ...]:
-        """The ``txn`` row of a write-ahead log "T" record (see ``Journal.record_txn``)."""
-        _, txn_id, created, listener, mti, upstream, link, upstream_stan, worker, sealed = record
+        """The ``txn`` row of a write-ahead log "T" record (see ``Journal.record_txn``): the
+        reversal fields are sealed here, one row at a time (the log sealed them per frame)."""
+        _, txn_id, created, listener, mti, upstream, link, upstream_stan, worker, original = record
         return self._columns(txn_id, created, created, listener, mti, upstream, link, upstream_stan,
-                             self.vault.open(sealed), FORWARDED, sealed, worker, None, None)
+                             original, FORWARDED, self.vault.seal(original), worker, None, None)
 
     def _columns(self, txn_id: int, created: float, updated: float, listener: str, mti: str, upstream: str,
                  link: int, upstream_stan: str, original: dict[str, str], state: str, sealed: bytes, worker: int,

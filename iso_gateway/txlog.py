@@ -11,13 +11,16 @@ segment is deleted. After a crash, the segments left behind are replayed
 into SQLite at start, before in-doubt transactions are looked for.
 
 A segment holds frames, each ``length (4 bytes LE) | CRC-32 (4 bytes LE) |
-payload``, the payload a marshalled list of the records of one write (the
-requests of one chunk, and the answers since the last write), each a tuple:
+payload``, the payload the journal's AES-GCM seal (security/pan.py) of a
+marshalled list: the records of one write (the requests of one chunk, and
+the answers since the last write), each a tuple:
 
-- ``("T", *txn columns)``: a transaction sent upstream (the row as SQLite
-  will hold it: masked PAN, keyed hash, the reversal fields in AES-GCM
-  ciphertext; never a clear PAN, CVV2, track data or PIN block);
-- ``("U", id, state, updated, response_code, auth_code)``: its answer.
+- ``("T", id, time, listener, mti, upstream, link, upstream STAN, worker,
+  fields)``: a transaction sent upstream, with the fields a reversal needs
+  (the PAN among them: hence the seal; never CVV2, track data or a PIN block);
+- ``("U", id, state, time, response_code, auth_code)``: a later state.
+
+One seal per write, not per transaction, keeps the cost on the event loop low.
 
 A frame cut short by the crash (a short or corrupt tail) ends the replay of
 its segment, which is reported. Segments are named
@@ -34,7 +37,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("iso_gateway.txlog")
 
@@ -55,14 +58,20 @@ def segments(db_path: str, worker: int | None = None) -> list[Path]:
     return sorted(folder.glob(segment_glob(db_path, worker)), key=lambda p: p.name.rsplit(".", 1)[-1])
 
 
-def encode(records: list[tuple[Any, ...]]) -> bytes:
-    """One frame: the records written by one ``write`` (a chunk of requests, answers since)."""
-    payload = marshal.dumps(records, _MARSHAL_VERSION)
+def _plain(data: bytes) -> bytes:
+    return data
+
+
+def encode(records: list[tuple[Any, ...]], seal: Callable[[bytes], bytes] = _plain) -> bytes:
+    """One frame: the records written by one ``write`` (a chunk of requests, answers since),
+    marshalled, then sealed (the journal's AES-GCM: the records carry PANs)."""
+    payload = seal(marshal.dumps(records, _MARSHAL_VERSION))
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def read(path: Path) -> tuple[list[tuple[Any, ...]], int]:
-    """The records of one segment, and how many bytes at its end could not be read (a torn tail)."""
+def read(path: Path, unseal: Callable[[bytes], bytes] = _plain) -> tuple[list[tuple[Any, ...]], int]:
+    """The records of one segment, and how many bytes at its end could not be read (a torn
+    tail, or a frame the key does not open)."""
     data = path.read_bytes()
     records: list[tuple[Any, ...]] = []
     pos, end = 0, len(data)
@@ -75,8 +84,8 @@ def read(path: Path) -> tuple[list[tuple[Any, ...]], int]:
         if zlib.crc32(payload) != crc:
             break
         try:
-            frame = marshal.loads(payload)
-        except (ValueError, EOFError, TypeError):
+            frame = marshal.loads(unseal(payload))
+        except Exception:  # noqa: BLE001 - a frame that does not open or unmarshal ends the segment
             break
         if not isinstance(frame, list) or not all(isinstance(r, tuple) and r and r[0] in ("T", "U") for r in frame):
             break
@@ -88,7 +97,8 @@ def read(path: Path) -> tuple[list[tuple[Any, ...]], int]:
 class TxLog:
     """One process's append-only segments; used from the event loop thread only."""
 
-    def __init__(self, db_path: str, worker: int) -> None:
+    def __init__(self, db_path: str, worker: int, seal: Callable[[bytes], bytes] = _plain) -> None:
+        self.seal = seal
         self.folder = Path(db_path).parent
         self.base = f"{Path(db_path).name}-txlog.w{worker:02d}"
         self._fd = -1
@@ -128,7 +138,7 @@ class TxLog:
         try:
             if self._fd < 0:
                 self._open()
-            data = encode(self._buffer)
+            data = encode(self._buffer, self.seal)
             view = memoryview(data)
             while view:  # a regular file takes it all at once unless the disk is full
                 n = os.write(self._fd, view)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 class FrameWriter:
     __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "_waiting", "_notify", "broken", "send_timeout",
-                 "high_water", "bytes_sent", "on_broken", "_flush_wanted", "deferred")
+                 "high_water", "bytes_sent", "on_broken", "_flush_wanted", "deferred", "before_flush")
 
     def __init__(self, stream: "trio.abc.SendStream | SocketIO", send_timeout: float = math.inf,
                  high_water: int = 1 << 20) -> None:
@@ -57,6 +57,9 @@ class FrameWriter:
         # Set while ``run_flusher`` runs: callers may then ``flush_later`` instead of flushing.
         self.deferred = False
         self._flush_wanted = trio.Event()
+        # Called by the flusher before it sends: may queue more frames (here or on other
+        # writers) and returns the writers it touched.
+        self.before_flush: Callable[[], set[FrameWriter]] | None = None
 
     @property
     def idle(self) -> bool:
@@ -133,6 +136,14 @@ class FrameWriter:
             while True:
                 await self._flush_wanted.wait()
                 self._flush_wanted = trio.Event()
+                if self.before_flush is not None:
+                    for other in self.before_flush():
+                        if other is self:
+                            continue
+                        if other.deferred:
+                            other.flush_later()
+                        else:
+                            await other.flush()
                 await self.flush()
         finally:
             self.deferred = False

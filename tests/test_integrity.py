@@ -60,8 +60,8 @@ async def test_a_transaction_in_flight_when_the_gateway_is_killed_is_reversed_af
         in_db = db.execute("SELECT state FROM txn WHERE rrn='000000004242'").fetchall()
         db.close()
         store = SQLiteStore(PanVault(load_master_key(tmp_path / "pan.key")))
-        logged = [store.logged_params(r) for seg in txlog.segments(str(db_path)) for r in txlog.read(seg)[0]
-                  if r[0] == "T"]
+        logged = [store.logged_params(r) for seg in txlog.segments(str(db_path))
+                  for r in txlog.read(seg, store.vault.open_bytes)[0] if r[0] == "T"]
         logged = [row for row in logged if row[12] == "000000004242"]  # the rrn column
         assert in_db == [("forwarded",)] or (not in_db and len(logged) == 1 and logged[0][17] == "forwarded")
         await gateway.start()

@@ -181,3 +181,13 @@ async def test_with_synchronous_full_requests_wait_for_the_thread_commit_and_no_
     await wait_for(lambda: sorted(r[1] for r in rows(db)) == [ANSWERED, "timed_out"], 3, "both rows")
     await wait_for(lambda: any(r.mti in ("0420", "0421") for r in sim.records), 5, "the reversal")
     assert txlog.segments(str(db)) == []
+
+
+def test_frames_are_sealed_and_a_wrong_key_reads_nothing(tmp_path):
+    vault, other = PanVault(secrets.token_bytes(32)), PanVault(secrets.token_bytes(32))
+    seg = tmp_path / "j.sqlite3-txlog.w00.1"
+    records = [("T", 1, 2.0, "ecom", "0100", "cmi", 0, "000001", 0, ORIGINAL)]
+    seg.write_bytes(txlog.encode(records, vault.seal_bytes))
+    assert TEST_PAN.encode() not in seg.read_bytes() and b"TERM0001" not in seg.read_bytes()
+    assert txlog.read(seg, vault.open_bytes) == (records, 0)
+    assert txlog.read(seg, other.open_bytes) == ([], seg.stat().st_size)

@@ -93,11 +93,19 @@ class PanVault:
         The plaintext is a zero byte and the marshalled dict (a third of JSON's cost on
         the hot path; only what this key sealed is ever unmarshalled, GCM sees to that).
         Records sealed as JSON by earlier versions still open."""
+        return self.seal_bytes(b"\0" + marshal.dumps(record, 4))
+
+    def seal_bytes(self, data: bytes) -> bytes:
+        """AES-256-GCM of ``data``: a 12-byte nonce, then ciphertext and tag."""
         nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, b"\0" + marshal.dumps(record, 4), None)
+        return nonce + self._aead.encrypt(nonce, data, None)
+
+    def open_bytes(self, blob: bytes) -> bytes:
+        """What ``seal_bytes`` sealed; raises if the blob was not sealed by this key or was changed."""
+        return self._aead.decrypt(blob[:12], blob[12:], None)
 
     def open(self, blob: bytes) -> dict[str, str]:
-        plain = self._aead.decrypt(blob[:12], blob[12:], None)
+        plain = self.open_bytes(blob)
         if plain[:1] == b"\0":
             record = marshal.loads(plain[1:])
             if not isinstance(record, dict):
