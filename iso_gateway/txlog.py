@@ -1,11 +1,12 @@
 """The journal's write-ahead log: what "journaled before it is sent" costs on the hot path.
 
-A forwarded transaction is appended to a log segment with one ``os.write``
-from the event loop, before its frame goes to the switch. The write reaches
+Forwarded transactions are appended to a log segment from the event loop, the
+requests of a turn of the loop in one ``os.write``, before their frames go to
+the switch (the gateway's ``_send_held``). The write reaches
 the kernel's page cache, so it survives a crash of the process (SIGKILL), as
 a SQLite commit in WAL mode with ``synchronous=NORMAL`` does; it costs about a
-microsecond, where a round trip through the journal thread and a commit cost
-tens. The rows are then written to SQLite in bulk, in the background, a few
+few microseconds, where a round trip through the journal thread and a commit
+cost tens. The rows are then written to SQLite in bulk, in the background, a few
 times a second (``Journal``); once a segment's rows are committed there, the
 segment is deleted. After a crash, the segments left behind are replayed
 into SQLite at start, before in-doubt transactions are looked for.
