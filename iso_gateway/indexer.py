@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import sqlite3
 import sys
 import time
@@ -74,19 +75,21 @@ def main() -> int:
         os.nice(NICE)
     except OSError:
         pass
-    hello = json.loads(sys.stdin.readline())
+    lines = _Lines(sys.stdin.fileno())
+    hello = json.loads(lines.next() or "{}")
+    lines.idle = float(hello.get("idle_exit", 0)) or None
     conn = SQLiteStore.connect(hello["db"], hello["synchronous"])
     conn.execute("PRAGMA wal_autocheckpoint=0")  # the gateway's checkpoint thread does it
     store = SQLiteStore(PanVault(bytes.fromhex(hello.pop("key"))), hello["worker"])
     out = sys.stdout
     checkpoint_at = 0.0
     parent = os.getppid()
-    for line in sys.stdin:
+    while (line := lines.next()) is not None:
         if os.getppid() != parent:
             # The gateway died (SIGKILL): its next start replays the segments in order; writing
             # one now could apply it after newer ones and undo their state changes.
             break
-        verb, _, arg = line.rstrip("\n").partition(" ")
+        verb, _, arg = line.partition(" ")
         if verb != "apply":
             continue
         path = Path(arg)
@@ -103,8 +106,33 @@ def main() -> int:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
                 log.warning("journal checkpoint failed (%s)", type(exc).__name__)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    except sqlite3.Error:
+        pass
     conn.close()
     return 0
+
+
+class _Lines:
+    """Lines from a pipe; ``next`` gives None at end of input, or after ``idle`` seconds without
+    a line (the indexer of a quiet gateway exits, and is started again with the next segment)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.idle: float | None = None
+        self._buf = b""
+
+    def next(self) -> str | None:
+        while b"\n" not in self._buf:
+            if self.idle is not None and not select.select([self.fd], [], [], self.idle)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode(errors="replace")
 
 
 if __name__ == "__main__":

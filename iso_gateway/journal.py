@@ -55,6 +55,9 @@ log = logging.getLogger("iso_gateway.journal")
 INDEX_EVERY = 0.2
 # An indexer process that dies is started again after this many seconds.
 INDEXER_RESTART_DELAY = 1.0
+# An indexer process with nothing to do for this many seconds exits (a quiet gateway keeps no
+# idle process); the next segment starts one again.
+INDEXER_IDLE_EXIT = 5.0
 
 
 # --------------------------------------------------------------------------- the worker
@@ -185,7 +188,7 @@ class Journal:
                 if self.txlog is not None:
                     if self.indexer_mode == "process":
                         self._indexer = LogIndexer(self, self._segment_done)
-                        await nursery.start(self._indexer.run)
+                        nursery.start_soon(self._indexer.run)
                     nursery.start_soon(self._index)
                 task_status.started()
                 async for batch in receive:
@@ -494,27 +497,30 @@ class LogIndexer:
         self.unacked: deque[Path] = deque()
         self._proc: trio.Process | None = None
         self._ready = trio.Event()
+        self._work = trio.Event()  # set when there is a segment to write
         self._closing = False
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a child running until ``close``; restart it when it dies (sending again what it had)."""
-        started = False
+        """Start a child when there is work, until ``close``. A child that exits after
+        INDEXER_IDLE_EXIT quiet seconds is started again with the next segment; one that
+        dies is restarted and gets again what it had not acknowledged."""
+        task_status.started()
         while True:
+            await self._work.wait()
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "iso_gateway.indexer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             self._proc = proc
             try:
                 j = self.journal
                 hello = {"db": j.path, "synchronous": j.synchronous, "key": j.store.vault.export_key().hex(),
-                         "worker": j.store.worker}
+                         "worker": j.store.worker, "idle_exit": INDEXER_IDLE_EXIT}
                 assert proc.stdin is not None and proc.stdout is not None
                 await proc.stdin.send_all(json.dumps(hello).encode() + b"\n")
-                for path in list(self.unacked):  # what a dead child had not finished
+                for path in list(self.unacked):  # what it has to do (a dead child had not finished)
                     await proc.stdin.send_all(f"apply {path}\n".encode())
                 self._ready.set()
-                if not started:
-                    started = True
-                    task_status.started()
+                if j.failed == "indexer exited":  # it runs again
+                    j.failed = None
                 await self._read(proc)
             finally:
                 self._ready = trio.Event()  # (``close`` still has ``_proc`` when this task is cancelled)
@@ -522,6 +528,10 @@ class LogIndexer:
             self._proc = None
             if self._closing:
                 return
+            if code == 0:  # quiet for a while: it exits, and starts again with the next segment
+                if not self.unacked:
+                    self._work = trio.Event()
+                continue
             log.error("journal indexer exited with %s; %d segments wait; restarting it", code, len(self.unacked))
             self.journal.note_failure("indexer exited")
             await trio.sleep(INDEXER_RESTART_DELAY)
@@ -545,6 +555,7 @@ class LogIndexer:
 
     async def send(self, path: Path) -> None:
         self.unacked.append(path)
+        self._work.set()
         proc = self._proc
         if proc is None or not self._ready.is_set():
             return  # sent when the (re)started child comes up

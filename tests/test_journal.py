@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from conftest import TEST_PAN, wait_for
+from iso_gateway import journal as journal_module
 from iso_gateway import txlog
 from iso_gateway.journal import ANSWERED, FORWARDED, REVERSED, Journal, new_id
 from iso_gateway.security.pan import PanVault
@@ -191,3 +192,20 @@ def test_frames_are_sealed_and_a_wrong_key_reads_nothing(tmp_path):
     assert TEST_PAN.encode() not in seg.read_bytes() and b"TERM0001" not in seg.read_bytes()
     assert txlog.read(seg, vault.open_bytes) == (records, 0)
     assert txlog.read(seg, other.open_bytes) == ([], seg.stat().st_size)
+
+
+async def test_a_quiet_gateways_indexer_exits_and_the_next_segment_starts_one(harness, monkeypatch):
+    monkeypatch.setattr(journal_module, "INDEXER_IDLE_EXIT", 0.3)
+    await harness.start_switch()
+    gw = await harness.start_gateway()
+    indexer = gw.journal._indexer
+    assert indexer._proc is None  # nothing to write yet: no process
+    client = await harness.client()
+    db = Path(gw.config.journal.path)
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    await wait_for(lambda: len(rows(db)) == 1, 3, "the first row")
+    first = indexer._proc
+    await wait_for(lambda: indexer._proc is None, 5, "the idle indexer gone")
+    assert first.returncode == 0 and gw.journal.failed is None and gw.readiness()[0]
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    await wait_for(lambda: len(rows(db)) == 2, 5, "the second row, through a new indexer")
