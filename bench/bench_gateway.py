@@ -80,12 +80,14 @@ def process_tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU of a process and everything under it, children that exited included (a journal
+    indexer exits when idle: its time moves to its parent's cutime/cstime once reaped)."""
     total = 0
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
         except OSError:
             pass
     return total / HZ
