@@ -242,7 +242,7 @@ class Gateway:
         # Requests logged but not yet written to the log nor sent (see _send_held): those of the
         # chunk being handled, or of every front connection that ran this turn when the links'
         # flusher tasks send (then the log gets one write, and one seal, for all of them).
-        self._held: list[tuple[FrontRequest, tuple]] = []
+        self._held: list[tuple[FrontRequest, tuple, int]] = []  # (request, key, journal.log_failures then)
         self._now_utc = datetime.now(timezone.utc)
 
     # ------------------------------------------------------------------ control
@@ -412,7 +412,7 @@ class Gateway:
             if w is not None:
                 touched.add(w)
         if self._held:
-            writers = {request.conn.writer for request, _ in self._held if request.conn is not None}
+            writers = {request.conn.writer for request, _, _ in self._held if request.conn is not None}
             if all(w is not None and w.deferred for w in writers):
                 for w in writers:  # their flusher calls _send_held first (see links.py)
                     w.flush_later()  # type: ignore[union-attr]
@@ -428,15 +428,18 @@ class Gateway:
         return touched
 
     def _send_held(self, touched: set[FrameWriter]) -> None:
-        """The chunk's requests are logged with one write, then sent; if the write fails, none is."""
+        """The held requests are logged with one write, then sent; one whose log record a failed
+        write dropped (this one, or another since it was recorded) is refused, never sent."""
         held, self._held = self._held, []
         error: OSError | None = None
         try:
             self.journal.write_log()
         except OSError as exc:
             error = exc
-        for request, key in held:
-            w = request.transmit() if error is None else self._journaled(request, key, error)
+        failures = self.journal.log_failures
+        for request, key, logged_at in held:
+            why = error or (None if logged_at == failures else OSError("a journal log write failed"))
+            w = request.transmit() if why is None else self._journaled(request, key, why)
             if w is not None:
                 touched.add(w)
 
@@ -528,10 +531,10 @@ class Gateway:
         journal = self.journal
         request.frame = conn.register(request, out, key, now + timeout, now)
         if journal.write_ahead:
-            # Into the log (txlog.py) with the others of this chunk, in one write before any
-            # of them is sent (on_front_frames).
+            # Into the log (txlog.py) with the others of this chunk or of this turn of the loop,
+            # in one write before any of them is sent (on_front_frames, _send_held).
             journal.record_txn(row, request.original, write=False)
-            self._held.append((request, key))
+            self._held.append((request, key, journal.log_failures))
             return None
         # synchronous=FULL: the frame waits for the (fsync'd) commit of its batch.
         journal.submit(journal.store.insert_txn, row, request.original,
@@ -673,7 +676,6 @@ class Gateway:
         request = FrontRequest(self, front, raw, header, mti, values.get(11, ""), upstream, received_at, True)
         request.upstream_stan = stan
         request.conn = conn
-        request.sent = True
         request.restore = {"90": values[90]}
         request.txn_id = new_id()
         txn_id = txn.id
@@ -687,18 +689,26 @@ class Gateway:
         row = {"id": request.txn_id, "listener": listener.name, "mti": mti, "upstream": upstream.cfg.name,
                "link": conn.index, "upstream_stan": stan}
         fields = {k: msg[k] for k in REVERSAL_FIELDS if k in msg}
-        if self.journal.write_ahead:
-            try:
-                self.journal.record_txn(row, fields)
-            except OSError:
-                return local("96", "journal_failed")
-        else:
-            self.journal.submit(store.insert_txn, row, fields)
         self.front_in_flight += 1
         m.upstream_sent(upstream.cfg.name, mti).inc()
         m.in_flight(upstream.cfg.name).inc()
         extra = tuple(values.get(f, "") for f in upstream.cfg.match_fields)
-        return conn.send_request(request, out, match_key(mti, stan, extra), now + upstream.cfg.reversal_timeout, now)
+        key = match_key(mti, stan, extra)
+        request.frame = conn.register(request, out, key, now + upstream.cfg.reversal_timeout, now)
+        if not self.journal.write_ahead:
+            self.journal.submit(store.insert_txn, row, fields)
+            return request.transmit()
+        # Logged and sent with whatever else is held (one write; refused with 96 if it fails).
+        self.journal.record_txn(row, fields, write=False)
+        self._held.append((request, key, self.journal.log_failures))
+        touched: set[FrameWriter] = set()
+        self._send_held(touched)
+        for w in touched:
+            if w.deferred:
+                w.flush_later()
+            else:
+                await w.flush()
+        return None
 
     # ------------------------------------------------------------------ local answers
 

@@ -324,6 +324,12 @@ class Journal:
         if write:
             self.write_log()
 
+    @property
+    def log_failures(self) -> int:
+        """How many log writes have failed: a transaction recorded (``write=False``) when this
+        was n is in the log only if it is still n after a successful ``write_log``."""
+        return self.txlog.failures if self.txlog is not None else 0
+
     def write_log(self) -> None:
         """Everything logged so far to the kernel (one system call); raises OSError."""
         assert self.txlog is not None

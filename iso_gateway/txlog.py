@@ -108,6 +108,9 @@ class TxLog:
         self._closed: list[Path] = []  # segments closed early (a failed write), for the next rotate
         self._seq = 0
         self.bytes_written = 0
+        # Failed writes so far: a transaction logged before a failure whose write was not
+        # seen to succeed was dropped with it (see ``write``), whoever called the write.
+        self.failures = 0
 
     def _open(self) -> None:
         self._seq += 1
@@ -145,6 +148,7 @@ class TxLog:
                 n = os.write(self._fd, view)
                 view = view[n:]
         except OSError:
+            self.failures += 1
             self._buffer = [r for r in self._buffer if r[0] == "U"]
             try:
                 self._close()

@@ -209,3 +209,21 @@ async def test_a_quiet_gateways_indexer_exits_and_the_next_segment_starts_one(ha
     assert first.returncode == 0 and gw.journal.failed is None and gw.readiness()[0]
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
     await wait_for(lambda: len(rows(db)) == 2, 5, "the second row, through a new indexer")
+
+
+def test_a_failed_write_is_seen_by_every_transaction_it_dropped(tmp_path, monkeypatch):
+    journal = Journal(str(tmp_path / "journal.sqlite3"), PanVault(secrets.token_bytes(32)))
+    first = new_id()
+    journal.record_txn(row(first), ORIGINAL, write=False)  # held by one caller...
+    recorded_at = journal.log_failures
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        journal.record_txn(row(new_id()), ORIGINAL)  # ...while another's write fails
+    monkeypatch.undo()
+    journal.write_log()  # the first caller's own write now succeeds, with nothing of its in it
+    assert journal.log_failures != recorded_at  # so it must refuse its transaction (gateway._send_held)
+    journal.close()
