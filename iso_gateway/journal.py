@@ -255,7 +255,7 @@ class Journal:
             paths = self.txlog.rotate()
         except OSError as exc:
             self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
-            paths = self.txlog.rotate() if self.txlog.path is None else []  # the one a failed write closed
+            paths = self.txlog.take_closed()  # the segment the failed write closed, if it did
         for path in paths:
             if self._indexer is not None:
                 await self._indexer.send(path)

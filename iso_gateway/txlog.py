@@ -44,6 +44,8 @@ log = logging.getLogger("iso_gateway.txlog")
 
 _HEAD = struct.Struct("<II")
 _MARSHAL_VERSION = 4
+# The system call that appends (a name of its own, so tests can make the disk "full").
+_write = os.write
 # A record longer than this is corruption (a row is a few hundred bytes).
 MAX_RECORD = 1 << 20
 
@@ -145,7 +147,7 @@ class TxLog:
             data = encode(self._buffer, self.seal)
             view = memoryview(data)
             while view:  # a regular file takes it all at once unless the disk is full
-                n = os.write(self._fd, view)
+                n = _write(self._fd, view)
                 view = view[n:]
         except OSError:
             self.failures += 1
@@ -164,6 +166,10 @@ class TxLog:
         the caller deletes the old ones once their rows are safe in SQLite."""
         self.write()
         self._close()
+        return self.take_closed()
+
+    def take_closed(self) -> list[Path]:
+        """The segments closed so far and not yet handed out (oldest first)."""
         done, self._closed = self._closed, []
         return done
 

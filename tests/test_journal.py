@@ -59,10 +59,10 @@ def test_a_failed_write_closes_the_segment_so_nothing_follows_a_torn_frame(tmp_p
         real_write(fd, bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "write", half)
+    monkeypatch.setattr(txlog, "_write", half)
     with pytest.raises(OSError):
         log_.write()
-    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(txlog, "_write", real_write)
     log_.append(("T", 3, 4.0, "ecom", "0100", "cmi", 0, "000003", 0, b"s"), write=True)
     assert log_.path != first  # a new segment, after the torn one
     done = log_.rotate()
@@ -145,7 +145,7 @@ async def test_a_log_that_cant_be_written_refuses_the_transaction_and_says_not_r
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as m:
-        m.setattr(os, "write", full)
+        m.setattr(txlog, "_write", full)
         assert (await client.request(harness.auth(15000), timeout=3))["39"] == "96"
         assert gw.readiness()[0] is False and "No space left" in gw.readiness()[1]
     assert sum(r.mti == "0100" for r in sim.records) == 1  # the refused one never left
@@ -220,10 +220,28 @@ def test_a_failed_write_is_seen_by_every_transaction_it_dropped(tmp_path, monkey
     def full(*_args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(txlog, "_write", full)
     with pytest.raises(OSError):
         journal.record_txn(row(new_id()), ORIGINAL)  # ...while another's write fails
     monkeypatch.undo()
     journal.write_log()  # the first caller's own write now succeeds, with nothing of its in it
     assert journal.log_failures != recorded_at  # so it must refuse its transaction (gateway._send_held)
     journal.close()
+
+
+async def test_a_full_disk_at_rotation_keeps_the_gateway_up_and_its_segment_is_written_later(harness, monkeypatch):
+    await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    db = Path(gw.config.journal.path)
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"  # its answer waits in memory
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(txlog, "_write", full)
+        await trio.sleep(0.5)  # rotations fail meanwhile
+        assert "No space left" in gw.readiness()[1]
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    await wait_for(lambda: [r[1] for r in rows(db)] == [ANSWERED, ANSWERED], 5, "both rows, answered")
