@@ -162,6 +162,7 @@ class Journal:
         self.txlog: txlog.TxLog | None = None
         self._indexer: Any = None
         self._indexed: dict[Path, trio.Event] = {}  # segments someone waits for (see ``sync``)
+        self._segments_waiting = 0  # handed to the indexer, not yet written (a gauge)
         if self.write_ahead:
             # A single process owns every segment beside the file; a worker only its own.
             replay_segments(self._conn, self.store, None if replay_all else worker)
@@ -256,6 +257,7 @@ class Journal:
         except OSError as exc:
             self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
             paths = self.txlog.take_closed()  # the segment the failed write closed, if it did
+        self._count_segments(len(paths))
         for path in paths:
             if self._indexer is not None:
                 await self._indexer.send(path)
@@ -269,6 +271,7 @@ class Journal:
     def _segment_done(self, path: Path, ok: bool, detail: str, unlink: bool = False) -> None:
         """The indexer is done with a segment: ``detail`` is "<inserted> <updated>", or why it failed."""
         if ok:
+            self._count_segments(-1)
             if self.metrics is not None:
                 counts = detail.split()
                 if len(counts) == 2 and all(c.isdigit() for c in counts):
@@ -288,6 +291,11 @@ class Journal:
         event = self._indexed.pop(path, None)
         if event is not None:
             event.set()
+
+    def _count_segments(self, change: int) -> None:
+        self._segments_waiting += change
+        if self.metrics is not None:
+            self.metrics.journal_log_segments().set(self._segments_waiting)
 
     async def sync(self, timeout: float = 5.0) -> None:
         """Wait until what was logged so far is in SQLite (reads that must see it: front-end

@@ -173,6 +173,9 @@ class Metrics:
         self.journal_writes = counter("journal_writes_total", "Journal records written, by kind.", ("kind",), fast=False)
         self.journal_commit_seconds = histogram("journal_commit_seconds", "Time of one journal group commit.", (), ECHO_BUCKETS)
         self.journal_errors = counter("journal_errors_total", "Journal operations that failed.", (), fast=False)
+        self.journal_log_segments = gauge(
+            "journal_log_segments", "Write-ahead log segments closed and not yet written into SQLite (the indexer's "
+            "backlog; it should stay near 0).", (), "livesum")
 
     def flush(self) -> None:
         """Hand every fast child's change to prometheus-client. Call on the event loop thread

@@ -245,3 +245,23 @@ async def test_a_full_disk_at_rotation_keeps_the_gateway_up_and_its_segment_is_w
         assert "No space left" in gw.readiness()[1]
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
     await wait_for(lambda: [r[1] for r in rows(db)] == [ANSWERED, ANSWERED], 5, "both rows, answered")
+
+
+async def test_the_indexer_backlog_is_a_gauge_that_returns_to_zero(harness):
+    await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    db = Path(gw.config.journal.path)
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    await wait_for(lambda: len(rows(db)) == 1, 3, "the first row")
+    child = gw.journal._indexer._proc
+    os.kill(child.pid, signal.SIGSTOP)  # an indexer that falls behind
+    try:
+        for _ in range(2):
+            assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+            await trio.sleep(0.3)  # a rotation each: a segment that waits
+        assert gw.metrics.journal_log_segments().get() >= 2
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    await wait_for(lambda: len(rows(db)) == 3, 5, "three rows")
+    await wait_for(lambda: gw.metrics.journal_log_segments().get() == 0, 3, "no backlog")

@@ -76,7 +76,8 @@ def test_every_alert_has_a_severity_a_summary_a_description_and_runbook_notes():
     assert {r["alert"] for r in rules} >= {
         "IsoGatewayNoUpstreamReady", "IsoGatewayUpstreamDown", "IsoGatewayLinkDown", "IsoGatewayTimeoutRatioHigh",
         "IsoGatewayLatencyP99High", "IsoGatewayDecodeErrorsSpike", "IsoGatewaySafBacklog",
-        "IsoGatewaySafOldestReversalAging", "IsoGatewaySafReversalsParked", "IsoGatewayDown"}
+        "IsoGatewaySafOldestReversalAging", "IsoGatewaySafReversalsParked", "IsoGatewayDown",
+        "IsoGatewayJournalIndexerBehind"}
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
         notes = rule["annotations"]
@@ -225,6 +226,15 @@ def test_each_alert_fires_on_the_series_that_should_fire_it_and_only_after_its_f
                 _fires("14m", "IsoGatewaySafOldestReversalAging", {**cmi, **crit}),
                 _fires("5m", "IsoGatewaySafReversalsParked"),
                 _fires("7m", "IsoGatewaySafReversalsParked", {**cmi, **crit}),
+            ],
+        },
+        {  # the journal's indexer falls behind (a segment every 0.2 s piles up), then catches up
+            "interval": "1m",
+            "input_series": [_series({}, "0 0 30 60 90 120 0 0 0", "iso_gateway_journal_log_segments")],
+            "alert_rule_test": [
+                _fires("3m", "IsoGatewayJournalIndexerBehind"),  # behind, but not for 2 minutes yet
+                _fires("5m", "IsoGatewayJournalIndexerBehind", warn),
+                _fires("8m", "IsoGatewayJournalIndexerBehind"),  # caught up
             ],
         },
     ]
