@@ -34,6 +34,17 @@ def rows(path: Path) -> list[tuple]:
         db.close()
 
 
+async def one_indexed_approval(harness):
+    """A gateway whose first approval is in SQLite (so its indexer process runs): (gateway, client, db)."""
+    await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    db = Path(gw.config.journal.path)
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    await wait_for(lambda: len(rows(db)) == 1, 3, "the first row")
+    return gw, client, db
+
+
 def test_records_read_back_and_a_torn_tail_ends_the_segment(tmp_path):
     seg = tmp_path / "j.sqlite3-txlog.w00.1"
     first = [("T", 1, 2.0, "ecom", "0100", "cmi", 0, "000001", 0, b"\x00sealed")]
@@ -154,12 +165,7 @@ async def test_a_log_that_cant_be_written_refuses_the_transaction_and_says_not_r
 
 
 async def test_a_killed_indexer_is_restarted_and_loses_nothing(harness):
-    await harness.start_switch()
-    gw = await harness.start_gateway()
-    client = await harness.client()
-    db = Path(gw.config.journal.path)
-    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-    await wait_for(lambda: len(rows(db)) == 1, 3, "the first row")
+    gw, client, db = await one_indexed_approval(harness)
     indexer = gw.journal._indexer
     await wait_for(lambda: indexer._proc is not None, 3, "the indexer running")
     os.kill(indexer._proc.pid, signal.SIGKILL)
@@ -248,12 +254,7 @@ async def test_a_full_disk_at_rotation_keeps_the_gateway_up_and_its_segment_is_w
 
 
 async def test_the_indexer_backlog_is_a_gauge_that_returns_to_zero(harness):
-    await harness.start_switch()
-    gw = await harness.start_gateway()
-    client = await harness.client()
-    db = Path(gw.config.journal.path)
-    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-    await wait_for(lambda: len(rows(db)) == 1, 3, "the first row")
+    gw, client, db = await one_indexed_approval(harness)
     child = gw.journal._indexer._proc
     os.kill(child.pid, signal.SIGSTOP)  # an indexer that falls behind
     try:
