@@ -394,11 +394,14 @@ class Gateway:
 
     # ------------------------------------------------------------------ hot path
 
-    def on_front_frames(self, front: FrontConnection, frames: Sequence[Frame]) -> set[FrameWriter]:
-        """Handle every complete frame read in one chunk; returns the writers the caller must flush."""
+    def on_front_frames(self, front: FrontConnection, frames: Sequence[Frame], touched: set[FrameWriter]) -> None:
+        """Handle every complete frame read in one chunk; the writers to flush go into ``touched``.
+
+        Forwarded requests may be held for the journal's log: the caller ends its round with
+        ``release_held`` (one log write for all of them), then flushes."""
         now = trio.current_time()
         self._now_utc = datetime.now(timezone.utc)
-        touched: set[FrameWriter] = {front.writer}
+        touched.add(front.writer)
         for frame in frames:
             if frame.keepalive:
                 front.writer.enqueue(front.listener.framer.keepalive())
@@ -411,18 +414,12 @@ class Gateway:
                 continue
             if w is not None:
                 touched.add(w)
-        if self._held:
-            writers = {request.conn.writer for request, _, _ in self._held if request.conn is not None}
-            if all(w is not None and w.deferred for w in writers):
-                for w in writers:  # their flusher calls _send_held first (see links.py)
-                    w.flush_later()  # type: ignore[union-attr]
-            else:
-                self._send_held(touched)
-        return touched
 
-    def release_held(self) -> set[FrameWriter]:
-        """A link's flusher is about to send: log and queue every held request first."""
-        touched: set[FrameWriter] = set()
+    def release_held(self, touched: set[FrameWriter] | None = None) -> set[FrameWriter]:
+        """Log and queue every held request (a round of reads ends, or a link's flusher is
+        about to send); returns ``touched`` with the writers they went to."""
+        if touched is None:
+            touched = set()
         if self._held:
             self._send_held(touched)
         return touched

@@ -312,8 +312,9 @@ class UpstreamConnection:
                     w = self._on_frame(frame.message, now)
                     if w is not None:
                         touched.append(w)
-                for w in touched:
-                    await w.flush()
+                for w in touched:  # never waits on a front end that reads slowly
+                    if not w.flush_soon():
+                        await w.flush()
                 if self.writer is not None and self.writer.broken:
                     break
         except FrameError as exc:
@@ -394,7 +395,8 @@ class UpstreamConnection:
                 if w is not None:
                     touched.add(w)
             for w in touched:
-                await w.flush()
+                if not w.flush_soon():
+                    await w.flush()
 
     async def _echo_loop(self) -> None:
         cfg = self.cfg
@@ -485,7 +487,8 @@ class Upstream:
             for c in self.connections:
                 nursery.start_soon(c.run)
             async for writer in receive:
-                await writer.flush()
+                if not writer.flush_soon():
+                    await writer.flush()
 
     async def sign_off(self) -> None:
         async with trio.open_nursery() as nursery:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 class FrameWriter:
     __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "_waiting", "_notify", "broken", "send_timeout",
-                 "high_water", "bytes_sent", "on_broken", "_flush_wanted", "deferred", "before_flush")
+                 "high_water", "bytes_sent", "on_broken", "_flush_wanted", "deferred", "before_flush",
+                 "background")
 
     def __init__(self, stream: "trio.abc.SendStream | SocketIO", send_timeout: float = math.inf,
                  high_water: int = 1 << 20) -> None:
@@ -60,6 +61,9 @@ class FrameWriter:
         # Called by the flusher before it sends: may queue more frames (here or on other
         # writers) and returns the writers it touched.
         self.before_flush: Callable[[], set[FrameWriter]] | None = None
+        # Where ``flush_soon`` finishes a send the kernel could not take at once (a front
+        # connection's writer: its poller's nursery), so a slow reader holds up no other task.
+        self.background: trio.Nursery | None = None
 
     @property
     def idle(self) -> bool:
@@ -108,14 +112,8 @@ class FrameWriter:
                     if scope.cancelled_caught:
                         self._break("send_timeout", notify)
                         return
-                self.bytes_sent += len(data)
-                for callback in notify:
-                    callback(True)
+                self._sent(len(data), notify)
                 notify = []
-                if self._waiting:
-                    self._waiting = False
-                    self._drained.set()
-                    self._drained = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._break("send_failed", notify)
         except BaseException:
@@ -123,6 +121,57 @@ class FrameWriter:
             raise
         finally:
             self._sending = False
+
+    def flush_nowait(self) -> bool:
+        """Send what is queued if the socket takes all of it now, without waiting.
+
+        True when nothing is left for this caller to do (all sent, the writer broken, or a
+        flush under way that will send it); False when the caller must run ``flush`` for
+        the rest (the kernel's buffer was full)."""
+        queue = self._queue
+        if self._sending or self.broken is not None or not queue:
+            return True
+        try_send = getattr(self._stream, "send_nowait", None)
+        if try_send is None:
+            return False
+        data = b"".join(queue) if len(queue) > 1 else queue[0]
+        try:
+            sent = try_send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._break("send_failed")
+            return True
+        if sent < len(data):
+            self._queue = [data[sent:]]
+            self._queued = len(data) - sent
+            return False
+        queue.clear()
+        self._queued = 0
+        notify, self._notify = self._notify, []
+        self._sent(len(data), notify)
+        return True
+
+    def flush_soon(self) -> bool:
+        """Send what is queued now if the socket takes it, else leave the rest to a task of
+        this writer's (its flusher, or one started in ``background``). False only when
+        there is no such task: the caller must then ``await flush()`` itself."""
+        if self.flush_nowait():
+            return True
+        if self.deferred:
+            self.flush_later()
+        elif self.background is not None:
+            self.background.start_soon(self.flush)
+        else:
+            return False
+        return True
+
+    def _sent(self, size: int, notify: list[Callable[[bool], None]]) -> None:
+        self.bytes_sent += size
+        for callback in notify:
+            callback(True)
+        if self._waiting:
+            self._waiting = False
+            self._drained.set()
+            self._drained = trio.Event()
 
     def flush_later(self) -> None:
         """Have the flusher task send what is queued once the tasks runnable now have run (many

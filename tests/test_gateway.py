@@ -245,6 +245,30 @@ async def test_a_client_that_stalls_in_a_half_frame_is_dropped_while_others_are_
     await stalled.aclose()
 
 
+async def test_a_front_end_that_stops_reading_is_dropped_and_holds_no_one_else_up(harness):
+    import socket
+    await harness.start_switch()
+    gw = await harness.start_gateway(listener={"send_timeout": 2.0, "max_in_flight": 100_000},
+                                     upstream={"max_in_flight": 10_000})
+    good = await harness.client()
+    deaf = trio.socket.socket()
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await deaf.connect(("127.0.0.1", harness.port))
+    stream = trio.SocketStream(deaf)
+    await stream.send_all(b"".join(good.frame(harness.auth()) for _ in range(3000)))  # and never reads
+    closed = gw.metrics.connections_closed("ecom", "stalled_reader")
+    answered = 0
+    with trio.fail_after(20):
+        while closed.get() == 0:
+            # Served at once while the deaf connection's answers wait for its send timeout.
+            assert (await good.request(harness.auth(), timeout=1.0))["39"] == "00"
+            answered += 1
+            await trio.sleep(0.05)
+    assert answered >= 10 and len(gw.listeners[0].connections) == 1
+    assert (await good.request(harness.auth(), timeout=1.0))["39"] == "00"
+    await stream.aclose()
+
+
 async def test_garbage_is_answered_or_counted_and_lost_framing_closes_cleanly(harness):
     await harness.start_switch()
     gw = await harness.start_gateway()
