@@ -1,15 +1,19 @@
-"""The listening side: front-end connections, their limits and their reader loop.
+"""The listening side: front-end connections, their limits and their reads.
 
-Each connection has one reader (this module's loop) and one ``FrameWriter``.
+A listener's connections are read by one task, its ``FrontPoller`` (an epoll set
+of its own, waited on through trio), and each has one ``FrameWriter``. A round
+of the poller reads every connection that has data, handles their frames, logs
+the forwarded requests with one journal write and sends each writer's batch.
 Limits all end in a counted outcome: too many connections (accepted, counted,
 closed; the listener keeps accepting), too many requests in flight (reading
 pauses until answers drain: backpressure, not memory), a frame over the size
 limit or a broken length header (framing lost: closed), a frame started and not
 finished within ``partial_frame_timeout`` (a stalled client: dropped), nothing
-at all for ``idle_timeout`` (closed). An exception in one connection is logged
-and counted and never reaches the listener.
+at all for ``idle_timeout`` (closed), answers it does not read for
+``send_timeout`` (a stalled reader: dropped, without holding up anyone else).
+An exception in one connection is logged and counted, closes that connection and
+never reaches the listener or the others.
 """
-
 from __future__ import annotations
 
 import heapq
