@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 
 from conftest import OTHER_PANS, TEST_PAN, wait_for
@@ -267,6 +269,45 @@ async def test_a_front_end_that_stops_reading_is_dropped_and_holds_no_one_else_u
     assert answered >= 10 and len(gw.listeners[0].connections) == 1
     assert (await good.request(harness.auth(), timeout=1.0))["39"] == "00"
     await stream.aclose()
+
+
+async def test_a_switch_that_loses_framing_is_counted_and_reconnected(harness):
+    connections = []
+
+    async def garbage_switch(stream):
+        connections.append(stream)
+        await stream.send_all(b"00X1")  # not a length: framing lost at once
+        await trio.sleep(2)
+
+    listeners = await harness.nursery.start(partial(trio.serve_tcp, garbage_switch, 0, host="127.0.0.1"))
+    harness.switch_port = listeners[0].socket.getsockname()[1]
+    gw = await harness.start_gateway(wait_ready=False, upstream={"sign_on": False, "reconnect_initial": 0.05})
+    await wait_for(lambda: len(connections) >= 2, 5, "a reconnect")
+    assert gw.metrics.decode_errors("upstream", "cmi", "framing").get() >= 1
+    client = await harness.client()  # the front end is still served: no link, so 91 at once
+    assert (await client.request(harness.auth(), timeout=3))["39"] == "91"
+
+
+async def test_an_internal_error_reading_one_connection_closes_only_that_one(harness, monkeypatch):
+    from iso_gateway.frontend import FrontConnection
+    await harness.start_switch()
+    gw = await harness.start_gateway()
+    good = await harness.client()
+    victim = await harness.client()
+    await wait_for(lambda: len(gw.listeners[0].connections) == 2, 2, "two connections")
+    victim_conn = max(gw.listeners[0].connections, key=lambda c: c.id)
+    original = FrontConnection.on_readable
+
+    def on_readable(self, now, touched):
+        if self is victim_conn:
+            raise RuntimeError("a bug")
+        return original(self, now, touched)
+
+    monkeypatch.setattr(FrontConnection, "on_readable", on_readable)
+    await victim.send(harness.auth())
+    await victim.wait_closed(3)
+    assert gw.metrics.connections_closed("ecom", "internal_error").get() == 1
+    assert (await good.request(harness.auth(), timeout=3))["39"] == "00"
 
 
 async def test_garbage_is_answered_or_counted_and_lost_framing_closes_cleanly(harness):
