@@ -99,11 +99,16 @@ class Scanner:
         # whether a wanted value is plain ASCII (the common case, decoded inline).
         self._fixed: list[int] = [_UNDEFINED] * 129
         self._ascii: list[bool] = [False] * 129
-        self._steps: dict[tuple[int, bool], tuple[tuple[int, int, bool], ...]] = {}
+        # Per bitmap walked: the steps, and whether every field in them is ASCII text with an
+        # ASCII length prefix or none (then an all-ASCII message is walked as a str, below).
+        self._steps: dict[tuple[int, bool], tuple[tuple[tuple[int, int, bool], ...], bool]] = {}
+        self._text: list[bool] = [False] * 129
         for num, fd in dialect.fields.items():
             plan = self._plans[num] = _compile(fd)
             self._fixed[num] = plan.fixed_bytes if plan.prefix_kind == _P_NONE else _VARIABLE
             self._ascii[num] = plan.value_kind == _V_ASCII
+            self._text[num] = (plan.value_kind == _V_ASCII and plan.unit == _U_BYTES
+                               and plan.prefix_kind in (_P_NONE, _P_ASCII))
         self._mti_kind = dialect.mti_encoding
         self._mti_len = 2 if dialect.mti_encoding == "bcd" else 4
         self._bitmap_hex = dialect.bitmap_encoding == "hex"
@@ -142,9 +147,16 @@ class Scanner:
         start = pos
         values: dict[int, str] = {} if found is None else found
         spans: dict[int, tuple[int, int]] = {}
-        steps = self._steps.get((bitmap, full))
-        if steps is None:
-            steps = self._compile_steps(bitmap, full)
+        compiled = self._steps.get((bitmap, full))
+        if compiled is None:
+            compiled = self._compile_steps(bitmap, full)
+        steps, text_ok = compiled
+        if text_ok and raw.isascii():
+            end = self._walk_text(raw.decode("ascii"), steps, pos, values, spans)
+            if end >= 0 and not (full and end != n):
+                return Scan(mti, bitmap, values, spans, end)
+            values.clear()  # something is wrong: the walk below names it
+            spans.clear()
         ascii_ = self._ascii
         # The hot loop: one iteration per present field; a fixed field is skipped by
         # its size. Running past the end is checked once after the loop (slices
@@ -177,8 +189,33 @@ class Scanner:
             raise DecodeError("extra bytes after the last field", None, pos)
         return Scan(mti, bitmap, values, spans, pos)
 
-    def _compile_steps(self, bitmap: int, full: bool) -> tuple[tuple[int, int, bool], ...]:
-        """The walk for one bitmap: (field, fixed byte size or a marker, wanted) per present field."""
+    def _walk_text(self, text: str, steps: tuple[tuple[int, int, bool], ...], pos: int, values: dict[int, str],
+                   spans: dict[int, tuple[int, int]]) -> int:
+        """The walk of an all-ASCII message whose fields are all ASCII text: str slices, no
+        per-field decode. Returns the end, or -1 at anything unexpected (a length prefix that
+        is not a number or over its maximum, a message that ends early)."""
+        plans = self._plans
+        for num, size, want in steps:
+            if size < 0:
+                plan = plans[num]
+                width = plan.prefix_width  # type: ignore[union-attr]
+                prefix = text[pos:pos + width]
+                if not prefix.isdigit():
+                    return -1
+                size = int(prefix)
+                if size > plan.max_units:  # type: ignore[union-attr]
+                    return -1
+                pos += width
+            end = pos + size
+            if want:
+                values[num] = text[pos:end]
+                spans[num] = (pos, end)
+            pos = end
+        return pos if pos <= len(text) else -1
+
+    def _compile_steps(self, bitmap: int, full: bool) -> tuple[tuple[tuple[int, int, bool], ...], bool]:
+        """The walk for one bitmap: (field, fixed byte size or a marker, wanted) per present
+        field; and whether ``_walk_text`` can do it."""
         last = 128 if full else self._last_wanted
         steps = []
         rest = bitmap & ~(1 << 127)  # field 1 is the secondary bitmap, read already
@@ -190,7 +227,8 @@ class Scanner:
             steps.append((num, self._fixed[num], num in self.wanted))
         if len(self._steps) >= 4096:  # real traffic has a few dozen bitmaps; garbage must not grow this
             self._steps.clear()
-        result = self._steps[(bitmap, full)] = tuple(steps)
+        text = self._text
+        result = self._steps[(bitmap, full)] = (tuple(steps), all(text[num] for num, _, _ in steps))
         return result
 
     def _raise_truncated(self, raw: bytes | bytearray, steps: tuple[tuple[int, int, bool], ...], pos: int) -> None:

@@ -67,6 +67,22 @@ def test_scan_reads_the_same_values_as_a_full_decode(dialect_name, data):
 
 @pytest.mark.parametrize("dialect_name", DIALECTS)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), full=st.booleans())
+def test_every_field_read_equals_the_full_decode_on_the_text_walk_and_the_byte_walk(dialect_name, data, full):
+    dialect, msg = data.draw(messages(dialect_name))
+    raw = encode(dialect, msg, check_types=False)
+    everything = set(dialect.fields) - {1}
+    decoded = decode(dialect, raw, check_types=False)
+    byte_walk = Scanner(dialect, everything)
+    byte_walk._text = [False] * 129  # as if no field were plain text: the general walk
+    scans = [scanner.scan(raw, full=full) for scanner in (Scanner(dialect, everything), byte_walk)]
+    assert scans[0] == scans[1]
+    assert {str(k): v for k, v in scans[0].values.items()} == {k: v for k, v in decoded.items() if k.isdigit()
+                                                               and k not in ("1", "p", "s")}
+
+
+@pytest.mark.parametrize("dialect_name", DIALECTS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), stan=st.integers(1, 999_999))
 def test_splicing_the_stan_equals_encoding_with_the_new_stan(dialect_name, data, stan):
     dialect, msg = data.draw(messages(dialect_name))
