@@ -204,7 +204,7 @@ class FrontConnection:
             self.close("framing_lost")
             return
         if frames:
-            gateway.on_front_frames(self, frames, touched)
+            gateway.on_front_frames(self, frames, touched, now)
             if self.closed:
                 return
             if self.in_flight >= cfg.max_in_flight:
@@ -314,6 +314,7 @@ class FrontPoller:
             if not events:
                 continue
             now = trio.current_time()
+            gateway.begin_round()
             touched: set[FrameWriter] = set()
             for fd, _ in events:
                 conn = reading.get(fd)

@@ -394,13 +394,17 @@ class Gateway:
 
     # ------------------------------------------------------------------ hot path
 
-    def on_front_frames(self, front: FrontConnection, frames: Sequence[Frame], touched: set[FrameWriter]) -> None:
-        """Handle every complete frame read in one chunk; the writers to flush go into ``touched``.
+    def begin_round(self) -> None:
+        """A round of reads starts: the wall clock that validation checks DE 7 against."""
+        self._now_utc = datetime.now(timezone.utc)
+
+    def on_front_frames(self, front: FrontConnection, frames: Sequence[Frame], touched: set[FrameWriter],
+                        now: float) -> None:
+        """Handle every complete frame read in one chunk (``now``: trio's clock, read at the
+        start of the round); the writers to flush go into ``touched``.
 
         Forwarded requests may be held for the journal's log: the caller ends its round with
         ``release_held`` (one log write for all of them), then flushes."""
-        now = trio.current_time()
-        self._now_utc = datetime.now(timezone.utc)
         touched.add(front.writer)
         for frame in frames:
             if frame.keepalive:
