@@ -32,6 +32,7 @@ from .reversals import DurableReversals, SafWorker
 from .security.pan import PanVault, load_master_key
 from .errors import ConfigError, IsoGatewayError, MessageError
 from .frontend import FrontConnection, Listener
+from .poller import Poller
 from .framing import Frame
 from .links import STAN_BLOCK, Upstream, UpstreamConnection
 from .masking import mask_pan
@@ -230,6 +231,8 @@ class Gateway:
         dd = tuple(config.dialect_dirs)
         rd = tuple(config.rule_dirs)
         self.routes = RouteTable(config.routes, config.routing, source=config_path or "config")
+        # Reads every front connection and switch link from one task (poller.py).
+        self.poller = Poller(self.begin_round, self.release_held)
         self.upstreams = {u.name: Upstream(u, self, self.metrics, dd) for u in config.upstreams}
         self.listeners = [Listener(lc, self, dd, rd) for lc in config.listeners]
         self._stop = trio.Event()
@@ -309,6 +312,13 @@ class Gateway:
         self._restore_stans()
         self.reversals.recover()
         async with trio.open_nursery() as root:
+            poller_scope = trio.CancelScope()
+
+            async def run_poller(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+                with poller_scope:
+                    await self.poller.run(task_status=task_status)
+
+            await root.start(run_poller)
             journal_scope = trio.CancelScope()
 
             async def run_journal(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
@@ -334,11 +344,15 @@ class Gateway:
             holder: list[trio.Nursery] = []
 
             async def connections() -> None:
-                with conn_scope:
-                    async with trio.open_nursery() as n:
-                        holder.append(n)
-                        conn_nursery_ready.set()
-                        await trio.sleep_forever()
+                try:
+                    with conn_scope:
+                        async with trio.open_nursery() as n:
+                            holder.append(n)
+                            conn_nursery_ready.set()
+                            await trio.sleep_forever()
+                finally:
+                    for lst in self.listeners:
+                        lst.close_all("shutdown")
 
             root.start_soon(connections)
             await conn_nursery_ready.wait()
@@ -354,6 +368,7 @@ class Gateway:
             self._save_stans()
             await trio.sleep(0)  # let the last journal batch be handed back
             journal_scope.cancel()
+            poller_scope.cancel()
         self.journal.close()
         self._stopped.set()
 

@@ -1,8 +1,8 @@
 """Upstream links: persistent connections to a bank switch.
 
 Each ``UpstreamConnection`` connects (trying the upstream's hosts in order),
-optionally signs on (0800/001, traffic only after an 0810 with 00), then reads
-responses, answers the switch's own 0800s, sends an echo (0800/301) when it has
+optionally signs on (0800/001, traffic only after an 0810 with 00), then has the
+gateway's poller read its responses (``on_readable``), answers the switch's own 0800s, sends an echo (0800/301) when it has
 been write-idle for ``echo_interval`` and reconnects after ``echo_misses``
 unanswered echoes. Reconnects back off exponentially with jitter. When a
 connection drops, every request in flight on it is answered at once.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import random
+import socket
 from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -26,8 +27,9 @@ import trio
 from .config import UpstreamConfig
 from .dialect import Dialect, get_dialect
 from .errors import FrameError, IsoGatewayError, MessageError
-from .framing import Framer, framer_from_config
+from .framing import FrameDecoder, Framer, framer_from_config
 from .matching import Key, PendingTable, StanAllocator, match_key
+from .poller import Poller
 from .message import build_response, decode, encode, is_request
 from .scanner import Scan, Scanner
 from .sockio import SocketIO
@@ -72,6 +74,11 @@ class LinkListener(Protocol):
 
     def release_held(self) -> set[FrameWriter]:
         """Queue what waits to be sent (requests waiting for their journal write); returns the writers touched."""
+        ...
+
+    @property
+    def poller(self) -> Poller:
+        """Reads the link's socket (poller.py)."""
         ...
 
 
@@ -124,6 +131,9 @@ class UpstreamConnection:
         self.connects = 0
         self.closing = False  # set on shutdown, so the end of the link is not a warning
         self.last_header = b""  # TPDU or header of the switch's last frame (replies swap it)
+        self.fd = -1  # the session's socket, read by the poller
+        self._sock: socket.socket | None = None
+        self._decoder: FrameDecoder | None = None
         # Told every STAN_BLOCK STANs, so the counter can be saved (the gateway journals it).
         self.on_stan_block: Callable[["UpstreamConnection"], None] | None = None
 
@@ -237,11 +247,15 @@ class UpstreamConnection:
         """Serve one connection; True if it reached READY."""
         cfg = self.cfg
         self.writer = FrameWriter(stream, send_timeout=max(cfg.echo_timeout, 5.0))
-        decoder = self.upstream.framer.decoder()
+        self._decoder = self.upstream.framer.decoder()
+        self._sock = stream.sock
+        self.fd = stream.sock.fileno()
         reached_ready = False
+        poller = self.upstream.listener.poller
         async with trio.open_nursery() as nursery:
             self._session_scope = nursery.cancel_scope
-            nursery.start_soon(self._read_loop, stream, decoder)
+            poller.add(self)  # read until _end (the poller calls on_readable)
+            nursery.start_soon(self._stop_reading_at_end, poller)
             nursery.start_soon(self._timer_loop)
             # Front ends' requests are flushed by this task, after every task runnable now has
             # queued its own: with many front connections sending one request each, they leave
@@ -294,38 +308,54 @@ class UpstreamConnection:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _read_loop(self, stream: SocketIO, decoder) -> None:  # noqa: ANN001
-        up = self.upstream
+    async def _stop_reading_at_end(self, poller: Poller) -> None:
         try:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    log.warning("upstream %s connection %d: switch closed the connection", self.cfg.name, self.index)
-                    break
-                frames = decoder.feed(data)
-                now = trio.current_time()
-                touched: list[FrameWriter] = []
-                for frame in frames:
-                    if frame.keepalive:
-                        continue
-                    self.last_header = frame.header
-                    w = self._on_frame(frame.message, now)
-                    if w is not None:
-                        touched.append(w)
-                for w in touched:  # never waits on a front end that reads slowly
-                    if not w.flush_soon():
-                        await w.flush()
-                if self.writer is not None and self.writer.broken:
-                    break
-        except FrameError as exc:
-            log.warning("upstream %s connection %d: framing lost: %s", self.cfg.name, self.index, exc)
-            if up.metrics:
-                up.metrics.decode_errors("upstream", self.cfg.name, "framing").inc()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.warning("upstream %s connection %d: read failed: %s", self.cfg.name, self.index, type(exc).__name__)
+            await trio.sleep_forever()
         finally:
-            if self._session_scope is not None:
-                self._session_scope.cancel()
+            poller.remove(self)  # before the socket closes
+
+    def on_readable(self, now: float, touched: set[FrameWriter]) -> None:
+        """The poller found the switch's socket readable: read once, handle every frame."""
+        cfg = self.cfg
+        assert self._sock is not None and self._decoder is not None
+        try:
+            data = self._sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("upstream %s connection %d: read failed: %s", cfg.name, self.index, type(exc).__name__)
+            self._end()
+            return
+        if not data:
+            log.warning("upstream %s connection %d: switch closed the connection", cfg.name, self.index)
+            self._end()
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as exc:
+            log.warning("upstream %s connection %d: framing lost: %s", cfg.name, self.index, exc)
+            if self.upstream.metrics:
+                self.upstream.metrics.decode_errors("upstream", cfg.name, "framing").inc()
+            self._end()
+            return
+        for frame in frames:
+            if frame.keepalive:
+                continue
+            self.last_header = frame.header
+            w = self._on_frame(frame.message, now)
+            if w is not None:
+                touched.add(w)
+        if self.writer is not None and self.writer.broken:
+            self._end()
+
+    def fail(self) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        """Stop reading and end the session (it reconnects)."""
+        self.upstream.listener.poller.remove(self)
+        if self._session_scope is not None:
+            self._session_scope.cancel()
 
     def _on_frame(self, raw: bytes, now: float) -> FrameWriter | None:
         up = self.upstream
