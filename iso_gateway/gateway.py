@@ -646,7 +646,7 @@ class Gateway:
         except Exception:  # noqa: BLE001 - answer 96 rather than leave the front end waiting
             log.exception("front-end reversal failed; answered 96")
             w = self.answer_locally(front, raw, header, "96", "internal_error", received_at, received_at)
-        if w is not None:
+        if w is not None and not w.flush_soon():
             await w.flush()
 
     async def _front_reversal_inner(self, front: FrontConnection, raw: bytes, header: bytes, scan: Scan,
@@ -720,9 +720,7 @@ class Gateway:
         touched: set[FrameWriter] = set()
         self._send_held(touched)
         for w in touched:
-            if w.deferred:
-                w.flush_later()
-            else:
+            if not w.flush_soon():
                 await w.flush()
         return None
 

@@ -257,9 +257,9 @@ class UpstreamConnection:
             poller.add(self)  # read until _end (the poller calls on_readable)
             nursery.start_soon(self._stop_reading_at_end, poller)
             nursery.start_soon(self._timer_loop)
-            # Front ends' requests are flushed by this task, after every task runnable now has
-            # queued its own: with many front connections sending one request each, they leave
-            # together in one send instead of one system call apiece (writer.flush_later).
+            # The poller sends what a round queued; this task finishes a send the kernel could
+            # not take at once (FrameWriter.flush_soon), so no reader ever waits on the switch,
+            # logging first whatever requests are held for the journal.
             self.writer.before_flush = self.upstream.listener.release_held
             nursery.start_soon(self.writer.run_flusher)
             if cfg.sign_on:

@@ -12,9 +12,11 @@ way the writer is broken for good and the owner closes the connection.
 Used by the gateway (``enqueue`` + ``flush``, never raising: the owner reads
 ``broken``) and by the simulator and clients (``send``, which raises once the
 writer is broken and waits when more than ``high_water`` bytes are queued).
-An upstream link's writer also has a flusher task (``run_flusher``): front
-connections queue their requests and ``flush_later``, and the flusher sends
-what all of them queued in one go once they have run.
+The gateway's poller calls ``flush_soon``: what the kernel takes at once goes
+now, and the rest is finished by a task of the writer's own, so the poller
+never waits on a slow peer. For an upstream link that task is its flusher
+(``run_flusher``, woken by ``flush_later``); for a front connection, a task
+started in ``background``.
 """
 
 from __future__ import annotations
