@@ -12,6 +12,7 @@ at all for ``idle_timeout`` (closed), answers it does not read for
 An exception in one connection is logged and counted, closes that connection and
 never reaches the listener or the others.
 """
+
 from __future__ import annotations
 
 import logging

@@ -243,8 +243,7 @@ class Gateway:
         # More conditions for /readyz, each () -> (ok, why if not): e.g. the journal is writable.
         self.readiness_checks: list[Callable[[], tuple[bool, str]]] = [self._journal_ready]
         # Requests logged but not yet written to the log nor sent (see _send_held): those of the
-        # chunk being handled, or of every front connection that ran this turn when the links'
-        # flusher tasks send (then the log gets one write, and one seal, for all of them).
+        # poller's round, written when it ends (one write, and one seal, for all of them).
         self._held: list[tuple[FrontRequest, tuple, int]] = []  # (request, key, journal.log_failures then)
         self._now_utc = datetime.now(timezone.utc)
 
