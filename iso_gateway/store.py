@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS txn (
     worker INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS txn_rrn ON txn(rrn);
-CREATE INDEX IF NOT EXISTS txn_front ON txn(front_stan, terminal, transmission);
+DROP INDEX IF EXISTS txn_front;
+CREATE INDEX IF NOT EXISTS txn_front_time ON txn(transmission, terminal, front_stan);
 CREATE TABLE IF NOT EXISTS saf (
     id INTEGER PRIMARY KEY,
     txn_id INTEGER,

@@ -127,6 +127,29 @@ def test_a_segment_applied_twice_changes_nothing(tmp_path):
     assert [r[:2] for r in rows(db)] == [(txn, REVERSED)]
 
 
+def test_the_reversal_lookup_index_grows_at_its_end_and_replaces_an_older_journals(tmp_path):
+    db = tmp_path / "journal.sqlite3"
+    vault = PanVault(secrets.token_bytes(32))
+    Journal(str(db), vault).close()
+    old = sqlite3.connect(db)  # a journal from before: the index led by the STAN (random inserts)
+    old.execute("DROP INDEX txn_front_time")
+    old.execute("CREATE INDEX txn_front ON txn(front_stan, terminal, transmission)")
+    old.commit()
+    old.close()
+    Journal(str(db), vault).close()
+    conn = sqlite3.connect(db)
+    try:
+        indexes = {r[0]: r[1] for r in conn.execute("SELECT name, sql FROM sqlite_master WHERE type='index'")}
+        assert "txn_front" not in indexes
+        assert "(transmission, terminal, front_stan)" in indexes["txn_front_time"]  # DE 7 first: time order
+        plan = " ".join(str(r) for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM txn WHERE terminal=? AND front_stan=? AND transmission=? AND mti=?"
+            " ORDER BY created DESC LIMIT 1", ("TERM0001", "000123", "1127101010", "0100")))
+        assert "txn_front_time" in plan
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("indexer", ["process", "thread"])
 async def test_transactions_reach_the_database_through_the_indexer_and_no_segment_is_left(harness, indexer):
     await harness.start_switch()
