@@ -2,10 +2,11 @@
 
 Each ``UpstreamConnection`` connects (trying the upstream's hosts in order),
 optionally signs on (0800/001, traffic only after an 0810 with 00), then has the
-gateway's poller read its responses (``on_readable``), answers the switch's own 0800s, sends an echo (0800/301) when it has
-been write-idle for ``echo_interval`` and reconnects after ``echo_misses``
-unanswered echoes. Reconnects back off exponentially with jitter. When a
-connection drops, every request in flight on it is answered at once.
+gateway's poller read its responses (``on_readable``), answers the switch's own
+0800s, sends an echo (0800/301) when it has been write-idle for
+``echo_interval`` and reconnects after ``echo_misses`` unanswered echoes.
+Reconnects back off exponentially with jitter. When a connection drops, every
+request in flight on it is answered at once.
 
 Protocol decisions (matching, STANs, deadlines) live in ``matching``; this
 module only moves bytes, sleeps and keeps state. It never raises out of
