@@ -8,7 +8,11 @@ specs/load/bench.toml. For each load shape (8 in flight on one connection,
 prints throughput, p50/p99 latency and the gateway's CPU time per transaction
 (user + sys of the gateway's processes divided by transactions: stable on a
 noisy machine, unlike throughput). "direct" sends the same load straight to
-the switch: the baseline the gateway's added latency is read against.
+the switch: the baseline the gateway's added latency is read against. "byte
+pump" relays the same load through bench/pump.py, which copies bytes between
+each front connection and a switch connection of its own and does no ISO 8583
+work at all: the CPU any Python relay pays (system calls, interpreter) before
+doing anything, so a row minus the pump's is the cost of the gateway's own work.
 
     python bench/bench_gateway.py                  # everything, ~3 minutes
     python bench/bench_gateway.py --quick          # fewer transactions
@@ -47,6 +51,8 @@ LOADS = {  # name -> (connections, in flight per connection)
     "64": (1, 64),
     "seq16": (16, 1),
 }
+# Rows that are not a gateway configuration.
+NAMES = {"pump": "byte pump (floor)"}
 # name -> (journal, metrics, workers, description)
 CONFIGS = {
     "off": (False, True, 1, "journal off"),
@@ -307,6 +313,8 @@ def main() -> int:
     ap.add_argument("--switch", choices=("responder", "sim"), default="responder",
                     help="the switch: the instant responder (default) or the simulator")
     ap.add_argument("--jpos-gateway", help='command for another gateway: "... {front_port} {switch_host} {switch_port}"')
+    ap.add_argument("--no-pump", dest="pump", action="store_false",
+                    help="skip the byte pump (bench/pump.py: the same loads relayed with no ISO 8583 work, the floor)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--extras", action="store_true",
                     help="also: linear cost, latency at half the maximum, a 100,000-item SAF backlog, idle connections")
@@ -328,6 +336,14 @@ def main() -> int:
     try:
         for load in loads:
             results.append(measure("direct", load, switch_port, None, count))
+        if args.pump:
+            port = free_port()
+            pump = Proc([sys.executable, str(ROOT / "bench" / "pump.py"), str(port), str(switch_port)], port)
+            try:
+                for load in loads:
+                    results.append(measure("pump", load, port, pump.proc.pid, count))
+            finally:
+                pump.stop()
         for name in configs:
             journal, metrics, workers, _ = CONFIGS[name]
             port = free_port()
@@ -366,7 +382,7 @@ def main() -> int:
     print(f"{'config':<26} {'load':<7} {'tx/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/tx':>10} {'vs jpos':>8}")
     jpos = {r.load: r.cpu_us for r in results if r.config == "jpos"}
     for r in results:
-        desc = CONFIGS[r.config][3] if r.config in CONFIGS else r.config
+        desc = CONFIGS[r.config][3] if r.config in CONFIGS else NAMES.get(r.config, r.config)
         cpu = f"{r.cpu_us:10.1f}" if r.cpu_us is not None else f"{'-':>10}"
         ratio = f"{r.cpu_us / jpos[r.load]:7.2f}x" if r.cpu_us and jpos.get(r.load) and r.config != "jpos" else ""
         print(f"{desc:<26} {r.load:<7} {r.throughput:8.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {cpu} {ratio:>8}")
@@ -381,9 +397,19 @@ def main() -> int:
               "least 75%): " + ", ".join(shares))
     for line in share_lines:
         print(line)
+    floor = {r.load: r.cpu_us for r in results if r.config == "pump" and r.cpu_us}
+    if floor:
+        print("CPU above the floor (a row minus the byte pump's, same load), µs/tx:")
+        for r in results:
+            if r.config not in ("direct", "pump") and r.cpu_us and r.load in floor:
+                print(f"  {r.config:<10} {r.load:<6} {r.cpu_us - floor[r.load]:6.1f}")
+        for load, cpu in jpos.items():
+            if load in floor:
+                print(f"  0.6x jpos at {load} ({0.6 * cpu:.1f} µs/tx) leaves {0.6 * cpu - floor[load]:.1f} µs/tx above "
+                      f"the floor")
     print("latency the gateway adds (p50 / p99, vs direct):")
     for r in results:
-        if r.config not in ("direct",) and r.load in direct:
+        if r.config != "direct" and r.load in direct:
             d = direct[r.load]
             print(f"  {r.config:<10} {r.load:<6} +{r.p50_ms - d.p50_ms:.2f} ms / +{r.p99_ms - d.p99_ms:.2f} ms")
     return 0
