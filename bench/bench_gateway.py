@@ -9,10 +9,12 @@ prints throughput, p50/p99 latency and the gateway's CPU time per transaction
 (user + sys of the gateway's processes divided by transactions: stable on a
 noisy machine, unlike throughput). "direct" sends the same load straight to
 the switch: the baseline the gateway's added latency is read against. "byte
-pump" relays the same load through bench/pump.py, which copies bytes between
-each front connection and a switch connection of its own and does no ISO 8583
-work at all: the CPU any Python relay pays (system calls, interpreter) before
-doing anything, so a row minus the pump's is the cost of the gateway's own work.
+pump" relays the same load through bench/pump.py, which cuts frames, sends every
+front connection's over one switch connection and hands answers back by order,
+with no ISO 8583 work at all: the CPU any Python relay pays (system calls,
+interpreter) before doing anything, so a row minus the pump's is the cost of the
+gateway's own work. (It needs a switch that answers in order: the responder,
+not the simulator.)
 
     python bench/bench_gateway.py                  # everything, ~3 minutes
     python bench/bench_gateway.py --quick          # fewer transactions
@@ -314,7 +316,8 @@ def main() -> int:
                     help="the switch: the instant responder (default) or the simulator")
     ap.add_argument("--jpos-gateway", help='command for another gateway: "... {front_port} {switch_host} {switch_port}"')
     ap.add_argument("--no-pump", dest="pump", action="store_false",
-                    help="skip the byte pump (bench/pump.py: the same loads relayed with no ISO 8583 work, the floor)")
+                    help="skip the byte pump (bench/pump.py: the same loads relayed with no ISO 8583 work, the floor; "
+                         "never run with --switch sim)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--extras", action="store_true",
                     help="also: linear cost, latency at half the maximum, a 100,000-item SAF backlog, idle connections")
@@ -336,7 +339,7 @@ def main() -> int:
     try:
         for load in loads:
             results.append(measure("direct", load, switch_port, None, count))
-        if args.pump:
+        if args.pump and args.switch == "responder":  # the pump matches answers by order
             port = free_port()
             pump = Proc([sys.executable, str(ROOT / "bench" / "pump.py"), str(port), str(switch_port)], port)
             try:

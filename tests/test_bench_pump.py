@@ -1,4 +1,4 @@
-"""The benchmark's byte pump (bench/pump.py): the floor row is only a floor if it relays faithfully."""
+"""The benchmark's floor (bench/pump.py) is only a floor if it relays faithfully."""
 
 from __future__ import annotations
 
@@ -18,75 +18,90 @@ def _connect(port: int) -> socket.socket:
     deadline = time.monotonic() + 10
     while True:
         try:
-            return socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            return sock
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _frame(body: bytes) -> bytes:
+    return b"%04d" % len(body) + body
+
+
+def _read_frame(sock: socket.socket) -> bytes:
+    head = _exactly(sock, 4)
+    return _exactly(sock, int(head))
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
     out = b""
     while len(out) < n:
         chunk = sock.recv(n - len(out))
         if not chunk:
-            break
+            raise EOFError(f"closed after {len(out)} of {n} bytes")
         out += chunk
     return out
 
 
-def test_the_byte_pump_relays_each_connection_both_ways_unchanged_and_closes_the_pair_together():
-    switch = socket.socket()
-    switch.bind(("127.0.0.1", 0))
-    switch.listen(8)
-    switch.settimeout(10)
-    accepted: list[socket.socket] = []
+class InOrderSwitch:
+    """Answers every frame, in order, with "ok:" + the request (and records what it saw)."""
 
-    def accept() -> None:
-        for _ in range(2):
-            conn, _ = switch.accept()
-            accepted.append(conn)
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.seen: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
 
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            try:
+                while True:
+                    body = _read_frame(conn)
+                    self.seen.append(body)
+                    conn.sendall(_frame(b"ok:" + body))
+            except (EOFError, OSError):
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_the_pump_cuts_frames_multiplexes_fronts_onto_one_switch_link_and_answers_each_its_own():
+    switch = InOrderSwitch()
     port = free_port()
-    pump = subprocess.Popen([sys.executable, str(PUMP), str(port), str(switch.getsockname()[1])])
+    pump = subprocess.Popen([sys.executable, str(PUMP), str(port), str(switch.port)])
     try:
-        fronts = [_connect(port), _connect(port)]
-        acceptor.join(10)
-        assert len(accepted) == 2
-        # Each front connection has its own switch connection; bytes go through as they are.
-        payloads = [b"AAAA" + bytes(range(256)) * 40, b"BBBB" + b"\x00\xff" * 3000]
-        for front, data in zip(fronts, payloads):
-            front.sendall(data)
-        partner: dict[int, socket.socket] = {}  # front index -> its switch-side connection
-        for conn in accepted:
-            conn.settimeout(5)
-            head = _recv_exactly(conn, 4)
-            i = [p[:4] for p in payloads].index(head)
-            assert head + _recv_exactly(conn, len(payloads[i]) - 4) == payloads[i]
-            partner[i] = conn
-        assert sorted(partner) == [0, 1]
-        for i, conn in partner.items():
-            conn.sendall(b"answer %d" % i)
-        assert [_recv_exactly(front, 8) for front in fronts] == [b"answer 0", b"answer 1"]
-        # One side closing closes its partner; the other pair and the pump carry on.
-        fronts[0].close()
-        assert partner[0].recv(1) == b""
-        fronts[1].sendall(b"more")
-        assert _recv_exactly(partner[1], 4) == b"more"
+        a, b = _connect(port), _connect(port)
+        # Two frames in one send, and one frame split across two sends.
+        a.sendall(_frame(b"a1") + _frame(b"a2" * 300))
+        first = _frame(b"b1" + bytes(range(256)))
+        b.sendall(first[:7])
+        time.sleep(0.1)
+        b.sendall(first[7:])
+        assert [_read_frame(a), _read_frame(a)] == [b"ok:a1", b"ok:" + b"a2" * 300]
+        assert _read_frame(b) == b"ok:b1" + bytes(range(256))
+        assert sorted(switch.seen) == sorted([b"a1", b"a2" * 300, b"b1" + bytes(range(256))])
+        # A front end that closes loses its answers to come; the others carry on.
+        a.sendall(_frame(b"a3"))
+        a.close()
+        b.sendall(_frame(b"b2"))
+        assert _read_frame(b) == b"ok:b2"
+        # A frame length that is not 4 digits closes that connection only.
+        bad = _connect(port)
+        bad.sendall(b"12x4hello")
+        assert bad.recv(16) == b""
+        b.sendall(_frame(b"b3"))
+        assert _read_frame(b) == b"ok:b3"
         assert pump.poll() is None
-        third = _connect(port)
-        third.sendall(b"still here")
-        conn, _ = switch.accept()
-        accepted.append(conn)
-        conn.settimeout(5)
-        assert _recv_exactly(conn, 10) == b"still here"
-        third.close()
-        fronts[1].close()
+        b.close()
+        bad.close()
     finally:
         pump.terminate()
         assert pump.wait(10) == 0
         switch.close()
-        for conn in accepted:
-            conn.close()
