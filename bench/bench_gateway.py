@@ -16,7 +16,7 @@ interpreter) before doing anything, so a row minus the pump's is the cost of the
 gateway's own work. (It needs a switch that answers in order: the responder,
 not the simulator.)
 
-    python bench/bench_gateway.py                  # every configuration and load, ~8 minutes here
+    python bench/bench_gateway.py                  # every configuration and load, ~2 minutes here
     python bench/bench_gateway.py --quick          # fewer transactions
     python bench/bench_gateway.py --configs off,on --loads 8 --json
 
