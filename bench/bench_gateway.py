@@ -323,7 +323,7 @@ def main() -> int:
                     help="requests sent to the --jpos-gateway before its rows are measured (its JIT warm-up)")
     ap.add_argument("--no-pump", dest="pump", action="store_false",
                     help="skip the byte pump (bench/pump.py: the same loads relayed with no ISO 8583 work, the floor; "
-                         "never run with --switch sim)")
+                         "always skipped with --switch sim)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--extras", action="store_true",
                     help="also: linear cost, latency at half the maximum, a 100,000-item SAF backlog, idle connections")

@@ -18,8 +18,7 @@ def _connect(port: int) -> socket.socket:
     deadline = time.monotonic() + 10
     while True:
         try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            return sock
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
         except OSError:
             if time.monotonic() > deadline:
                 raise
