@@ -79,10 +79,17 @@ class ListenerConfig(WireConfig):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(ge=0, le=65535, description="TCP port; 0 picks a free one")
     rules: str = Field("default", description="validation rule set from specs/rules, or a .toml path")
-    max_connections: int = Field(2000, ge=1, description="open connections; more are accepted, counted and closed")
+    max_connections: int = Field(
+        2000, ge=1, description="open connections; when full, the longest-idle one with no request in flight is "
+        "closed to make room (only when every one has a request in flight is the new one closed)")
+    # Why 200: a front end's connection pool is tens of connections, so 200 leaves it room to
+    # spare, and at a tenth of the default max_connections no single address can hold the
+    # listener (it takes ten, and even then idle connections are closed to make room).
+    max_connections_per_source: int = Field(
+        200, ge=1, description="open connections from one peer address; more are accepted, counted and closed")
     max_in_flight: int = Field(64, ge=1, description="requests in flight per connection before reading pauses")
     idle_timeout: float = Field(300.0, gt=0, description="seconds without a frame before a connection is closed")
-    partial_frame_timeout: float = Field(5.0, gt=0, description="seconds a started frame may take to complete")
+    partial_frame_timeout: float = Field(5.0, gt=0, description="seconds a frame may take to complete, from its first byte")
     send_timeout: float = Field(10.0, gt=0, description="seconds a send to a front end may block before it is dropped")
 
     @field_validator("host")
