@@ -227,6 +227,20 @@ class MetricsConfig(_Model):
     enabled: bool = Field(True, description="serve metrics over HTTP")
     host: str = Field("127.0.0.1", description="address of the /metrics, /healthz, /readyz endpoint")
     port: int = Field(9108, ge=0, le=65535, description="port of that endpoint; 0 picks a free one")
+    # Why 64: Prometheus keeps one connection per target and a prober one per probe, so a few
+    # suffice; 64 leaves room for several scrapers and probes at once and bounds what a
+    # flood can hold (past it, connections wait in the listen queue for a free slot).
+    max_connections: int = Field(64, ge=1, description="connections the endpoint serves at once; more wait in the listen queue")
+    # Why 5 s: a scraper or prober sends its whole request at once, in well under a second;
+    # 5 s is generous on a slow network and still frees a slot held by a client that never
+    # finishes (or never starts) its request soon.
+    header_timeout: float = Field(5.0, gt=0, description="seconds a request's headers may take, from the connection (or the previous answer) on")
+    # Why 10 s: a scrape's answer is a few hundred kilobytes at most, sent in milliseconds to
+    # a client that reads; a client that reads nothing for 10 s is gone or hostile.
+    send_timeout: float = Field(10.0, gt=0, description="seconds an answer may take to be sent before the connection is closed")
+    # Why 1024: room for a burst of about a thousand scrapes or probes arriving at once to
+    # wait their turn, instead of being dropped and retried (the kernel caps it at somaxconn).
+    backlog: int = Field(1024, ge=1, le=65535, description="the listen queue: connections waiting to be served")
 
 
 class Config(_Model):
