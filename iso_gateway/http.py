@@ -48,6 +48,7 @@ picture; the probes answer for the process that serves them.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import socket
@@ -61,7 +62,7 @@ from urllib.parse import parse_qs
 import h11
 import trio
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import _bake_output
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 if TYPE_CHECKING:
     from .config import MetricsConfig
@@ -277,11 +278,15 @@ class ObservabilityApp:
                 call_on_loop(self.token, self.before_scrape, self.deadline)
             except LoopUnresponsive:
                 pass  # serve what was flushed last (at most a second old)
-        # prometheus-client's own exposition: format negotiation, name[] filter, gzip.
-        _, headers, body = _bake_output(self.registry, accept, encoding, {"name[]": list(names)} if names else {},
-                                        False)
+        # prometheus-client's own exposition pieces: format negotiation, name[] filter, gzip.
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(self.registry.restricted_registry(list(names)) if names else self.registry)
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(encoding):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
         self.renders += 1
-        return 200, list(headers), body
+        return 200, headers, body
 
     async def healthz(self) -> Answer:
         start = time.perf_counter()
