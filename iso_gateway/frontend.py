@@ -65,6 +65,8 @@ class Listener:
         # Idle connections to close when the listener is full, longest-idle first: a few taken at
         # once (see _make_room), so a flood of new connections does not scan every open one each.
         self._evictable: list[tuple[float, int, FrontConnection]] = []
+        self._refusals = 0  # refusals not logged yet (see _refused)
+        self._refusal_logged = -math.inf
         self.port = cfg.port
         self._accept_scope: trio.CancelScope | None = None
         self.apply(cfg, dialect_dirs, rule_dirs)
@@ -117,14 +119,13 @@ class Listener:
             return
         if self.per_source.get(source, 0) >= cfg.max_connections_per_source:
             m.connections_total(self.name, "refused_per_source").inc()
-            log.warning("listener %s: connection refused: %d open from one address is the limit",
-                        self.name, cfg.max_connections_per_source)
+            self._refused(f"connection refused: {cfg.max_connections_per_source} open from one address is the limit")
             stream.close()
             return
         if len(self.connections) >= cfg.max_connections and not self._make_room():
             m.connections_total(self.name, "refused").inc()
-            log.warning("listener %s: connection refused: %d open is the limit and every one has a request "
-                        "in flight", self.name, cfg.max_connections)
+            self._refused(f"connection refused: {cfg.max_connections} open is the limit and every one has a "
+                          "request in flight")
             stream.close()
             return
         m.connections_total(self.name, "accepted").inc()
@@ -134,6 +135,16 @@ class Listener:
         m.connections_open(self.name).inc()
         conn.last_read = now = trio.current_time()
         conn.start_reading(now)
+
+    def _refused(self, why: str) -> None:
+        """Log a refusal or an eviction: at most one line a second, so a flood of connections is no
+        flood of logs (the metrics count every one)."""
+        self._refusals += 1
+        now = trio.current_time()
+        if now - self._refusal_logged >= 1.0:
+            log.warning("listener %s: %s (%d such since the last line)", self.name, why, self._refusals)
+            self._refusal_logged = now
+            self._refusals = 0
 
     def _make_room(self) -> bool:
         """The listener is full: close the longest-idle connection with no request in flight.
@@ -152,6 +163,7 @@ class Listener:
             last_read, _, conn = self._evictable.pop()
             if conn.closed or conn.in_flight or conn.last_read != last_read:
                 continue
+            self._refused(f"full ({self.cfg.max_connections} open): closed the longest-idle connection to make room")
             conn.close("evicted_idle")
             return True
 
@@ -170,7 +182,7 @@ class Listener:
         m = self.gateway.metrics
         m.connections_open(self.name).dec()
         m.connections_closed(self.name, reason).inc()
-        if reason not in ("peer_closed", "shutdown"):
+        if reason not in ("peer_closed", "shutdown", "evicted_idle"):  # evictions: see _make_room
             log.info("listener %s connection %d closed: %s", self.name, conn.id, reason)
 
 

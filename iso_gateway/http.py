@@ -393,6 +393,7 @@ async def serve_connection(stream: trio.abc.Stream, app: ObservabilityApp, limit
             with trio.move_on_after(limits.send_timeout):
                 await _send(stream, conn, method, answer, close)
                 if close or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    reason = "answered"
                     return
                 conn.start_next_cycle()
                 continue
