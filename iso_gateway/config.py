@@ -86,7 +86,7 @@ class ListenerConfig(WireConfig):
     # spare, and at a tenth of the default max_connections no single address can hold the
     # listener (it takes ten, and even then idle connections are closed to make room).
     max_connections_per_source: int = Field(
-        200, ge=1, description="open connections from one peer address; more are accepted, counted and closed")
+        200, ge=1, description="open connections from one peer address (IPv6: one /64); more are accepted, counted and closed")
     max_in_flight: int = Field(64, ge=1, description="requests in flight per connection before reading pauses")
     idle_timeout: float = Field(300.0, gt=0, description="seconds without a frame before a connection is closed")
     partial_frame_timeout: float = Field(5.0, gt=0, description="seconds a frame may take to complete, from its first byte")

@@ -21,6 +21,7 @@ never reaches the listener or the others.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import logging
 import math
 import socket
@@ -113,7 +114,7 @@ class Listener:
         m = self.gateway.metrics
         cfg = self.cfg
         try:
-            source = stream.sock.getpeername()[0]
+            source = source_key(stream.sock.getpeername()[0])
         except OSError:  # already reset by the peer
             stream.close()
             return
@@ -196,6 +197,17 @@ async def open_shared_listener(host: str, port: int, backlog: int = 4096) -> tri
     await sock.bind((host, port))
     sock.listen(backlog)
     return trio.SocketListener(sock)
+
+
+def source_key(address: str) -> str:
+    """What the per-source limit counts by: the IPv4 address, or the IPv6 /64 (one host
+    usually has a whole /64 to pick addresses from)."""
+    if ":" not in address or address.startswith("::ffff:"):
+        return address
+    try:
+        return str(ipaddress.IPv6Network(f"{address.partition('%')[0]}/64", strict=False))
+    except ValueError:
+        return address
 
 
 def gateway_match_fields(gateway: "Gateway") -> set[int]:

@@ -209,3 +209,12 @@ async def test_a_connection_with_a_request_in_flight_is_never_closed_to_make_roo
     assert results == ["00", "00"]
     assert gw.metrics.connections_total("ecom", "refused").get() == 1
     assert gw.metrics.connections_closed("ecom", "evicted_idle").get() == 0
+
+
+def test_the_per_source_limit_counts_ipv4_addresses_and_ipv6_64s():
+    from iso_gateway.frontend import source_key
+    assert source_key("127.0.0.2") == "127.0.0.2"
+    assert source_key("::ffff:10.1.2.3") == "::ffff:10.1.2.3"
+    assert source_key("2001:db8:1:2::1") == source_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("fe80::1%eth0") == "fe80::/64"
