@@ -145,6 +145,7 @@ class UpstreamConnection:
         # an unanswered echo makes it at least UNANSWERED_NOT_READY. Kept across reconnects:
         # a new session to a silent switch is not ready until it answers.
         self.unanswered = 0
+        self._silent_counted = False  # counted in the link_not_answering gauge (ready and not answering)
         self.closing = False  # set on shutdown, so the end of the link is not a warning
         self.last_header = b""  # TPDU or header of the switch's last frame (replies swap it)
         self.fd = -1  # the session's socket, read by the poller
@@ -164,6 +165,16 @@ class UpstreamConnection:
         """False after a run of unanswered requests or an unanswered echo (see UNANSWERED_NOT_READY)."""
         return self.unanswered < UNANSWERED_NOT_READY
 
+    def _count_silence(self) -> None:
+        """Keep the link_not_answering gauge (connections ready but not answering) in step."""
+        silent = self.state is LinkState.READY and self.unanswered >= UNANSWERED_NOT_READY
+        if silent is not self._silent_counted:
+            self._silent_counted = silent
+            m = self.upstream.metrics
+            if m is not None:
+                g = m.link_not_answering(self.cfg.name)
+                g.inc() if silent else g.dec()
+
     def _set_state(self, state: LinkState) -> None:
         """Change state; the link_state gauge counts connections per (upstream, host, state)."""
         self.state = state
@@ -173,6 +184,7 @@ class UpstreamConnection:
                 m.link_state(self.cfg.name, *self._gauge_at).dec()
             self._gauge_at = (self.host, state.value)
             m.link_state(self.cfg.name, *self._gauge_at).inc()
+        self._count_silence()
 
     # ------------------------------------------------------------------ sending
 
@@ -397,7 +409,9 @@ class UpstreamConnection:
         if waiter is None:
             late = self.late.pop(key, None)
             return up.listener.on_unmatched(self, scan, raw, late[1] if late else None, now)
-        self.unanswered = 0  # an answer in time: the switch answers (readiness)
+        if self.unanswered:  # an answer in time: the switch answers (readiness)
+            self.unanswered = 0
+            self._count_silence()
         return waiter.on_response(self, raw, scan, now)
 
     def _on_switch_request(self, raw: bytes, mti: str) -> FrameWriter | None:
@@ -444,6 +458,8 @@ class UpstreamConnection:
             touched: set[FrameWriter] = set()
             for waiter in self.pending.expire(now):
                 self.unanswered += 1
+                if self.unanswered == UNANSWERED_NOT_READY:
+                    self._count_silence()
                 w = waiter.on_timeout(self, now)
                 if w is not None:
                     touched.add(w)
@@ -465,6 +481,7 @@ class UpstreamConnection:
             if rc is None:
                 misses += 1
                 self.unanswered = max(self.unanswered, UNANSWERED_NOT_READY)
+                self._count_silence()
                 if m:
                     m.echo_missed(cfg.name).inc()
                 log.warning("upstream %s connection %d: echo not answered (%d in a row)", cfg.name, self.index, misses)

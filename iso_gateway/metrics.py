@@ -159,6 +159,7 @@ class Metrics:
         self.late_responses = counter("late_responses_total", "Responses that came after their request timed out.", ("upstream", "rc"))
         self.unmatched_responses = counter("unmatched_responses_total", "Responses nobody was waiting for.", ("upstream",))
         self.link_state = gauge("link_state", "Upstream connections in each state, per upstream and host.", ("upstream", "host", "state"), "livesum")
+        self.link_not_answering = gauge("link_not_answering", "Upstream connections ready (connected, signed on) that left 3 requests in a row or an echo unanswered: not counted as ready by /readyz until the switch answers again.", ("upstream",), "livesum")
         self.reconnects = counter("link_reconnects_total", "Upstream connection attempts after the first.", ("upstream", "host"))
         self.connect_failures = counter("link_connect_failures_total", "Failed upstream connection attempts.", ("upstream", "host"))
         self.sign_ons = counter("sign_ons_total", "Sign-on attempts by result (ok, declined, timeout).", ("upstream", "result"))

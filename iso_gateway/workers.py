@@ -136,4 +136,6 @@ def _ready_links(mp_dir: str) -> float:
     for family in registry.collect():
         if family.name == "iso_gateway_link_state":
             total += sum(s.value for s in family.samples if s.labels.get("state") == "ready")
+        elif family.name == "iso_gateway_link_not_answering":  # ready, but the switch does not answer
+            total -= sum(s.value for s in family.samples)
     return total

@@ -27,9 +27,11 @@ async def test_a_link_whose_requests_go_unanswered_is_not_ready_until_the_switch
         assert (await client.request(harness.auth(amount=15097), timeout=5))["39"] == "91"  # never answered
     ready, why = gw.readiness()
     assert not ready and "no upstream link is ready" in why and "not answering" in why, why
+    assert gw.metrics.link_not_answering("cmi").get() == 1  # what the --workers supervisor's /readyz reads
     assert gw.upstreams["cmi"].ready  # still carries traffic: the next request is answered...
     assert (await client.request(harness.auth(), timeout=5))["39"] == "00"
     assert gw.readiness() == (True, "upstream cmi: 1/1 connections ready")  # ...and that makes it ready again
+    assert gw.metrics.link_not_answering("cmi").get() == 0
 
 
 async def test_answers_between_timeouts_keep_the_link_ready(harness):
