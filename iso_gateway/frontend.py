@@ -66,6 +66,7 @@ class Listener:
         # Idle connections to close when the listener is full, longest-idle first: a few taken at
         # once (see _make_room), so a flood of new connections does not scan every open one each.
         self._evictable: list[tuple[float, int, FrontConnection]] = []
+        self._evictable_at = -math.inf
         self._refusals = 0  # refusals not logged yet (see _refused)
         self._refusal_logged = -math.inf
         self.port = cfg.port
@@ -152,10 +153,15 @@ class Listener:
 
         False when there is none (every connection is waiting for an answer). Candidates are
         taken a batch at a time, oldest last read first, and each is checked again when its
-        turn comes (it may have read, sent a request or closed since).
+        turn comes (it may have read, sent a request or closed since); a batch older than a
+        second is taken again, so one that was busy then is not passed over for long.
         """
+        now = trio.current_time()
+        if now - self._evictable_at > 1.0:
+            self._evictable = []
         while True:
             if not self._evictable:
+                self._evictable_at = now
                 self._evictable = heapq.nsmallest(
                     EVICTION_BATCH, ((c.last_read, c.id, c) for c in self.connections if c.in_flight == 0))
                 self._evictable.reverse()  # popped from the end: the oldest first

@@ -12,6 +12,7 @@ import socket
 from types import SimpleNamespace
 
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -218,3 +219,55 @@ def test_the_per_source_limit_counts_ipv4_addresses_and_ipv6_64s():
     assert source_key("2001:db8:1:2::1") == source_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
     assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
     assert source_key("fe80::1%eth0") == "fe80::/64"
+
+
+class _FakeConnection:
+    """What ``Listener._make_room`` looks at in a connection."""
+
+    def __init__(self, i: int, listener) -> None:
+        self.id, self.listener, self.last_read, self.in_flight, self.closed = i, listener, 0.0, 0, False
+
+    def close(self, reason: str) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["read", "busy", "done", "evict", "evict"]), st.integers(0, 19)),
+                    max_size=80),
+       pause=st.sampled_from([0.001, 1.5]))
+def test_room_is_made_by_closing_the_longest_idle_connection_and_never_one_with_a_request_in_flight(ops, pause):
+    import math
+
+    from iso_gateway.frontend import Listener
+
+    async def main() -> None:
+        lst = Listener.__new__(Listener)
+        lst.cfg = SimpleNamespace(max_connections=20)
+        lst.name = "ecom"
+        lst.gateway = SimpleNamespace(metrics=NullMetrics())
+        lst._evictable, lst._evictable_at, lst._refusals, lst._refusal_logged = [], -math.inf, 0, -math.inf
+        conns = [_FakeConnection(i, lst) for i in range(20)]
+        lst.connections = set(conns)
+        for op, i in ops:
+            await trio.sleep(pause)  # 1.5 s: every eviction looks afresh; 1 ms: within one batch
+            now, c = trio.current_time(), conns[i]
+            if op == "read" and not c.closed:
+                c.last_read = now
+            elif op == "busy" and not c.closed:
+                c.in_flight += 1
+                c.last_read = now
+            elif op == "done" and c.in_flight:
+                c.in_flight -= 1
+            elif op == "evict":
+                idle = [x for x in lst.connections if x.in_flight == 0]
+                before = set(lst.connections)
+                assert lst._make_room() == bool(idle)
+                gone = before - lst.connections
+                assert len(gone) == (1 if idle else 0)
+                for victim in gone:
+                    assert victim.in_flight == 0 and victim.closed
+                    if pause > 1:
+                        assert victim.last_read == min(x.last_read for x in idle)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
