@@ -249,7 +249,7 @@ def extras(state: Path, switch_port: int, count: int, idle_connections: int) -> 
         port = free_port()
         cfg = state / f"extras-{journal}.toml"
         gateway_config(cfg, port, switch_port, state / f"extras-{journal}", journal=journal, metrics=True)
-        cfg.write_text(cfg.read_text().replace("max_in_flight = 256", "max_in_flight = 256\nmax_connections = 20000"))
+        cfg.write_text(cfg.read_text().replace("max_in_flight = 256", "max_in_flight = 256\nmax_connections = 20000\nmax_connections_per_source = 20000"))
         gw = Proc([sys.executable, "-m", "iso_gateway", "run", "--config", str(cfg)], port)
         try:
             wait_ready(port)

@@ -79,10 +79,17 @@ class ListenerConfig(WireConfig):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(ge=0, le=65535, description="TCP port; 0 picks a free one")
     rules: str = Field("default", description="validation rule set from specs/rules, or a .toml path")
-    max_connections: int = Field(2000, ge=1, description="open connections; more are accepted, counted and closed")
+    max_connections: int = Field(
+        2000, ge=1, description="open connections; when full, the longest-idle one with no request in flight is "
+        "closed to make room (only when every one has a request in flight is the new one closed)")
+    # Why 200: a front end's connection pool is tens of connections, so 200 leaves it room to
+    # spare, and at a tenth of the default max_connections no single address can hold the
+    # listener (it takes ten, and even then idle connections are closed to make room).
+    max_connections_per_source: int = Field(
+        200, ge=1, description="open connections from one peer address (IPv6: one /64); more are accepted, counted and closed")
     max_in_flight: int = Field(64, ge=1, description="requests in flight per connection before reading pauses")
     idle_timeout: float = Field(300.0, gt=0, description="seconds without a frame before a connection is closed")
-    partial_frame_timeout: float = Field(5.0, gt=0, description="seconds a started frame may take to complete")
+    partial_frame_timeout: float = Field(5.0, gt=0, description="seconds a frame may take to complete, from its first byte")
     send_timeout: float = Field(10.0, gt=0, description="seconds a send to a front end may block before it is dropped")
 
     @field_validator("host")
@@ -220,6 +227,20 @@ class MetricsConfig(_Model):
     enabled: bool = Field(True, description="serve metrics over HTTP")
     host: str = Field("127.0.0.1", description="address of the /metrics, /healthz, /readyz endpoint")
     port: int = Field(9108, ge=0, le=65535, description="port of that endpoint; 0 picks a free one")
+    # Why 64: Prometheus keeps one connection per target and a prober one per probe, so a few
+    # suffice; 64 leaves room for several scrapers and probes at once and bounds what a
+    # flood can hold (past it, connections wait in the listen queue for a free slot).
+    max_connections: int = Field(64, ge=1, description="connections the endpoint serves at once; more wait in the listen queue")
+    # Why 5 s: a scraper or prober sends its whole request at once, in well under a second;
+    # 5 s is generous on a slow network and still frees a slot held by a client that never
+    # finishes (or never starts) its request soon.
+    header_timeout: float = Field(5.0, gt=0, description="seconds a request's headers may take, from the connection (or the previous answer) on")
+    # Why 10 s: a scrape's answer is a few hundred kilobytes at most, sent in milliseconds to
+    # a client that reads; a client that reads nothing for 10 s is gone or hostile.
+    send_timeout: float = Field(10.0, gt=0, description="seconds an answer may take to be sent before the connection is closed")
+    # Why 1024: room for a burst of about a thousand scrapes or probes arriving at once to
+    # wait their turn, instead of being dropped and retried (the kernel caps it at somaxconn).
+    backlog: int = Field(1024, ge=1, le=65535, description="the listen queue: connections waiting to be served")
 
 
 class Config(_Model):

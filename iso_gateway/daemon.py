@@ -18,7 +18,7 @@ import trio
 from .config import Config, load_config
 from .errors import ConfigError
 from .gateway import Gateway
-from .http import ObservabilityServer, start_server
+from .http import Limits, ObservabilityServer, start_server
 from .metrics import Metrics
 
 log = logging.getLogger("iso_gateway.daemon")
@@ -26,7 +26,7 @@ log = logging.getLogger("iso_gateway.daemon")
 
 def start_endpoint(config: Config, metrics: Metrics, gateway: Gateway | None = None,
                    source: str = "config") -> ObservabilityServer | None:
-    """Serve /metrics, /healthz and /readyz from threads (see ``http``), or None when disabled.
+    """Serve /metrics, /healthz and /readyz from a thread of their own (see ``http``), or None when disabled.
 
     Call inside ``trio.run``. An address that can't be bound is a ConfigError naming ``metrics.port``.
     """
@@ -35,7 +35,7 @@ def start_endpoint(config: Config, metrics: Metrics, gateway: Gateway | None = N
     host, port = config.metrics.host, config.metrics.port
     try:
         server = start_server(host, port, metrics.registry, gateway.readiness if gateway is not None else None,
-                              before_scrape=metrics.flush)
+                              before_scrape=metrics.flush, limits=Limits.from_config(config.metrics))
     except OSError as exc:
         raise ConfigError(source, "metrics.port", f"can't serve on {host}:{port}: {exc.strerror or exc}") from None
     log.info("observability endpoint on %s: /metrics, /healthz, /readyz", server.url)

@@ -2,11 +2,16 @@
 
 Connections are read by the gateway's ``Poller`` (poller.py: one task for every
 front connection and switch link) and each has one ``FrameWriter``.
-Limits all end in a counted outcome: too many connections (accepted, counted,
-closed; the listener keeps accepting), too many requests in flight (reading
+Limits all end in a counted outcome: too many connections from one source
+address (``max_connections_per_source``: accepted, counted, closed), the listener
+full (``max_connections``: the longest-idle connection with no request in flight
+is closed to make room, counted as ``evicted_idle``; only when every connection
+has a request in flight is the new one closed, counted as ``refused``; the
+listener keeps accepting either way), too many requests in flight (reading
 pauses until answers drain: backpressure, not memory), a frame over the size
-limit or a broken length header (framing lost: closed), a frame started and not
-finished within ``partial_frame_timeout`` (a stalled client: dropped), nothing
+limit or a broken length header (framing lost: closed), a frame not finished
+within ``partial_frame_timeout`` of its first byte (a stalled or dribbling client:
+dropped), nothing
 at all for ``idle_timeout`` (closed), answers it does not read for
 ``send_timeout`` (a stalled reader: dropped, without holding up anyone else).
 An exception in one connection is logged and counted, closes that connection and
@@ -15,6 +20,8 @@ never reaches the listener or the others.
 
 from __future__ import annotations
 
+import heapq
+import ipaddress
 import logging
 import math
 import socket
@@ -43,6 +50,10 @@ _conn_ids = count(1)
 # Fields the gateway itself reads from every front-end request, besides the rule set's.
 ROUTING_FIELDS = frozenset({2, 7, 11, 32, 37, 41, 42, 49, 90})
 
+# Eviction candidates taken per scan of a full listener's connections: a flood of new
+# connections costs one scan per this many evictions, not one per connection.
+EVICTION_BATCH = 64
+
 
 class Listener:
     """One configured front-end listener: codec, rules, limits and its connections."""
@@ -51,6 +62,13 @@ class Listener:
                  rule_dirs: tuple[str, ...] = ()) -> None:
         self.gateway = gateway
         self.connections: set[FrontConnection] = set()
+        self.per_source: dict[str, int] = {}  # open connections by the peer's address
+        # Idle connections to close when the listener is full, longest-idle first: a few taken at
+        # once (see _make_room), so a flood of new connections does not scan every open one each.
+        self._evictable: list[tuple[float, int, FrontConnection]] = []
+        self._evictable_at = -math.inf
+        self._refusals = 0  # refusals not logged yet (see _refused)
+        self._refusal_logged = -math.inf
         self.port = cfg.port
         self._accept_scope: trio.CancelScope | None = None
         self.apply(cfg, dialect_dirs, rule_dirs)
@@ -95,16 +113,66 @@ class Listener:
         """A new connection: counted, then handed to the poller (this task ends here)."""
         stream = SocketIO.adopt(trio_stream)
         m = self.gateway.metrics
-        if len(self.connections) >= self.cfg.max_connections:
+        cfg = self.cfg
+        try:
+            source = source_key(stream.sock.getpeername()[0])
+        except OSError:  # already reset by the peer
+            stream.close()
+            return
+        if self.per_source.get(source, 0) >= cfg.max_connections_per_source:
+            m.connections_total(self.name, "refused_per_source").inc()
+            self._refused(f"connection refused: {cfg.max_connections_per_source} open from one address is the limit")
+            stream.close()
+            return
+        if len(self.connections) >= cfg.max_connections and not self._make_room():
             m.connections_total(self.name, "refused").inc()
-            log.warning("listener %s: connection refused: %d open is the limit", self.name, self.cfg.max_connections)
+            self._refused(f"connection refused: {cfg.max_connections} open is the limit and every one has a "
+                          "request in flight")
             stream.close()
             return
         m.connections_total(self.name, "accepted").inc()
-        conn = FrontConnection(self, stream, self.gateway.poller)
+        conn = FrontConnection(self, stream, self.gateway.poller, source)
         self.connections.add(conn)
+        self.per_source[source] = self.per_source.get(source, 0) + 1
         m.connections_open(self.name).inc()
-        conn.start_reading(trio.current_time())
+        conn.last_read = now = trio.current_time()
+        conn.start_reading(now)
+
+    def _refused(self, why: str) -> None:
+        """Log a refusal or an eviction: at most one line a second, so a flood of connections is no
+        flood of logs (the metrics count every one)."""
+        self._refusals += 1
+        now = trio.current_time()
+        if now - self._refusal_logged >= 1.0:
+            log.warning("listener %s: %s (%d such since the last line)", self.name, why, self._refusals)
+            self._refusal_logged = now
+            self._refusals = 0
+
+    def _make_room(self) -> bool:
+        """The listener is full: close the longest-idle connection with no request in flight.
+
+        False when there is none (every connection is waiting for an answer). Candidates are
+        taken a batch at a time, oldest last read first, and each is checked again when its
+        turn comes (it may have read, sent a request or closed since); a batch older than a
+        second is taken again, so one that was busy then is not passed over for long.
+        """
+        now = trio.current_time()
+        if now - self._evictable_at > 1.0:
+            self._evictable = []
+        while True:
+            if not self._evictable:
+                self._evictable_at = now
+                self._evictable = heapq.nsmallest(
+                    EVICTION_BATCH, ((c.last_read, c.id, c) for c in self.connections if c.in_flight == 0))
+                self._evictable.reverse()  # popped from the end: the oldest first
+                if not self._evictable:
+                    return False
+            last_read, _, conn = self._evictable.pop()
+            if conn.closed or conn.in_flight or conn.last_read != last_read:
+                continue
+            self._refused(f"full ({self.cfg.max_connections} open): closed the longest-idle connection to make room")
+            conn.close("evicted_idle")
+            return True
 
     def close_all(self, reason: str) -> None:
         for conn in list(self.connections):
@@ -113,10 +181,15 @@ class Listener:
     def closed(self, conn: "FrontConnection", reason: str) -> None:
         """Bookkeeping for a connection that ended (``FrontConnection.close``)."""
         self.connections.discard(conn)
+        left = self.per_source.get(conn.source, 0) - 1
+        if left > 0:
+            self.per_source[conn.source] = left
+        else:
+            self.per_source.pop(conn.source, None)
         m = self.gateway.metrics
         m.connections_open(self.name).dec()
         m.connections_closed(self.name, reason).inc()
-        if reason not in ("peer_closed", "shutdown"):
+        if reason not in ("peer_closed", "shutdown", "evicted_idle"):  # evictions: see _make_room
             log.info("listener %s connection %d closed: %s", self.name, conn.id, reason)
 
 
@@ -132,6 +205,17 @@ async def open_shared_listener(host: str, port: int, backlog: int = 4096) -> tri
     return trio.SocketListener(sock)
 
 
+def source_key(address: str) -> str:
+    """What the per-source limit counts by: the IPv4 address, or the IPv6 /64 (one host
+    usually has a whole /64 to pick addresses from)."""
+    if ":" not in address or address.startswith("::ffff:"):
+        return address
+    try:
+        return str(ipaddress.IPv6Network(f"{address.partition('%')[0]}/64", strict=False))
+    except ValueError:
+        return address
+
+
 def gateway_match_fields(gateway: "Gateway") -> set[int]:
     out: set[int] = set()
     for up in gateway.config.upstreams:
@@ -143,10 +227,12 @@ class FrontConnection:
     """One front end's connection: read by the gateway's ``Poller``, written by its ``FrameWriter``."""
 
     __slots__ = ("id", "listener", "stream", "sock", "writer", "in_flight", "closed", "decoder", "deadline",
-                 "paused", "_poller", "heap_at", "fd")
+                 "paused", "_poller", "heap_at", "fd", "source", "last_read")
 
-    def __init__(self, listener: Listener, stream: SocketIO, poller: Poller) -> None:
+    def __init__(self, listener: Listener, stream: SocketIO, poller: Poller, source: str = "") -> None:
         self.id = next(_conn_ids)
+        self.source = source  # the peer's address (per-source limit)
+        self.last_read = 0.0  # when it last sent anything, or was accepted (longest-idle goes first)
         self.listener = listener
         self.stream = stream
         self.sock = stream.sock
@@ -193,6 +279,7 @@ class FrontConnection:
         if not data:
             self.close("peer_closed")
             return
+        self.last_read = now
         gateway = listener.gateway
         decoder = self.decoder
         cfg = listener.cfg
@@ -220,7 +307,11 @@ class FrontConnection:
                 self._poller.remove(self)
                 return
         if decoder.partial:
-            self._poller.set_deadline(self, now + cfg.partial_frame_timeout)
+            # The partial-frame deadline runs from the frame's first byte: moved only when this
+            # read started a new frame (it completed one, or nothing was buffered before it), so
+            # a client dribbling a byte at a time can't push it out (slowloris).
+            if frames or decoder.pending <= len(data):
+                self._poller.set_deadline(self, now + cfg.partial_frame_timeout)
         else:
             self.deadline = now + cfg.idle_timeout  # later than before: the heap entry catches up lazily
 

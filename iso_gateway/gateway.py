@@ -263,15 +263,26 @@ class Gateway:
     def readiness(self) -> tuple[bool, str]:
         """Whether this gateway can carry traffic, and why: what /readyz answers (runs on the event loop).
 
-        Ready: not shutting down, at least one upstream with a ready connection,
-        and every check in ``readiness_checks`` (the journal's "writable") passes.
+        Ready: not shutting down, at least one upstream with a ready connection that
+        answers (connected, signed on when configured, and not after a run of unanswered
+        requests or an unanswered echo: ``UpstreamConnection.answering``), and every check in
+        ``readiness_checks`` (the journal's "writable") passes.
         """
         if self.draining:
             return False, "shutting down"
         ready, not_ready = [], []
         for name, up in self.upstreams.items():
-            n = sum(1 for c in up.connections if c.ready)
-            (ready if n else not_ready).append(f"upstream {name}: {n}/{len(up.connections)} connections ready")
+            n = silent = 0
+            for c in up.connections:
+                if c.ready:
+                    if c.answering:
+                        n += 1
+                    else:
+                        silent += 1
+            why = f"upstream {name}: {n}/{len(up.connections)} connections ready"
+            if silent:
+                why += f" ({silent} connected but not answering: requests or echoes unanswered in a row)"
+            (ready if n else not_ready).append(why)
         if not ready:
             return False, "no upstream link is ready (" + "; ".join(not_ready) + ")"
         for check in self.readiness_checks:

@@ -5,6 +5,9 @@ optionally signs on (0800/001, traffic only after an 0810 with 00), then has the
 gateway's poller read its responses (``on_readable``), answers the switch's own
 0800s, sends an echo (0800/301) when it has been write-idle for
 ``echo_interval`` and reconnects after ``echo_misses`` unanswered echoes.
+A connection whose requests go unanswered (``UNANSWERED_NOT_READY`` in a row, or
+one echo) is not ``answering`` until the switch answers something in time: it
+still carries traffic, but /readyz no longer counts it as ready.
 Reconnects back off exponentially with jitter. When a connection drops, every
 request in flight on it is answered at once.
 
@@ -46,6 +49,14 @@ log = logging.getLogger("iso_gateway.links")
 LATE_WINDOW = 120.0
 LATE_MEMORY = 100_000
 STAN_BLOCK = 1000  # a link's STAN counter is saved every this many STANs; a restart resumes past it
+# A connection that took this many requests (echoes included) in a row and answered none in
+# time is not "answering": /readyz stops counting it as ready, although it still carries
+# traffic (a switch that accepts TCP but never answers looks connected). Why 3: a healthy
+# switch answers nearly everything within the route timeout, so one or two timeouts are
+# ordinary slowness, while three in a row with not one answer between them is a switch
+# that has stopped answering. An unanswered echo counts as the whole run at once: echoes
+# are only sent to an idle link, and the switch always answers them.
+UNANSWERED_NOT_READY = 3
 
 
 class LinkState(enum.Enum):
@@ -130,6 +141,11 @@ class UpstreamConnection:
         self._session_scope: trio.CancelScope | None = None
         self._gauge_at: tuple[str, str] | None = None
         self.connects = 0
+        # Requests (echoes too) that timed out in a row with no answer in time between them;
+        # an unanswered echo makes it at least UNANSWERED_NOT_READY. Kept across reconnects:
+        # a new session to a silent switch is not ready until it answers.
+        self.unanswered = 0
+        self._silent_counted = False  # counted in the link_not_answering gauge (ready and not answering)
         self.closing = False  # set on shutdown, so the end of the link is not a warning
         self.last_header = b""  # TPDU or header of the switch's last frame (replies swap it)
         self.fd = -1  # the session's socket, read by the poller
@@ -144,6 +160,21 @@ class UpstreamConnection:
     def ready(self) -> bool:
         return self.state is LinkState.READY and self.writer is not None and self.writer.broken is None
 
+    @property
+    def answering(self) -> bool:
+        """False after a run of unanswered requests or an unanswered echo (see UNANSWERED_NOT_READY)."""
+        return self.unanswered < UNANSWERED_NOT_READY
+
+    def _count_silence(self) -> None:
+        """Keep the link_not_answering gauge (connections ready but not answering) in step."""
+        silent = self.state is LinkState.READY and self.unanswered >= UNANSWERED_NOT_READY
+        if silent is not self._silent_counted:
+            self._silent_counted = silent
+            m = self.upstream.metrics
+            if m is not None:
+                g = m.link_not_answering(self.cfg.name)
+                g.inc() if silent else g.dec()
+
     def _set_state(self, state: LinkState) -> None:
         """Change state; the link_state gauge counts connections per (upstream, host, state)."""
         self.state = state
@@ -153,6 +184,7 @@ class UpstreamConnection:
                 m.link_state(self.cfg.name, *self._gauge_at).dec()
             self._gauge_at = (self.host, state.value)
             m.link_state(self.cfg.name, *self._gauge_at).inc()
+        self._count_silence()
 
     # ------------------------------------------------------------------ sending
 
@@ -377,6 +409,9 @@ class UpstreamConnection:
         if waiter is None:
             late = self.late.pop(key, None)
             return up.listener.on_unmatched(self, scan, raw, late[1] if late else None, now)
+        if self.unanswered:  # an answer in time: the switch answers (readiness)
+            self.unanswered = 0
+            self._count_silence()
         return waiter.on_response(self, raw, scan, now)
 
     def _on_switch_request(self, raw: bytes, mti: str) -> FrameWriter | None:
@@ -422,6 +457,9 @@ class UpstreamConnection:
             now = trio.current_time()
             touched: set[FrameWriter] = set()
             for waiter in self.pending.expire(now):
+                self.unanswered += 1
+                if self.unanswered == UNANSWERED_NOT_READY:
+                    self._count_silence()
                 w = waiter.on_timeout(self, now)
                 if w is not None:
                     touched.add(w)
@@ -442,6 +480,8 @@ class UpstreamConnection:
             m = self.upstream.metrics
             if rc is None:
                 misses += 1
+                self.unanswered = max(self.unanswered, UNANSWERED_NOT_READY)
+                self._count_silence()
                 if m:
                     m.echo_missed(cfg.name).inc()
                 log.warning("upstream %s connection %d: echo not answered (%d in a row)", cfg.name, self.index, misses)

@@ -146,8 +146,8 @@ class Metrics:
         self.decode_errors = counter("decode_errors_total", "Messages that did not decode or lost framing, by side (front, upstream) and listener or upstream name.", ("side", "name", "reason"))
         self.duplicates = counter("duplicates_total", "Repeated front-end requests recognised as duplicates.", ("listener",))
         self.connections_open = gauge("front_connections_open", "Front-end connections open.", ("listener",), "livesum")
-        self.connections_total = counter("front_connections_total", "Front-end connections by outcome (accepted, refused).", ("listener", "outcome"))
-        self.connections_closed = counter("front_connections_closed_total", "Front-end connections closed, by reason (peer_closed, idle_timeout, stalled_partial_frame, stalled_reader, frame_too_large, framing_lost, reset, shutdown, internal_error).", ("listener", "reason"))
+        self.connections_total = counter("front_connections_total", "Front-end connections by outcome (accepted; refused: the listener full and every connection waiting for an answer; refused_per_source: max_connections_per_source open from that address).", ("listener", "outcome"))
+        self.connections_closed = counter("front_connections_closed_total", "Front-end connections closed, by reason (peer_closed, idle_timeout, stalled_partial_frame, stalled_reader, frame_too_large, framing_lost, reset, shutdown, internal_error, evicted_idle: closed to make room when the listener was full).", ("listener", "reason"))
         self.frames_too_large = counter("frames_too_large_total", "Frames over the size limit (max_frame), by side and listener or upstream name.", ("side", "name"))
         self.request_latency = histogram("request_duration_seconds", "From a front-end request received to its answer sent (timeouts and dropped links included).", ("upstream", "mti"), LATENCY_BUCKETS)
         # upstream
@@ -159,6 +159,7 @@ class Metrics:
         self.late_responses = counter("late_responses_total", "Responses that came after their request timed out.", ("upstream", "rc"))
         self.unmatched_responses = counter("unmatched_responses_total", "Responses nobody was waiting for.", ("upstream",))
         self.link_state = gauge("link_state", "Upstream connections in each state, per upstream and host.", ("upstream", "host", "state"), "livesum")
+        self.link_not_answering = gauge("link_not_answering", "Upstream connections ready (connected, signed on) that left 3 requests in a row or an echo unanswered: not counted as ready by /readyz until the switch answers again.", ("upstream",), "livesum")
         self.reconnects = counter("link_reconnects_total", "Upstream connection attempts after the first.", ("upstream", "host"))
         self.connect_failures = counter("link_connect_failures_total", "Failed upstream connection attempts.", ("upstream", "host"))
         self.sign_ons = counter("sign_ons_total", "Sign-on attempts by result (ok, declined, timeout).", ("upstream", "result"))

@@ -65,7 +65,7 @@ async def _supervise(config_path: str, workers: int, mp_dir: str) -> int:
     from prometheus_client import CollectorRegistry, multiprocess
 
     from .config import load_config
-    from .http import start_server
+    from .http import Limits, start_server
 
     config = load_config(config_path)
     procs: dict[int, trio.Process] = {}
@@ -82,7 +82,8 @@ async def _supervise(config_path: str, workers: int, mp_dir: str) -> int:
 
     server = None
     if config.metrics.enabled:
-        server = start_server(config.metrics.host, config.metrics.port, CollectorRegistry(), readiness)
+        server = start_server(config.metrics.host, config.metrics.port, CollectorRegistry(), readiness,
+                              limits=Limits.from_config(config.metrics))
         log.info("observability endpoint on %s for %d workers", server.url, workers)
 
     async def run_worker(index: int) -> None:
@@ -135,4 +136,6 @@ def _ready_links(mp_dir: str) -> float:
     for family in registry.collect():
         if family.name == "iso_gateway_link_state":
             total += sum(s.value for s in family.samples if s.labels.get("state") == "ready")
+        elif family.name == "iso_gateway_link_not_answering":  # ready, but the switch does not answer
+            total -= sum(s.value for s in family.samples)
     return total
