@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import TEST_PAN, wait_for
 from iso_gateway.cli import main
 from iso_gateway.message import OriginalData
-from iso_gateway.sim.client import sample_reversal
+from iso_gateway.security.pan import PanVault
+from iso_gateway.sim.client import FrontEndClient, sample_reversal
+from iso_gateway.store import SQLiteStore
 
 FAST_SAF = {"saf_first_delay": 0.0, "saf_retry_initial": 0.1, "saf_retry_max": 0.2, "reversal_timeout": 0.3}
 
@@ -220,3 +225,122 @@ async def test_operators_find_transactions_and_park_reversals_with_masked_output
     assert main(["saf", "park", "--journal", path, str(item["id"])]) == 0
     assert [r[0] for r in saf_rows(harness)] == ["parked"]
     assert main(["saf", "park", "--journal", path, "12345"]) == 1  # nothing changed: says so
+
+
+# --------------------------------------------------------------------------- whose original a reversal may reverse
+
+
+async def test_a_reversal_reaches_its_original_only_through_the_same_listener_acquirer_terminal_and_merchant(harness):
+    sim = await harness.start_switch()
+    gw = await harness.start_gateway(listeners=[{"name": "ecom", "host": "127.0.0.1", "port": 0},
+                                                {"name": "moto", "host": "127.0.0.1", "port": 0}])
+    ecom = await harness.client()
+    moto = await FrontEndClient.connect("127.0.0.1", gw.listeners[1].port, "iso87ascii", "ascii4")
+    harness.clients.append(moto)
+    auth = harness.auth(25000)
+    assert (await ecom.request(auth, timeout=3))["39"] == "00"
+    rev = sample_reversal(auth)
+    # Another merchant (or acquirer) on the same terminal id, STAN, DE 7 and amount: not found.
+    for other in ({"42": "MERCHANT0000002"}, {"32": "504999"}, {"41": "TERM0002"}):
+        assert (await ecom.request(sample_reversal({**auth, **other}), timeout=3))["39"] == "25", other
+    # Field 90 naming another acquirer than the reversal's own DE 32: not found either.
+    lying = {**rev, "90": OriginalData(mti="0100", stan=auth["11"], transmission=auth["7"], acquirer="504999").encode()}
+    assert (await ecom.request(lying, timeout=3))["39"] == "25"
+    # The same reversal through another listener (another front end): not found.
+    assert (await moto.request(rev, timeout=3))["39"] == "25"
+    assert sim.count("0420") == 0
+    assert gw.metrics.rejections("ecom", "unknown_original", "25").get() == 4
+    # The merchant's own reversal, through its own listener, is forwarded.
+    assert (await ecom.request(rev, timeout=3))["39"] == "00"
+    assert sim.count("0420") == 1
+
+
+async def test_a_reversal_of_a_declined_original_is_answered_21_without_reaching_the_switch(harness):
+    sim = await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    auth = harness.auth(25051)  # declined 51 by the switch
+    assert (await client.request(auth, timeout=3))["39"] == "51"
+    for mti in ("0420", "0421", "0400"):
+        resp = await client.request(sample_reversal(auth, mti=mti), timeout=3)
+        assert (resp["t"], resp["39"]) == (("0430" if mti[2] == "2" else "0410"), "21")
+    assert sim.count("0420") == sim.count("0421") == sim.count("0400") == 0
+    assert gw.metrics.rejections("ecom", "nothing_to_reverse", "21").get() == 3
+
+
+# The store's side: a property over many journaled transactions and look-ups.
+
+IDENTITY = ("listener", "acquirer", "terminal", "merchant", "stan", "transmission", "mti")
+identities = st.fixed_dictionaries({
+    "listener": st.sampled_from(["ecom", "moto"]), "acquirer": st.sampled_from(["504123", "504999", ""]),
+    "terminal": st.sampled_from(["TERM0001", "TERM0002"]),
+    "merchant": st.sampled_from(["MERCHANT0000001", "MERCHANT0000002"]),
+    "stan": st.sampled_from(["000001", "000002"]), "transmission": st.sampled_from(["1127101010", "1127101011"]),
+    "mti": st.sampled_from(["0100", "0200"])})
+
+
+def journal_row(store: SQLiteStore, txn_id: int, created: float, who: dict[str, str]) -> tuple:
+    original = {"2": TEST_PAN, "4": "000000025000", "7": who["transmission"], "11": who["stan"],
+                "37": "633100000001", "41": who["terminal"], "42": who["merchant"], "49": "504"}
+    if who["acquirer"]:
+        original["32"] = who["acquirer"]
+    return store.logged_params(("T", txn_id, created, who["listener"], who["mti"], "cmi", 0, "400001", 0, original))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(identities, min_size=1, max_size=12), identities)
+def test_find_original_returns_the_newest_transaction_whose_every_identity_matches_and_nothing_else(journaled, asked):
+    store = SQLiteStore(PanVault(secrets.token_bytes(32)))
+    conn = SQLiteStore.connect(":memory:")
+    statements: list[str] = []
+    for i, who in enumerate(journaled):
+        conn.execute(store._INSERT_TXN, journal_row(store, 1000 + i, 100.0 + i, who))
+    conn.set_trace_callback(statements.append)
+    found = store.find_original(conn, **asked)
+    conn.set_trace_callback(None)
+    same = [1000 + i for i, who in enumerate(journaled) if who == asked]
+    if not same:
+        assert found is None
+    else:
+        txn, fields, saf_states = found
+        assert txn.id == max(same) and fields["2"] == TEST_PAN and saf_states == []
+    # The look-up seeks the (DE 7, terminal, STAN) index: it never reads the whole journal.
+    select = next(s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM txn" in s)
+    plan = " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + select))
+    assert "USING INDEX txn_front_time" in plan, plan
+
+
+def test_a_journal_from_before_the_acquirer_column_opens_and_its_rows_match_on_their_sealed_de_32(tmp_path):
+    path = str(tmp_path / "old.sqlite3")
+    vault = PanVault(secrets.token_bytes(32))
+    store = SQLiteStore(vault)
+    old = sqlite3.connect(path)
+    old.executescript(OLD_TXN_TABLE)
+    who = {"listener": "ecom", "acquirer": "504123", "terminal": "TERM0001", "merchant": "MERCHANT0000001",
+           "stan": "000001", "transmission": "1127101010", "mti": "0100"}
+    old.execute(OLD_INSERT, journal_row(store, 7, 1.0, who)[:22])
+    old.commit()
+    old.close()
+    conn = SQLiteStore.connect(path)
+    assert "acquirer" in {r[1] for r in conn.execute("PRAGMA table_info(txn)")}
+    assert store.find_original(conn, **who)[0].id == 7
+    assert store.find_original(conn, **{**who, "acquirer": "504999"}) is None
+    conn.execute(store._INSERT_TXN, journal_row(store, 8, 2.0, {**who, "stan": "000002"}))
+    assert store.find_original(conn, **{**who, "stan": "000002"})[0].id == 8
+
+
+# The txn table as it was before the acquirer column (the columns in their order then).
+OLD_TXN_TABLE = """
+CREATE TABLE txn (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, updated REAL NOT NULL,
+    listener TEXT, mti TEXT, terminal TEXT, merchant TEXT, front_stan TEXT, transmission TEXT,
+    upstream TEXT, link INTEGER, upstream_stan TEXT, rrn TEXT, amount TEXT, currency TEXT,
+    pan_masked TEXT, pan_hash TEXT, state TEXT NOT NULL, response_code TEXT, auth_code TEXT,
+    original BLOB, worker INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX txn_front ON txn(terminal, front_stan);
+"""
+OLD_INSERT = (
+    "INSERT INTO txn (id, created, updated, listener, mti, terminal, merchant, front_stan, transmission,"
+    " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original, worker,"
+    " response_code, auth_code) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
