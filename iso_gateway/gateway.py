@@ -354,6 +354,7 @@ class Gateway:
                             n.start_soon(up.run)
                             worker = self.reversals.workers[up.cfg.name] = SafWorker(self.reversals, up)
                             n.start_soon(worker.run)
+                            n.start_soon(worker.run_suspects)
 
             root.start_soon(run_upstreams)
             conn_scope = trio.CancelScope()

@@ -344,3 +344,83 @@ OLD_INSERT = (
     "INSERT INTO txn (id, created, updated, listener, mti, terminal, merchant, front_stan, transmission,"
     " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original, worker,"
     " response_code, auth_code) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+
+
+# --------------------------------------------------------------------------- late acknowledgements
+
+
+def reversal_messages(sim) -> dict[str, int]:
+    """How many reversal messages (0420 and 0421) the switch received per original (by RRN)."""
+    out: dict[str, int] = {}
+    for r in sim.records:
+        if r.mti in ("0420", "0421"):
+            out[r.rrn] = out.get(r.rrn, 0) + 1
+    return out
+
+
+async def test_a_0430_that_comes_after_the_attempts_deadline_completes_the_reversal_and_no_repeat_is_sent(harness):
+    # Every reversal is acknowledged 0.2 s after the table's delay: all later than reversal_timeout.
+    sim = await harness.start_switch(reversal_delay=0.2)
+    gw = await harness.start_gateway(upstream={"saf_first_delay": 0.0, "saf_retry_initial": 3.0, "reversal_timeout": 0.15},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.1}])
+    client = await harness.client()
+    # Each original is answered too late for its route (0.2 to 0.9 s) and so is its reversal (0.4 to 1.1 s).
+    auths = [harness.auth(amount) for amount in (10299, 10499, 10699, 10999)]
+    async with trio.open_nursery() as n:
+        for auth in auths:
+            n.start_soon(client.request, auth, 3)
+    await wait_for(lambda: [r[0] for r in saf_rows(harness)] == ["acked"] * len(auths), 5, "every reversal acknowledged")
+    assert reversal_messages(sim) == {auth["37"]: 1 for auth in auths}
+    assert [r[5] for r in saf_rows(harness)] == [1] * len(auths)  # one attempt each
+    assert gw.metrics.reversals("cmi", "acknowledged").get() == len(auths)
+    assert gw.metrics.reversals("cmi", "repeated").get() == 0
+    assert gw.metrics.unmatched_responses("cmi").get() == 0
+    for auth in auths:
+        await wait_for(lambda: txn_state(harness, auth["37"]) == "reversed", 3, "journal says reversed")
+
+
+# --------------------------------------------------------------------------- a reversal that drops the link
+
+
+def saf_results(harness) -> list[tuple]:
+    db = sqlite3.connect(harness.gateway.config.journal.path)
+    try:
+        return db.execute("SELECT state, attempts, last_result FROM saf ORDER BY created").fetchall()
+    finally:
+        db.close()
+
+
+async def test_a_reversal_that_drops_the_link_is_retried_alone_then_parked_and_live_traffic_keeps_its_link(harness):
+    killer = 10097  # never answered; its reversal makes the switch close the connection it came on
+    sim = await harness.start_switch(close_on_reversal=frozenset({f"{killer:012d}"}))
+    gw = await harness.start_gateway(upstream={**FAST_SAF, "reversal_timeout": 1.0, "saf_budget": 6},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    up = gw.upstreams["cmi"]
+    clients = [await harness.client() for _ in range(4)]
+    first = harness.auth(killer)
+    assert (await clients[0].request(first, timeout=3))["39"] == "91"
+    answers: list[tuple[bool, str]] = []  # (sent after the shared link came back from its first drop, DE 39)
+    done = trio.Event()
+
+    async def traffic(client) -> None:
+        for _ in range(2000):  # bounded; ends once the reversal is parked and some more went by
+            recovered = sim.accepted >= 2 and up.ready
+            answers.append((recovered, (await client.request(harness.auth(15000), timeout=3))["39"]))
+            if done.is_set():
+                return
+
+    async with trio.open_nursery() as n:
+        for c in clients:
+            n.start_soon(traffic, c)
+        await wait_for(lambda: saf_results(harness) and saf_results(harness)[0][0] == "parked", 10, "parked")
+        await wait_for(lambda: sum(1 for recovered, _ in answers if recovered) >= 100, 5, "traffic after it")
+        done.set()
+    after = [rc for recovered, rc in answers if recovered]
+    assert after and set(after) == {"00"}, f"{after.count('91')} answered 91 after the first drop was over"
+    state, attempts, why = saf_results(harness)[0]
+    assert (state, attempts) == ("parked", 2) and "alone" in why
+    assert [r.mti for r in sim.records if r.rrn == first["37"] and r.mti[1] == "4"] == ["0420", "0421"]
+    assert gw.metrics.saf_link_drops("cmi", "suspected").get() == 1
+    assert gw.metrics.saf_link_drops("cmi", "parked").get() == 1
+    # The shared link dropped once (with the 0420); the 0421 went on a connection of its own.
+    assert sum(c.connects for c in up.connections) == 2 and sim.accepted == 3
