@@ -394,7 +394,7 @@ async def test_a_reversal_that_drops_the_link_is_retried_alone_then_parked_and_l
     killer = 10097  # never answered; its reversal makes the switch close the connection it came on
     sim = await harness.start_switch(close_on_reversal=frozenset({f"{killer:012d}"}))
     gw = await harness.start_gateway(upstream={**FAST_SAF, "reversal_timeout": 1.0, "saf_budget": 6},
-                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 1.0}])
     up = gw.upstreams["cmi"]
     clients = [await harness.client() for _ in range(4)]
     first = harness.auth(killer)
