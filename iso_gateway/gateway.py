@@ -221,6 +221,26 @@ class FrontRequest:
         return gw.reversals.timed_out(self, reason, answer)
 
 
+class ForwardedReversal(FrontRequest):
+    """A front end's reversal forwarded to the switch.
+
+    If the switch (not the gateway) drops the link while it is out, ``take_over`` runs: the
+    gateway reverses the original itself from then on, alone on a connection of its own
+    (DurableReversals.take_over), so the front end's repeats, answered from the journal, are not
+    forwarded into the same drop of the links every request shares."""
+
+    __slots__ = ("take_over",)
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - FrontRequest's
+        super().__init__(*args, **kwargs)
+        self.take_over: Callable[[], None] | None = None
+
+    def on_link_lost(self, conn: UpstreamConnection, now: float) -> FrameWriter | None:
+        if self.sent and not conn.closing and self.take_over is not None:
+            self.take_over()
+        return super().on_link_lost(conn, now)
+
+
 class Gateway:
     """Listeners, upstreams and routes wired together; ``run`` serves until ``stop``."""
 
@@ -695,7 +715,7 @@ class Gateway:
                                         values.get(42, ""), f90.stan, f90.transmission, original_mti(f90.mti))
         if found is None:
             return local(self.config.gateway.unknown_original_code, "unknown_original")
-        txn, _original, saf_states = found
+        txn, original, saf_states = found
         if values.get(4) != txn.amount and not scan.has(95):
             return local(self.config.gateway.amount_mismatch_code, "amount_mismatch")
         if txn.state == REVERSED:
@@ -718,7 +738,9 @@ class Gateway:
         out = encode(upstream.dialect, msg, check_types=False)
         now = trio.current_time()
         mti = scan.mti
-        request = FrontRequest(self, front, raw, header, mti, values.get(11, ""), upstream, received_at, True)
+        request = ForwardedReversal(self, front, raw, header, mti, values.get(11, ""), upstream, received_at, True)
+        if original:
+            request.take_over = lambda: self.reversals.take_over(upstream, original, txn)
         request.upstream_stan = stan
         request.conn = conn
         request.restore = {"90": values[90]}

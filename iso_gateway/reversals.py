@@ -33,7 +33,8 @@ import trio
 from .errors import IsoGatewayError
 from .links import SoloConnection
 from .journal import (
-    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, Journal, SafItem, new_id,
+    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, Journal, SafItem, TxnRow,
+    new_id,
 )
 from .matching import match_key
 from .message import encode
@@ -148,6 +149,29 @@ class DurableReversals:
             return then()
 
         self.journal.submit(store.insert_saf, item, callback=durable)
+
+    def take_over(self, upstream: "Upstream", original: dict[str, str], txn: TxnRow) -> None:
+        """A front end's reversal of ``txn`` was out when the switch dropped the link: the gateway
+        reverses ``txn`` itself from now on, with a SAF item suspected from the start (its first
+        attempt goes alone, on a connection of its own), and the front end's repeats find it in
+        the journal (answered as being reversed) instead of being forwarded into the same drop."""
+        item = self.make_item(upstream, original, txn.mti, txn.upstream_stan, "link_lost", txn.id, txn.auth_code)
+        worker = self.workers.get(upstream.cfg.name)
+        if worker is not None:
+            worker.suspect(item)
+        metrics = self.gateway.metrics
+
+        def durable(result: object, error: BaseException | None) -> None:
+            if error is not None:
+                log.error("reversal taken over from a front end could not be stored (%s)", type(error).__name__)
+                return
+            metrics.reversals(upstream.cfg.name, "queued").inc()
+            log.warning("reversal %s queued for %s: a front end's reversal (RRN %s) was out when the link dropped",
+                        saf_label(item.id), upstream.cfg.name, item.message.get("37", "?"))
+            if worker is not None:
+                worker.wake()
+
+        self.journal.submit(self.journal.store.insert_saf, item, callback=durable)
 
     def make_item(self, upstream: "Upstream", original: dict[str, str], original_mti: str, upstream_stan: str,
                   reason: str, txn_id: int | None, auth_code: str | None) -> SafItem:

@@ -424,3 +424,23 @@ async def test_a_reversal_that_drops_the_link_is_retried_alone_then_parked_and_l
     assert gw.metrics.saf_link_drops("cmi", "parked").get() == 1
     # The shared link dropped once (with the 0420); the 0421 went on a connection of its own.
     assert sum(c.connects for c in up.connections) == 2 and sim.accepted == 3
+
+
+async def test_a_front_end_reversal_that_drops_the_link_is_taken_over_and_its_repeats_are_not_forwarded(harness):
+    amount = 12000  # approved; its reversal makes the switch close the connection it came on
+    sim = await harness.start_switch(close_on_reversal=frozenset({f"{amount:012d}"}))
+    gw = await harness.start_gateway(upstream={**FAST_SAF, "reversal_timeout": 1.0},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 1.0}])
+    client = await harness.client()
+    auth = harness.auth(amount)
+    assert (await client.request(auth, timeout=3))["39"] == "00"
+    rev = sample_reversal(auth)
+    assert (await client.request(rev, timeout=3))["39"] == "91"  # the link dropped under it
+    # From here the gateway reverses it itself, alone; the front end's repeats are answered from the journal.
+    await wait_for(lambda: saf_results(harness) and saf_results(harness)[0][0] == "parked", 10, "parked")
+    for _ in range(3):
+        assert (await client.request({**rev, "t": "0421"}, timeout=3))["39"] == "00"
+    assert [r.mti for r in sim.records if r.rrn == auth["37"] and r.mti[1] == "4"] == ["0420", "0420"]
+    assert sum(c.connects for c in gw.upstreams["cmi"].connections) == 2 and sim.accepted == 3
+    assert gw.metrics.saf_link_drops("cmi", "parked").get() == 1
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
