@@ -211,15 +211,13 @@ class _ReversalWaiter:
     ``alone``: the attempt travels on a connection of its own (the item is suspected of dropping
     links); ``done`` is set when the attempt has its outcome."""
 
-    __slots__ = ("mti", "worker", "item", "attempts", "key", "alone", "done")
+    __slots__ = ("mti", "worker", "item", "attempts", "alone", "done")
 
-    def __init__(self, worker: "SafWorker", item: SafItem, mti: str, attempts: int, key: tuple,
-                 alone: bool = False) -> None:
+    def __init__(self, worker: "SafWorker", item: SafItem, mti: str, attempts: int, alone: bool = False) -> None:
         self.mti = mti
         self.worker = worker
         self.item = item
         self.attempts = attempts
-        self.key = key
         self.alone = alone
         self.done = trio.Event()
 
@@ -235,7 +233,7 @@ class _ReversalWaiter:
         if self.alone:
             self.worker.cleared(self.item)  # the switch answered it and kept the link
         if rc == "00":
-            self.worker.acknowledged(self.item.id, self.item.txn_id, self.item.message.get("37", "?"), self.key)
+            self.worker.acknowledged(self.item.id, self.item.txn_id, self.item.message.get("37", "?"))
         else:
             self.worker.failed(self.item, self.attempts, f"answered {rc or 'without 39'}")
 
@@ -259,26 +257,25 @@ class _ReversalWaiter:
 
 class _Outstanding:
     """A reversal sent and not acknowledged yet, as the upstream's links see it once an attempt's
-    deadline has passed: a 0430/0410 that matches it, at any time, completes it (a switch that
-    answers later than ``reversal_timeout`` must not be sent the same reversal again and again).
-    It holds no card data, only what completing the item needs."""
+    deadline has passed: a 0430/0410 that matches it, at any time until it is acknowledged or
+    parked, completes it (a switch that answers later than ``reversal_timeout`` must not be sent
+    the same reversal again and again). It holds no card data, only what completing the item needs."""
 
-    __slots__ = ("mti", "worker", "saf_id", "txn_id", "rrn", "key")
+    __slots__ = ("mti", "worker", "saf_id", "txn_id", "rrn")
 
-    def __init__(self, worker: "SafWorker", item: SafItem, mti: str, key: tuple) -> None:
+    def __init__(self, worker: "SafWorker", item: SafItem, mti: str) -> None:
         self.mti = mti
         self.worker = worker
         self.saf_id = item.id
         self.txn_id = item.txn_id
         self.rrn = item.message.get("37", "?")
-        self.key = key
 
     def on_response(self, conn: "UpstreamConnection", raw: bytes, scan: Scan, now: float) -> None:
         rc = scan.values.get(39, "")
         if rc == "00":
             log.info("reversal %s: its 0430/0410 came after the attempt's deadline; it completes it",
                      saf_label(self.saf_id))
-            self.worker.acknowledged(self.saf_id, self.txn_id, self.rrn, self.key)
+            self.worker.acknowledged(self.saf_id, self.txn_id, self.rrn)
         else:
             log.warning("reversal %s: a late answer %s; its repeats go on", saf_label(self.saf_id), rc or "without 39")
 
@@ -305,6 +302,7 @@ class SafWorker:
         # link, with the queue of those waiting to be sent alone (run_suspects).
         self._settled: dict[int, int] = {}  # SAF id -> the read of the due list it was settled during
         self._reads = 0
+        self._keys: dict[int, tuple] = {}  # SAF id -> its match key in Upstream.outstanding
         self.suspects: set[int] = set()
         self._alone: collections.deque[SafItem] = collections.deque()
         self._alone_wakeup = trio.Event()
@@ -388,22 +386,21 @@ class SafWorker:
                             stan=stan)
         item.stan = stan
         now = trio.current_time()
-        waiter = _ReversalWaiter(self, item, mti, attempts, key, alone)
+        waiter = _ReversalWaiter(self, item, mti, attempts, alone)
         self.in_flight[item.id] = waiter
-        self.upstream.outstanding.keep(key, _Outstanding(self, item, mti, key))
+        self.upstream.outstanding.keep(key, _Outstanding(self, item, mti))
+        self._keys[item.id] = key
         writer = conn.send_request(waiter, raw, key, now + cfg.reversal_timeout, now)
         metrics = self.reversals.gateway.metrics
         metrics.reversals(cfg.name, "sent" if attempts == 1 else "repeated").inc()
         metrics.upstream_sent(cfg.name, mti).inc()
         return writer, waiter
 
-    def acknowledged(self, saf_id: int, txn_id: int | None, rrn: str, key: tuple) -> None:
+    def acknowledged(self, saf_id: int, txn_id: int | None, rrn: str) -> None:
         self.in_flight.pop(saf_id, None)
         self.suspects.discard(saf_id)
         self._settle(saf_id)
-        held = self.upstream.outstanding.get(key)
-        if isinstance(held, _Outstanding) and held.saf_id == saf_id:
-            self.upstream.outstanding.release(key, held)
+        self._release(saf_id)
         store = self.journal.store
         self.journal.submit(store.update_saf, saf_id, state=SAF_ACKED, result="acknowledged")
         if txn_id is not None:
@@ -429,8 +426,16 @@ class SafWorker:
         self.in_flight.pop(item.id, None)
         self.suspects.discard(item.id)
         self._settle(item.id)
+        self._release(item.id)  # its STAN is free for others; an operator's retry makes it outstanding again
         self.journal.submit(self.journal.store.update_saf, item.id, state=SAF_PARKED, result=why)
         self.reversals.gateway.metrics.reversals(self.upstream.cfg.name, "parked").inc()
+
+    def _release(self, saf_id: int) -> None:
+        """``saf_id`` is no longer outstanding: a 0430/0410 for it from now on is unmatched."""
+        key = self._keys.pop(saf_id, None)
+        held = self.upstream.outstanding.get(key) if key is not None else None
+        if isinstance(held, _Outstanding) and held.saf_id == saf_id:
+            self.upstream.outstanding.release(key, held)
 
     def _settle(self, saf_id: int) -> None:
         """Remember that ``saf_id`` is done with during the current read of the due list, which may

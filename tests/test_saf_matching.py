@@ -130,5 +130,26 @@ def test_a_reversal_is_complete_at_its_first_0430_with_00_whenever_it_comes_and_
         acknowledged = gateway.metrics.reversals("cmi", "acknowledged").get()
         assert acknowledged == (1 if journal.saf_state.get(item.id) == "acked" else 0)
         assert journal.reversed == ([2] if acknowledged else [])
+        if journal.saf_state.get(item.id) in ("acked", "parked"):  # complete: nothing of it stays outstanding
+            assert not conn.upstream.outstanding
+
+    trio.run(play)
+
+
+def test_two_reversals_never_share_a_stan_while_outstanding_and_a_parked_one_frees_it():
+    async def play() -> None:
+        worker, journal, gateway, conn, first = rig()
+        second = SafItem(id=9, txn_id=10, upstream="cmi", state=SAF_PENDING, reason="timeout", mti="0420",
+                         stan="", f90=first.f90, attempts=0, next_attempt=0.0, created=0.0,
+                         message=dict(first.message))
+        first.stan = second.stan = "400001"  # reversal_stan = "original": two originals with one upstream STAN
+        assert worker._send(first) is not None
+        for waiter in conn.pending.expire(trio.current_time() + 3600):
+            waiter.on_timeout(conn, trio.current_time())
+        assert worker._send(second) is None  # the first is still outstanding under that STAN
+        worker._park(first, "by hand")
+        assert worker._send(second) is not None
+        answer(conn, second, "00")
+        assert journal.saf_state == {first.id: "parked", second.id: "acked"}
 
     trio.run(play)
