@@ -131,7 +131,7 @@ class UpstreamConfig(WireConfig):
     reversal_mti: Literal["0420", "0400"] = Field("0420", description="what a timeout reversal is sent as; repeats are 0421/0401")
     reversal_stan: Literal["new", "original"] = Field(
         "new", description="a reversal's DE 11: a new STAN, or the original's (verify with the switch)")
-    reversal_timeout: float = Field(10.0, gt=0, description="seconds to wait for a reversal's 0430/0410 before repeating it")
+    reversal_timeout: float = Field(10.0, gt=0, description="seconds to wait for a reversal's 0430/0410 before the attempt counts as unanswered and a repeat is scheduled; a later 0430/0410 still completes it")
     reversal_codes: dict[str, str] = Field(
         default_factory=lambda: {"timeout": "68", "link_lost": "68", "in_doubt": "68", "undeliverable": "68"},
         description="DE 39 sent in a reversal, by why it is sent (68: response received too late); verify with the switch",

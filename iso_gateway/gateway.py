@@ -25,7 +25,7 @@ import trio
 from .config import Config
 from .duplicates import DuplicateEntry, DuplicateTable
 from .duplicates import Key as DupKey
-from .journal import ANSWERED, REVERSAL_FIELDS, REVERSED, Journal, new_id
+from .journal import ANSWERED, NOT_SENT, REVERSAL_FIELDS, REVERSED, Journal, new_id
 from .matching import StanAllocator
 from .message import OriginalData, original_mti
 from .reversals import DurableReversals, SafWorker
@@ -50,6 +50,24 @@ log = logging.getLogger("iso_gateway.gateway")
 METRICS_FLUSH = 1.0
 
 REVERSAL_KEYS = tuple((int(k), k) for k in REVERSAL_FIELDS)
+
+# DE 39 values that approve (ISO 8583:1987): approved; honour with identification; approved for a
+# partial amount; approved (VIP); approved, update track 3. Only these leave something to reverse.
+APPROVED_CODES = frozenset({"00", "08", "10", "11", "16"})
+# The answer to a front-end reversal whose original was declined (or never reached the switch):
+# 21, "no action taken", the code for a reversal that found nothing to reverse. It says the
+# original was found (unlike 25) and that no funds were held, so the switch is not asked.
+NOTHING_TO_REVERSE_CODE = "21"
+
+
+def front_identity(front: FrontConnection) -> str:
+    """Who sent a request, as the journal records it (``txn.listener``) and as a front-end reversal
+    must match it to find its original: today the listener it came through, so any client of a
+    listener may reverse what another client of the same listener sent (with the same acquirer,
+    terminal and merchant). When listeners authenticate their clients (a TLS client certificate,
+    a sign-on), this is the one place to return the authenticated identity instead; the forward
+    path (``Gateway._forward``) writes the same value."""
+    return front.listener.name
 
 
 class ReversalSink(Protocol):
@@ -203,6 +221,26 @@ class FrontRequest:
         return gw.reversals.timed_out(self, reason, answer)
 
 
+class ForwardedReversal(FrontRequest):
+    """A front end's reversal forwarded to the switch.
+
+    If the switch (not the gateway) drops the link while it is out, ``take_over`` runs: the
+    gateway reverses the original itself from then on, alone on a connection of its own
+    (DurableReversals.take_over), so the front end's repeats, answered from the journal, are not
+    forwarded into the same drop of the links every request shares."""
+
+    __slots__ = ("take_over",)
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - FrontRequest's
+        super().__init__(*args, **kwargs)
+        self.take_over: Callable[[], None] | None = None
+
+    def on_link_lost(self, conn: UpstreamConnection, now: float) -> FrameWriter | None:
+        if self.sent and not conn.closing and self.take_over is not None:
+            self.take_over()
+        return super().on_link_lost(conn, now)
+
+
 class Gateway:
     """Listeners, upstreams and routes wired together; ``run`` serves until ``stop``."""
 
@@ -347,6 +385,7 @@ class Gateway:
                             n.start_soon(up.run)
                             worker = self.reversals.workers[up.cfg.name] = SafWorker(self.reversals, up)
                             n.start_soon(worker.run)
+                            n.start_soon(worker.run_suspects)
 
             root.start_soon(run_upstreams)
             conn_scope = trio.CancelScope()
@@ -552,6 +591,7 @@ class Gateway:
         # Journaled before it leaves.
         request.original = {key_: values[k] for k, key_ in REVERSAL_KEYS if k in values}
         request.txn_id = new_id()
+        # "listener": front_identity(front), the listener's name today (spelled out on the hot path).
         row = {"id": request.txn_id, "listener": listener.name, "mti": mti, "upstream": upstream.cfg.name,
                "link": conn.index, "upstream_stan": stan}
         journal = self.journal
@@ -675,18 +715,28 @@ class Gateway:
             f90 = OriginalData.parse(values.get(90, ""))
         except MessageError:
             return local("30", "bad_original_data")
+        # A reversal that names another acquirer in field 90 than in its DE 32 points at nothing
+        # it may reverse: answered as an unknown original, like one naming another merchant's.
+        acquirer = values.get(32, "")
+        if f90.acquirer and f90.acquirer != acquirer.lstrip("0"):
+            return local(self.config.gateway.unknown_original_code, "unknown_original")
         store = self.journal.store
         await self.journal.sync()  # the original may be in the write-ahead log only
-        found = await self.journal.call(store.find_original, values.get(41, ""), f90.stan, f90.transmission,
-                                        original_mti(f90.mti))
+        found = await self.journal.call(store.find_original, front_identity(front), acquirer, values.get(41, ""),
+                                        values.get(42, ""), f90.stan, f90.transmission, original_mti(f90.mti))
         if found is None:
             return local(self.config.gateway.unknown_original_code, "unknown_original")
-        txn, _original, saf_states = found
+        txn, original, saf_states = found
         if values.get(4) != txn.amount and not scan.has(95):
             return local(self.config.gateway.amount_mismatch_code, "amount_mismatch")
-        if txn.state == REVERSED or saf_states:
-            # Already reversed, or the gateway is reversing it itself: never twice.
-            return local("00", "already_reversed")
+        if txn.state == REVERSED:
+            return local("00", "already_reversed")  # never twice: the repeat is acknowledged again
+        if txn.state == NOT_SENT or (txn.response_code and txn.response_code not in APPROVED_CODES):
+            # Declined (in time or late), or it never left: no funds are held, the switch has
+            # nothing to undo, and asking it would only add a message it must reconcile.
+            return local(NOTHING_TO_REVERSE_CODE, "nothing_to_reverse")
+        if saf_states:
+            return local("00", "already_reversed")  # the gateway is reversing it itself: never twice
         upstream = self.upstreams.get(txn.upstream)
         conn = upstream.pick() if upstream is not None else None
         if upstream is None or conn is None or self.draining:
@@ -699,7 +749,9 @@ class Gateway:
         out = encode(upstream.dialect, msg, check_types=False)
         now = trio.current_time()
         mti = scan.mti
-        request = FrontRequest(self, front, raw, header, mti, values.get(11, ""), upstream, received_at, True)
+        request = ForwardedReversal(self, front, raw, header, mti, values.get(11, ""), upstream, received_at, True)
+        if original:
+            request.take_over = lambda: self.reversals.take_over(upstream, original, txn)
         request.upstream_stan = stan
         request.conn = conn
         request.restore = {"90": values[90]}
@@ -712,7 +764,7 @@ class Gateway:
                 self.journal.submit(store.cancel_unsent_saf, txn_id, "reversed by the front end")
 
         request.on_answer = answered
-        row = {"id": request.txn_id, "listener": listener.name, "mti": mti, "upstream": upstream.cfg.name,
+        row = {"id": request.txn_id, "listener": front_identity(front), "mti": mti, "upstream": upstream.cfg.name,
                "link": conn.index, "upstream_stan": stan}
         fields = {k: msg[k] for k in REVERSAL_FIELDS if k in msg}
         self.front_in_flight += 1

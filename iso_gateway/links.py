@@ -9,7 +9,12 @@ A connection whose requests go unanswered (``UNANSWERED_NOT_READY`` in a row, or
 one echo) is not ``answering`` until the switch answers something in time: it
 still carries traffic, but /readyz no longer counts it as ready.
 Reconnects back off exponentially with jitter. When a connection drops, every
-request in flight on it is answered at once.
+request in flight on it is answered at once, each told whether the gateway
+closed it (``closing``) or the switch (or the network) did: a reversal in flight
+when the switch drops a link is then sent again alone, on a ``SoloConnection``.
+A response that matches nothing in flight is offered to the upstream's
+``outstanding`` waiters (reversals not yet acknowledged) before it is counted as
+late or unmatched.
 
 Protocol decisions (matching, STANs, deadlines) live in ``matching``; this
 module only moves bytes, sleeps and keeps state. It never raises out of
@@ -48,6 +53,9 @@ log = logging.getLogger("iso_gateway.links")
 # counted as late rather than unknown (jPOS QMUX keeps unhandled ones 120 s).
 LATE_WINDOW = 120.0
 LATE_MEMORY = 100_000
+# Outstanding reversals remembered per upstream past their attempt's deadline (see
+# Outstanding): as many as late responses, ample for any SAF backlog that is being worked.
+OUTSTANDING_MEMORY = LATE_MEMORY
 STAN_BLOCK = 1000  # a link's STAN counter is saved every this many STANs; a restart resumes past it
 # A connection that took this many requests (echoes included) in a row and answered none in
 # time is not "answering": /readyz stops counting it as ready, although it still carries
@@ -407,9 +415,11 @@ class UpstreamConnection:
         key = match_key(mti, scan.values.get(11, ""), tuple(scan.values.get(f, "") for f in self.cfg.match_fields))
         waiter = self.pending.pop(key)
         if waiter is None:
-            late = self.late.pop(key, None)
-            return up.listener.on_unmatched(self, scan, raw, late[1] if late else None, now)
-        if self.unanswered:  # an answer in time: the switch answers (readiness)
+            waiter = up.outstanding.get(key)  # an answer past its attempt's deadline that still counts
+            if waiter is None:
+                late = self.late.pop(key, None)
+                return up.listener.on_unmatched(self, scan, raw, late[1] if late else None, now)
+        elif self.unanswered:  # an answer in time: the switch answers (readiness)
             self.unanswered = 0
             self._count_silence()
         return waiter.on_response(self, raw, scan, now)
@@ -501,6 +511,63 @@ class UpstreamConnection:
             log.info("upstream %s connection %d: signed off (%s)", self.cfg.name, self.index, rc or "no answer")
 
 
+class Outstanding(OrderedDict[Key, Waiter]):
+    """An upstream's waiters that outlive their deadline, by match key, oldest first, at most
+    OUTSTANDING_MEMORY of them (past that the oldest is forgotten, and an answer to it is
+    unmatched: the worst case is the repeat this table exists to avoid, never a wrong match)."""
+
+    def keep(self, key: Key, waiter: Waiter) -> None:
+        self.pop(key, None)
+        self[key] = waiter
+        while len(self) > OUTSTANDING_MEMORY:
+            self.popitem(last=False)
+
+    def release(self, key: Key, waiter: Waiter) -> None:
+        """Forget ``waiter`` (and only it) under ``key``."""
+        if self.get(key) is waiter:
+            del self[key]
+
+
+class SoloConnection(UpstreamConnection):
+    """A connection of its own, for one message that must travel alone (a reversal in flight when
+    a link dropped: reversals.py). It is not in the upstream's pool, so ``Upstream.pick`` never
+    puts other traffic on it, nor in the link-state gauges or readiness (it is not capacity).
+    ``run`` connects once (hosts in order), signs on when the upstream does, and serves one
+    session: no reconnects. ``settled`` is set once it is ready or its session is over."""
+
+    def __init__(self, upstream: "Upstream") -> None:
+        super().__init__(upstream, len(upstream.connections))
+        self.settled = trio.Event()
+
+    def _set_state(self, state: LinkState) -> None:
+        self.state = state
+        if state is LinkState.READY:
+            self.settled.set()
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        try:
+            for host in cfg.host_list():
+                self.host = f"{host.host}:{host.port}"
+                try:
+                    with trio.fail_after(cfg.connect_timeout):
+                        stream = SocketIO.adopt(await trio.open_tcp_stream(host.host, host.port))
+                except (OSError, trio.TooSlowError):
+                    log.warning("upstream %s: a connection of its own to %s could not be opened", cfg.name, self.host)
+                    continue
+                try:
+                    await self._session(stream)
+                except Exception:  # noqa: BLE001 - a bug in this session must not reach the SAF worker
+                    log.exception("upstream %s: internal error on a connection of its own", cfg.name)
+                finally:
+                    self._lost()
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+                return
+        finally:
+            self.settled.set()
+
+
 class Upstream:
     """A switch: its configuration, codec and connections."""
 
@@ -519,6 +586,11 @@ class Upstream:
         # The TPDU (or fixed header) on frames the gateway starts; replies swap the peer's.
         self.header = bytes.fromhex(cfg.tpdu_value) if cfg.tpdu else (bytes.fromhex(cfg.header) if cfg.header else b"")
         self.connections = [UpstreamConnection(self, i) for i in range(cfg.connections)]
+        # Waiters whose answer still counts after their deadline, on any of this upstream's
+        # connections: reversals not yet acknowledged (reversals.py). A response that matches
+        # nothing in flight is offered to them before it is called late or unmatched; each
+        # removes itself once complete (see Outstanding).
+        self.outstanding = Outstanding()
         self._flush_send: trio.MemorySendChannel[FrameWriter] | None = None
 
     def encode_frame(self, message: bytes, reply_to: bytes | None = None) -> bytes:

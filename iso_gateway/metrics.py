@@ -167,6 +167,7 @@ class Metrics:
         self.echo_missed = counter("echo_missed_total", "Echoes the switch did not answer in time.", ("upstream",))
         self.reversals = counter("reversals_total", "Reversals by outcome (queued, sent, repeated, acknowledged, parked, cancelled).", ("upstream", "outcome"))
         # The SAF lives in one store that every worker reports whole: workers' values are not added.
+        self.saf_link_drops = counter("saf_link_drops_total", "Reversals in flight when a switch link dropped, by outcome: suspected (its next attempt goes alone, on a connection of its own), cleared (answered there), parked (that connection dropped too: parked for an operator).", ("upstream", "outcome"))
         self.saf_depth = gauge("saf_queue_depth", "Reversals waiting in the store-and-forward queue.", ("upstream",), "livemax")
         self.saf_oldest_age = gauge("saf_oldest_age_seconds", "Age of the oldest reversal waiting in the store-and-forward queue.", ("upstream",), "livemax")
         self.saf_parked = gauge("saf_parked", "Reversals parked (dead letters) after their retry budget, waiting for an operator.", ("upstream",), "livemax")

@@ -8,10 +8,21 @@ one item the switch keeps refusing never blocks the rest, drains the queue as
 soon as a link is ready again, and parks an item once its retry budget is spent.
 The queue lives in the journal, so it survives restarts; the worker polls it,
 so ``iso-gateway saf retry`` from another process is picked up.
+
+An item stays outstanding from its first attempt until it is complete: a
+0430/0410 that comes after an attempt's deadline (``reversal_timeout``) still
+acknowledges it, so a switch that answers slowly is not sent the same reversal
+again and again. An item in flight when a link drops is suspected of dropping
+it: its next attempt goes alone, on a connection of its own that carries
+nothing else (``links.SoloConnection``), and if the switch drops that one too
+the item is parked with the reason, counted and alerted, rather than repeated
+on the links that carry live traffic. Suspicion lives in memory: after a
+restart a suspect gets one more attempt on the shared links.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
@@ -20,8 +31,10 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from .errors import IsoGatewayError
+from .links import SoloConnection
 from .journal import (
-    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, Journal, SafItem, new_id,
+    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, Journal, SafItem, TxnRow,
+    new_id,
 )
 from .matching import match_key
 from .message import encode
@@ -37,6 +50,10 @@ log = logging.getLogger("iso_gateway.reversals")
 
 # Seconds between looks at the SAF table for due items.
 SAF_POLL = 1.0
+# Settled items remembered before older ones are pruned (see SafWorker._settle): a small table.
+SETTLED_MEMORY = 1024
+# SafWorker.in_flight's mark for an item queued to be sent alone (run_suspects).
+ALONE = "alone"
 # Seconds between full counts of the SAF table (the saf gauges): counting a large
 # backlog reads every row, so it is not done on every look.
 STATS_EVERY = 5.0
@@ -133,6 +150,29 @@ class DurableReversals:
 
         self.journal.submit(store.insert_saf, item, callback=durable)
 
+    def take_over(self, upstream: "Upstream", original: dict[str, str], txn: TxnRow) -> None:
+        """A front end's reversal of ``txn`` was out when the switch dropped the link: the gateway
+        reverses ``txn`` itself from now on, with a SAF item suspected from the start (its first
+        attempt goes alone, on a connection of its own), and the front end's repeats find it in
+        the journal (answered as being reversed) instead of being forwarded into the same drop."""
+        item = self.make_item(upstream, original, txn.mti, txn.upstream_stan, "link_lost", txn.id, txn.auth_code)
+        worker = self.workers.get(upstream.cfg.name)
+        if worker is not None:
+            worker.suspect(item)
+        metrics = self.gateway.metrics
+
+        def durable(result: object, error: BaseException | None) -> None:
+            if error is not None:
+                log.error("reversal taken over from a front end could not be stored (%s)", type(error).__name__)
+                return
+            metrics.reversals(upstream.cfg.name, "queued").inc()
+            log.warning("reversal %s queued for %s: a front end's reversal (RRN %s) was out when the link dropped",
+                        saf_label(item.id), upstream.cfg.name, item.message.get("37", "?"))
+            if worker is not None:
+                worker.wake()
+
+        self.journal.submit(self.journal.store.insert_saf, item, callback=durable)
+
     def make_item(self, upstream: "Upstream", original: dict[str, str], original_mti: str, upstream_stan: str,
                   reason: str, txn_id: int | None, auth_code: str | None) -> SafItem:
         cfg = upstream.cfg
@@ -166,28 +206,83 @@ class DurableReversals:
 
 
 class _ReversalWaiter:
-    """A SAF item in flight on a link, waiting for its 0430/0410."""
+    """One attempt of a SAF item in flight on a link, waiting for its 0430/0410.
 
-    __slots__ = ("mti", "worker", "item", "attempts")
+    ``alone``: the attempt travels on a connection of its own (the item is suspected of dropping
+    links); ``done`` is set when the attempt has its outcome."""
 
-    def __init__(self, worker: "SafWorker", item: SafItem, mti: str, attempts: int) -> None:
+    __slots__ = ("mti", "worker", "item", "attempts", "alone", "done")
+
+    def __init__(self, worker: "SafWorker", item: SafItem, mti: str, attempts: int, alone: bool = False) -> None:
         self.mti = mti
         self.worker = worker
         self.item = item
         self.attempts = attempts
+        self.alone = alone
+        self.done = trio.Event()
+
+    def _current(self) -> bool:
+        """Whether this attempt's outcome still counts (the item was not completed otherwise meanwhile)."""
+        self.done.set()
+        return self.worker.in_flight.get(self.item.id) is self
 
     def on_response(self, conn: "UpstreamConnection", raw: bytes, scan: Scan, now: float) -> None:
+        if not self._current():
+            return
         rc = scan.values.get(39, "")
+        if self.alone:
+            self.worker.cleared(self.item)  # the switch answered it and kept the link
         if rc == "00":
-            self.worker.acknowledged(self.item)
+            self.worker.acknowledged(self.item.id, self.item.txn_id, self.item.message.get("37", "?"))
         else:
             self.worker.failed(self.item, self.attempts, f"answered {rc or 'without 39'}")
 
     def on_timeout(self, conn: "UpstreamConnection", now: float) -> None:
+        # The item stays outstanding (Upstream.outstanding): a 0430 that comes after this still completes it.
+        if not self._current():
+            return
         self.worker.failed(self.item, self.attempts, "no answer")
 
     def on_link_lost(self, conn: "UpstreamConnection", now: float) -> None:
-        self.worker.failed(self.item, self.attempts, "link lost")
+        if not self._current():
+            return
+        if conn.closing:  # the gateway closed it (shutdown): nobody's fault
+            self.worker.failed(self.item, self.attempts, "link closed")
+        elif self.alone:
+            self.worker.dropped_alone(self.item, self.attempts)
+        else:
+            self.worker.suspect(self.item)
+            self.worker.failed(self.item, self.attempts, "link lost")
+
+
+class _Outstanding:
+    """A reversal sent and not acknowledged yet, as the upstream's links see it once an attempt's
+    deadline has passed: a 0430/0410 that matches it, at any time until it is acknowledged or
+    parked, completes it (a switch that answers later than ``reversal_timeout`` must not be sent
+    the same reversal again and again). It holds no card data, only what completing the item needs."""
+
+    __slots__ = ("mti", "worker", "saf_id", "txn_id", "rrn")
+
+    def __init__(self, worker: "SafWorker", item: SafItem, mti: str) -> None:
+        self.mti = mti
+        self.worker = worker
+        self.saf_id = item.id
+        self.txn_id = item.txn_id
+        self.rrn = item.message.get("37", "?")
+
+    def on_response(self, conn: "UpstreamConnection", raw: bytes, scan: Scan, now: float) -> None:
+        rc = scan.values.get(39, "")
+        if rc == "00":
+            log.info("reversal %s: its 0430/0410 came after the attempt's deadline; it completes it",
+                     saf_label(self.saf_id))
+            self.worker.acknowledged(self.saf_id, self.txn_id, self.rrn)
+        else:
+            log.warning("reversal %s: a late answer %s; its repeats go on", saf_label(self.saf_id), rc or "without 39")
+
+    def on_timeout(self, conn: "UpstreamConnection", now: float) -> None:  # never pending: no deadline
+        pass
+
+    on_link_lost = on_timeout
 
 
 class SafWorker:
@@ -198,9 +293,19 @@ class SafWorker:
         self.journal = reversals.journal
         self.upstream = upstream
         self.policy = policy_of(upstream)
-        self.in_flight: set[int] = set()
+        # Items being worked on, by SAF id: the waiter of the attempt in flight, or ALONE while
+        # queued to be sent alone. An attempt's outcome counts only while its waiter is here.
+        self.in_flight: dict[int, object] = {}
         self._wakeup = trio.Event()
         self._rng = random.Random()
+        # Items acknowledged or parked lately (see _settle), and items suspected of dropping a
+        # link, with the queue of those waiting to be sent alone (run_suspects).
+        self._settled: dict[int, int] = {}  # SAF id -> the read of the due list it was settled during
+        self._reads = 0
+        self._keys: dict[int, tuple] = {}  # SAF id -> its match key in Upstream.outstanding
+        self.suspects: set[int] = set()
+        self._alone: collections.deque[SafItem] = collections.deque()
+        self._alone_wakeup = trio.Event()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -222,6 +327,7 @@ class SafWorker:
                 due_at = await self.journal.call(store.next_due, name)
             room = cfg.saf_window - len(self.in_flight)
             if self.upstream.ready and room > 0 and due_at is not None and due_at <= time.time():
+                self._reads += 1  # items settled from now on may still be in this list (see _send)
                 due = await self.journal.call(store.due_saf, name, time.time(), room + len(self.in_flight))
                 touched = set()
                 for item in due:
@@ -239,15 +345,30 @@ class SafWorker:
                 await self._wakeup.wait()
 
     def _send(self, item: SafItem) -> "FrameWriter | None":
-        cfg = self.upstream.cfg
+        if self._settled.get(item.id) == self._reads:
+            return None  # acknowledged or parked while the due list was being read
+        if item.id in self.suspects:
+            self._send_alone_later(item)
+            return None
         conn = self.upstream.pick()
         if conn is None:
             return None
+        sent = self._send_on(conn, item)
+        return sent[0] if sent is not None else None
+
+    def _send_on(self, conn: "UpstreamConnection", item: SafItem,
+                 alone: bool = False) -> "tuple[FrameWriter, _ReversalWaiter] | None":
+        """Send one attempt of ``item`` on ``conn``: the writer to flush and the attempt's waiter (None: not sent)."""
+        cfg = self.upstream.cfg
         stan = item.stan or conn.allocate_stan()
         if stan in conn.pending:
             return None  # that STAN is busy on this link right now: try on the next round
         msg = dict(item.message)
         mti = attempt_mti(item.mti, item.attempts)
+        key = match_key(mti, stan, tuple(msg.get(str(f), "") for f in cfg.match_fields))
+        held = self.upstream.outstanding.get(key)
+        if isinstance(held, _Outstanding) and held.saf_id != item.id:
+            return None  # another outstanding reversal has this STAN: try on the next round
         msg["t"] = mti
         msg["11"] = stan
         try:
@@ -264,27 +385,32 @@ class SafWorker:
                             next_attempt=next_attempt if next_attempt is not None else now_wall + cfg.reversal_timeout,
                             stan=stan)
         item.stan = stan
-        self.in_flight.add(item.id)
         now = trio.current_time()
-        waiter = _ReversalWaiter(self, item, mti, attempts)
-        writer = conn.send_request(waiter, raw, match_key(mti, stan, ()), now + cfg.reversal_timeout, now)
+        waiter = _ReversalWaiter(self, item, mti, attempts, alone)
+        self.in_flight[item.id] = waiter
+        self.upstream.outstanding.keep(key, _Outstanding(self, item, mti))
+        self._keys[item.id] = key
+        writer = conn.send_request(waiter, raw, key, now + cfg.reversal_timeout, now)
         metrics = self.reversals.gateway.metrics
         metrics.reversals(cfg.name, "sent" if attempts == 1 else "repeated").inc()
         metrics.upstream_sent(cfg.name, mti).inc()
-        return writer
+        return writer, waiter
 
-    def acknowledged(self, item: SafItem) -> None:
-        self.in_flight.discard(item.id)
+    def acknowledged(self, saf_id: int, txn_id: int | None, rrn: str) -> None:
+        self.in_flight.pop(saf_id, None)
+        self.suspects.discard(saf_id)
+        self._settle(saf_id)
+        self._release(saf_id)
         store = self.journal.store
-        self.journal.submit(store.update_saf, item.id, state=SAF_ACKED, result="acknowledged")
-        if item.txn_id is not None:
-            self.journal.set_state(item.txn_id, REVERSED)
+        self.journal.submit(store.update_saf, saf_id, state=SAF_ACKED, result="acknowledged")
+        if txn_id is not None:
+            self.journal.set_state(txn_id, REVERSED)
         self.reversals.gateway.metrics.reversals(self.upstream.cfg.name, "acknowledged").inc()
-        log.info("reversal %s (RRN %s) acknowledged by %s", saf_label(item.id), item.message.get("37", "?"), self.upstream.cfg.name)
+        log.info("reversal %s (RRN %s) acknowledged by %s", saf_label(saf_id), rrn, self.upstream.cfg.name)
         self.wake()
 
     def failed(self, item: SafItem, attempts: int, why: str) -> None:
-        self.in_flight.discard(item.id)
+        self.in_flight.pop(item.id, None)
         item.attempts = attempts
         if attempts >= self.policy.budget:
             log.error("reversal %s (RRN %s) unacknowledged after %d attempts (%s): parked for an operator",
@@ -297,6 +423,112 @@ class SafWorker:
         self.wake()
 
     def _park(self, item: SafItem, why: str) -> None:
-        self.in_flight.discard(item.id)
+        self.in_flight.pop(item.id, None)
+        self.suspects.discard(item.id)
+        self._settle(item.id)
+        self._release(item.id)  # its STAN is free for others; an operator's retry makes it outstanding again
         self.journal.submit(self.journal.store.update_saf, item.id, state=SAF_PARKED, result=why)
         self.reversals.gateway.metrics.reversals(self.upstream.cfg.name, "parked").inc()
+
+    def _release(self, saf_id: int) -> None:
+        """``saf_id`` is no longer outstanding: a 0430/0410 for it from now on is unmatched."""
+        key = self._keys.pop(saf_id, None)
+        held = self.upstream.outstanding.get(key) if key is not None else None
+        if isinstance(held, _Outstanding) and held.saf_id == saf_id:
+            self.upstream.outstanding.release(key, held)
+
+    def _settle(self, saf_id: int) -> None:
+        """Remember that ``saf_id`` is done with during the current read of the due list, which may
+        still hold it (the journal applies the change after that read). Once the next read starts,
+        the journal is the truth again (an operator's `saf retry` of a parked item included)."""
+        settled = self._settled
+        if len(settled) >= SETTLED_MEMORY:
+            self._settled = settled = {k: v for k, v in settled.items() if v == self._reads}
+        settled[saf_id] = self._reads
+
+    # -- suspects: a reversal in flight when a link dropped travels alone
+
+    def suspect(self, item: SafItem) -> None:
+        """``item`` was in flight when a shared link dropped: its next attempt goes alone."""
+        if item.id in self.suspects:
+            return
+        self.suspects.add(item.id)
+        self.reversals.gateway.metrics.saf_link_drops(self.upstream.cfg.name, "suspected").inc()
+        log.warning("reversal %s (RRN %s) was in flight when the link to %s dropped: its next attempt goes alone,"
+                    " on a connection of its own", saf_label(item.id), item.message.get("37", "?"),
+                    self.upstream.cfg.name)
+
+    def cleared(self, item: SafItem) -> None:
+        """The switch answered ``item`` sent alone and kept the link: it goes with the rest again."""
+        if item.id in self.suspects:
+            self.suspects.discard(item.id)
+            self.reversals.gateway.metrics.saf_link_drops(self.upstream.cfg.name, "cleared").inc()
+
+    def dropped_alone(self, item: SafItem, attempts: int) -> None:
+        """The link dropped again, with ``item`` alone on it: parked for an operator, with the reason."""
+        item.attempts = attempts
+        why = "the switch dropped the link after it, twice: the second time it was alone on its connection"
+        log.error("reversal %s (RRN %s): %s; parked for an operator", saf_label(item.id),
+                  item.message.get("37", "?"), why)
+        self.reversals.gateway.metrics.saf_link_drops(self.upstream.cfg.name, "parked").inc()
+        self._park(item, why)
+
+    def _send_alone_later(self, item: SafItem) -> None:
+        if item.id in self.in_flight:
+            return
+        self.in_flight[item.id] = ALONE  # counts in the window, and is not offered again meanwhile
+        self._alone.append(item)
+        self._alone_wakeup.set()
+
+    async def run_suspects(self) -> None:
+        """Send suspected reversals one at a time, each alone on a connection of its own, until cancelled.
+
+        Live traffic never shares that connection, so if the switch drops it again only the
+        suspect is affected: it is parked (``dropped_alone``). A connection that can't be opened
+        (or signed on) leaves the item pending, still suspected, for ``saf_retry_initial`` seconds.
+
+        Error handling: an unexpected error with one item is logged and leaves it pending (it is
+        not sent again at once); the next item is served."""
+        while True:
+            while not self._alone:
+                self._alone_wakeup = trio.Event()
+                await self._alone_wakeup.wait()
+            item = self._alone.popleft()
+            if self.in_flight.get(item.id) is not ALONE:
+                continue  # acknowledged (a late 0430) or parked while it waited here
+            try:
+                await self._send_alone(item)
+            except Exception:  # noqa: BLE001 - one item's trouble must not end the lane (nor the worker)
+                log.exception("reversal %s: sending it alone failed", saf_label(item.id))
+                self._retry_later(item, "internal error sending it alone")
+
+    async def _send_alone(self, item: SafItem) -> None:
+        cfg = self.upstream.cfg
+        conn = SoloConnection(self.upstream)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run)
+            try:
+                with trio.move_on_after(cfg.connect_timeout * len(cfg.host_list())
+                                        + (cfg.sign_on_timeout if cfg.sign_on else 0.0)):
+                    await conn.settled.wait()
+                if not conn.ready:
+                    self._retry_later(item, "no connection of its own could be opened")
+                    return
+                sent = self._send_on(conn, item, alone=True)
+                if sent is None:
+                    self._retry_later(item, "not sent alone")
+                    return
+                writer, waiter = sent
+                await writer.flush()
+                await waiter.done.wait()  # bounded: the attempt's deadline, or the connection's end
+            finally:
+                # From here on the end of this connection is the gateway's doing (also on shutdown).
+                conn.closing = True
+                conn.drop()
+                nursery.cancel_scope.cancel()
+
+    def _retry_later(self, item: SafItem, why: str) -> None:
+        """Leave ``item`` pending without counting an attempt, due again in ``saf_retry_initial``."""
+        self.in_flight.pop(item.id, None)
+        self.journal.submit(self.journal.store.update_saf, item.id, state=SAF_PENDING,
+                            next_attempt=time.time() + self.upstream.cfg.saf_retry_initial, result=why)

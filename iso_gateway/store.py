@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS txn (
     pan_masked TEXT, pan_hash TEXT,
     state TEXT NOT NULL, response_code TEXT, auth_code TEXT,
     original BLOB,
-    worker INTEGER NOT NULL DEFAULT 0
+    worker INTEGER NOT NULL DEFAULT 0,
+    acquirer TEXT
 );
 CREATE INDEX IF NOT EXISTS txn_rrn ON txn(rrn);
 DROP INDEX IF EXISTS txn_front;
@@ -180,6 +181,7 @@ class SQLiteStore:
             cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
             if cols and "worker" not in cols:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN worker INTEGER NOT NULL DEFAULT 0")
+        _add_acquirer_column(conn)
         conn.executescript(SCHEMA)
         if path != ":memory:":
             os.chmod(path, 0o600)  # card data at rest, even masked and encrypted: owner only
@@ -190,7 +192,7 @@ class SQLiteStore:
     _INSERT_TXN = (
         "INSERT INTO txn (id, created, updated, listener, mti, terminal, merchant, front_stan, transmission,"
         " upstream, link, upstream_stan, rrn, amount, currency, pan_masked, pan_hash, state, original, worker,"
-        " response_code, auth_code) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+        " response_code, auth_code, acquirer) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
     _UPDATE_TXN = ("UPDATE txn SET state=?, updated=?, response_code=COALESCE(?, response_code),"
                    " auth_code=COALESCE(?, auth_code) WHERE id=?")
 
@@ -215,7 +217,8 @@ class SQLiteStore:
         get = original.get
         return (txn_id, created, updated, listener, mti, get("41", "").rstrip(), get("42", "").rstrip(), get("11", ""),
                 get("7", ""), upstream, link, upstream_stan, get("37", ""), get("4", ""), get("49", ""),
-                mask_pan(pan) if pan else "", self.vault.pan_hash(pan) if pan else "", state, sealed, worker, rc, auth)
+                mask_pan(pan) if pan else "", self.vault.pan_hash(pan) if pan else "", state, sealed, worker, rc, auth,
+                get("32", ""))
 
     def insert_txn(self, conn: sqlite3.Connection, row: dict[str, Any], original: dict[str, str]) -> None:
         conn.execute(self._INSERT_TXN, self.txn_params(row, original, time.time()))
@@ -361,19 +364,33 @@ class SQLiteStore:
         ).fetchall()
         return [(r[0], r[1], r[2], r[3], self.vault.open(r[4]) if r[4] else {}) for r in rows]
 
-    def find_original(self, conn: sqlite3.Connection, terminal: str, stan: str, transmission: str,
+    def find_original(self, conn: sqlite3.Connection, listener: str, acquirer: str, terminal: str,
+                      merchant: str, stan: str, transmission: str,
                       mti: str) -> tuple[TxnRow, dict[str, str], list[str]] | None:
-        """The transaction a front-end reversal points at, its fields and its reversals' states."""
-        row = conn.execute(
-            f"SELECT {TXN_COLUMNS}, original FROM txn WHERE terminal=? AND front_stan=? AND transmission=? AND mti=?"
-            " ORDER BY created DESC LIMIT 1",
-            (terminal.rstrip(), stan, transmission, mti),
-        ).fetchone()
-        if row is None:
-            return None
-        txn = TxnRow(*row[:-1])
-        states = [r[0] for r in conn.execute("SELECT state FROM saf WHERE txn_id=?", (txn.id,))]
-        return txn, (self.vault.open(row[-1]) if row[-1] else {}), states
+        """The transaction a front-end reversal points at, its fields and its reversals' states; or None.
+
+        Besides the original's STAN, DE 7 and MTI (from field 90), everything that says whose
+        transaction it is must match the reversal: the front end's identity (``listener``: the
+        listener it came through, see ``gateway.front_identity``), the acquirer (DE 32), the
+        terminal (DE 41) and the merchant (DE 42). So a front end can reverse only its own
+        merchants' transactions: another merchant's approval on the same terminal id, STAN, DE 7
+        and amount is not found. The lookup seeks ``txn_front_time`` (DE 7, terminal, STAN) and
+        filters the few rows there. Rows written before the acquirer column existed (NULL) are
+        checked against DE 32 in their sealed fields."""
+        rows = conn.execute(
+            f"SELECT {TXN_COLUMNS}, acquirer, original FROM txn"
+            " WHERE transmission=? AND terminal=? AND front_stan=? AND mti=? AND merchant=? AND listener=?"
+            " AND (acquirer=? OR acquirer IS NULL) ORDER BY created DESC LIMIT ?",
+            (transmission, terminal.rstrip(), stan, mti, merchant.rstrip(), listener, acquirer, _ORIGINAL_CANDIDATES),
+        ).fetchall()
+        for row in rows:
+            fields = self.vault.open(row[-1]) if row[-1] else {}
+            if row[-2] is None and fields.get("32", "") != acquirer:
+                continue
+            txn = TxnRow(*row[:-2])
+            states = [r[0] for r in conn.execute("SELECT state FROM saf WHERE txn_id=?", (txn.id,))]
+            return txn, fields, states
+        return None
 
     @staticmethod
     def find_txns(conn: sqlite3.Connection, *, rrn: str | None = None, stan: str | None = None,
@@ -397,6 +414,19 @@ class SQLiteStore:
             f" created, last_result FROM saf WHERE state IN ({marks}) ORDER BY created LIMIT ?",
             (*states, limit),
         ).fetchall()
+
+
+# Rows with one (DE 7, terminal, STAN, MTI, merchant, listener) that ``find_original`` looks at:
+# a front end reuses a STAN within one second on one terminal only by mistake, so a handful is
+# plenty, and the bound keeps a hostile flood of look-alikes from making one lookup long.
+_ORIGINAL_CANDIDATES = 8
+
+
+def _add_acquirer_column(conn: sqlite3.Connection) -> None:
+    """Files written before ``txn.acquirer`` existed get it (NULL in their old rows), so they keep opening."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(txn)")}
+    if cols and "acquirer" not in cols:
+        conn.execute("ALTER TABLE txn ADD COLUMN acquirer TEXT")
 
 
 # Rows per INSERT in ``apply_log``: 64 at a time, the rest in smaller powers of two

@@ -77,7 +77,7 @@ def test_every_alert_has_a_severity_a_summary_a_description_and_runbook_notes():
         "IsoGatewayNoUpstreamReady", "IsoGatewayUpstreamDown", "IsoGatewayLinkDown", "IsoGatewayTimeoutRatioHigh",
         "IsoGatewayLatencyP99High", "IsoGatewayDecodeErrorsSpike", "IsoGatewaySafBacklog",
         "IsoGatewaySafOldestReversalAging", "IsoGatewaySafReversalsParked", "IsoGatewayDown",
-        "IsoGatewayJournalIndexerBehind"}
+        "IsoGatewayJournalIndexerBehind", "IsoGatewayReversalDropsLink"}
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
         notes = rule["annotations"]
@@ -226,6 +226,22 @@ def test_each_alert_fires_on_the_series_that_should_fire_it_and_only_after_its_f
                 _fires("14m", "IsoGatewaySafOldestReversalAging", {**cmi, **crit}),
                 _fires("5m", "IsoGatewaySafReversalsParked"),
                 _fires("7m", "IsoGatewaySafReversalsParked", {**cmi, **crit}),
+            ],
+        },
+        {  # reversals in flight at link drops: suspected and cleared ones do not page; one parked does, then stops
+            "interval": "1m",
+            "input_series": [
+                _series({**cmi, "outcome": "suspected"}, "0 3 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5",
+                        "iso_gateway_saf_link_drops_total"),
+                _series({**cmi, "outcome": "cleared"}, "0 2 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4 4",
+                        "iso_gateway_saf_link_drops_total"),
+                _series({**cmi, "outcome": "parked"}, "0 0 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1",
+                        "iso_gateway_saf_link_drops_total"),
+            ],
+            "alert_rule_test": [
+                _fires("3m", "IsoGatewayReversalDropsLink"),
+                _fires("5m", "IsoGatewayReversalDropsLink", {**cmi, **crit}),
+                _fires("25m", "IsoGatewayReversalDropsLink"),  # 15 minutes without another
             ],
         },
         {  # the journal's indexer falls behind (a segment every 0.2 s piles up), then catches up

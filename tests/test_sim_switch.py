@@ -416,3 +416,39 @@ def test_run_prints_a_summary_and_no_traceback_on_ctrl_c(tmp_path):
     assert proc.returncode == 0
     assert "Traceback" not in rest
     assert rest.startswith("sim-switch: 0 connections")
+
+
+# --------------------------------------------------------------------------- options aimed at reversals
+
+
+async def test_close_on_reversal_closes_on_that_amounts_reversal_while_its_authorization_follows_the_table(start_switch):
+    sim = await start_switch(close_on_reversal=frozenset({"000000010000"}))
+    async with await connect(sim) as client:
+        auth = sample_auth(1, 10000)
+        assert (await client.request(auth, TIMEOUT))["39"] == "00"
+        other = sample_auth(2, 12000)
+        assert (await client.request(other, TIMEOUT))["39"] == "00"
+        assert (await client.request(sample_reversal(other), TIMEOUT))["39"] == "00"
+        with pytest.raises(ConnectionClosed):
+            await client.request(sample_reversal(auth), TIMEOUT)
+    await eventually(lambda: sim.closes["close"] == 1)
+    assert [(r.mti, r.action, r.applied) for r in sim.records][-1] == ("0420", "close", False)
+
+
+async def test_reversal_delay_acknowledges_every_reversal_that_much_later_and_nothing_else(start_switch):
+    sim = await start_switch(reversal_delay=0.3)
+    async with await connect(sim) as client:
+        auth = sample_auth(1, 10000)
+        started = trio.current_time()
+        assert (await client.request(auth, TIMEOUT))["39"] == "00"
+        assert trio.current_time() - started < 0.25
+        started = trio.current_time()
+        assert (await client.request(sample_reversal(auth), TIMEOUT))["39"] == "00"
+        assert trio.current_time() - started >= 0.28
+    assert [(r.mti, r.action, r.applied) for r in sim.records][-1] == ("0420", "delay", True)
+
+
+def test_a_reversal_delay_outside_its_bounds_is_refused():
+    for bad in (-1.0, 61.0):
+        with pytest.raises(ConfigError):
+            SwitchBehaviour(reversal_delay=bad)

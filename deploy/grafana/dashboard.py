@@ -180,9 +180,12 @@ def build() -> dict[str, Any]:
         target(f"sum by (upstream) (rate(iso_gateway_timeouts_total{{{UP}, {REQUESTS}}}[{W}]))"
                f" / sum by (upstream) (rate(iso_gateway_upstream_messages_sent_total{{{UP}, {REQUESTS}}}[{W}]))",
                "{{upstream}}")], "percentunit"), 12, 8)
-    lay.add(timeseries("Reversals by outcome", "queued, sent, repeated (0421), acknowledged, parked, cancelled.", [
+    lay.add(timeseries("Reversals by outcome", "queued, sent, repeated (0421), acknowledged, parked, cancelled;"
+                       " and those in flight at a link drop: suspected (sent again alone), cleared, parked.", [
         target(f"sum by (upstream, outcome) (rate(iso_gateway_reversals_total{{{UP}}}[{W}]))",
-               "{{upstream}} {{outcome}}")], "ops"), 8, 8)
+               "{{upstream}} {{outcome}}"),
+        target(f"sum by (upstream, outcome) (rate(iso_gateway_saf_link_drops_total{{{UP}}}[{W}]))",
+               "{{upstream}} link drop: {{outcome}}")], "ops"), 8, 8)
     lay.add(timeseries("Store-and-forward queue", "Reversals waiting, and parked after their retry budget.", [
         target(f"max by (upstream) (iso_gateway_saf_queue_depth{{{UP}}})", "waiting {{upstream}}"),
         target(f"max by (upstream) (iso_gateway_saf_parked{{{UP}}})", "parked {{upstream}}"),

@@ -45,7 +45,10 @@ Optional chaos for integrity tests (``SwitchBehaviour``): each authorization,
 financial or reversal message draws once from a seeded ``random.Random`` and
 may be closed on receipt, dropped, or delayed by a bounded random time, on
 top of the table. Everything is 0 by default, and the same seed with the same
-arrival order gives the same outcomes.
+arrival order gives the same outcomes. Two options aim at reversals only:
+``close_on_reversal`` (amounts whose reversals close the connection on receipt,
+while their authorizations follow the table) and ``reversal_delay`` (every
+reversal acknowledged that many seconds late).
 
 Every message answered, dropped or closed on is kept as a ``Record`` (and
 optionally appended as a JSON line to a file for an external reconciliation
@@ -220,6 +223,13 @@ class SwitchBehaviour:
     drop_probability: float = 0.0
     # Chance (0..1) of closing the connection when a message arrives. The default is 0.
     close_probability: float = 0.0
+    # DE 4 values (12 digits) whose reversals (0400/0401/0420/0421) close the connection on
+    # receipt, whatever the table says for their last digits: a switch whose session handler
+    # dies on one particular reversal. The default is none.
+    close_on_reversal: frozenset[str] = frozenset()
+    # Seconds before any reversal (0400/0401/0420/0421) is answered, on top of the table: a switch
+    # that acknowledges reversals later than the gateway waits for. The default is 0.
+    reversal_delay: float = 0.0
     # File to append each record to as one JSON line. The default is None (no file).
     record_file: str | Path | None = None
     # Whether records are kept in SwitchSimulator.records; a long load run may turn this off. The default is True.
@@ -236,6 +246,8 @@ class SwitchBehaviour:
         lo, hi = self.delay_range
         if not 0.0 <= lo <= hi <= MAX_CHAOS_DELAY:
             raise ConfigError(where, "delay_range", f"must be 0 <= min <= max <= {MAX_CHAOS_DELAY:g} seconds")
+        if not 0.0 <= self.reversal_delay <= MAX_CHAOS_DELAY:
+            raise ConfigError(where, "reversal_delay", f"must be 0 <= seconds <= {MAX_CHAOS_DELAY:g}")
         if not isinstance(self.echo_interval, (int, float)) or self.echo_interval < 0:
             raise ConfigError(where, "echo_interval", "must be 0 (off) or a number of seconds")
 
@@ -520,7 +532,13 @@ class SwitchSimulator:
         else:
             outcome = outcome_for_amount(amount, acknowledge=acknowledge)
         if fault is not None and outcome.action in (APPROVE, DECLINE):
-            return Outcome(fault.action, outcome.code if fault.action == DELAY else None, fault.delay)
+            outcome = Outcome(fault.action, outcome.code if fault.action == DELAY else None, fault.delay)
+        if mti[1] == "4":
+            behaviour = self.behaviour
+            if amount in behaviour.close_on_reversal:
+                return Outcome(CLOSE, None)
+            if behaviour.reversal_delay and outcome.action in (APPROVE, DELAY):
+                return Outcome(DELAY, outcome.code, outcome.delay + behaviour.reversal_delay)
         return outcome
 
     def _apply_reversal(self, msg: Message, outcome: Outcome) -> bool | None:
