@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -21,7 +22,8 @@ import trio
 
 from .errors import IsoGatewayError
 from .journal import (
-    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, Journal, SafItem, new_id,
+    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, STORE_RETRY_INITIAL, STORE_RETRY_MAX,
+    TIMED_OUT, Backoff, Journal, SafItem, failure_reason, new_id,
 )
 from .matching import match_key
 from .message import encode
@@ -62,6 +64,7 @@ class DurableReversals:
         self.gateway = gateway
         self.journal = journal
         self.workers: dict[str, SafWorker] = {}
+        self.recovery_owed = False  # the store could not be read at start (see ``recover``)
 
     # -- ReversalSink
 
@@ -147,22 +150,42 @@ class DurableReversals:
 
     # -- start-up
 
-    def recover(self) -> int:
-        """Queue a reversal for every transaction that was sent and never answered (a crash). Start-up only."""
+    def recover(self, in_doubt: list | None = None) -> int:
+        """Queue a reversal for every transaction that was sent and never answered (a crash). Start-up,
+        or ``recover_owed`` when the store could not be read then.
+
+        The reversals go through the journal's thread (writes it keeps until the store takes
+        them), so a full disk delays them and loses none."""
         store = self.journal.store
         count = 0
-        for txn_id, upstream_name, mti, upstream_stan, original in self.journal.run_sync(store.in_doubt):
+        if in_doubt is None:
+            try:
+                in_doubt = self.journal.run_sync(store.in_doubt)
+            except sqlite3.Error as exc:  # counted, shown by /readyz, and tried again by the SAF workers
+                self.journal.note_failure("recovery", f"in-doubt transactions can't be read ({exc})",
+                                          failure_reason(exc))
+                self.recovery_owed = True
+                return 0
+        for txn_id, upstream_name, mti, upstream_stan, original in in_doubt:
             upstream = self.gateway.upstreams.get(upstream_name)
             if upstream is None or mti[1:2] not in ("1", "2") or not original:
                 continue
             item = self.make_item(upstream, original, mti, upstream_stan, "in_doubt", txn_id, None)
-            self.journal.run_sync(store.insert_saf, item)
-            self.journal.run_sync(store.update_txn, txn_id, TIMED_OUT, None, None)
+            self.journal.submit(store.insert_saf, item)
+            self.journal.submit(store.update_txn, txn_id, TIMED_OUT, None, None)
             self.gateway.metrics.reversals(upstream_name, "queued").inc()
             count += 1
         if count:
             log.warning("recovery: %d transactions were in doubt after a restart; reversals queued", count)
         return count
+
+    async def recover_owed(self) -> None:
+        """The recovery the store could not read at start, now (raises what the store raises)."""
+        if self.recovery_owed:
+            in_doubt = await self.journal.call(self.journal.store.in_doubt)
+            self.recovery_owed = False
+            self.journal.clear_failure("recovery")
+            self.recover(in_doubt)
 
 
 class _ReversalWaiter:
@@ -206,11 +229,29 @@ class SafWorker:
         self._wakeup.set()
 
     async def run(self) -> None:
+        """Send due reversals until cancelled. A store that fails is counted, shown by /readyz
+        (the journal's ``failed``) and asked again after a delay that doubles up to
+        STORE_RETRY_MAX; the reversals stay owed."""
+        backoff = Backoff(STORE_RETRY_INITIAL, STORE_RETRY_MAX)
+        while True:
+            try:
+                await self._round()
+            except Exception as exc:  # noqa: BLE001 - a failing store must not stop the reversals
+                reason = failure_reason(exc)
+                if reason == "other":
+                    log.exception("SAF worker for %s: round failed", self.upstream.cfg.name)
+                self.reversals.gateway.metrics.journal_errors("saf", reason).inc()
+                await trio.sleep(backoff.next())
+            else:
+                backoff.reset()
+
+    async def _round(self) -> None:
         store = self.journal.store
         cfg = self.upstream.cfg
         metrics = self.reversals.gateway.metrics
         name = cfg.name
         stats_at = 0.0
+        await self.reversals.recover_owed()
         while True:
             if time.monotonic() >= stats_at:  # the full count: for the gauges, now and then
                 waiting, oldest, due_at, parked = await self.journal.call(store.saf_stats, name)
