@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from typing import Callable, Sequence
 
@@ -304,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except IsoGatewayError as exc:
         _err(str(exc))
+        return EXIT_FAIL
+    except sqlite3.Error as exc:  # the journal's file is unreadable, read-only, full: one line, no traceback
+        _err(f"the journal can't be used ({exc})")
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
