@@ -157,9 +157,10 @@ async def test_a_store_that_fails_every_call_does_not_stop_the_saf_worker_which_
         nursery.cancel_scope.cancel()
 
 
-async def test_an_indexer_that_cant_write_retries_in_order_and_readiness_says_why(harness):
+@pytest.mark.parametrize("indexer", ["process", "thread"])
+async def test_an_indexer_that_cant_write_retries_in_order_and_readiness_says_why(harness, indexer):
     await harness.start_switch()
-    gw = await harness.start_gateway()
+    gw = await harness.start_gateway(journal={"indexer": indexer})
     client = await harness.client()
     db = Path(gw.config.journal.path)
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
@@ -209,3 +210,20 @@ def _count(db: Path, table: str) -> int:
         return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     finally:
         conn.close()
+
+
+def test_a_timed_out_transaction_whose_reversal_never_reached_the_store_is_in_doubt_at_the_next_start(tmp_path):
+    """The journal kept the reversal in memory and the process stopped: the next start owes it still."""
+    journal = Journal(str(tmp_path / "journal.sqlite3"), PanVault(secrets.token_bytes(32)))
+    store = journal.store
+    row = {"listener": "ecom", "mti": "0100", "upstream": "cmi", "link": 0, "upstream_stan": "400001"}
+    original = {"2": "4761739001010119", "4": "000000010000", "11": "000001", "37": "633100000001"}
+    lost, stored, declined_late = new_id(), new_id(), new_id()
+    for txn_id in (lost, stored, declined_late):
+        journal.run_sync(store.insert_txn, {**row, "id": txn_id, "state": "timed_out"}, original)
+    journal.run_sync(store.insert_saf, SafItem(id=new_id(), txn_id=stored, upstream="cmi", state=SAF_PENDING,
+                                               reason="timeout", mti="0420", stan="", f90="0" * 42, attempts=0,
+                                               next_attempt=0.0, created=0.0, message={"t": "0420"}))
+    journal.run_sync(store.update_txn, declined_late, "timed_out", "05", None)  # a late decline: nothing owed
+    assert [t[0] for t in journal.run_sync(store.in_doubt)] == [lost]
+    journal.close()
