@@ -227,3 +227,57 @@ def test_a_timed_out_transaction_whose_reversal_never_reached_the_store_is_in_do
     journal.run_sync(store.update_txn, declined_late, "timed_out", "05", None)  # a late decline: nothing owed
     assert [t[0] for t in journal.run_sync(store.in_doubt)] == [lost]
     journal.close()
+
+
+async def test_recovery_at_start_on_a_read_only_journal_owes_its_reversals_until_the_store_takes_them(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(str(path), PanVault(secrets.token_bytes(32)), indexer="thread")
+    in_doubt = new_id()
+    journal.run_sync(journal.store.insert_txn, {"id": in_doubt, "listener": "ecom", "mti": "0100", "upstream": "cmi",
+                                                 "link": 0, "upstream_stan": "400001"},
+                     {"2": "4761739001010119", "4": "000000010000", "7": "1127101010", "11": "000001",
+                      "37": "633100000001"})
+    journal._conn.execute("PRAGMA query_only=1")  # the file is read-only when the gateway starts
+    metrics = Metrics(process=False)
+    upstream = SimpleNamespace(cfg=UpstreamConfig(name="cmi", hosts=["127.0.0.1:1"]))
+    reversals = DurableReversals(SimpleNamespace(metrics=metrics, upstreams={"cmi": upstream}), journal)
+    assert reversals.recover() == 1  # read fine; the writes are the journal's to keep
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        await wait_for(lambda: journal.failed is not None and "read_only" in journal.failed, 5, "the failure shown")
+        assert saf_rows(path) == []
+        await journal.call(lambda conn: conn.execute("PRAGMA query_only=0"))
+        await wait_for(lambda: len(saf_rows(path)) == 1, 5, "the recovered reversal stored")
+        await wait_for(lambda: journal.failed is None, 5, "the failure cleared")
+        nursery.cancel_scope.cancel()
+    journal.close()
+
+
+async def test_a_recovery_the_store_could_not_read_at_start_is_done_by_the_saf_worker_later(tmp_path, monkeypatch):
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(str(path), PanVault(secrets.token_bytes(32)), indexer="thread")
+    in_doubt = new_id()
+    journal.run_sync(journal.store.insert_txn, {"id": in_doubt, "listener": "ecom", "mti": "0100", "upstream": "cmi",
+                                                 "link": 0, "upstream_stan": "400001"},
+                     {"2": "4761739001010119", "4": "000000010000", "11": "000001", "37": "633100000001"})
+    real = type(journal.store).in_doubt
+
+    def unreadable(self, conn, since=None):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(type(journal.store), "in_doubt", unreadable)
+    metrics = Metrics(process=False)
+    upstream = SimpleNamespace(cfg=UpstreamConfig(name="cmi", hosts=["127.0.0.1:1"]), ready=False)
+    reversals = DurableReversals(SimpleNamespace(metrics=metrics, upstreams={"cmi": upstream}), journal)
+    assert reversals.recover() == 0 and reversals.recovery_owed
+    assert "recovery" in journal.failed
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        nursery.start_soon(SafWorker(reversals, upstream).run)
+        await trio.sleep(0.3)  # the SAF worker's rounds fail meanwhile, and it carries on
+        assert saf_rows(path) == [] and reversals.recovery_owed
+        monkeypatch.setattr(type(journal.store), "in_doubt", real)
+        await wait_for(lambda: len(saf_rows(path)) == 1, 10, "the reversal the recovery owed")
+        assert not reversals.recovery_owed and journal.failed is None
+        nursery.cancel_scope.cancel()
+    journal.close()
