@@ -408,6 +408,11 @@ class Journal:
             self.metrics.journal_log_segments().set(self._segments_waiting)
 
     @property
+    def holding_writes(self) -> bool:
+        """Writes the store refused are kept in memory, waiting for it (reads don't see them yet)."""
+        return bool(self._kept)
+
+    @property
     def segments_waiting(self) -> int:
         """Log segments closed and not yet written into SQLite (the indexer's backlog)."""
         return self._segments_waiting

@@ -262,7 +262,10 @@ class SafWorker:
             else:
                 due_at = await self.journal.call(store.next_due, name)
             room = cfg.saf_window - len(self.in_flight)
-            if self.upstream.ready and room > 0 and due_at is not None and due_at <= time.time():
+            # While the store refuses writes, an attempt could not be recorded (nor its
+            # acknowledgement): the same reversal would go out again every round. They wait.
+            if (self.upstream.ready and room > 0 and due_at is not None and due_at <= time.time()
+                    and not self.journal.holding_writes):
                 due = await self.journal.call(store.due_saf, name, time.time(), room + len(self.in_flight))
                 touched = set()
                 for item in due:
