@@ -247,6 +247,7 @@ class Journal:
                         nursery.start_soon(self._indexer.run)
                     nursery.start_soon(self._index)
                 nursery.start_soon(self._purge)
+                nursery.start_soon(self._probe)
                 task_status.started()
                 async for batch in receive:
                     await self._deliver(batch)
@@ -308,6 +309,22 @@ class Journal:
             if self._thread_retry_at is not None and trio.current_time() >= self._thread_retry_at:
                 self._thread_retry_at = None
                 self._index_in_thread()
+
+    async def _probe(self) -> None:
+        """While a part of the journal fails and nothing else would find out that it works again
+        (an idle gateway that /readyz keeps out of traffic), try it every STORE_RETRY_MAX
+        seconds: a small log write, a STAN-like meta write (kept and retried like any other)."""
+        while True:
+            await trio.sleep(STORE_RETRY_MAX)
+            if "log" in self._failures and self.txlog is not None:
+                try:
+                    self.txlog.probe()
+                except OSError as exc:
+                    self.note_failure("log", exc.strerror or type(exc).__name__, failure_reason(exc))
+                else:
+                    self.clear_failure("log")
+            if "store" in self._failures and not self._kept:
+                self.submit(self.store.set_meta, f"probe:w{self.store.worker}", str(self.wall()))
 
     async def _purge(self) -> None:
         """Every PURGE_EVERY seconds, the purge (``purge_now``); the first one soon after start."""

@@ -310,3 +310,29 @@ def _saf_states(db: Path) -> list[str]:
         return [r[0] for r in conn.execute("SELECT state FROM saf")]
     finally:
         conn.close()
+
+
+async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_log_can_be_written(harness, monkeypatch):
+    """/readyz keeps traffic away from a gateway that failed: it must find out by itself that it works again."""
+    await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    with monkeypatch.context() as m:
+        m.setattr(txlog, "_write", no_space)
+        assert (await client.request(harness.auth(15000), timeout=3))["39"] == "96"
+        await trio.sleep(journal_module.STORE_RETRY_MAX + 0.5)  # probed, still full
+        assert not gw.readiness()[0] and "No space left" in gw.readiness()[1]
+    await wait_for(lambda: gw.readiness()[0], journal_module.STORE_RETRY_MAX * 3, "ready, with no request sent")
+
+
+async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_store_takes_writes(harness):
+    await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=1"))
+    await gw.journal.purge_now()  # a write nobody retries (the purge runs again later) is refused
+    await wait_for(lambda: not gw.readiness()[0], 5, "not ready")
+    assert "read_only" in gw.readiness()[1]
+    await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=0"))
+    await wait_for(lambda: gw.readiness()[0], journal_module.STORE_RETRY_MAX * 3, "ready, with no request sent")
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
