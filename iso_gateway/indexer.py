@@ -116,8 +116,8 @@ def main() -> int:
                 if conn is not None:  # a new connection for the retry (a file made writable again)
                     conn.close()
                     conn = None
-                time.sleep(backoff.next())
-                if os.getppid() != parent:
+                if lines.ended_within(backoff.next()) or os.getppid() != parent:
+                    # The gateway stops (or died): the segment stays on disk for its next start.
                     return 0
         backoff.reset()
         out.write(f"done {path} {inserted} {updated}\n")
@@ -156,6 +156,18 @@ class _Lines:
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode(errors="replace")
+
+    def ended_within(self, seconds: float) -> bool:
+        """Wait ``seconds``, keeping what arrives; True as soon as the input ends (the gateway
+        stops while a segment is being retried: no need to keep it waiting)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([self.fd], [], [], left)[0]:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    return True
+                self._buf += chunk
+        return False
 
 
 if __name__ == "__main__":

@@ -335,3 +335,27 @@ async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_store_take
     await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=0"))
     await wait_for(lambda: gw.readiness()[0], journal_module.STORE_RETRY_MAX * 3, "ready, with no request sent")
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+
+
+async def test_a_gateway_stops_promptly_while_its_indexer_retries_and_the_next_start_loses_nothing(harness):
+    await harness.start_switch()
+    gw = await harness.start_gateway()
+    client = await harness.client()
+    db = Path(gw.config.journal.path)
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    await wait_for(lambda: _count(db, "txn") == 1, 5, "the first row")
+    outside = sqlite3.connect(db)
+    outside.execute("CREATE TRIGGER refuse BEFORE INSERT ON txn BEGIN SELECT RAISE(ABORT, 'no room'); END")
+    outside.commit()
+    for _ in range(2):
+        assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    await wait_for(lambda: "indexer" in (gw.journal.failed or ""), 5, "the indexer failing")
+    gw.stop()
+    with trio.fail_after(5):  # the retrying indexer is told to stop, not killed after its 10 s
+        await gw.wait_stopped()
+    assert txlog.segments(str(db)) and _count(db, "txn") == 1  # what it could not write waits on disk
+    outside.execute("DROP TRIGGER refuse")
+    outside.commit()
+    outside.close()
+    await harness.start_gateway()  # the next start replays it
+    assert _count(db, "txn") == 3 and txlog.segments(str(db)) == []
