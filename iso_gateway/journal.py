@@ -282,14 +282,25 @@ class Journal:
         The writer's automatic checkpoint is off: left on, a commit now and then does the copy
         itself and every request waiting for that commit waits tens of milliseconds longer. A
         PASSIVE checkpoint never blocks the writer."""
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        except sqlite3.Error as exc:  # the writer's own commits still work; the WAL just grows
+            self.note_failure("store", f"no checkpoint connection ({exc})", failure_reason(exc))
+            return
+        failing = False
         try:
             while not self._checkpoint_stop.wait(CHECKPOINT_EVERY):
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    failing = False
                 except sqlite3.Error as exc:
-                    log.warning("journal checkpoint failed (%s)", type(exc).__name__)
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    if not failing:  # once per run of failures: a full disk fails it every second
+                        log.warning("journal checkpoint failed (%s)", type(exc).__name__)
+                    failing = True
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass
         finally:
             conn.close()
 
