@@ -8,7 +8,8 @@ importing trio at all (it stays a small process).
 What is stored: identities (listener, terminal, merchant, STANs, DE 7, RRN),
 amount, currency, the masked PAN, a keyed hash of the PAN, states and times.
 The PAN itself only inside AES-GCM ciphertext, and only the fields a reversal
-needs. Never CVV2, track data, PIN blocks or ICC data (see security/pan.py).
+needs, erased once no reversal can need them; rows go after the retention
+(``purge``). Never CVV2, track data, PIN blocks or ICC data (see security/pan.py).
 """
 
 from __future__ import annotations
@@ -358,10 +359,11 @@ class SQLiteStore:
 
     # -- retention
 
-    # A reversal still owed (waiting, in flight or parked for an operator) keeps its
-    # transaction's sealed fields and row: it may yet be sent, or rebuilt by an operator.
-    _LIVE_SAF = (f"SELECT 1 FROM saf s WHERE s.txn_id=txn.id AND s.state IN"
-                 f" ('{SAF_PENDING}', '{SAF_SENT}', '{SAF_PARKED}')")
+    # A reversal still owed (waiting, in flight, parked for an operator: any state but the two
+    # final ones, so a state added later is safe too) keeps its transaction's sealed fields and
+    # row: it may yet be sent, or rebuilt by an operator.
+    _LIVE_SAF = (f"SELECT 1 FROM saf s WHERE s.txn_id=txn.id AND s.state NOT IN"
+                 f" ('{SAF_ACKED}', '{SAF_CANCELLED}')")
 
     def purge(self, conn: sqlite3.Connection, now: float, reversal_data_window: float, retention: float,
               batch: int = PURGE_BATCH) -> tuple[dict[str, int], bool]:
