@@ -182,8 +182,12 @@ class DurableReversals:
     async def recover_owed(self) -> None:
         """The recovery the store could not read at start, now (raises what the store raises)."""
         if self.recovery_owed:
-            in_doubt = await self.journal.call(self.journal.store.in_doubt)
-            self.recovery_owed = False
+            self.recovery_owed = False  # one SAF worker does it, not one per upstream
+            try:
+                in_doubt = await self.journal.call(self.journal.store.in_doubt)
+            except BaseException:
+                self.recovery_owed = True
+                raise
             self.journal.clear_failure("recovery")
             self.recover(in_doubt)
 
