@@ -218,10 +218,19 @@ class Journal:
         self._thread_backoff = Backoff(STORE_RETRY_INITIAL, STORE_RETRY_MAX)
         if metrics is not None:
             metrics.journal_log_segments_bound().set(max_log_segments)
+        # Segments of an earlier run the store refused at start (a full disk): the indexer writes
+        # them first, before any of this run's; ``replayed`` is set once they are in SQLite (the
+        # recovery of in-doubt transactions waits for it, see DurableReversals.recover).
+        self.unreplayed: list[Path] = []
+        self.replayed = trio.Event()
         if self.write_ahead:
             # A single process owns every segment beside the file; a worker only its own.
-            replay_segments(self._conn, self.store, None if replay_all else worker)
+            owner = None if replay_all else worker
+            replay_segments(self._conn, self.store, owner)
+            self.unreplayed = txlog.segments(path, owner)
             self.txlog = txlog.TxLog(path, worker, vault.seal_bytes)
+        if not self.unreplayed:
+            self.replayed.set()
 
     # -- lifecycle
 
@@ -248,6 +257,10 @@ class Journal:
                     nursery.start_soon(self._index)
                 nursery.start_soon(self._purge)
                 nursery.start_soon(self._probe)
+                if self.unreplayed:
+                    await self._hand_to_indexer(self.unreplayed)
+                    self._indexed.setdefault(self.unreplayed[-1], trio.Event())
+                    nursery.start_soon(self._when_replayed, self._indexed[self.unreplayed[-1]])
                 task_status.started()
                 async for batch in receive:
                     await self._deliver(batch)
@@ -376,6 +389,10 @@ class Journal:
         except OSError as exc:
             self.note_failure("log", exc.strerror or type(exc).__name__, failure_reason(exc))
             paths = self.txlog.take_closed()  # the segment the failed write closed, if it did
+        await self._hand_to_indexer(paths)
+        return paths[-1] if paths else None
+
+    async def _hand_to_indexer(self, paths: list[Path]) -> None:
         self._count_segments(len(paths))
         for path in paths:
             if self._indexer is not None:
@@ -384,7 +401,12 @@ class Journal:
                 self._thread_segments.append(path)
         if paths and self._indexer is None:
             self._index_in_thread()
-        return paths[-1] if paths else None
+
+    async def _when_replayed(self, done: trio.Event) -> None:
+        await done.wait()
+        log.info("journal: %d log segments left by the last run are in SQLite now", len(self.unreplayed))
+        self.unreplayed = []
+        self.replayed.set()
 
     def _index_in_thread(self) -> None:
         """Thread mode: write the oldest waiting segment (one at a time, in order)."""

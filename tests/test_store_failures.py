@@ -359,3 +359,32 @@ async def test_a_gateway_stops_promptly_while_its_indexer_retries_and_the_next_s
     outside.close()
     await harness.start_gateway()  # the next start replays it
     assert _count(db, "txn") == 3 and txlog.segments(str(db)) == []
+
+
+async def test_a_log_left_by_a_crash_that_the_full_store_refused_at_start_is_written_and_recovered_later(harness):
+    """Recovery waits for the last run's log: once the store takes it, the in-doubt transaction is reversed."""
+    from iso_gateway.security.pan import load_master_key
+
+    sim = await harness.start_switch()
+    db = harness.state_dir / "journal.sqlite3"
+    crashed = Journal(str(db), PanVault(load_master_key(str(harness.state_dir / "pan.key"))))
+    in_flight = new_id()
+    crashed.record_txn({"id": in_flight, "listener": "ecom", "mti": "0100", "upstream": "cmi", "link": 0,
+                        "upstream_stan": "400001"},
+                       {"2": "4761739001010119", "4": "000000010000", "7": "1127101010", "11": "000123",
+                        "37": "633100000001", "41": "TERM0001", "42": "MERCHANT0000001", "49": "504"})
+    crashed.txlog.close()  # then the process dies, its transaction sent and unanswered
+    crashed._conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON txn BEGIN SELECT RAISE(ABORT, 'full'); END")
+    crashed._conn.close()
+
+    gw = await harness.start_gateway(upstream=FAST_SAF)
+    assert gw.journal.unreplayed and not gw.journal.replayed.is_set()  # recovery waits for it
+    await wait_for(lambda: "indexer" in (gw.journal.failed or ""), 5, "the indexer failing on it")
+    assert not any(r.mti in ("0420", "0421") for r in sim.records)
+    outside = sqlite3.connect(db)
+    outside.execute("DROP TRIGGER refuse")
+    outside.commit()
+    outside.close()
+    await wait_for(lambda: any(r.mti in ("0420", "0421") for r in sim.records), 10, "the in-doubt one reversed")
+    assert _count(db, "txn") == 1 and not gw.reversals.recovery_owed
+    await wait_for(lambda: gw.readiness()[0], 10, "ready")
