@@ -383,8 +383,9 @@ class SQLiteStore:
         erase_before = id_at(now - reversal_data_window)
         mark_key = f"purge:sealed:w{self.worker}"
         mark = int(self.get_meta(conn, mark_key) or 0)
-        walked, last = conn.execute("SELECT COUNT(*), MAX(id) FROM (SELECT id FROM txn WHERE id>=? AND id<? AND worker=?"
-                                    " ORDER BY id LIMIT ?)", (mark, erase_before, self.worker, batch)).fetchone()
+        walked, last = conn.execute(
+            "SELECT COUNT(*), MAX(id) FROM (SELECT id FROM txn WHERE id>=? AND id<? AND worker=? ORDER BY id LIMIT ?)",
+            (mark, erase_before, self.worker, batch)).fetchone()
         if last is not None:
             done["reversal_data"] += conn.execute(
                 f"UPDATE txn SET original=NULL WHERE id>=? AND id<=? AND worker=? AND original IS NOT NULL"
