@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sqlite3
 import sys
 from typing import Callable, Sequence
 
@@ -17,6 +19,8 @@ from .errors import ConfigError, IsoGatewayError
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
+# Files and folders the daemon creates: owner only (0600 files, 0700 folders).
+PRIVATE_UMASK = 0o077
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -165,6 +169,10 @@ def cmd_dialects(args: argparse.Namespace) -> int:
 
 @command("run")
 def cmd_run(args: argparse.Namespace) -> int:
+    # Before anything is created (the state folder, the journal, the log, the metrics folder,
+    # the workers and the indexer inherit it): what the gateway writes holds card data or
+    # traces of it, and is its owner's only.
+    os.umask(PRIVATE_UMASK)
     if args.workers > 1 and args.worker_index is None:
         from .workers import supervise  # sets up multiprocess metrics before anything imports them
 
@@ -297,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except IsoGatewayError as exc:
         _err(str(exc))
+        return EXIT_FAIL
+    except sqlite3.Error as exc:  # the journal's file is unreadable, read-only, full: one line, no traceback
+        _err(f"the journal can't be used ({exc})")
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

@@ -215,6 +215,23 @@ class JournalConfig(_Model):
     indexer: Literal["process", "thread"] = Field(
         "process", description="where the write-ahead log is written into SQLite: a child process (off the "
         "event loop's core) or the journal thread")
+    # The indexer writes a segment every 0.2 s within milliseconds: 50 waiting is 10 s of traffic
+    # not yet in SQLite, which a healthy indexer never reaches (a restarted one catches up in
+    # about a second), while front-end reversals already wait for it and a restart's replay grows.
+    max_log_segments: int = Field(
+        50, ge=1, description="log segments waiting for the indexer past which /readyz fails and the "
+        "IsoGatewayJournalIndexerBehind alert fires")
+    # Two days, as recovery looks back (RECOVERY_WINDOW): a reversal must reach the switch within
+    # 24 h, so past that no reversal, recovered or sent by a front end, can need the card data.
+    reversal_data_window: float = Field(
+        172800.0, ge=3600, description="seconds a transaction keeps its sealed reversal fields (the "
+        "encrypted PAN among them) after it was received, and a reversal its sealed message after it was "
+        "acknowledged or cancelled; then they are erased, unless a reversal of it is still owed")
+    # 90 days: an operator can still look up a transaction of last quarter with `journal find`
+    # (disputes come weeks later), and the file stops growing. The switch keeps the record of account.
+    retention: float = Field(
+        90.0, gt=0, description="days a journal row (transaction or finished reversal) is kept; older ones are "
+        "deleted by a purge that runs every ten minutes, except those a reversal still owes")
 
 
 class LogConfig(_Model):

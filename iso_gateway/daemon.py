@@ -93,6 +93,7 @@ def run(config_path: str, worker: int | None = None) -> int:
     from . import __version__
     from .logs import setup_logging
 
+    os.umask(0o077)  # before anything is created: owner only (see cli.PRIVATE_UMASK)
     try:
         config = load_config(config_path)
     except ConfigError as exc:

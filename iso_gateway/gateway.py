@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 from datetime import datetime, timezone
 from typing import Callable, Protocol, Sequence
 
@@ -25,7 +26,7 @@ import trio
 from .config import Config
 from .duplicates import DuplicateEntry, DuplicateTable
 from .duplicates import Key as DupKey
-from .journal import ANSWERED, NOT_SENT, REVERSAL_FIELDS, REVERSED, Journal, new_id
+from .journal import ANSWERED, NOT_SENT, REVERSAL_FIELDS, REVERSED, Journal, failure_reason, new_id
 from .matching import StanAllocator
 from .message import OriginalData, original_mti
 from .reversals import DurableReversals, SafWorker
@@ -259,7 +260,8 @@ class Gateway:
             vault = PanVault(load_master_key(jc.key_file))
             self.journal = Journal(jc.path, vault, synchronous=jc.synchronous, max_batch=jc.max_batch,
                                    metrics=self.metrics, worker=worker or 0, replay_all=worker is None,
-                                   indexer=jc.indexer)
+                                   indexer=jc.indexer, max_log_segments=jc.max_log_segments,
+                                   reversal_data_window=jc.reversal_data_window, retention=jc.retention * 86400)
         else:
             log.warning("journal disabled: transactions are not journaled and reversals are lost on restart")
             self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=jc.max_batch,
@@ -618,8 +620,14 @@ class Gateway:
         return request._fail("96", "journal_failed", trio.current_time())
 
     def _journal_ready(self) -> tuple[bool, str]:
-        if self.journal.failed:
-            return False, f"the journal is not writable ({self.journal.failed})"
+        """The journal takes what it is given: no part of it failing now (the store, the log, the
+        indexer), and the indexer not further behind than ``[journal] max_log_segments``."""
+        journal = self.journal
+        if journal.failed:
+            return False, f"the journal is not writable ({journal.failed})"
+        if journal.segments_waiting > journal.max_log_segments:
+            return False, (f"the journal's indexer is behind: {journal.segments_waiting} log segments wait "
+                           f"(more than {journal.max_log_segments})")
         return True, ""
 
     def _restore_stans(self) -> None:
@@ -627,7 +635,11 @@ class Gateway:
         store = self.journal.store
         for up in self.upstreams.values():
             for conn in up.connections:
-                last = self.journal.run_sync(store.get_meta, self._stan_key(conn))
+                try:
+                    last = self.journal.run_sync(store.get_meta, self._stan_key(conn))
+                except sqlite3.Error as exc:  # an unreadable store: counted and shown; start anyway
+                    self.journal.note_failure("store", f"the STAN counters can't be read ({exc})", failure_reason(exc))
+                    last = None
                 if last is not None and last.isdigit():
                     conn.stans = StanAllocator((int(last) + STAN_BLOCK) % 999_999 + 1)  # past anything used since the save
                 conn.on_stan_block = self._save_stan

@@ -12,9 +12,13 @@ on the other core.
 Protocol (lines of text): the parent sends one JSON line
 ``{"db": ..., "synchronous": ..., "key": <hex>, "worker": n}``, then
 ``apply <segment path>`` per segment; end of input means stop. The child
-answers ``done <path> <inserted> <updated>`` or ``failed <path> <reason>`` for
-each segment, in order. A segment that failed stays on disk and is written at
-the gateway's next start (``journal.replay_segments``).
+answers ``done <path> <inserted> <updated>`` for each segment, in order. A
+segment it can't write (a full disk, a read-only file) is answered ``failed
+<path> <reason> (<error>)``, and tried again, from a new connection, after
+``retry_initial`` seconds, doubling up to ``retry_max``, until it is written:
+the segments after it wait (one may hold the answers to its transactions).
+A segment still on disk when the gateway stops is written at its next start
+(``journal.replay_segments``).
 
 ``thread`` mode (``[journal] indexer = "thread"``) does the same in the
 journal's worker thread, without a process. The parent's side is
@@ -57,7 +61,8 @@ def apply_segment(conn: sqlite3.Connection, store: Any, path: Path) -> tuple[int
         counts = store.apply_log(conn, records)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite ends it itself after some errors (a full disk)
+            conn.execute("ROLLBACK")
         raise
     path.unlink(missing_ok=True)
     return counts
@@ -65,7 +70,7 @@ def apply_segment(conn: sqlite3.Connection, store: Any, path: Path) -> tuple[int
 
 def main() -> int:
     """The child: apply each segment named on stdin, answer on stdout."""
-    from .store import CHECKPOINT_EVERY, SQLiteStore
+    from .store import CHECKPOINT_EVERY, Backoff, SQLiteStore, failure_reason
     from .security.pan import PanVault
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -78,9 +83,15 @@ def main() -> int:
     lines = _Lines(sys.stdin.fileno())
     hello = json.loads(lines.next() or "{}")
     lines.idle = float(hello.get("idle_exit", 0)) or None
-    conn = SQLiteStore.connect(hello["db"], hello["synchronous"])
-    conn.execute("PRAGMA wal_autocheckpoint=0")  # the gateway's checkpoint thread does it
     store = SQLiteStore(PanVault(bytes.fromhex(hello.pop("key"))), hello["worker"])
+    backoff = Backoff(float(hello.get("retry_initial", 0.1)), float(hello.get("retry_max", 2.0)))
+
+    def connect() -> sqlite3.Connection:
+        c = SQLiteStore.connect(hello["db"], hello["synchronous"])
+        c.execute("PRAGMA wal_autocheckpoint=0")  # the gateway's checkpoint thread does it
+        return c
+
+    conn: sqlite3.Connection | None = None
     out = sys.stdout
     checkpoint_at = 0.0
     parent = os.getppid()
@@ -93,12 +104,23 @@ def main() -> int:
         if verb != "apply":
             continue
         path = Path(arg)
-        try:
-            inserted, updated = apply_segment(conn, store, path)
-        except (sqlite3.Error, OSError, ValueError) as exc:
-            out.write(f"failed {path} {type(exc).__name__}\n")
-        else:
-            out.write(f"done {path} {inserted} {updated}\n")
+        while True:
+            try:
+                if conn is None:
+                    conn = connect()
+                inserted, updated = apply_segment(conn, store, path)
+                break
+            except (sqlite3.Error, OSError, ValueError) as exc:
+                out.write(f"failed {path} {failure_reason(exc)} ({type(exc).__name__})\n")
+                out.flush()
+                if conn is not None:  # a new connection for the retry (a file made writable again)
+                    conn.close()
+                    conn = None
+                if lines.ended_within(backoff.next()) or os.getppid() != parent:
+                    # The gateway stops (or died): the segment stays on disk for its next start.
+                    return 0
+        backoff.reset()
+        out.write(f"done {path} {inserted} {updated}\n")
         out.flush()
         if time.monotonic() >= checkpoint_at:  # the WAL into the database, here rather than in the gateway
             checkpoint_at = time.monotonic() + CHECKPOINT_EVERY
@@ -106,11 +128,12 @@ def main() -> int:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
                 log.warning("journal checkpoint failed (%s)", type(exc).__name__)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    except sqlite3.Error:
-        pass
-    conn.close()
+    if conn is not None:
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
+        conn.close()
     return 0
 
 
@@ -133,6 +156,18 @@ class _Lines:
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode(errors="replace")
+
+    def ended_within(self, seconds: float) -> bool:
+        """Wait ``seconds``, keeping what arrives; True as soon as the input ends (the gateway
+        stops while a segment is being retried: no need to keep it waiting)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([self.fd], [], [], left)[0]:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    return True
+                self._buf += chunk
+        return False
 
 
 if __name__ == "__main__":

@@ -12,6 +12,19 @@ into SQLite in bulk. Everything else (the SAF queue, STAN counters, reads)
 goes to one worker thread that owns a connection and commits whatever has
 queued up in one transaction (group commit), then hands the batch back to the
 trio side, where each operation's callback runs.
+
+A store that fails (a full disk, a read-only file, an I/O error) never stops
+the process. What fails is counted (``journal_errors_total`` by source and
+reason) and /readyz says why (``failed``). A write that must not be lost (a
+reversal owed, its progress, a state, a STAN block) is kept in memory, in
+order, and retried with backoff until the store takes it; reads and the
+other writes of the same batch still get their answers. The indexer retries
+a segment it could not write (later ones wait behind it, in order), and
+everything resumes by itself when the store works again.
+
+Card data is not kept forever: a periodic purge (``purge_now``) erases the
+sealed reversal fields once no reversal can need them and deletes rows past
+the retention (``SQLiteStore.purge``), a bounded step per transaction.
 """
 
 from __future__ import annotations
@@ -37,14 +50,14 @@ from .security.pan import PanVault
 from .store import (
     ANSWERED, CHECKPOINT_EVERY, FORWARDED, MAX_WORKERS, NOT_SENT, RECEIVED, RECOVERY_WINDOW,
     REVERSAL_FIELDS, REVERSED, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT, SCHEMA, TIMED_OUT,
-    TXN_COLUMNS, SafItem, SQLiteStore, TxnRow, id_at, new_id,
+    TXN_COLUMNS, Backoff, SafItem, SQLiteStore, TxnRow, failure_reason, id_at, new_id,
 )
 
 # The store's names are the journal's too: the rest of the gateway imports them from here.
 __all__ = [
     "ANSWERED", "CHECKPOINT_EVERY", "FORWARDED", "MAX_WORKERS", "NOT_SENT", "RECEIVED", "RECOVERY_WINDOW",
     "REVERSAL_FIELDS", "REVERSED", "SAF_ACKED", "SAF_CANCELLED", "SAF_PARKED", "SAF_PENDING", "SAF_SENT", "SCHEMA",
-    "TIMED_OUT", "TXN_COLUMNS", "SafItem", "SQLiteStore", "TxnRow", "id_at", "new_id",
+    "TIMED_OUT", "TXN_COLUMNS", "Backoff", "SafItem", "SQLiteStore", "TxnRow", "failure_reason", "id_at", "new_id",
     "INDEX_EVERY", "Journal", "LogIndexer", "open_store_readonly", "replay_segments",
 ]
 
@@ -58,6 +71,28 @@ INDEXER_RESTART_DELAY = 1.0
 # An indexer process with nothing to do for this many seconds exits (a quiet gateway keeps no
 # idle process); the next segment starts one again.
 INDEXER_IDLE_EXIT = 5.0
+# Seconds before the first retry of a write the store refused, doubling up to the maximum. A
+# retry against a full disk costs one failing statement, so retrying often is cheap; 2 s at
+# most means service resumes within 2 s of space returning.
+STORE_RETRY_INITIAL = 0.1
+STORE_RETRY_MAX = 2.0
+# Seconds between runs of the purge (reversal data past its window, rows past the retention).
+# Both are days long: a purge ten minutes late keeps nothing noticeably longer, and a run
+# that finds nothing costs a few index reads.
+PURGE_EVERY = 600.0
+
+
+def _function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return getattr(fn, "__func__", fn)
+
+
+# Writes that must reach the store in the end, in order: a reversal owed and its progress, a
+# transaction's state, a STAN block. When the store refuses them they are kept and retried.
+# Not ``insert_txn`` (with synchronous=FULL): a request the journal can't take is refused
+# (96) and never sent, so nothing is owed for it.
+MUST_LAND = frozenset(_function(f) for f in (
+    SQLiteStore.insert_saf, SQLiteStore.update_saf, SQLiteStore.cancel_unsent_saf, SQLiteStore.update_txn,
+    SQLiteStore.update_txn_many, SQLiteStore.set_meta))
 
 
 # --------------------------------------------------------------------------- the worker
@@ -67,7 +102,7 @@ Callback = Callable[[Any, BaseException | None], Any]
 
 
 class _Op:
-    __slots__ = ("fn", "args", "kwargs", "callback", "result", "error")
+    __slots__ = ("fn", "args", "kwargs", "callback", "result", "error", "kept")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  callback: Callback | None) -> None:
@@ -77,6 +112,7 @@ class _Op:
         self.callback = callback
         self.result: Any = None
         self.error: BaseException | None = None
+        self.kept = False  # refused by the store, kept for a retry (a MUST_LAND write)
 
 
 _STOP = object()
@@ -126,7 +162,9 @@ class Journal:
     """
 
     def __init__(self, path: str, vault: PanVault, *, synchronous: str = "NORMAL", max_batch: int = 1000,
-                 metrics: Any = None, worker: int = 0, replay_all: bool = True, indexer: str = "process") -> None:
+                 metrics: Any = None, worker: int = 0, replay_all: bool = True, indexer: str = "process",
+                 max_log_segments: int = 50, reversal_data_window: float = RECOVERY_WINDOW,
+                 retention: float = 90 * 86400.0) -> None:
         if not 0 <= worker < MAX_WORKERS:
             raise ValueError(f"worker number must be below {MAX_WORKERS}")
         store_module._worker_bits = worker
@@ -139,7 +177,16 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._done_send: trio.MemorySendChannel[list[_Op]] | None = None
-        self.failed: str | None = None
+        # What is failing now, by source (store, log, indexer, recovery): what /readyz shows.
+        self._failures: dict[str, str] = {}
+        # MUST_LAND writes the store refused, oldest first, and when to try them again (thread only).
+        self._kept: list[_Op] = []
+        self._kept_at = 0.0
+        self._backoff = Backoff(STORE_RETRY_INITIAL, STORE_RETRY_MAX)
+        self.max_log_segments = max_log_segments
+        self.reversal_data_window = reversal_data_window
+        self.retention = retention
+        self.wall: Callable[[], float] = time.time  # the purge's clock (tests move it)
         self.commits = 0
         self.ops = 0
         # Operations submitted during one turn of the event loop go to the thread as one
@@ -163,10 +210,27 @@ class Journal:
         self._indexer: Any = None
         self._indexed: dict[Path, trio.Event] = {}  # segments someone waits for (see ``sync``)
         self._segments_waiting = 0  # handed to the indexer, not yet written (a gauge)
+        # Thread mode: segments not yet written, oldest first; only the first is being written
+        # (a later one may hold answers to its transactions), retried at ``_thread_retry_at``.
+        self._thread_segments: deque[Path] = deque()
+        self._thread_busy = False
+        self._thread_retry_at: float | None = None
+        self._thread_backoff = Backoff(STORE_RETRY_INITIAL, STORE_RETRY_MAX)
+        if metrics is not None:
+            metrics.journal_log_segments_bound().set(max_log_segments)
+        # Segments of an earlier run the store refused at start (a full disk): the indexer writes
+        # them first, before any of this run's; ``replayed`` is set once they are in SQLite (the
+        # recovery of in-doubt transactions waits for it, see DurableReversals.recover).
+        self.unreplayed: list[Path] = []
+        self.replayed = trio.Event()
         if self.write_ahead:
             # A single process owns every segment beside the file; a worker only its own.
-            replay_segments(self._conn, self.store, None if replay_all else worker)
+            owner = None if replay_all else worker
+            replay_segments(self._conn, self.store, owner)
+            self.unreplayed = txlog.segments(path, owner)
             self.txlog = txlog.TxLog(path, worker, vault.seal_bytes)
+        if not self.unreplayed:
+            self.replayed.set()
 
     # -- lifecycle
 
@@ -191,6 +255,12 @@ class Journal:
                         self._indexer = LogIndexer(self, self._segment_done)
                         nursery.start_soon(self._indexer.run)
                     nursery.start_soon(self._index)
+                nursery.start_soon(self._purge)
+                nursery.start_soon(self._probe)
+                if self.unreplayed:
+                    await self._hand_to_indexer(self.unreplayed)
+                    self._indexed.setdefault(self.unreplayed[-1], trio.Event())
+                    nursery.start_soon(self._when_replayed, self._indexed[self.unreplayed[-1]])
                 task_status.started()
                 async for batch in receive:
                     await self._deliver(batch)
@@ -209,12 +279,13 @@ class Journal:
 
     def _finish_log(self) -> None:
         """At stop: what the indexer has not written (the last segment at least) goes into SQLite
-        now, from this process, so a clean stop leaves no segment behind."""
+        now, from this process, so a clean stop leaves no segment behind (one the store refuses
+        stays on disk, for the next start)."""
         assert self.txlog is not None
         try:
             self.txlog.rotate()
         except OSError as exc:
-            self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
+            self.note_failure("log", exc.strerror or type(exc).__name__, failure_reason(exc))
         self.txlog.close()
         replay_segments(self._conn, self.store, self.store.worker, quiet=True)
 
@@ -224,14 +295,25 @@ class Journal:
         The writer's automatic checkpoint is off: left on, a commit now and then does the copy
         itself and every request waiting for that commit waits tens of milliseconds longer. A
         PASSIVE checkpoint never blocks the writer."""
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        except sqlite3.Error as exc:  # the writer's own commits still work; the WAL just grows
+            self.note_failure("store", f"no checkpoint connection ({exc})", failure_reason(exc))
+            return
+        failing = False
         try:
             while not self._checkpoint_stop.wait(CHECKPOINT_EVERY):
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    failing = False
                 except sqlite3.Error as exc:
-                    log.warning("journal checkpoint failed (%s)", type(exc).__name__)
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    if not failing:  # once per run of failures: a full disk fails it every second
+                        log.warning("journal checkpoint failed (%s)", type(exc).__name__)
+                    failing = True
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass
         finally:
             conn.close()
 
@@ -248,6 +330,56 @@ class Journal:
         while True:
             await trio.sleep(INDEX_EVERY)
             await self._rotate()
+            if self._thread_retry_at is not None and trio.current_time() >= self._thread_retry_at:
+                self._thread_retry_at = None
+                self._index_in_thread()
+
+    async def _probe(self) -> None:
+        """While a part of the journal fails and nothing else would find out that it works again
+        (an idle gateway that /readyz keeps out of traffic), try it every STORE_RETRY_MAX
+        seconds: a small log write, a STAN-like meta write (kept and retried like any other)."""
+        while True:
+            await trio.sleep(STORE_RETRY_MAX)
+            if "log" in self._failures and self.txlog is not None:
+                try:
+                    self.txlog.probe()
+                except OSError as exc:
+                    self.note_failure("log", exc.strerror or type(exc).__name__, failure_reason(exc))
+                else:
+                    self.clear_failure("log")
+            if "store" in self._failures and not self._kept:
+                self.submit(self.store.set_meta, f"probe:w{self.store.worker}", str(self.wall()))
+
+    async def _purge(self) -> None:
+        """Every PURGE_EVERY seconds, the purge (``purge_now``); the first one soon after start."""
+        await trio.sleep(INDEX_EVERY)
+        while True:
+            await self.purge_now()
+            await trio.sleep(PURGE_EVERY)
+
+    async def purge_now(self) -> dict[str, int]:
+        """Erase the reversal data no reversal can need any more and delete rows past the
+        retention (``SQLiteStore.purge``): a bounded step per journal batch, repeated until
+        done. Returns what it did, by kind; a store that refuses it is counted (the next run
+        tries again)."""
+        total = {"reversal_data": 0, "txn": 0, "saf": 0}
+        for _ in range(100_000):  # bounded: 10^8 rows at PURGE_BATCH a step
+            try:
+                counts, more = await self.call(self.store.purge, self.wall(), self.reversal_data_window,
+                                               self.retention)
+            except Exception as exc:  # noqa: BLE001 - counted and shown; the next run tries again
+                log.warning("journal purge stopped (%s); it runs again in %.0f s", type(exc).__name__, PURGE_EVERY)
+                break
+            for kind, n in counts.items():
+                total[kind] += n
+                if n and self.metrics is not None:
+                    self.metrics.journal_purged(kind).inc(n)
+            if not more:
+                break
+        if any(total.values()):
+            log.info("journal purge: reversal data erased from %d rows; %d transactions and %d reversals past "
+                     "the retention deleted", total["reversal_data"], total["txn"], total["saf"])
+        return total
 
     async def _rotate(self) -> Path | None:
         """Close the segment and hand the complete ones to the indexer; returns the newest."""
@@ -255,21 +387,50 @@ class Journal:
         try:
             paths = self.txlog.rotate()
         except OSError as exc:
-            self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
+            self.note_failure("log", exc.strerror or type(exc).__name__, failure_reason(exc))
             paths = self.txlog.take_closed()  # the segment the failed write closed, if it did
+        await self._hand_to_indexer(paths)
+        return paths[-1] if paths else None
+
+    async def _hand_to_indexer(self, paths: list[Path]) -> None:
         self._count_segments(len(paths))
         for path in paths:
             if self._indexer is not None:
                 await self._indexer.send(path)
             else:  # thread mode
-                self.submit(_apply_log_file, self.store, path,
-                            callback=lambda counts, error, path=path: self._segment_done(
-                                path, error is None, type(error).__name__ if error else "%d %d" % counts,
-                                unlink=True))
-        return paths[-1] if paths else None
+                self._thread_segments.append(path)
+        if paths and self._indexer is None:
+            self._index_in_thread()
+
+    async def _when_replayed(self, done: trio.Event) -> None:
+        await done.wait()
+        log.info("journal: %d log segments left by the last run are in SQLite now", len(self.unreplayed))
+        self.unreplayed = []
+        self.replayed.set()
+
+    def _index_in_thread(self) -> None:
+        """Thread mode: write the oldest waiting segment (one at a time, in order)."""
+        if self._thread_busy or self._thread_retry_at is not None or not self._thread_segments:
+            return
+        path = self._thread_segments[0]
+        self._thread_busy = True
+
+        def done(counts: Any, error: BaseException | None) -> None:
+            self._thread_busy = False
+            if error is None:
+                self._thread_segments.popleft()
+                self._thread_backoff.reset()
+                self._segment_done(path, True, "%d %d" % counts, unlink=True)
+                self._index_in_thread()
+            else:
+                self._thread_retry_at = trio.current_time() + self._thread_backoff.next()
+                self._segment_done(path, False, f"{failure_reason(error)} ({type(error).__name__})")
+
+        self.submit(_apply_log_file, self.store, path, callback=done)
 
     def _segment_done(self, path: Path, ok: bool, detail: str, unlink: bool = False) -> None:
-        """The indexer is done with a segment: ``detail`` is "<inserted> <updated>", or why it failed."""
+        """The indexer is done with a segment: ``detail`` is "<inserted> <updated>", or why it
+        failed (``reason (name)``: then it is retried, and the ones after it wait)."""
         if ok:
             self._count_segments(-1)
             if self.metrics is not None:
@@ -282,12 +443,11 @@ class Journal:
                     path.unlink()
                 except OSError as exc:
                     log.warning("journal log %s not deleted (%s)", path.name, exc.strerror)
-            if self.failed is not None and self.failed.startswith("indexer"):
-                self.failed = None
+            self.clear_failure("indexer")
         else:
-            log.error("journal log %s could not be written to SQLite (%s); kept for the next start", path.name,
-                      detail)
-            self.note_failure(f"indexer: {detail}")
+            self.note_failure("indexer", f"journal log {path.name} not written to SQLite: {detail}; retried",
+                              detail.split(" ", 1)[0])
+            return
         event = self._indexed.pop(path, None)
         if event is not None:
             event.set()
@@ -296,6 +456,37 @@ class Journal:
         self._segments_waiting += change
         if self.metrics is not None:
             self.metrics.journal_log_segments().set(self._segments_waiting)
+
+    @property
+    def holding_writes(self) -> bool:
+        """Writes the store refused are kept in memory, waiting for it (reads don't see them yet)."""
+        return bool(self._kept)
+
+    @property
+    def segments_waiting(self) -> int:
+        """Log segments closed and not yet written into SQLite (the indexer's backlog)."""
+        return self._segments_waiting
+
+    @property
+    def failed(self) -> str | None:
+        """Why the journal can't do all its work now (what /readyz shows), or None."""
+        failures = self._failures
+        return "; ".join(failures.values()) if failures else None
+
+    def note_failure(self, source: str, why: str, reason: str = "other") -> None:
+        """Something of the journal failed (``source``: store, log, indexer, recovery; ``reason``:
+        see ``store.failure_reason``): counted each time, logged when it changes, and shown by
+        /readyz until ``clear_failure(source)``. Call from either thread."""
+        text = f"{source}: {why}"
+        if self._failures.get(source) != text:
+            log.error("journal: %s", text)
+        self._failures[source] = text
+        if self.metrics is not None:
+            self.metrics.journal_errors(source, reason).inc()
+
+    def clear_failure(self, source: str) -> None:
+        if self._failures.pop(source, None) is not None:
+            log.info("journal: %s works again", source)
 
     async def sync(self, timeout: float = 5.0) -> None:
         """Wait until what was logged so far is in SQLite (reads that must see it: front-end
@@ -310,12 +501,6 @@ class Journal:
             await event.wait()
             return
         log.warning("journal: the indexer did not write %s within %.0f s", path.name, timeout)
-
-    def note_failure(self, why: str) -> None:
-        self.failed = why
-        log.error("journal: %s", why)
-        if self.metrics is not None:
-            self.metrics.journal_errors().inc()
 
     def record_txn(self, row: dict[str, Any], original: dict[str, str], *, write: bool = True) -> None:
         """Journal a transaction about to be sent (write-ahead mode): in the log now, in SQLite
@@ -344,10 +529,10 @@ class Journal:
         try:
             self.txlog.write()  # on failure it drops those transactions: they are refused, never sent
         except OSError as exc:
-            self.note_failure(f"log: {exc.strerror or type(exc).__name__}")
+            self.note_failure("log", exc.strerror or type(exc).__name__, failure_reason(exc))
             raise
-        if self.failed is not None and self.failed.startswith("log:"):
-            self.failed = None
+        if "log" in self._failures:
+            self.clear_failure("log")
 
     def set_state(self, txn_id: int, state: str, response_code: str | None = None,
                   auth_code: str | None = None) -> None:
@@ -419,11 +604,15 @@ class Journal:
     # -- the thread
 
     def _work(self) -> None:
-        conn = self._conn
         q = self._queue
         while True:
-            first = q.get()
+            try:
+                # Kept writes are tried again when their time comes, traffic or not.
+                first = q.get(timeout=max(0.0, self._kept_at - time.monotonic()) if self._kept else None)
+            except queue.Empty:
+                first = []
             if first is _STOP:
+                self._give_up_kept()
                 return
             batch = list(first)
             stop = False
@@ -436,37 +625,128 @@ class Journal:
                     stop = True
                     break
                 batch.extend(more)
-            started = time.perf_counter()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                self._apply(conn, batch)
-                conn.execute("COMMIT")
-                self.failed = None
-            except sqlite3.Error as exc:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                self.failed = type(exc).__name__
-                log.error("journal commit failed (%s): %d operations refused", type(exc).__name__, len(batch))
+                self._commit(batch)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one batch
+                log.exception("journal batch failed")
                 for op in batch:
-                    op.error = exc
-                if self.metrics is not None:
-                    self.metrics.journal_errors().inc()
-            self.commits += 1
-            self.ops += len(batch)
-            if self.metrics is not None:
-                self.metrics.journal_commit_seconds().observe(time.perf_counter() - started)
-                kinds: dict[str, int] = {}
-                for op in batch:
-                    name = op.fn.__name__
-                    if name.startswith(("insert", "update", "cancel", "set")):
-                        kinds[name] = kinds.get(name, 0) + 1
-                for kind, n in kinds.items():
-                    self.metrics.journal_writes(kind).inc(n)
-            self._hand_back(batch)
+                    if op.error is None and not op.kept:
+                        op.error = RuntimeError("journal batch failed")
+            if batch:
+                self._hand_back(batch)
             if stop:
+                self._give_up_kept()
                 return
+
+    def _commit(self, batch: list[_Op]) -> None:
+        """One transaction for the kept writes that are due and the batch; when it fails, each
+        op alone (see ``_one_by_one``)."""
+        conn = self._conn
+        ops = batch
+        retrying = 0
+        if self._kept:
+            if time.monotonic() >= self._kept_at:
+                retrying = len(self._kept)
+                ops, self._kept = self._kept + batch, []
+            else:  # not yet due: MUST_LAND writes queue up behind them, in order
+                ops = []
+                for op in batch:
+                    if _function(op.fn) in MUST_LAND:
+                        op.kept = True
+                        self._kept.append(op)
+                    else:
+                        ops.append(op)
+        if not ops:
+            return
+        started = time.perf_counter()
+        changes = conn.total_changes
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._apply(conn, ops)
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - sorted out op by op
+            self._rollback()
+            log.debug("journal commit failed (%s); each operation alone", type(exc).__name__)
+            self._one_by_one(ops)
+        else:
+            if retrying:
+                log.info("journal: %d writes kept while the store refused them are stored now", retrying)
+                self._backoff.reset()
+            if conn.total_changes != changes or retrying:
+                self.clear_failure("store")
+        self.commits += 1
+        self.ops += len(ops)
+        if self.metrics is not None:
+            self.metrics.journal_commit_seconds().observe(time.perf_counter() - started)
+            kinds: dict[str, int] = {}
+            for op in ops:
+                name = op.fn.__name__
+                if name.startswith(("insert", "update", "cancel", "set")) and op.error is None and not op.kept:
+                    kinds[name] = kinds.get(name, 0) + 1
+            for kind, n in kinds.items():
+                self.metrics.journal_writes(kind).inc(n)
+
+    def _one_by_one(self, ops: list[_Op]) -> None:
+        """After a failed batch: each op in a transaction of its own, so reads get their answers
+        and one bad op does not fail the rest. A MUST_LAND write the store refuses is kept
+        (its callback runs as if it were written: the journal owns it now), and every
+        MUST_LAND write after it is kept untried, behind it, in order."""
+        conn = self._conn
+        refused: BaseException | None = None
+        for op in ops:
+            must = _function(op.fn) in MUST_LAND
+            if must and refused is not None:
+                op.kept = True
+                self._kept.append(op)
+                continue
+            try:
+                conn.execute("BEGIN")
+                op.result = op.fn(conn, *op.args, **op.kwargs)
+                conn.execute("COMMIT")
+            except Exception as exc:  # noqa: BLE001 - the op's own error, or the store's
+                self._rollback()
+                if must and isinstance(exc, sqlite3.OperationalError):
+                    op.kept = True
+                    self._kept.append(op)
+                    refused = exc
+                    continue
+                op.error = exc
+                if isinstance(exc, sqlite3.OperationalError):
+                    refused = refused or exc
+                elif not isinstance(exc, sqlite3.IntegrityError):
+                    log.error("journal operation %s failed (%s)", op.fn.__name__, type(exc).__name__)
+                    if self.metrics is not None:
+                        self.metrics.journal_errors("store", failure_reason(exc)).inc()
+            else:
+                op.kept = False
+        if refused is not None:
+            reason = failure_reason(refused)
+            self._kept_at = time.monotonic() + self._backoff.next()
+            kept = f"; {len(self._kept)} writes kept in memory and retried" if self._kept else ""
+            self.note_failure("store", f"{reason} ({refused}){kept}", reason)
+
+    def _rollback(self) -> None:
+        """End a failed transaction (SQLite has already ended it after some errors, a full disk among them)."""
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _give_up_kept(self) -> None:
+        """At stop: one last try for the kept writes; what the store still refuses is lost with
+        this process (a reversal whose SAF row never landed is found again at the next start:
+        its transaction is in doubt, see ``SQLiteStore.in_doubt``)."""
+        if not self._kept:
+            return
+        self._kept_at = 0.0
+        try:
+            self._commit([])
+        except Exception:  # noqa: BLE001
+            pass
+        if self._kept:
+            log.error("journal: %d writes the store refused are dropped at stop", len(self._kept))
+            self._kept = []
 
     def _apply(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         """Run the batch in order; a run of the same bulk-able statement is one executemany."""
@@ -491,6 +771,8 @@ class Journal:
                 except sqlite3.IntegrityError as exc:
                     op.error = exc
             i = j
+        for op in batch:
+            op.kept = False
 
     def _hand_back(self, batch: list[_Op]) -> None:
         if self._token is None or self._done_send is None:
@@ -517,40 +799,57 @@ class LogIndexer:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start a child when there is work, until ``close``. A child that exits after
         INDEXER_IDLE_EXIT quiet seconds is started again with the next segment; one that
-        dies is restarted and gets again what it had not acknowledged."""
+        dies, or can't be started, is started again after a delay (doubling up to
+        STORE_RETRY_MAX times ten) and gets again what it had not acknowledged."""
         task_status.started()
+        backoff = Backoff(INDEXER_RESTART_DELAY, STORE_RETRY_MAX * 10)
         while True:
             await self._work.wait()
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "iso_gateway.indexer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            self._proc = proc
-            try:
-                j = self.journal
-                hello = {"db": j.path, "synchronous": j.synchronous, "key": j.store.vault.export_key().hex(),
-                         "worker": j.store.worker, "idle_exit": INDEXER_IDLE_EXIT}
-                assert proc.stdin is not None and proc.stdout is not None
-                await proc.stdin.send_all(json.dumps(hello).encode() + b"\n")
-                for path in list(self.unacked):  # what it has to do (a dead child had not finished)
-                    await proc.stdin.send_all(f"apply {path}\n".encode())
-                self._ready.set()
-                if j.failed == "indexer exited":  # it runs again
-                    j.failed = None
-                await self._read(proc)
-            finally:
-                self._ready = trio.Event()  # (``close`` still has ``_proc`` when this task is cancelled)
-            code = await proc.wait()
-            self._proc = None
+            code = await self._run_child()
             if self._closing:
                 return
             if code == 0:  # quiet for a while: it exits, and starts again with the next segment
+                backoff.reset()
                 if not self.unacked:
                     self._work = trio.Event()
                 continue
             log.error("journal indexer exited with %s; %d segments wait; restarting it", code, len(self.unacked))
-            self.journal.note_failure("indexer exited")
-            await trio.sleep(INDEXER_RESTART_DELAY)
+            self.journal.note_failure("indexer", "the indexer process exited", "exited")
+            await trio.sleep(backoff.next())
+
+    async def _run_child(self) -> int | None:
+        """One child, from start to exit: its exit code (None: it could not be started)."""
+        j = self.journal
+        try:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "iso_gateway.indexer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as exc:  # no memory, no file descriptors: counted, and tried again
+            j.note_failure("indexer", f"can't start the indexer process ({exc.strerror or exc})", failure_reason(exc))
+            return None
+        self._proc = proc
+        try:
+            hello = {"db": j.path, "synchronous": j.synchronous, "key": j.store.vault.export_key().hex(),
+                     "worker": j.store.worker, "idle_exit": INDEXER_IDLE_EXIT,
+                     "retry_initial": STORE_RETRY_INITIAL, "retry_max": STORE_RETRY_MAX}
+            assert proc.stdin is not None and proc.stdout is not None
+            await proc.stdin.send_all(json.dumps(hello).encode() + b"\n")
+            for path in list(self.unacked):  # what it has to do (a dead child had not finished)
+                await proc.stdin.send_all(f"apply {path}\n".encode())
+            self._ready.set()
+            if j._failures.get("indexer", "").endswith("exited"):  # it runs again
+                j.clear_failure("indexer")
+            await self._read(proc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the child died early: its exit code says so
+        finally:
+            self._ready = trio.Event()  # (``close`` still has ``_proc`` when this task is cancelled)
+        code = await proc.wait()
+        self._proc = None
+        return code
 
     async def _read(self, proc: trio.Process) -> None:
+        """The child's answers: a segment leaves ``unacked`` once written ("done"); one it could
+        not write ("failed") stays first, and the child tries it again."""
         assert proc.stdout is not None
         buf = b""
         while True:
@@ -563,9 +862,10 @@ class LogIndexer:
                 kind, _, rest = line.decode(errors="replace").partition(" ")
                 path_s, _, detail = rest.partition(" ")
                 path = Path(path_s)
-                if self.unacked and self.unacked[0] == path:
+                done = kind == "done"
+                if done and self.unacked and self.unacked[0] == path:
                     self.unacked.popleft()
-                self.on_done(path, kind == "done", detail)
+                self.on_done(path, done, detail)
 
     async def send(self, path: Path) -> None:
         self.unacked.append(path)

@@ -78,7 +78,11 @@ def setup_logging(level: str = "INFO", fmt: str = "text", file: str = "", node: 
     """Send every log record of the process to stderr or ``file``, formatted and masked."""
     if file:
         try:
-            Path(file).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(file).parent
+            if not folder.exists():
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Created 0600 whatever the umask: masked as it is, the log traces transactions.
+            os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
             handler: logging.Handler = logging.FileHandler(file, encoding="utf-8")
         except OSError as exc:
             raise ConfigError(file, "log.file", f"can't open the log file: {exc.strerror}") from None

@@ -174,10 +174,20 @@ class Metrics:
         # The journal's worker thread counts these: thread-safe prometheus-client children.
         self.journal_writes = counter("journal_writes_total", "Journal records written, by kind.", ("kind",), fast=False)
         self.journal_commit_seconds = histogram("journal_commit_seconds", "Time of one journal group commit.", (), ECHO_BUCKETS)
-        self.journal_errors = counter("journal_errors_total", "Journal operations that failed.", (), fast=False)
+        self.journal_errors = counter(
+            "journal_errors_total", "Journal failures, by source (store, log, indexer, recovery, saf) and reason "
+            "(disk_full, read_only, locked, io, corrupt, exited, other); each is retried.", ("source", "reason"),
+            fast=False)
+        # Per process, as readiness compares them: with several workers, the largest backlog.
         self.journal_log_segments = gauge(
             "journal_log_segments", "Write-ahead log segments closed and not yet written into SQLite (the indexer's "
-            "backlog; it should stay near 0).", (), "livesum")
+            "backlog; it should stay near 0).", (), "livemax")
+        self.journal_log_segments_bound = gauge(
+            "journal_log_segments_bound", "The backlog of log segments past which /readyz fails "
+            "([journal] max_log_segments).", (), "livemin")
+        self.journal_purged = counter(
+            "journal_purged_total", "Journal rows cleaned by the purge, by kind (reversal_data: sealed card data "
+            "erased; txn, saf: rows past the retention deleted).", ("kind",), fast=False)
 
     def flush(self) -> None:
         """Hand every fast child's change to prometheus-client. Call on the event loop thread

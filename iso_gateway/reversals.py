@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import sqlite3
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -33,8 +34,8 @@ import trio
 from .errors import IsoGatewayError
 from .links import SoloConnection
 from .journal import (
-    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, Journal, SafItem, TxnRow,
-    new_id,
+    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, STORE_RETRY_INITIAL, STORE_RETRY_MAX,
+    TIMED_OUT, Backoff, Journal, SafItem, TxnRow, failure_reason, new_id,
 )
 from .matching import match_key
 from .message import encode
@@ -79,6 +80,7 @@ class DurableReversals:
         self.gateway = gateway
         self.journal = journal
         self.workers: dict[str, SafWorker] = {}
+        self.recovery_owed = False  # the store could not be read at start (see ``recover``)
 
     # -- ReversalSink
 
@@ -187,22 +189,54 @@ class DurableReversals:
 
     # -- start-up
 
-    def recover(self) -> int:
-        """Queue a reversal for every transaction that was sent and never answered (a crash). Start-up only."""
+    def recover(self, in_doubt: list | None = None) -> int:
+        """Queue a reversal for every transaction that was sent and never answered (a crash). Start-up,
+        or ``recover_owed`` when the store could not be read then.
+
+        The reversals go through the journal's thread (writes it keeps until the store takes
+        them), so a full disk delays them and loses none."""
         store = self.journal.store
         count = 0
-        for txn_id, upstream_name, mti, upstream_stan, original in self.journal.run_sync(store.in_doubt):
+        if in_doubt is None and not self.journal.replayed.is_set():
+            # The last run's log is not all in SQLite yet (the store refused it at start): its
+            # in-doubt transactions would be missed. Recovery waits for it (``recover_owed``).
+            log.warning("recovery waits: %d log segments of the last run are not in the journal yet",
+                        len(self.journal.unreplayed))
+            self.recovery_owed = True
+            return 0
+        if in_doubt is None:
+            try:
+                in_doubt = self.journal.run_sync(store.in_doubt)
+            except sqlite3.Error as exc:  # counted, shown by /readyz, and tried again by the SAF workers
+                self.journal.note_failure("recovery", f"in-doubt transactions can't be read ({exc})",
+                                          failure_reason(exc))
+                self.recovery_owed = True
+                return 0
+        for txn_id, upstream_name, mti, upstream_stan, original in in_doubt:
             upstream = self.gateway.upstreams.get(upstream_name)
             if upstream is None or mti[1:2] not in ("1", "2") or not original:
                 continue
             item = self.make_item(upstream, original, mti, upstream_stan, "in_doubt", txn_id, None)
-            self.journal.run_sync(store.insert_saf, item)
-            self.journal.run_sync(store.update_txn, txn_id, TIMED_OUT, None, None)
+            self.journal.submit(store.insert_saf, item)
+            self.journal.submit(store.update_txn, txn_id, TIMED_OUT, None, None)
             self.gateway.metrics.reversals(upstream_name, "queued").inc()
             count += 1
         if count:
             log.warning("recovery: %d transactions were in doubt after a restart; reversals queued", count)
         return count
+
+    async def recover_owed(self) -> None:
+        """The recovery the store could not read at start, now (raises what the store raises)."""
+        if self.recovery_owed:
+            self.recovery_owed = False  # one SAF worker does it, not one per upstream
+            try:
+                await self.journal.replayed.wait()
+                in_doubt = await self.journal.call(self.journal.store.in_doubt)
+            except BaseException:
+                self.recovery_owed = True
+                raise
+            self.journal.clear_failure("recovery")
+            self.recover(in_doubt)
 
 
 class _ReversalWaiter:
@@ -311,11 +345,29 @@ class SafWorker:
         self._wakeup.set()
 
     async def run(self) -> None:
+        """Send due reversals until cancelled. A store that fails is counted, shown by /readyz
+        (the journal's ``failed``) and asked again after a delay that doubles up to
+        STORE_RETRY_MAX; the reversals stay owed."""
+        backoff = Backoff(STORE_RETRY_INITIAL, STORE_RETRY_MAX)
+        while True:
+            try:
+                await self._round()
+            except Exception as exc:  # noqa: BLE001 - a failing store must not stop the reversals
+                reason = failure_reason(exc)
+                if reason == "other":
+                    log.exception("SAF worker for %s: round failed", self.upstream.cfg.name)
+                self.reversals.gateway.metrics.journal_errors("saf", reason).inc()
+                await trio.sleep(backoff.next())
+            else:
+                backoff.reset()
+
+    async def _round(self) -> None:
         store = self.journal.store
         cfg = self.upstream.cfg
         metrics = self.reversals.gateway.metrics
         name = cfg.name
         stats_at = 0.0
+        await self.reversals.recover_owed()
         while True:
             if time.monotonic() >= stats_at:  # the full count: for the gauges, now and then
                 waiting, oldest, due_at, parked = await self.journal.call(store.saf_stats, name)
@@ -326,7 +378,10 @@ class SafWorker:
             else:
                 due_at = await self.journal.call(store.next_due, name)
             room = cfg.saf_window - len(self.in_flight)
-            if self.upstream.ready and room > 0 and due_at is not None and due_at <= time.time():
+            # While the store refuses writes, an attempt could not be recorded (nor its
+            # acknowledgement): the same reversal would go out again every round. They wait.
+            if (self.upstream.ready and room > 0 and due_at is not None and due_at <= time.time()
+                    and not self.journal.holding_writes):
                 self._reads += 1  # items settled from now on may still be in this list (see _send)
                 due = await self.journal.call(store.due_saf, name, time.time(), room + len(self.in_flight))
                 touched = set()

@@ -8,7 +8,8 @@ importing trio at all (it stays a small process).
 What is stored: identities (listener, terminal, merchant, STANs, DE 7, RRN),
 amount, currency, the masked PAN, a keyed hash of the PAN, states and times.
 The PAN itself only inside AES-GCM ciphertext, and only the fields a reversal
-needs. Never CVV2, track data, PIN blocks or ICC data (see security/pan.py).
+needs, erased once no reversal can need them; rows go after the retention
+(``purge``). Never CVV2, track data, PIN blocks or ICC data (see security/pan.py).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ SAF_CANCELLED = "cancelled"
 
 # Seconds between WAL checkpoints (the checkpoint thread; see Journal._checkpoints).
 CHECKPOINT_EVERY = 1.0
+
+# Rows one purge statement touches at most (``SQLiteStore.purge``): a few milliseconds of the
+# writer's time, so a purge of a large backlog never holds the requests' commits back for long.
+PURGE_BATCH = 1000
 
 # Fields a reversal is built from (domain ref. 1.4): never 14, 35, 36, 45, 48, 52, 55.
 REVERSAL_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "33", "37", "41", "42", "49")
@@ -84,6 +89,22 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
+def create_private(path: str) -> None:
+    """Make the journal's folder (0700) and file (0600) if missing, before SQLite opens it.
+
+    Card data at rest, even masked and encrypted, is the owner's only, from the first byte:
+    SQLite gives its -wal and -shm files the database file's mode, so a file created 0600
+    here keeps them 0600 too, whatever the process's umask (a chmod after SQLite created
+    them would leave them readable by others until it ran)."""
+    folder = Path(path).parent
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+
+
 _ids = count()
 _id_base = int(time.time() * 1000) << 20
 _worker_bits = 0  # this process's worker number, in the low 6 bits of every id (set by Journal)
@@ -91,6 +112,38 @@ MAX_WORKERS = 64
 # How far back recovery looks for in-doubt transactions: a reversal must reach the
 # switch within 24 h (Mastercard rules, domain ref. 3.3), so two days is ample.
 RECOVERY_WINDOW = 2 * 86400.0
+
+
+class Backoff:
+    """Delays between retries of something that failed: ``initial``, doubling, at most ``maximum``
+    seconds; ``reset`` after a success. No jitter: one process retries its own store."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._delay = initial
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(self._delay * 2, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self._delay = self.initial
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What a store failure says about the store, as a metric label and for /readyz: disk_full,
+    read_only, locked, io, corrupt, or other (a bug, a constraint)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if isinstance(exc, OSError):
+        return "disk_full" if exc.errno in (28, 122) else "read_only" if exc.errno == 30 else "io"
+    for prefix, reason in (("SQLITE_FULL", "disk_full"), ("SQLITE_READONLY", "read_only"), ("SQLITE_BUSY", "locked"),
+                           ("SQLITE_LOCKED", "locked"), ("SQLITE_IOERR", "io"), ("SQLITE_CANTOPEN", "io"),
+                           ("SQLITE_CORRUPT", "corrupt"), ("SQLITE_NOTADB", "corrupt")):
+        if name.startswith(prefix):
+            return reason
+    return "other"
 
 
 def new_id() -> int:
@@ -164,7 +217,7 @@ class SQLiteStore:
     @staticmethod
     def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            create_private(path)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         for attempt in range(50):  # several workers opening one new file race to set WAL mode
             try:
@@ -183,8 +236,6 @@ class SQLiteStore:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN worker INTEGER NOT NULL DEFAULT 0")
         _add_acquirer_column(conn)
         conn.executescript(SCHEMA)
-        if path != ":memory:":
-            os.chmod(path, 0o600)  # card data at rest, even masked and encrypted: owner only
         return conn
 
     # -- writes
@@ -309,6 +360,58 @@ class SQLiteStore:
         conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                      (key, value))
 
+    # -- retention
+
+    # A reversal still owed (waiting, in flight, parked for an operator: any state but the two
+    # final ones, so a state added later is safe too) keeps its transaction's sealed fields and
+    # row: it may yet be sent, or rebuilt by an operator.
+    _LIVE_SAF = (f"SELECT 1 FROM saf s WHERE s.txn_id=txn.id AND s.state NOT IN"
+                 f" ('{SAF_ACKED}', '{SAF_CANCELLED}')")
+
+    def purge(self, conn: sqlite3.Connection, now: float, reversal_data_window: float, retention: float,
+              batch: int = PURGE_BATCH) -> tuple[dict[str, int], bool]:
+        """One bounded step of the journal's clean-up, in the caller's transaction: how many
+        rows it changed, by kind ("reversal_data" erased, "txn" and "saf" rows deleted), and
+        whether there is more to do (the caller repeats it, one transaction each, until not).
+
+        - A transaction past ``reversal_data_window`` seconds keeps its row (masked PAN, keyed
+          hash, identities, states) but loses its sealed reversal fields (the encrypted PAN
+          among them), unless a reversal of it is still owed; an acknowledged or cancelled
+          reversal past the window loses its sealed message, and its transaction's fields go
+          with it. Transactions are walked by id (ids grow with time) from where the last step
+          stopped (a mark in ``meta``), so each row is read once, not at every run.
+        - Rows older than ``retention`` seconds are deleted, except a transaction whose
+          reversal is still owed and that reversal itself."""
+        done = {"reversal_data": 0, "txn": 0, "saf": 0}
+        erase_before = id_at(now - reversal_data_window)
+        mark_key = f"purge:sealed:w{self.worker}"
+        mark = int(self.get_meta(conn, mark_key) or 0)
+        walked, last = conn.execute(
+            "SELECT COUNT(*), MAX(id) FROM (SELECT id FROM txn WHERE id>=? AND id<? AND worker=? ORDER BY id LIMIT ?)",
+            (mark, erase_before, self.worker, batch)).fetchone()
+        if last is not None:
+            done["reversal_data"] += conn.execute(
+                f"UPDATE txn SET original=NULL WHERE id>=? AND id<=? AND worker=? AND original IS NOT NULL"
+                f" AND NOT EXISTS ({self._LIVE_SAF})", (mark, last, self.worker)).rowcount
+            self.set_meta(conn, mark_key, str(last + 1))
+        finals = conn.execute(
+            "SELECT id, txn_id FROM saf WHERE worker=? AND state IN (?, ?) AND message IS NOT NULL AND updated<?"
+            " LIMIT ?", (self.worker, SAF_ACKED, SAF_CANCELLED, now - reversal_data_window, batch)).fetchall()
+        if finals:
+            conn.executemany("UPDATE saf SET message=NULL WHERE id=?", [(sid,) for sid, _ in finals])
+            txns = [(t,) for _, t in finals if t is not None]
+            erased = conn.executemany(f"UPDATE txn SET original=NULL WHERE id=? AND original IS NOT NULL"
+                                      f" AND NOT EXISTS ({self._LIVE_SAF})", txns).rowcount if txns else 0
+            done["reversal_data"] += len(finals) + max(erased, 0)
+        keep_after = id_at(now - retention)
+        done["txn"] = conn.execute(
+            f"DELETE FROM txn WHERE id IN (SELECT id FROM txn WHERE id<? AND worker=? AND NOT EXISTS ({self._LIVE_SAF})"
+            " ORDER BY id LIMIT ?)", (keep_after, self.worker, batch)).rowcount
+        done["saf"] = conn.execute(
+            "DELETE FROM saf WHERE id IN (SELECT id FROM saf WHERE id<? AND worker=? AND state IN (?, ?)"
+            " ORDER BY id LIMIT ?)", (keep_after, self.worker, SAF_ACKED, SAF_CANCELLED, batch)).rowcount
+        return done, batch in (walked, len(finals), done["txn"], done["saf"])
+
     # -- reads
 
     @staticmethod
@@ -354,13 +457,17 @@ class SQLiteStore:
     def in_doubt(self, conn: sqlite3.Connection, since: float | None = None) -> list[tuple[int, str, str, str, dict[str, str]]]:
         """This worker's transactions sent upstream and never answered: (id, upstream, mti, upstream_stan, fields).
 
-        Only rows newer than ``since`` (default: the last RECOVERY_WINDOW) are read, by id range:
-        ids grow with time, so no index on the state is needed (one fewer to update per write)."""
+        That is forwarded ones, and timed-out ones whose reversal never reached the SAF table
+        (the store could not take it, and the process stopped before it could: the journal
+        keeps such a write in memory and retries it). Only rows newer than ``since`` (default:
+        the last RECOVERY_WINDOW) are read, by id range: ids grow with time, so no index on
+        the state is needed (one fewer to update per write)."""
         since = time.time() - RECOVERY_WINDOW if since is None else since
         rows = conn.execute(
             "SELECT t.id, t.upstream, t.mti, t.upstream_stan, t.original FROM txn t"
-            " WHERE t.id>=? AND t.worker=? AND t.state=? AND NOT EXISTS (SELECT 1 FROM saf s WHERE s.txn_id=t.id)",
-            (id_at(since), self.worker, FORWARDED),
+            " WHERE t.id>=? AND t.worker=? AND t.state IN (?, ?) AND t.response_code IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM saf s WHERE s.txn_id=t.id)",
+            (id_at(since), self.worker, FORWARDED, TIMED_OUT),
         ).fetchall()
         return [(r[0], r[1], r[2], r[3], self.vault.open(r[4]) if r[4] else {}) for r in rows]
 

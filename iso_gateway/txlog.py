@@ -160,6 +160,17 @@ class TxLog:
         self._buffer.clear()
         self.bytes_written += len(data)
 
+    def probe(self) -> None:
+        """Whether a log write would succeed now (after one failed): a small write to a file of
+        its own beside the segments, then removed; raises OSError. Nothing else waits for it."""
+        path = self.folder / f"{self.base}.probe-{os.getpid()}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write(fd, bytes(4096))  # a page: what the next frame needs at least
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+
     def rotate(self) -> list[Path]:
         """Write what is buffered, close the segment and return the segments now complete
         (oldest first; none if nothing was written). The next record starts a new segment;

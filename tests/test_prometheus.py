@@ -244,13 +244,31 @@ def test_each_alert_fires_on_the_series_that_should_fire_it_and_only_after_its_f
                 _fires("25m", "IsoGatewayReversalDropsLink"),  # 15 minutes without another
             ],
         },
-        {  # the journal's indexer falls behind (a segment every 0.2 s piles up), then catches up
+        {  # the journal's indexer falls behind its configured bound, then catches up
             "interval": "1m",
-            "input_series": [_series({}, "0 0 30 60 90 120 0 0 0", "iso_gateway_journal_log_segments")],
+            "input_series": [_series({}, "0 0 30 60 90 120 0 0 0", "iso_gateway_journal_log_segments"),
+                             _series({}, "50x8", "iso_gateway_journal_log_segments_bound")],
             "alert_rule_test": [
-                _fires("3m", "IsoGatewayJournalIndexerBehind"),  # behind, but not for 2 minutes yet
-                _fires("5m", "IsoGatewayJournalIndexerBehind", warn),
-                _fires("8m", "IsoGatewayJournalIndexerBehind"),  # caught up
+                _fires("2m", "IsoGatewayJournalIndexerBehind"),  # 30 waiting: within the bound of 50
+                _fires("3m", "IsoGatewayJournalIndexerBehind"),  # past it, but not for a minute yet
+                _fires("4m", "IsoGatewayJournalIndexerBehind", warn),
+                _fires("7m", "IsoGatewayJournalIndexerBehind"),  # caught up
+            ],
+        },
+        {  # the alert follows the configured bound: a larger one keeps quiet on the same backlog
+            "interval": "1m",
+            "input_series": [_series({}, "0 60 60 60 60 60", "iso_gateway_journal_log_segments"),
+                             _series({}, "100x5", "iso_gateway_journal_log_segments_bound")],
+            "alert_rule_test": [_fires("5m", "IsoGatewayJournalIndexerBehind")],
+        },
+        {  # the store fails (a full disk) for a while, then works again
+            "interval": "1m",
+            "input_series": [_series({"source": "store", "reason": "disk_full"}, "0 0 30 60 90 120 150 180 210 240"
+                                     " 270 300 300 300 300 300 300 300", "iso_gateway_journal_errors_total")],
+            "alert_rule_test": [
+                _fires("4m", "IsoGatewayJournalFailing"),  # failing, but not for 5 minutes yet
+                _fires("8m", "IsoGatewayJournalFailing", {"source": "store", "reason": "disk_full", **crit}),
+                _fires("17m", "IsoGatewayJournalFailing"),  # resumed
             ],
         },
     ]

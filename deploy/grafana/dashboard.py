@@ -233,12 +233,15 @@ def build() -> dict[str, Any]:
         target(f"rate(process_cpu_seconds_total{{{S}}}[{W}])", "{{instance}}")], "short"), 8, 8)
     lay.add(timeseries("Resident memory", "", [
         target(f"process_resident_memory_bytes{{{S}}}", "{{instance}}")], "bytes"), 8, 8)
-    lay.add(timeseries("Journal", "Group-commit time (p99), failed journal operations, and log segments waiting "
-                       "for the indexer (the write-ahead log's backlog).", [
+    lay.add(timeseries("Journal", "Group-commit time (p99), journal failures by source and reason, and log "
+                       "segments waiting for the indexer (the write-ahead log's backlog) beside the bound past "
+                       "which /readyz fails.", [
         target(f"histogram_quantile(0.99, sum by (le) (rate(iso_gateway_journal_commit_seconds_bucket{{{S}}}[{W}])))",
                "commit p99"),
-        target(f"sum(rate(iso_gateway_journal_errors_total{{{S}}}[{W}]))", "errors/s"),
-        target(f"sum(iso_gateway_journal_log_segments{{{S}}})", "segments waiting"),
+        target(f"sum by (source, reason) (rate(iso_gateway_journal_errors_total{{{S}}}[{W}]))",
+               "{{source}} {{reason}} errors/s"),
+        target(f"max(iso_gateway_journal_log_segments{{{S}}})", "segments waiting"),
+        target(f"min(iso_gateway_journal_log_segments_bound{{{S}}})", "segments bound"),
     ], "s"), 8, 8)
 
     return {

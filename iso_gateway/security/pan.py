@@ -49,7 +49,7 @@ def load_master_key(key_file: str | os.PathLike[str]) -> bytes:
         return key
     path = Path(key_file)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the state folder: owner only
         # Written whole under a temporary name, then linked into place: a process
         # racing us (another worker) sees either no key file or a complete one.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
