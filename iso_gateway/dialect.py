@@ -119,6 +119,11 @@ class _DialectFile(_Strict):
         for key in v:
             if not key.isdigit() or not 2 <= int(key) <= 128 or key != str(int(key)):
                 raise ValueError(f"field number {key!r} is not 2..128")
+            if key == "65":
+                # pyiso8583 reads bit 65 as "a tertiary bitmap follows" on decode and drops a
+                # field 65 on encode: it can never carry a value, so no dialect may define it
+                # (a message with bit 65 set is then a format error, never a KeyError).
+                raise ValueError("field 65 can't be defined: bit 65 marks a tertiary bitmap, which the gateway does not carry")
         return v
 
 
