@@ -10,7 +10,8 @@ properties that hold for every input, hostile or not:
 - splicing a field then scanning gives the spliced value, and nothing else moves;
 - framing: chunking does not change the frames; a frame encoded and decoded again
   is the same frame;
-- masking never leaves a Luhn-valid run of 13 to 19 digits of its input in clear.
+- masking never leaves a Luhn-valid run of 13 to 19 digits of its input in clear;
+- every request whose MTI can be read gets a local answer that encodes (see Gateway.answer_locally).
 
 ``fuzz/fuzz_wire.py`` drives these with atheris (coverage-guided) for long runs;
 ``tests/test_fuzz.py`` drives them with hypothesis for a few seconds in the suite.
@@ -64,7 +65,8 @@ _DIGIT_RUN = re.compile(r"\d+")
 def _decoded(dialect: Dialect, raw: bytes) -> dict[str, str] | None:
     try:
         return decode(dialect, raw, check_types=False)
-    except DecodeError:
+    except DecodeError as exc:
+        _no_card_number_left(raw.decode("latin-1"), str(exc))  # errors name fields, never values
         return None
 
 
@@ -76,7 +78,8 @@ def scan_vs_decode(name: str, raw: bytes) -> None:
     for scanner in _scanners[name]:
         try:
             scan = scanner.scan(raw, full=True)
-        except DecodeError:
+        except DecodeError as exc:
+            _no_card_number_left(raw.decode("latin-1"), str(exc))
             scan = None
         assert (scan is None) == (full is None), f"{name}: scan {'refuses' if scan is None else 'accepts'}, decode not"
         if scan is not None and full is not None:
@@ -145,6 +148,29 @@ def _no_card_number_left(before: str, after: str) -> None:
     assert not left, "a Luhn-valid 13-19 digit run is still in clear after masking"
 
 
+def local_answer(name: str, raw: bytes) -> None:
+    """Every request whose MTI can be read gets an answer built from what the scan read (the
+    gateway's 30 for a format error, or any local answer): never an exception, never nothing."""
+    from iso_gateway.gateway import Gateway
+    from iso_gateway.message import is_request, is_valid_mti
+
+    dialect = _dialects[name]
+    found: dict[int, str] = {}
+    try:
+        scan = _scanners[name][1].scan(raw, full=True, found=found)
+        mti: str | None = scan.mti
+    except DecodeError:
+        mti = raw[:2].hex() if dialect.mti_encoding == "bcd" else raw[:4].decode("latin-1")
+    code = "000" if dialect.fields[39].length == 3 else "30"
+    out = Gateway._local_response(dialect, mti, found, code, None)
+    if mti is not None and is_valid_mti(mti) and is_request(mti):
+        assert out is not None, f"{name}: no answer for a request with a readable MTI"
+        resp = decode(dialect, out, check_types=False)
+        assert resp["39"] == code and resp["t"][2] == str(int(mti[2]) + 1)
+    else:
+        assert out is None
+
+
 # --------------------------------------------------------------------------- framing target
 
 
@@ -203,6 +229,7 @@ for _name in DIALECTS:
     TARGETS.append((f"scan_vs_decode/{_name}", lambda b, n=_name: scan_vs_decode(n, b)))
     TARGETS.append((f"splice/{_name}", lambda b, n=_name: splice(n, b)))
     TARGETS.append((f"masking/{_name}", lambda b, n=_name: masking(n, b)))
+    TARGETS.append((f"local_answer/{_name}", lambda b, n=_name: local_answer(n, b)))
 for _i, _framer in enumerate(_FRAMERS):
     TARGETS.append((f"framing/{_framer.name}/{_i % len(_OPTIONS)}", lambda b, i=_i: framing(i, b)))
 

@@ -138,8 +138,11 @@ class Scanner:
         """Read the MTI and the wanted fields.
 
         With ``full`` the walk goes through every field and checks that the
-        message ends exactly where the last field does, which proves the
-        framing of every field (not the type of every value). With ``found``,
+        message ends exactly where the last field does, and that every value is
+        what ``message.decode`` would take (text bytes in a text field, the
+        dialect's pad nibble in an odd BCD value): a full scan refuses exactly
+        what a decode refuses (not the ISO type of each value, which the rules
+        check). With ``found``,
         the wanted values read before a DecodeError are left in that dict, so a
         caller can still echo the STAN and terminal of a broken request.
         """
