@@ -182,6 +182,18 @@ class Dialect:
         """Track-data (z) fields written in BCD, whose '=' separator is the nibble D on the wire."""
         return tuple(n for n, fd in self.fields.items() if fd.type == "z" and fd.encoding == "bcd")
 
+    @cached_property
+    def field_keys(self) -> frozenset[str]:
+        """The defined field numbers as the message dict's keys ("2" .. "128")."""
+        return frozenset(str(n) for n in self.fields)
+
+    @cached_property
+    def text_prefix_keys(self) -> dict[str, str]:
+        """Variable fields whose length prefix is text (ascii or ebcdic digits), by key: the prefixes
+        ``message.decode`` checks are digits only, since pyiso8583's ``int()`` also takes signs and spaces."""
+        return {str(n): fd.length_encoding for n, fd in self.fields.items()
+                if fd.prefix and fd.length_encoding in ("ascii", "ebcdic")}
+
     def field_name(self, number: int) -> str:
         fd = self.fields.get(number)
         return fd.name if fd else f"field {number}"

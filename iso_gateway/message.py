@@ -139,24 +139,24 @@ def decode(dialect: Dialect, raw: bytes | bytearray, *, check_types: bool = True
         raise DecodeError(exc.msg, exc.field, exc.pos) from None
     except Exception as exc:  # noqa: BLE001 - any other codec failure is the peer's garbage, typed
         raise DecodeError(f"does not decode under dialect {dialect.name} ({type(exc).__name__})") from None
-    if not is_valid_mti(doc.get("t", "")):
+    if doc.get("t") not in VALID_MTIS:
         raise DecodeError("not a valid MTI", "t", 0)
     hex_bitmap = dialect.bitmap_encoding == "hex"
-    fields = dialect.fields
+    for key in ("p", "1"):
+        parts = enc.get(key)
+        # 16 hex digits (8 bytes): a bitmap with spaces, or extended by bit 65, is refused.
+        if parts is not None and (len(parts["data"]) != (16 if hex_bitmap else 8)
+                                  or (hex_bitmap and not _HEX_DIGITS.issuperset(doc[key]))):
+            raise DecodeError("bitmap is not hexadecimal", key, None)
+    defined = dialect.field_keys
+    prefixed = dialect.text_prefix_keys
     for key, parts in enc.items():
-        if key == "t" or key == "h":
-            continue
-        if key == "p" or key == "1":
-            # 16 hex digits (8 bytes): a bitmap with spaces, or extended by bit 65, is refused.
-            if len(parts["data"]) != (16 if hex_bitmap else 8) or (hex_bitmap and not _is_hex(doc[key])):
-                raise DecodeError("bitmap is not hexadecimal", key, None)
-            continue
-        fd = fields.get(int(key))
-        if fd is None:
+        if key in defined:
+            encoding = prefixed.get(key)
+            if encoding is not None and not _is_digits(parts["len"], encoding):
+                raise DecodeError("length prefix is not a number", key, None)
+        elif key not in _NOT_FIELDS:
             raise DecodeError("field present but not defined in the dialect", key, None)
-        prefix = parts["len"]
-        if prefix and fd.length_encoding in ("ascii", "ebcdic") and not _is_digits(prefix, fd.length_encoding):
-            raise DecodeError("length prefix is not a number", key, None)
     doc.pop("h", None)
     doc.pop("p", None)
     doc.pop("1", None)
@@ -168,15 +168,14 @@ def decode(dialect: Dialect, raw: bytes | bytearray, *, check_types: bool = True
 
 
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
-
-
-def _is_hex(text: str) -> bool:
-    return bool(text) and _HEX_DIGITS.issuperset(text)
+_NOT_FIELDS = frozenset(("t", "p", "1", "h"))
 
 
 def _is_digits(prefix: bytes, encoding: str) -> bool:
-    text = prefix.decode("cp500") if encoding == "ebcdic" else prefix.decode("ascii", "replace")
-    return text.isascii() and text.isdigit()
+    if encoding == "ebcdic":
+        text = prefix.decode("cp500")
+        return text.isascii() and text.isdigit()
+    return prefix.isdigit()  # bytes.isdigit: ASCII digits only
 
 
 def encode(dialect: Dialect, msg: Message, *, check_types: bool = True) -> bytes:
