@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from iso_gateway.dialect import Dialect, get_dialect
-from iso_gateway.errors import DecodeError, EncodeError, FrameError, MessageError
+from iso_gateway.errors import DecodeError, EncodeError, FrameError
 from iso_gateway.framing import FRAMINGS, FrameDecoder, Framer, FramingOptions
 from iso_gateway.masking import luhn_ok, mask_message, mask_pan, scrub
 from iso_gateway.message import decode, encode

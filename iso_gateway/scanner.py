@@ -249,7 +249,7 @@ class Scanner:
                     return -1
                 pos += width
             end = pos + size
-            if want == _READ:  # the checks a full scan makes hold already: the message is all ASCII
+            if want == 1:  # _READ; the checks a full scan makes hold already: the message is all ASCII
                 values[num] = text[pos:end]
                 spans[num] = (pos, end)
             pos = end
