@@ -261,3 +261,23 @@ def test_bit_65_is_a_format_error_for_scan_and_decode_never_a_key_error(dialect_
             Scanner(dialect, {11, 41}).scan(hostile, full=True)
         with pytest.raises(DecodeError):
             decode(dialect, hostile, check_types=False)
+
+
+def test_each_known_difference_between_the_old_scan_and_decode_is_refused_by_both():
+    a87, b87 = get_dialect("iso87ascii"), get_dialect("iso87binary")
+    ascii_raw = encode(a87, {"t": "0100", "2": "4761739001010119", "11": "000123", "41": "TERM0001"})
+    pos = ascii_raw.index(b"164761739001010119")
+    binary_raw = encode(b87, {"t": "0100", "11": "000123", "22": "812", "41": "TERM0001", "43": "SHOP".ljust(40)})
+    cases = [
+        (a87, ascii_raw[:pos] + b"+6" + ascii_raw[pos + 2:], "a signed length prefix"),
+        (a87, ascii_raw[:pos] + b" 6" + ascii_raw[pos + 2:], "a length prefix with a space"),
+        (a87, b"01\xb200" + ascii_raw[4:], "a non-ASCII digit in the MTI"),
+        (a87, b"0900" + ascii_raw[4:], "an MTI of no class"),
+        (b87, binary_raw.replace(b"\x08\x12", b"\x18\x12"), "a wrong pad nibble in an odd BCD value"),
+        (b87, binary_raw.replace(b"SHOP", b"SH\xd6P"), "a non-ASCII byte in a text field nobody reads"),
+    ]
+    for dialect, raw, what in cases:
+        with pytest.raises(DecodeError):
+            decode(dialect, raw, check_types=False)
+        with pytest.raises(DecodeError):
+            Scanner(dialect, {11}).scan(raw, full=True)
