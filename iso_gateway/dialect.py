@@ -119,6 +119,11 @@ class _DialectFile(_Strict):
         for key in v:
             if not key.isdigit() or not 2 <= int(key) <= 128 or key != str(int(key)):
                 raise ValueError(f"field number {key!r} is not 2..128")
+            if key == "65":
+                # pyiso8583 reads bit 65 as "a tertiary bitmap follows" on decode and drops a
+                # field 65 on encode: it can never carry a value, so no dialect may define it
+                # (a message with bit 65 set is then a format error, never a KeyError).
+                raise ValueError("field 65 can't be defined: bit 65 marks a tertiary bitmap, which the gateway does not carry")
         return v
 
 
@@ -176,6 +181,18 @@ class Dialect:
     def bcd_track_fields(self) -> tuple[int, ...]:
         """Track-data (z) fields written in BCD, whose '=' separator is the nibble D on the wire."""
         return tuple(n for n, fd in self.fields.items() if fd.type == "z" and fd.encoding == "bcd")
+
+    @cached_property
+    def field_keys(self) -> frozenset[str]:
+        """The defined field numbers as the message dict's keys ("2" .. "128")."""
+        return frozenset(str(n) for n in self.fields)
+
+    @cached_property
+    def text_prefix_keys(self) -> dict[str, str]:
+        """Variable fields whose length prefix is text (ascii or ebcdic digits), by key: the prefixes
+        ``message.decode`` checks are digits only, since pyiso8583's ``int()`` also takes signs and spaces."""
+        return {str(n): fd.length_encoding for n, fd in self.fields.items()
+                if fd.prefix and fd.length_encoding in ("ascii", "ebcdic")}
 
     def field_name(self, number: int) -> str:
         fd = self.fields.get(number)

@@ -4,8 +4,14 @@ Per request, on the hot path, nothing is fully decoded: the request is scanned
 (MTI and the fields rules and routes need), validated, routed, given the link's
 own STAN by splicing, and sent. The response is scanned for 11/38/39/41,
 matched, given the front end's STAN back by splicing, and written to the front
-end. pyiso8583 decodes only what the gateway answers itself (rejects, timeouts,
-0810s) and messages that cross between two different dialects.
+end. pyiso8583 decodes only messages that cross between two different dialects
+and front-end reversals; the gateway's own answers (rejects, timeouts, 0810s) echo
+fields read by a scan.
+
+The scan refuses exactly what a decode would, so what it accepts always decodes;
+still, each request is handled inside a boundary (``request_failed``): whatever
+escapes is counted, logged masked and answered 30 or 96, and the connection, its
+neighbours and the process carry on.
 
 Every request gets exactly one answer: the switch's, or the gateway's own
 (a validation reject, 92/15 for no route, 91 when no link can carry it, 91 on
@@ -31,17 +37,18 @@ from .matching import StanAllocator
 from .message import OriginalData, original_mti
 from .reversals import DurableReversals, SafWorker
 from .security.pan import PanVault, load_master_key
-from .errors import ConfigError, IsoGatewayError, MessageError
+from .dialect import Dialect, check_field_type
+from .errors import ConfigError, DecodeError, IsoGatewayError, MessageError
 from .frontend import FrontConnection, Listener
 from .poller import Poller
 from .framing import Frame
 from .links import STAN_BLOCK, Upstream, UpstreamConnection
-from .masking import mask_pan
+from .masking import mask_pan, masked_exception
 from .matching import match_key
 from .message import build_response, decode, encode, is_request, is_valid_mti, response_mti
 from .metrics import Metrics
 from .routing import NoRoute, RouteTable
-from .scanner import Scan
+from .scanner import Scan, Scanner
 from .writer import FrameWriter
 
 log = logging.getLogger("iso_gateway.gateway")
@@ -286,6 +293,8 @@ class Gateway:
         # poller's round, written when it ends (one write, and one seal, for all of them).
         self._held: list[tuple[FrontRequest, tuple, int]] = []  # (request, key, journal.log_failures then)
         self._now_utc = datetime.now(timezone.utc)
+        # Per dialect: a scanner reading the fields a response echoes, for local answers (see answer_locally).
+        self._echo_scanners: dict[str, tuple[Dialect, Scanner]] = {}
 
     # ------------------------------------------------------------------ control
 
@@ -478,10 +487,8 @@ class Gateway:
                 continue
             try:
                 w = self._on_request(front, frame.message, frame.header, now)
-            except Exception:  # noqa: BLE001 - answer 96 rather than lose the connection
-                log.exception("listener %s: internal error handling a request; answered 96", front.listener.name)
-                self.answer_locally(front, frame.message, frame.header, "96", "internal_error", now, now, counted=False)
-                continue
+            except Exception as exc:  # noqa: BLE001 - the per-message boundary: answer, never lose the connection
+                w = self.request_failed(front, frame.message, frame.header, exc, "request", now, counted=False)
             if w is not None:
                 touched.add(w)
 
@@ -705,9 +712,8 @@ class Gateway:
         """A 0400/0420/0421 from a front end: checked against the journal through field 90, then forwarded."""
         try:
             w = await self._front_reversal_inner(front, raw, header, scan, received_at)
-        except Exception:  # noqa: BLE001 - answer 96 rather than leave the front end waiting
-            log.exception("front-end reversal failed; answered 96")
-            w = self.answer_locally(front, raw, header, "96", "internal_error", received_at, received_at)
+        except Exception as exc:  # noqa: BLE001 - this task's boundary: answer, never reach the root nursery
+            w = self.request_failed(front, raw, header, exc, "reversal", received_at, counted=True)
         if w is not None and not w.flush_soon():
             await w.flush()
 
@@ -802,36 +808,99 @@ class Gateway:
 
     def answer_locally(self, front: FrontConnection, raw: bytes, header: bytes, code: str, reason: str,
                        now: float, received_at: float, *, counted: bool = True,
-                       auth_code: str | None = None) -> FrameWriter | None:
-        """Answer a request with the gateway's own response (echo fields, 39 = ``code``).
+                       auth_code: str | None = None, known: dict[int, str] | None = None,
+                       mti: str | None = None) -> FrameWriter | None:
+        """Answer a request with the gateway's own response (echo fields, 39 = ``code``). Raises nothing.
+
+        The echo fields come from what is known already (``known``, the values a failed
+        scan read, with ``mti``), else from a scan of ``raw`` for the echo fields: ``raw``
+        passed the listener's full scan, which refuses exactly what a decode refuses, so
+        that scan reads it too; nothing here decodes again what failed to decode. A
+        response that can't be encoded falls back to a minimal one (see _local_response).
 
         ``counted``: the request was counted in flight and this answer completes it.
         """
         listener = front.listener
         if counted:
             front.request_done()
-        try:
-            req = decode(listener.dialect, raw, check_types=False)
-        except IsoGatewayError:
-            req = None
-        out: bytes | None = None
-        if req is not None:
-            try:
-                out = encode(listener.dialect, build_response(listener.dialect, req, code, auth_code=auth_code),
-                             check_types=False)
-            except IsoGatewayError:
-                out = None
-        if out is None:
-            return None
         if front.closed:
             return None
-        front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(header)))
-        self.metrics.front_sent(listener.name, response_mti(req["t"]), code).inc()
+        try:
+            values = known
+            if values is None:
+                found: dict[int, str] = {}
+                try:
+                    scan = self._echo_scanner(listener.dialect).scan(raw, full=True, found=found)
+                    mti, values = scan.mti, scan.values
+                except MessageError:
+                    values = found
+            if mti is None:
+                mti = _peek_mti(listener, raw)
+            out = self._local_response(listener.dialect, mti, values, code, auth_code)
+            if out is None:
+                self.metrics.request_errors(listener.name, "no_answer").inc()
+                log.warning("listener %s: no %s answer (%s) can be built for %s", listener.name, code, reason,
+                            mti if mti is not None and mti.isdigit() else "an unreadable MTI")
+                return None
+            front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(header)))
+        except Exception as exc:  # noqa: BLE001 - an error path must not raise: count it and give up on this one
+            self.metrics.request_errors(listener.name, "no_answer").inc()
+            log.error("listener %s: answering %s (%s) failed: %s", listener.name, code, reason,
+                      masked_exception(exc))
+            return None
+        self.metrics.front_sent(listener.name, response_mti(mti), code).inc()  # type: ignore[arg-type]
         return front.writer
+
+    def _echo_scanner(self, dialect: Dialect) -> Scanner:
+        entry = self._echo_scanners.get(dialect.name)
+        if entry is None or entry[0] is not dialect:
+            entry = self._echo_scanners[dialect.name] = (dialect, Scanner(dialect, dialect.echo))
+        return entry[1]
+
+    @staticmethod
+    def _local_response(dialect: Dialect, mti: str | None, values: dict[int, str], code: str,
+                        auth_code: str | None) -> bytes | None:
+        """The encoded response to a request of ``mti`` whose echo fields are in ``values``; None when
+        ``mti`` has no response or not even the minimal one encodes. In order: every echo field; the
+        echo fields whose value fits its ISO type; the response MTI and DE 39 alone."""
+        if mti is None or not is_valid_mti(mti) or not is_request(mti):
+            return None
+        request = {str(k): v for k, v in values.items()}
+        request["t"] = mti
+        resp = build_response(dialect, request, code, auth_code=auth_code)
+        try:
+            return encode(dialect, resp, check_types=False)
+        except MessageError:
+            pass
+        fitting = {k: v for k, v in resp.items()
+                   if k in ("t", "39") or (int(k) in dialect.fields and check_field_type(dialect.fields[int(k)], v) is None)}
+        for attempt in (fitting, {"t": resp["t"], "39": code}):
+            try:
+                return encode(dialect, attempt, check_types=False)
+            except MessageError:
+                continue
+        return None
+
+    def request_failed(self, front: FrontConnection, raw: bytes, header: bytes, exc: Exception, where: str,
+                       now: float, *, counted: bool) -> FrameWriter | None:
+        """The boundary around one request's handling: what escaped it is counted, logged masked and
+        answered (30 for bytes that do not decode, 96 for anything else). Raises nothing."""
+        listener = front.listener
+        code, reason = ("30", "format_error") if isinstance(exc, DecodeError) else ("96", "internal_error")
+        try:
+            self.metrics.request_errors(listener.name, reason).inc()
+            log.error("listener %s: %s handling failed (%s); answered %s\n%s", listener.name, where, reason, code,
+                      masked_exception(exc))
+        except Exception:  # noqa: BLE001 - counting and logging must not stop the answer
+            pass
+        return self.answer_locally(front, raw, header, code, reason, now, now, counted=counted)
 
     def _undecodable(self, front: FrontConnection, raw: bytes, header: bytes, found: dict[int, str],
                      exc: MessageError, now: float) -> None:
-        """A request that does not decode: answered 30 if its MTI can be read, else counted and dropped."""
+        """A request that does not decode: answered 30 if its MTI can be read, else counted and dropped.
+
+        The answer echoes the values the scan read before it failed (``found``): the bytes are
+        never decoded again."""
         listener = front.listener
         m = self.metrics
         m.decode_errors("front", listener.name, "decode").inc()
@@ -841,16 +910,7 @@ class Gateway:
             return
         log.warning("listener %s: %s does not decode (%s); answered 30", listener.name, mti, exc)
         m.rejections(listener.name, "format_error", "30").inc()
-        resp = {"t": response_mti(mti), "39": "30"}
-        for f in (11, 41, 42, 37, 7):
-            if f in found:
-                resp[str(f)] = found[f]
-        try:
-            out = encode(listener.dialect, resp, check_types=True)
-        except IsoGatewayError:
-            out = encode(listener.dialect, {"t": resp["t"], "39": "30"}, check_types=False)
-        front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(header)))
-        m.front_sent(listener.name, resp["t"], "30").inc()
+        self.answer_locally(front, raw, header, "30", "format_error", now, now, counted=False, known=found, mti=mti)
 
     # ------------------------------------------------------------------ from links
 

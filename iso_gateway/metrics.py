@@ -144,6 +144,7 @@ class Metrics:
         self.front_sent = counter("front_messages_sent_total", "Messages sent to front ends.", ("listener", "mti", "rc"))
         self.rejections = counter("validation_rejections_total", "Requests answered by the gateway without reaching a switch: rule failures, no route, unknown BIN, no usable link.", ("listener", "reason", "rc"))
         self.decode_errors = counter("decode_errors_total", "Messages that did not decode or lost framing, by side (front, upstream) and listener or upstream name.", ("side", "name", "reason"))
+        self.request_errors = counter("request_errors_total", "Front-end requests whose handling failed inside the gateway, by reason: internal_error (answered 96), format_error (a decode failed past the scan; answered 30), no_answer (not even a minimal response could be built).", ("listener", "reason"))
         self.duplicates = counter("duplicates_total", "Repeated front-end requests recognised as duplicates.", ("listener",))
         self.connections_open = gauge("front_connections_open", "Front-end connections open.", ("listener",), "livesum")
         self.connections_total = counter("front_connections_total", "Front-end connections by outcome (accepted; refused: the listener full and every connection waiting for an answer; refused_per_source: max_connections_per_source open from that address).", ("listener", "outcome"))

@@ -4,7 +4,10 @@ The hot path of the gateway never decodes a whole message: it walks the bitmap
 and the length prefixes with a plan compiled from the dialect (the same TOML
 file pyiso8583 is driven by), reads the handful of fields it needs (MTI, 11,
 37, 38, 39, 41, ...) and replaces the STAN in place. Property tests hold the
-scanner to pyiso8583's full decode and encode for every shipped dialect.
+scanner to pyiso8583's full decode and encode for every shipped dialect: a full
+scan (``full=True``, what the gateway does to every front-end request) refuses
+exactly the bytes ``message.decode`` refuses, garbage included, so nothing the
+gateway forwards can be a message the switch's decoder chokes on.
 
 Errors name the field, never its value. Nothing here touches a socket.
 """
@@ -16,14 +19,21 @@ from typing import Iterable
 
 from .dialect import Dialect, FieldDef, prefix_width
 from .errors import DecodeError, EncodeError
+from .message import VALID_MTIS
 
 # How a field's length prefix is read (kind, width in bytes).
 _P_NONE, _P_ASCII, _P_BCD, _P_BIN, _P_EBCDIC = range(5)
 # How a length becomes a byte count.
-_U_BYTES, _U_NIBBLES, _U_HEX = range(3)
+_U_BYTES, _U_NIBBLES = range(2)
 # How a value becomes text.
 _V_ASCII, _V_BCD, _V_RAW, _V_EBCDIC = range(4)
 _VARIABLE, _UNDEFINED = -1, -2
+# What a step of the walk does with a field's value: nothing, read it (wanted), or only
+# check it (a full scan refuses what pyiso8583 would: a non-ASCII byte in a text field,
+# an odd BCD value whose pad nibble is not the dialect's).
+_SKIP, _READ, _CHECK_TEXT, _CHECK_PAD = range(4)
+# A hex bitmap is exactly these characters (int(x, 16) also takes '+', '-', '_', spaces, '0x').
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,22 +60,23 @@ def _compile(fd: FieldDef) -> _Plan:
     elif fd.encoding == "raw":
         unit, vkind = _U_BYTES, _V_RAW
     elif fd.encoding == "hex":
-        unit, vkind = _U_HEX, _V_ASCII
+        # Two ASCII characters a byte; pyiso8583 (dialect._pyiso_field) counts a variable
+        # one's length prefix in characters, so the scanner does too.
+        unit, vkind = _U_BYTES, _V_ASCII
     elif fd.encoding == "ebcdic":
         unit, vkind = _U_BYTES, _V_EBCDIC
     else:
         unit, vkind = _U_BYTES, _V_ASCII
+    length = fd.length * 2 if fd.encoding == "hex" else fd.length
     fixed = 0
     if fd.prefix == 0:
-        fixed = _byte_len(fd.length, unit)
-    return _Plan(fd.number, pkind, width, fixed, unit, vkind, fd.length, fd.length, fd.bcd_pad)
+        fixed = _byte_len(length, unit)
+    return _Plan(fd.number, pkind, width, fixed, unit, vkind, length, length, fd.bcd_pad)
 
 
 def _byte_len(units: int, unit: int) -> int:
     if unit == _U_NIBBLES:
         return (units + 1) >> 1
-    if unit == _U_HEX:
-        return units * 2
     return units
 
 
@@ -103,16 +114,23 @@ class Scanner:
         # ASCII length prefix or none (then an all-ASCII message is walked as a str, below).
         self._steps: dict[tuple[int, bool], tuple[tuple[tuple[int, int, bool], ...], bool]] = {}
         self._text: list[bool] = [False] * 129
+        # Per field: what a full scan checks in a value it does not read (_SKIP when nothing).
+        self._check: list[int] = [_SKIP] * 129
         for num, fd in dialect.fields.items():
             plan = self._plans[num] = _compile(fd)
             self._fixed[num] = plan.fixed_bytes if plan.prefix_kind == _P_NONE else _VARIABLE
             self._ascii[num] = plan.value_kind == _V_ASCII
             self._text[num] = (plan.value_kind == _V_ASCII and plan.unit == _U_BYTES
                                and plan.prefix_kind in (_P_NONE, _P_ASCII))
+            if plan.value_kind == _V_ASCII:
+                self._check[num] = _CHECK_TEXT
+            elif plan.value_kind == _V_BCD and (plan.prefix_kind != _P_NONE or plan.length & 1):
+                self._check[num] = _CHECK_PAD
         self._mti_kind = dialect.mti_encoding
         self._mti_len = 2 if dialect.mti_encoding == "bcd" else 4
         self._bitmap_hex = dialect.bitmap_encoding == "hex"
         self._bitmap_len = 16 if self._bitmap_hex else 8
+        self._bitmaps: dict[bytes, int] = {}  # a bitmap's wire bytes -> its value, for those seen already
 
     # ------------------------------------------------------------------ scan
 
@@ -120,8 +138,11 @@ class Scanner:
         """Read the MTI and the wanted fields.
 
         With ``full`` the walk goes through every field and checks that the
-        message ends exactly where the last field does, which proves the
-        framing of every field (not the type of every value). With ``found``,
+        message ends exactly where the last field does, and that every value is
+        what ``message.decode`` would take (text bytes in a text field, the
+        dialect's pad nibble in an odd BCD value): a full scan refuses exactly
+        what a decode refuses (not the ISO type of each value, which the rules
+        check). With ``found``,
         the wanted values read before a DecodeError are left in that dict, so a
         caller can still echo the STAN and terminal of a broken request.
         """
@@ -136,13 +157,24 @@ class Scanner:
                 mti = raw[:4].decode("cp500" if self._mti_kind == "ebcdic" else "ascii")
             except UnicodeDecodeError:
                 raise DecodeError("MTI is not text", "t", 0) from None
-        if not mti.isdigit():
-            raise DecodeError("MTI is not numeric", "t", 0)
+        if mti not in VALID_MTIS:
+            raise DecodeError("not a valid MTI", "t", 0)
+        # A bitmap seen before is one dict lookup (real traffic has a few dozen); a new one is
+        # checked (_read_bitmap) and remembered.
         pos = mti_len
-        bitmap, pos = self._read_bitmap(raw, pos, "p")
+        bitmaps = self._bitmaps
+        end = pos + self._bitmap_len
+        bitmap = bitmaps.get(raw[pos:end]) if type(raw) is bytes else None
+        if bitmap is None:
+            bitmap = self._read_bitmap(raw, pos, "p")
+        pos = end
         bitmap <<= 64
         if bitmap >> 127 & 1:
-            secondary, pos = self._read_bitmap(raw, pos, "1")
+            end = pos + self._bitmap_len
+            secondary = bitmaps.get(raw[pos:end]) if type(raw) is bytes else None
+            if secondary is None:
+                secondary = self._read_bitmap(raw, pos, "1")
+            pos = end
             bitmap |= secondary
         start = pos
         values: dict[int, str] = {} if found is None else found
@@ -171,17 +203,27 @@ class Scanner:
                 size = _byte_len(units, plan.unit)  # type: ignore[union-attr]
             end = pos + size
             if want and end <= n:
-                if ascii_[num]:
-                    try:
-                        values[num] = raw[pos:end].decode("ascii")
-                    except UnicodeDecodeError:
-                        raise DecodeError("field is not text", str(num), pos) from None
+                if want == 1:  # _READ (a literal: this is the hot loop)
+                    if ascii_[num]:
+                        try:
+                            values[num] = raw[pos:end].decode("ascii")
+                        except UnicodeDecodeError:
+                            raise DecodeError("field is not text", str(num), pos) from None
+                    else:
+                        plan = self._plans[num]
+                        units = plan.length if plan.prefix_kind == _P_NONE else self._read_prefix(  # type: ignore[union-attr]
+                            raw, pos - plan.prefix_width, plan)  # type: ignore[union-attr,arg-type]
+                        values[num] = self._value(raw, pos, end, units, plan)  # type: ignore[arg-type]
+                    spans[num] = (pos, end)
+                elif want == _CHECK_TEXT:
+                    if not raw[pos:end].isascii():
+                        raise DecodeError("field is not text", str(num), pos)
                 else:
                     plan = self._plans[num]
                     units = plan.length if plan.prefix_kind == _P_NONE else self._read_prefix(  # type: ignore[union-attr]
                         raw, pos - plan.prefix_width, plan)  # type: ignore[union-attr,arg-type]
-                    values[num] = self._value(raw, pos, end, units, plan)  # type: ignore[arg-type]
-                spans[num] = (pos, end)
+                    if units & 1:
+                        self._check_pad(raw, pos, end, plan)  # type: ignore[arg-type]
             pos = end
         if pos > n:
             self._raise_truncated(raw, steps, start)
@@ -207,7 +249,7 @@ class Scanner:
                     return -1
                 pos += width
             end = pos + size
-            if want:
+            if want == 1:  # _READ; the checks a full scan makes hold already: the message is all ASCII
                 values[num] = text[pos:end]
                 spans[num] = (pos, end)
             pos = end
@@ -219,12 +261,14 @@ class Scanner:
         last = 128 if full else self._last_wanted
         steps = []
         rest = bitmap & ~(1 << 127)  # field 1 is the secondary bitmap, read already
+        check = self._check
         while rest:
             num = 129 - rest.bit_length()
             if num > last:
                 break
             rest ^= 1 << (128 - num)
-            steps.append((num, self._fixed[num], num in self.wanted))
+            want = _READ if num in self.wanted else (check[num] if full else _SKIP)
+            steps.append((num, self._fixed[num], want))
         if len(self._steps) >= 4096:  # real traffic has a few dozen bitmaps; garbage must not grow this
             self._steps.clear()
         text = self._text
@@ -245,16 +289,21 @@ class Scanner:
             pos += size
         raise DecodeError("message ends inside a field", None, pos)
 
-    def _read_bitmap(self, raw: bytes | bytearray, pos: int, field: str) -> tuple[int, int]:
+    def _read_bitmap(self, raw: bytes | bytearray, pos: int, field: str) -> int:
         end = pos + self._bitmap_len
         if end > len(raw):
             raise DecodeError("message ends inside the bitmap", field, pos)
+        chunk = bytes(raw[pos:end])
         if self._bitmap_hex:
-            try:
-                return int(raw[pos:end], 16), end
-            except ValueError:
-                raise DecodeError("bitmap is not hexadecimal", field, pos) from None
-        return int.from_bytes(raw[pos:end], "big"), end
+            if chunk.translate(None, _HEX_DIGITS):  # anything left is not a hex digit
+                raise DecodeError("bitmap is not hexadecimal", field, pos)
+            value = int(chunk, 16)
+        else:
+            value = int.from_bytes(chunk, "big")
+        if len(self._bitmaps) >= 4096:  # garbage must not grow this
+            self._bitmaps.clear()
+        self._bitmaps[chunk] = value
+        return value
 
     @staticmethod
     def _read_prefix(raw: bytes | bytearray, pos: int, plan: _Plan) -> int:
@@ -294,10 +343,29 @@ class Scanner:
                 return bytes(chunk).decode("cp500")
             text = chunk.hex().upper()
             if kind == _V_BCD and units & 1:
-                text = text[1:] if plan.bcd_pad == "left" else text[:-1]
+                pad = plan.bcd_pad  # the pad nibble must be the dialect's, as in _check_pad
+                if pad == "left":
+                    if text[0] != "0":
+                        raise DecodeError("pad nibble of an odd-length BCD value is wrong", str(plan.number), start)
+                    return text[1:]
+                if text[-1] != ("F" if pad == "right_f" else "0"):
+                    raise DecodeError("pad nibble of an odd-length BCD value is wrong", str(plan.number), start)
+                return text[:-1]
             return text
         except UnicodeDecodeError:
             raise DecodeError("field is not text", str(plan.number), start) from None
+
+    @staticmethod
+    def _check_pad(raw: bytes | bytearray, start: int, end: int, plan: _Plan) -> None:
+        """An odd BCD value's pad nibble must be the dialect's (0 on the left, 0 or F on the
+        right), as pyiso8583 requires: anything else is not a value of that many digits."""
+        pad = plan.bcd_pad
+        if pad == "left":
+            ok = raw[start] >> 4 == 0
+        else:
+            ok = raw[end - 1] & 0xF == (0xF if pad == "right_f" else 0)
+        if not ok:
+            raise DecodeError("pad nibble of an odd-length BCD value is wrong", str(plan.number), start)
 
     # ------------------------------------------------------------------ splice
 
@@ -306,7 +374,7 @@ class Scanner:
         plan = self._plans[field]
         if plan is None or plan.prefix_kind != _P_NONE:
             raise EncodeError("only a fixed-length field can be spliced", str(field))
-        if len(value) != plan.length * (2 if plan.unit == _U_HEX else 1):
+        if len(value) != plan.length:
             raise EncodeError(f"value must be {plan.length} long", str(field))
         kind = plan.value_kind
         if kind == _V_ASCII:

@@ -70,7 +70,7 @@ def _type_breakers(capture: dict, msg: dict[str, str]) -> set[str]:
 def test_every_shipped_dialect_loads_and_is_named_after_its_file(name):
     dialect = get_dialect(name)
     assert dialect.name == name
-    assert set(dialect.fields) == set(range(2, 129))
+    assert set(dialect.fields) == set(range(2, 129)) - {65}  # bit 65 marks a tertiary bitmap: never a field
     assert set(dialect.echo) <= set(dialect.fields)
 
 
@@ -127,6 +127,8 @@ def test_each_field_is_written_as_the_jpos_packager_writes_it(name):
     dialect = get_dialect(name)
     wrong = []
     for key, (cls, length, *pad) in packager.items():
+        if key == "65":
+            continue  # jPOS packs a field 65; to pyiso8583 bit 65 is a tertiary bitmap, so no dialect defines it
         fd = dialect.fields[int(key)]
         encoding, prefix, prefix_encoding = _JPOS_CLASSES[cls]
         want_length = 1 + length // 2 if cls == "IFB_AMOUNT" else length  # sign byte + BCD bytes
@@ -407,3 +409,9 @@ def test_an_unknown_dialect_name_lists_the_known_ones():
         get_dialect("iso87nonesuch")
     for name in SHIPPED:
         assert name in err.value.reason
+
+
+def test_a_dialect_that_defines_field_65_is_refused_with_the_reason():
+    text = dialect_paths()["iso87ascii"].read_text().replace("[fields]\n", '[fields]\n65 = { type = "b", len = 1, name = "Bitmap, extended" }\n', 1)
+    with pytest.raises(ConfigError, match="tertiary bitmap"):
+        parse_dialect(text, "custom.toml")

@@ -109,3 +109,13 @@ def test_scrub_leaves_a_labelled_rrn_and_grouped_saf_ids_readable_but_still_mask
     from iso_gateway.reversals import saf_label
     label = saf_label(1882994020673651200)
     assert scrub(f"reversal {label} queued") == f"reversal {label} queued" and int(label) == 1882994020673651200
+
+
+def test_a_card_number_in_a_long_fixed_numeric_field_is_masked_like_free_text():
+    from iso_gateway.dialect import get_dialect
+    from iso_gateway.masking import mask_message
+    for name in ("iso87ascii", "iso87binary"):
+        d = get_dialect(name)
+        shown = mask_message(d, {"t": "0100", "4": "000000012345", "89": "4761739001010119", "88": "0000000000000001"})
+        assert shown["89"] == "476173******0119" and shown["4"] == "000000012345"
+        assert shown["88"] == "0000000000000001"  # fails Luhn: an amount, shown
