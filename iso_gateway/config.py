@@ -109,7 +109,7 @@ class UpstreamConfig(WireConfig):
     name: str = Field(description="label used in routes, logs and metrics")
     hosts: list[str] = Field(min_length=1, description='"host:port" entries in failover order')
     connections: int = Field(1, ge=1, le=64, description="connections kept open to the active host")
-    connect_timeout: float = Field(5.0, gt=0, description="seconds for TCP connect (domain ref. 3.6: about 5 s)")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds for TCP connect (docs/domain.md §3.6: about 5 s)")
     reconnect_initial: float = Field(0.5, gt=0, description="first reconnect delay, seconds; doubles each failure")
     reconnect_max: float = Field(30.0, gt=0, description="longest reconnect delay, seconds (jitter: up to +25%)")
     sign_on: bool = Field(False, description="send 0800 sign-on and carry traffic only after 0810 with 00")
@@ -170,7 +170,7 @@ class RouteConfig(_Model):
     currencies: list[str] = Field(default_factory=list, description="DE 49 values; empty: any")
     terminals: list[str] = Field(default_factory=list, description="DE 41 values; empty: any")
     merchants: list[str] = Field(default_factory=list, description="DE 42 values; empty: any")
-    timeout: float = Field(30.0, gt=0, le=600, description="seconds to wait for the switch (domain ref. 3.6)")
+    timeout: float = Field(30.0, gt=0, le=600, description="seconds to wait for the switch (docs/domain.md §3.6)")
 
 
 class RoutingConfig(_Model):

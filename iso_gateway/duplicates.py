@@ -3,7 +3,7 @@
 A request is a duplicate of an earlier one when the same listener gets the same
 terminal (41), merchant (42), STAN (11) and transmission time (7) within
 ``window`` seconds (the STAN is unique only for a day, so the time is part of
-the key; domain ref. 2.2-2.3), with the same amount (4) and RRN (37): a true
+the key; docs/domain.md §2.1, §2.3), with the same amount (4) and RRN (37): a true
 retransmission repeats those too, while two different payments that happen to
 share a terminal, STAN and second are both forwarded. An entry is in flight (the first request is
 still waiting for the switch: duplicates wait with it) or done (its response

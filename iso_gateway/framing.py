@@ -3,7 +3,7 @@
 Each framing style is one small class that reads and writes one kind of length
 header (``FRAMINGS`` names them); ``FrameDecoder`` takes bytes in and gives
 ``Frame`` values out, h11 style; ``Framer`` bundles a style with its options
-for the daemon and also encodes. See ``reference/iso8583-domain.md`` section 7.
+for the daemon and also encodes. See ``docs/domain.md`` §6.
 
 It must never touch a socket or import trio, and never put message bytes into
 an error: a frame can carry a PAN, and errors end up in logs.

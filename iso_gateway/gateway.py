@@ -638,7 +638,7 @@ class Gateway:
         return True, ""
 
     def _restore_stans(self) -> None:
-        """Resume each link's STAN counter past what it used before a restart (domain ref. 2.2)."""
+        """Resume each link's STAN counter past what it used before a restart (docs/domain.md §2.1)."""
         store = self.journal.store
         for up in self.upstreams.values():
             for conn in up.connections:

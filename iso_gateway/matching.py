@@ -33,7 +33,7 @@ class StanAllocator:
     """STANs 000001..999999, wrapping, never 000000, skipping values still in flight.
 
     ``start`` lets the shell resume after the last value it persisted, so a
-    restart does not reuse STANs the switch saw recently (domain ref. 2.2).
+    restart does not reuse STANs the switch saw recently (docs/domain.md §2.1).
     """
 
     def __init__(self, start: int = 1) -> None:

@@ -29,7 +29,7 @@ from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from . import __version__
 
 # 1 ms .. 60 s: a loopback round trip is ~1 ms, a switch's own timeout is 15-30 s
-# and the gateway's is at most 60 s (domain ref. 3.6).
+# and the gateway's is at most 60 s (docs/domain.md §3.6).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 ECHO_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

@@ -4,7 +4,7 @@ A timed-out authorization becomes a reversal advice (0420 by default, 0400 if
 the switch wants it) built from the original's fields: the amount and the
 identities the switch needs, field 90 pointing at the original as the switch saw
 it, never CVV2, track data or a PIN block. The first attempt goes out as 0420;
-every repeat as 0421 with the same STAN and field 90 (domain ref. 1.2). Each item
+every repeat as 0421 with the same STAN and field 90 (docs/domain.md §1.1). Each item
 keeps its own retry state, so one the switch keeps refusing never blocks the
 others; after ``budget`` attempts it is parked for an operator (counted, never
 dropped).
@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from .message import OriginalData, repeat_mti
 
 # PayEx repeats a reversal advice with exponential back-off and asks for manual
-# action after 6 failed attempts; one switch operator uses a budget of 5 (domain ref. 3.4).
+# action after 6 failed attempts; one switch operator uses a budget of 5 (docs/domain.md §3.4).
 DEFAULT_BUDGET = 6
 
 
@@ -67,7 +67,7 @@ def build_reversal(original: dict[str, str], *, original_mti: str, upstream_stan
     if auth_code:
         msg["38"] = auth_code
     if reason_code:
-        msg["39"] = reason_code  # v87 links often carry the reversal reason here (domain ref. 3.1)
+        msg["39"] = reason_code  # v87 links often carry the reversal reason here (docs/domain.md §3.1)
     msg["90"] = OriginalData(
         mti=original_mti, stan=upstream_stan, transmission=original.get("7", "0"),
         acquirer=original.get("32", ""), forwarder=original.get("33", ""),

@@ -50,7 +50,7 @@ CHECKPOINT_EVERY = 1.0
 # writer's time, so a purge of a large backlog never holds the requests' commits back for long.
 PURGE_BATCH = 1000
 
-# Fields a reversal is built from (domain ref. 1.4): never 14, 35, 36, 45, 48, 52, 55.
+# Fields a reversal is built from (docs/domain.md §1.2): never 14, 35, 36, 45, 48, 52, 55.
 REVERSAL_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "33", "37", "41", "42", "49")
 
 SCHEMA = """
@@ -110,7 +110,7 @@ _id_base = int(time.time() * 1000) << 20
 _worker_bits = 0  # this process's worker number, in the low 6 bits of every id (set by Journal)
 MAX_WORKERS = 64
 # How far back recovery looks for in-doubt transactions: a reversal must reach the
-# switch within 24 h (Mastercard rules, domain ref. 3.3), so two days is ample.
+# switch within 24 h (scheme rules, docs/domain.md §3.3), so two days is ample.
 RECOVERY_WINDOW = 2 * 86400.0
 
 

@@ -61,7 +61,7 @@ __all__ = [
 CHECK_KINDS = ("stan", "transmission_time", "processing_code", "pan", "expiry", "amount", "currency")
 
 # Every reason label a Rejection can carry (bounded: safe as a metric label).
-# The defaults are the ISO 8583:1987 meanings (domain reference section 4).
+# The defaults are the ISO 8583:1987 meanings (docs/domain.md §4).
 DEFAULT_CODES: dict[str, str] = {
     "unsupported_mti": "12",  # invalid transaction
     "missing_field": "30",  # format error
@@ -82,7 +82,7 @@ REASONS = tuple(DEFAULT_CODES)
 # DE 7 carries no year, so the year is the one that puts the time nearest to
 # `now`; that is only unambiguous while the allowed skew stays under half a year.
 MAX_CLOCK_SKEW = 180 * 86400
-# The domain reference (section 5) suggests a few minutes; front ends with drifting
+# docs/domain.md §5 suggests a few minutes; front ends with drifting
 # clocks are common and a wrong DE 7 harms no one downstream, so the default is
 # generous and a host that wants it tight says so in its rule file.
 DEFAULT_CLOCK_SKEW = 86400
