@@ -14,7 +14,7 @@ import random
 import timeit
 
 from iso_gateway.config import RouteConfig, RoutingConfig
-from iso_gateway.routing import RouteTable
+from iso_gateway.core.routing import RouteTable
 
 ENTRIES = 5_000
 ROUTES = 50

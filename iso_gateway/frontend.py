@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from .config import ListenerConfig
-from .dialect import Dialect, get_dialect
-from .errors import FrameError, FrameTooLarge
-from .framing import Framer, framer_from_config
+from .core.dialect import Dialect, get_dialect
+from .core.errors import FrameError, FrameTooLarge
+from .core.framing import Framer, framer_from_config
 from .poller import Poller
-from .scanner import Scanner
-from .validation import RuleSet, load_rules
+from .core.scanner import Scanner
+from .core.validation import RuleSet, load_rules
 from .sockio import SocketIO
 from .writer import FrameWriter
 

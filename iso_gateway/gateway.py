@@ -30,25 +30,25 @@ from typing import Callable, Protocol, Sequence
 import trio
 
 from .config import Config
-from .duplicates import DuplicateEntry, DuplicateTable
-from .duplicates import Key as DupKey
+from .core.duplicates import DuplicateEntry, DuplicateTable
+from .core.duplicates import Key as DupKey
 from .journal import ANSWERED, NOT_SENT, REVERSAL_FIELDS, REVERSED, Journal, failure_reason, new_id
-from .matching import StanAllocator
-from .message import OriginalData, original_mti
+from .core.matching import StanAllocator
+from .core.message import OriginalData, original_mti
 from .reversals import DurableReversals, SafWorker
 from .security.pan import PanVault, load_master_key
-from .dialect import Dialect, check_field_type
-from .errors import ConfigError, DecodeError, IsoGatewayError, MessageError
+from .core.dialect import Dialect, check_field_type
+from .core.errors import ConfigError, DecodeError, IsoGatewayError, MessageError
 from .frontend import FrontConnection, Listener
 from .poller import Poller
-from .framing import Frame
+from .core.framing import Frame
 from .links import STAN_BLOCK, Upstream, UpstreamConnection
-from .masking import mask_pan, masked_exception
-from .matching import match_key
-from .message import build_response, decode, encode, is_request, is_valid_mti, response_mti
+from .core.masking import mask_pan, masked_exception
+from .core.matching import match_key
+from .core.message import build_response, decode, encode, is_request, is_valid_mti, response_mti
 from .metrics import Metrics
-from .routing import NoRoute, RouteTable
-from .scanner import Scan, Scanner
+from .core.routing import NoRoute, RouteTable
+from .core.scanner import Scan, Scanner
 from .writer import FrameWriter
 
 log = logging.getLogger("iso_gateway.gateway")

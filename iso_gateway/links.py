@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import trio
 
 from .config import UpstreamConfig
-from .dialect import Dialect, get_dialect
-from .errors import FrameError, IsoGatewayError, MessageError
-from .framing import FrameDecoder, Framer, framer_from_config
-from .matching import Key, PendingTable, StanAllocator, match_key
+from .core.dialect import Dialect, get_dialect
+from .core.errors import FrameError, IsoGatewayError, MessageError
+from .core.framing import FrameDecoder, Framer, framer_from_config
+from .core.matching import Key, PendingTable, StanAllocator, match_key
 from .poller import Poller
-from .message import build_response, decode, encode, is_request
-from .scanner import Scan, Scanner
+from .core.message import build_response, decode, encode, is_request
+from .core.scanner import Scan, Scanner
 from .sockio import SocketIO
 from .writer import FrameWriter
 

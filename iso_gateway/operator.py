@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import txlog
 from .config import load_config
-from .errors import IsoGatewayError
+from .core.errors import IsoGatewayError
 from .journal import SAF_PARKED, SAF_PENDING, SAF_SENT, SQLiteStore
 from .reversals import saf_label
 

@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING, Callable
 
 import trio
 
-from .errors import IsoGatewayError
+from .core.errors import IsoGatewayError
 from .links import SoloConnection
 from .journal import (
     ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, STORE_RETRY_INITIAL, STORE_RETRY_MAX,
     TIMED_OUT, Backoff, Journal, SafItem, TxnRow, failure_reason, new_id,
 )
-from .matching import match_key
-from .message import encode
-from .saf import RetryPolicy, attempt_mti, build_reversal
-from .scanner import Scan
+from .core.matching import match_key
+from .core.message import encode
+from .core.saf import RetryPolicy, attempt_mti, build_reversal
+from .core.scanner import Scan
 
 if TYPE_CHECKING:
     from .gateway import FrontRequest, Gateway

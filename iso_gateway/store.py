@@ -24,7 +24,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any, Sequence
 
-from .masking import mask_pan
+from .core.masking import mask_pan
 from .security.pan import PanVault
 
 log = logging.getLogger("iso_gateway.journal")

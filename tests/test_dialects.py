@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from iso_gateway.dialect import (
+from iso_gateway.core.dialect import (
     FieldDef,
     check_field_type,
     dialect_paths,
@@ -21,8 +21,8 @@ from iso_gateway.dialect import (
     parse_dialect,
     prefix_width,
 )
-from iso_gateway.errors import ConfigError, FieldTypeError
-from iso_gateway.message import build_response, decode, encode
+from iso_gateway.core.errors import ConfigError, FieldTypeError
+from iso_gateway.core.message import build_response, decode, encode
 
 CAPTURES = Path(__file__).parent / "captures"
 SHIPPED = ("iso87ascii", "iso87binary", "iso93ascii")

@@ -321,7 +321,7 @@ async def test_garbage_is_answered_or_counted_and_lost_framing_closes_cleanly(ha
     client = await harness.client()
     await client.send_raw(client.framer.encode(b"0100" + b"ZZZZ"))  # readable MTI, broken bitmap
     frame = await client.receive_frame(2)
-    from iso_gateway.message import decode
+    from iso_gateway.core.message import decode
     resp = decode(client.dialect, frame.message, check_types=False)
     assert (resp["t"], resp["39"]) == ("0110", "30")
     await client.send_raw(client.framer.encode(b"\xff\xfe garbage"))  # unreadable: counted and dropped

@@ -12,7 +12,7 @@ from conftest import TEST_PAN, wait_for
 from iso_gateway import txlog
 from iso_gateway.journal import SQLiteStore
 from iso_gateway.security.pan import PanVault, load_master_key
-from iso_gateway.message import OriginalData
+from iso_gateway.core.message import OriginalData
 from iso_gateway.sim.client import FrontEndClient, sample_auth
 from iso_gateway.sim.integrity import GatewayProcess, _config, free_port, run_check
 from iso_gateway.sim.switch import SwitchSimulator

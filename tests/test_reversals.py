@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import TEST_PAN, wait_for
 from iso_gateway.cli import main
-from iso_gateway.message import OriginalData
+from iso_gateway.core.message import OriginalData
 from iso_gateway.security.pan import PanVault
 from iso_gateway.sim.client import FrontEndClient, sample_reversal
 from iso_gateway.store import SQLiteStore

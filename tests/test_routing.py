@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iso_gateway.config import RouteConfig, RoutingConfig
-from iso_gateway.errors import ConfigError
-from iso_gateway.routing import NoRoute, Route, RouteTable
+from iso_gateway.core.errors import ConfigError
+from iso_gateway.core.routing import NoRoute, Route, RouteTable
 
 VISA = "4761739001010119"
 MASTERCARD = "5413330089020011"

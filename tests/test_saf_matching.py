@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from iso_gateway.config import UpstreamConfig
 from iso_gateway.links import LinkState, Upstream
-from iso_gateway.message import encode
+from iso_gateway.core.message import encode
 from iso_gateway.metrics import Metrics
 from iso_gateway.reversals import SafWorker
-from iso_gateway.saf import build_reversal
+from iso_gateway.core.saf import build_reversal
 from iso_gateway.store import SAF_PENDING, SafItem
 
 BUDGET = 4

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from iso_gateway.dialect import get_dialect, parse_dialect
-from iso_gateway.errors import ConfigError
-from iso_gateway.message import encode
-from iso_gateway.scanner import Scanner
-from iso_gateway.validation import (
+from iso_gateway.core.dialect import get_dialect, parse_dialect
+from iso_gateway.core.errors import ConfigError
+from iso_gateway.core.message import encode
+from iso_gateway.core.scanner import Scanner
+from iso_gateway.core.validation import (
     REASONS,
     Rejection,
     RuleSet,

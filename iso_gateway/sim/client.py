@@ -26,11 +26,11 @@ from zoneinfo import ZoneInfo
 
 import trio
 
-from ..dialect import Dialect, get_dialect
-from ..errors import FrameError, MessageError
-from ..framing import TPDU_ID, Frame, Framer, framer_from_config
+from ..core.dialect import Dialect, get_dialect
+from ..core.errors import FrameError, MessageError
+from ..core.framing import TPDU_ID, Frame, Framer, framer_from_config
 from ..writer import FrameWriter
-from ..message import (
+from ..core.message import (
     Message,
     OriginalData,
     build_response,

@@ -44,7 +44,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import RouteConfig, RoutingConfig
+from ..config import RouteConfig, RoutingConfig
 from .errors import ConfigError
 
 __all__ = ["MAX_BIN_LENGTH", "NoRoute", "Route", "RouteTable", "parse_bin"]

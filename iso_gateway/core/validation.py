@@ -40,7 +40,7 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .datafiles import parse_toml, read_text, spec_files, validate
+from ..datafiles import parse_toml, read_text, spec_files, validate
 from .dialect import Dialect, check_field_type
 from .errors import ConfigError
 from .message import is_valid_mti

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .datafiles import parse_toml, read_text, spec_files, validate
+from ..datafiles import parse_toml, read_text, spec_files, validate
 from .errors import ConfigError
 
 # ISO 8583 data element types. pyiso8583 checks lengths and encodings but not
