@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import txlog
+from .journal import txlog
 from .config import load_config
 from .core.errors import IsoGatewayError
 from .journal import SAF_PARKED, SAF_PENDING, SAF_SENT, SQLiteStore

@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from conftest import TEST_PAN, wait_for
-from iso_gateway import txlog
+from iso_gateway.journal import txlog
 from iso_gateway.journal import SQLiteStore
 from iso_gateway.security.pan import PanVault, load_master_key
 from iso_gateway.core.message import OriginalData

@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from conftest import TEST_PAN, wait_for
-from iso_gateway import journal as journal_module
-from iso_gateway import txlog
+from iso_gateway.journal import commit as journal_module
+from iso_gateway.journal import txlog
 from iso_gateway.journal import ANSWERED, FORWARDED, REVERSED, Journal, new_id
 from iso_gateway.security.pan import PanVault
 

@@ -20,7 +20,7 @@ from iso_gateway.core.message import encode
 from iso_gateway.metrics import Metrics
 from iso_gateway.reversals import SafWorker
 from iso_gateway.core.saf import build_reversal
-from iso_gateway.store import SAF_PENDING, SafItem
+from iso_gateway.journal.store import SAF_PENDING, SafItem
 
 BUDGET = 4
 
