@@ -18,7 +18,7 @@ import trio
 from .config import Config, load_config
 from .core.errors import ConfigError
 from .gateway import Gateway
-from .http import Limits, ObservabilityServer, start_server
+from .net.http import Limits, ObservabilityServer, start_server
 from .metrics import Metrics
 
 log = logging.getLogger("iso_gateway.daemon")

@@ -39,17 +39,17 @@ from .reversals import DurableReversals, SafWorker
 from .security.pan import PanVault, load_master_key
 from .core.dialect import Dialect, check_field_type
 from .core.errors import ConfigError, DecodeError, IsoGatewayError, MessageError
-from .frontend import FrontConnection, Listener
-from .poller import Poller
+from .net.frontend import FrontConnection, Listener
+from .net.poller import Poller
 from .core.framing import Frame
-from .links import STAN_BLOCK, Upstream, UpstreamConnection
+from .net.links import STAN_BLOCK, Upstream, UpstreamConnection
 from .core.masking import mask_pan, masked_exception
 from .core.matching import match_key
 from .core.message import build_response, decode, encode, is_request, is_valid_mti, response_mti
 from .metrics import Metrics
 from .core.routing import NoRoute, RouteTable
 from .core.scanner import Scan, Scanner
-from .writer import FrameWriter
+from .net.writer import FrameWriter
 
 log = logging.getLogger("iso_gateway.gateway")
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from .core.errors import IsoGatewayError
-from .links import SoloConnection
+from .net.links import SoloConnection
 from .journal import (
     ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, STORE_RETRY_INITIAL, STORE_RETRY_MAX,
     TIMED_OUT, Backoff, Journal, SafItem, TxnRow, failure_reason, new_id,
@@ -44,8 +44,8 @@ from .core.scanner import Scan
 
 if TYPE_CHECKING:
     from .gateway import FrontRequest, Gateway
-    from .links import Upstream, UpstreamConnection
-    from .writer import FrameWriter
+    from .net.links import Upstream, UpstreamConnection
+    from .net.writer import FrameWriter
 
 log = logging.getLogger("iso_gateway.reversals")
 

@@ -65,7 +65,7 @@ async def _supervise(config_path: str, workers: int, mp_dir: str) -> int:
     from prometheus_client import CollectorRegistry, multiprocess
 
     from .config import load_config
-    from .http import Limits, start_server
+    from .net.http import Limits, start_server
 
     config = load_config(config_path)
     procs: dict[int, trio.Process] = {}

@@ -294,7 +294,7 @@ async def test_a_switch_that_loses_framing_is_counted_and_reconnected(harness):
 
 
 async def test_an_internal_error_reading_one_connection_closes_only_that_one(harness, monkeypatch):
-    from iso_gateway.frontend import FrontConnection
+    from iso_gateway.net.frontend import FrontConnection
     await harness.start_switch()
     gw = await harness.start_gateway()
     good = await harness.client()

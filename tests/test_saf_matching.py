@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iso_gateway.config import UpstreamConfig
-from iso_gateway.links import LinkState, Upstream
+from iso_gateway.net.links import LinkState, Upstream
 from iso_gateway.core.message import encode
 from iso_gateway.metrics import Metrics
 from iso_gateway.reversals import SafWorker

@@ -33,7 +33,7 @@ from ..core.framing import FrameDecoder, framer_from_config
 from ..core.message import build_response, decode, encode, match_class
 from ..core.scanner import Scanner
 from ..sim.client import DEFAULT_TPDU
-from ..writer import FrameWriter
+from ..net.writer import FrameWriter
 from .mix import RequestFactory, load_mix
 from .options import LoadOptions
 from .report import LATENCY_MAX_US, LoadResult, Tally, new_histogram

@@ -24,7 +24,7 @@ from ..core.errors import FrameError, MessageError
 from ..core.framing import framer_from_config
 from ..core.message import encode, response_mti
 from ..core.scanner import Scanner
-from ..writer import FrameWriter
+from ..net.writer import FrameWriter
 
 __all__ = ["InstantResponder", "main"]
 

@@ -29,7 +29,7 @@ import trio
 from ..core.dialect import Dialect, get_dialect
 from ..core.errors import FrameError, MessageError
 from ..core.framing import TPDU_ID, Frame, Framer, framer_from_config
-from ..writer import FrameWriter
+from ..net.writer import FrameWriter
 from ..core.message import (
     Message,
     OriginalData,

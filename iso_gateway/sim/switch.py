@@ -90,7 +90,7 @@ from ..core.message import (
     is_response,
     original_mti,
 )
-from ..writer import FrameWriter
+from ..net.writer import FrameWriter
 
 __all__ = [
     "CLOSE_DIGITS",

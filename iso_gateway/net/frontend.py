@@ -30,18 +30,18 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .config import ListenerConfig
-from .core.dialect import Dialect, get_dialect
-from .core.errors import FrameError, FrameTooLarge
-from .core.framing import Framer, framer_from_config
+from ..config import ListenerConfig
+from ..core.dialect import Dialect, get_dialect
+from ..core.errors import FrameError, FrameTooLarge
+from ..core.framing import Framer, framer_from_config
 from .poller import Poller
-from .core.scanner import Scanner
-from .core.validation import RuleSet, load_rules
+from ..core.scanner import Scanner
+from ..core.validation import RuleSet, load_rules
 from .sockio import SocketIO
 from .writer import FrameWriter
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
+    from ..gateway import Gateway
 
 log = logging.getLogger("iso_gateway.frontend")
 

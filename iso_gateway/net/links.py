@@ -33,19 +33,19 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import trio
 
-from .config import UpstreamConfig
-from .core.dialect import Dialect, get_dialect
-from .core.errors import FrameError, IsoGatewayError, MessageError
-from .core.framing import FrameDecoder, Framer, framer_from_config
-from .core.matching import Key, PendingTable, StanAllocator, match_key
+from ..config import UpstreamConfig
+from ..core.dialect import Dialect, get_dialect
+from ..core.errors import FrameError, IsoGatewayError, MessageError
+from ..core.framing import FrameDecoder, Framer, framer_from_config
+from ..core.matching import Key, PendingTable, StanAllocator, match_key
 from .poller import Poller
-from .core.message import build_response, decode, encode, is_request
-from .core.scanner import Scan, Scanner
+from ..core.message import build_response, decode, encode, is_request
+from ..core.scanner import Scan, Scanner
 from .sockio import SocketIO
 from .writer import FrameWriter
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from ..metrics import Metrics
 
 log = logging.getLogger("iso_gateway.links")
 

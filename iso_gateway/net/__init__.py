@@ -1,0 +1,4 @@
+"""The network shell: the poller, front-end connections, upstream links, frame writers and the
+HTTP endpoint. It moves bytes and waits; what a message means is decided by the core and the
+application above it.
+"""
