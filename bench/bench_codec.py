@@ -11,7 +11,7 @@ import argparse
 import platform
 import timeit
 
-from iso_gateway.core.dialect import dialect_paths, get_dialect
+from iso_gateway.specfiles import dialect_paths, get_dialect
 from iso_gateway.core.message import decode, encode
 from iso_gateway.core.scanner import Scanner
 

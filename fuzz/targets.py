@@ -25,13 +25,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from iso_gateway.core.dialect import Dialect, get_dialect
+from iso_gateway.core.dialect import Dialect
+from iso_gateway.specfiles import get_dialect
 from iso_gateway.core.errors import DecodeError, EncodeError, FrameError
 from iso_gateway.core.framing import FRAMINGS, FrameDecoder, Framer, FramingOptions
 from iso_gateway.core.masking import luhn_ok, mask_message, mask_pan, scrub
 from iso_gateway.core.message import decode, encode
 from iso_gateway.core.scanner import Scanner
-from iso_gateway.core.validation import load_rules
+from iso_gateway.specfiles import load_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTURES = ROOT / "tests" / "captures"

@@ -86,7 +86,7 @@ def _describe(dialect, msg: dict[str, str], unmasked: bool) -> list[dict[str, st
 
 @command("decode")
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .core.dialect import get_dialect
+    from .specfiles import get_dialect
     from .core.message import decode
 
     dialect = get_dialect(args.dialect)
@@ -132,7 +132,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 @command("encode")
 def cmd_encode(args: argparse.Namespace) -> int:
-    from .core.dialect import get_dialect
+    from .specfiles import get_dialect
     from .core.message import encode
 
     dialect = get_dialect(args.dialect)
@@ -156,7 +156,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 @command("dialects")
 def cmd_dialects(args: argparse.Namespace) -> int:
-    from .core.dialect import dialect_paths, get_dialect
+    from .specfiles import dialect_paths, get_dialect
 
     for name, path in dialect_paths().items():
         try:
@@ -185,11 +185,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 @command("check-config")
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Load the configuration and everything it names (dialects, rules, routes), start nothing."""
-    from .config import load_config
-    from .core.dialect import get_dialect
+    from .config import load_config, route_table
     from .core.framing import framer_from_config
-    from .core.routing import RouteTable
-    from .core.validation import load_rules
+    from .specfiles import get_dialect, load_rules
 
     cfg = load_config(args.config)
     dd, rd = tuple(cfg.dialect_dirs), tuple(cfg.rule_dirs)
@@ -200,7 +198,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for i, uc in enumerate(cfg.upstreams):
         get_dialect(uc.dialect, dd)
         framer_from_config(uc.framing, source=args.config, where=f"upstreams[{i}].framing")
-    RouteTable(cfg.routes, cfg.routing, source=args.config)
+    route_table(cfg.routes, cfg.routing, source=args.config)
     print(f"{args.config}: OK ({len(cfg.listeners)} listeners, {len(cfg.upstreams)} upstreams, {len(cfg.routes)} routes)")
     return EXIT_OK
 

@@ -27,6 +27,7 @@ import logging
 import random
 import sqlite3
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
 import trio
@@ -182,7 +183,8 @@ class DurableReversals:
         stan = upstream_stan if cfg.reversal_stan == "original" else ""
         message = build_reversal(original, original_mti=original_mti, upstream_stan=upstream_stan,
                                  reversal_mti=cfg.reversal_mti, stan=stan or "000000",
-                                 reason_code=cfg.reversal_codes.get(reason), auth_code=auth_code)
+                                 reason_code=cfg.reversal_codes.get(reason), auth_code=auth_code,
+                                 now=datetime.fromtimestamp(now, timezone.utc))
         return SafItem(id=new_id(), txn_id=txn_id, upstream=cfg.name, state=SAF_PENDING, reason=reason,
                        mti=cfg.reversal_mti, stan=stan, f90=message["90"], attempts=0,
                        next_attempt=now + policy_of(upstream).first_delay, created=now, message=message)

@@ -12,7 +12,7 @@ import pytest
 
 from iso_gateway.cli import main
 from iso_gateway.config import reference_markdown
-from iso_gateway.core.dialect import get_dialect
+from iso_gateway.specfiles import get_dialect
 from iso_gateway.core.framing import framer_from_config
 from iso_gateway.core.message import encode
 

@@ -12,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from iso_gateway.core.dialect import (
-    FieldDef,
-    check_field_type,
-    dialect_paths,
-    get_dialect,
-    load_dialect_file,
-    parse_dialect,
-    prefix_width,
-)
+from iso_gateway.core.dialect import FieldDef, check_field_type, prefix_width
+from iso_gateway.specfiles import dialect_paths, get_dialect, load_dialect_file, parse_dialect
 from iso_gateway.core.errors import ConfigError, FieldTypeError
 from iso_gateway.core.message import build_response, decode, encode
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import wait_for
 from iso_gateway.config import ListenerConfig
-from iso_gateway.core.dialect import get_dialect
+from iso_gateway.specfiles import get_dialect
 from iso_gateway.core.framing import framer_from_config
 from iso_gateway.net.frontend import FrontConnection
 from iso_gateway.metrics import NullMetrics

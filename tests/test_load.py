@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from iso_gateway import cli
-from iso_gateway.core.dialect import get_dialect
+from iso_gateway.specfiles import get_dialect
 from iso_gateway.core.errors import ConfigError
 from iso_gateway.core.framing import framer_from_config
 from iso_gateway.load import JSON_SCHEMA, LoadError, LoadOptions, LoadResult, Progress, RequestFactory, load_mix, luhn_check_digit, run_load

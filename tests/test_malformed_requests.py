@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from conftest import TEST_PAN, wait_for
-from iso_gateway.core.dialect import get_dialect
+from iso_gateway.specfiles import get_dialect
 from iso_gateway.gateway import Gateway
 from iso_gateway.core.message import decode, encode
 from iso_gateway.sim.client import sample_reversal

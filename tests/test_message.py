@@ -2,7 +2,7 @@
 
 import pytest
 
-from iso_gateway.core.dialect import get_dialect
+from iso_gateway.specfiles import get_dialect
 from iso_gateway.core.errors import DecodeError, EncodeError, FieldTypeError, MessageError
 from iso_gateway.core.masking import mask_message, mask_pan, scrub
 from iso_gateway.core.message import (
@@ -112,7 +112,7 @@ def test_scrub_leaves_a_labelled_rrn_and_grouped_saf_ids_readable_but_still_mask
 
 
 def test_a_card_number_in_a_long_fixed_numeric_field_is_masked_like_free_text():
-    from iso_gateway.core.dialect import get_dialect
+    from iso_gateway.specfiles import get_dialect
     from iso_gateway.core.masking import mask_message
     for name in ("iso87ascii", "iso87binary"):
         d = get_dialect(name)

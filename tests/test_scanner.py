@@ -6,7 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iso_gateway.core.dialect import FieldDef, dialect_paths, get_dialect
+from iso_gateway.core.dialect import FieldDef
+from iso_gateway.specfiles import dialect_paths, get_dialect
 from iso_gateway.core.errors import DecodeError
 from iso_gateway.core.message import decode, encode
 from iso_gateway.core.scanner import Scanner

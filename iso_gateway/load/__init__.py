@@ -50,7 +50,7 @@ __all__ = [
 
 def _check(options: LoadOptions) -> None:
     """Refuse a bad dialect, framing or mix before any process starts (ConfigError)."""
-    from ..core.dialect import get_dialect
+    from ..specfiles import get_dialect
     from ..core.framing import framer_from_config
 
     get_dialect(options.dialect)

@@ -27,7 +27,7 @@ from typing import Callable
 
 import trio
 
-from ..core.dialect import get_dialect
+from ..specfiles import get_dialect
 from ..core.errors import FrameError, IsoGatewayError, MessageError
 from ..core.framing import FrameDecoder, framer_from_config
 from ..core.message import build_response, decode, encode, match_class

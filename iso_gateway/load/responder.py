@@ -19,7 +19,7 @@ from functools import partial
 
 import trio
 
-from ..core.dialect import get_dialect
+from ..specfiles import get_dialect
 from ..core.errors import FrameError, MessageError
 from ..core.framing import framer_from_config
 from ..core.message import encode, response_mti

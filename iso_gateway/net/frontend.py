@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..config import ListenerConfig
-from ..core.dialect import Dialect, get_dialect
+from ..core.dialect import Dialect
 from ..core.errors import FrameError, FrameTooLarge
 from ..core.framing import Framer, framer_from_config
 from .poller import Poller
 from ..core.scanner import Scanner
-from ..core.validation import RuleSet, load_rules
+from ..core.validation import RuleSet
 from .sockio import SocketIO
 from .writer import FrameWriter
 
@@ -58,8 +58,7 @@ EVICTION_BATCH = 64
 class Listener:
     """One configured front-end listener: codec, rules, limits and its connections."""
 
-    def __init__(self, cfg: ListenerConfig, gateway: "Gateway", dialect_dirs: tuple[str, ...] = (),
-                 rule_dirs: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: ListenerConfig, gateway: "Gateway", dialect: Dialect, rules: RuleSet) -> None:
         self.gateway = gateway
         self.connections: set[FrontConnection] = set()
         self.per_source: dict[str, int] = {}  # open connections by the peer's address
@@ -71,13 +70,12 @@ class Listener:
         self._refusal_logged = -math.inf
         self.port = cfg.port
         self._accept_scope: trio.CancelScope | None = None
-        self.apply(cfg, dialect_dirs, rule_dirs)
+        self.apply(cfg, dialect, rules)
 
-    def apply(self, cfg: ListenerConfig, dialect_dirs: tuple[str, ...] = (), rule_dirs: tuple[str, ...] = ()) -> None:
-        """Take (new) settings: codec, rules and limits. Address changes need a restart."""
+    def apply(self, cfg: ListenerConfig, dialect: Dialect, rules: RuleSet) -> None:
+        """Take (new) settings: codec, rules and limits. Address changes need a restart.
+        ``dialect`` and ``rules`` are ``cfg.dialect`` and ``cfg.rules``, loaded by the caller."""
         where = f"listeners.{cfg.name}"
-        dialect: Dialect = get_dialect(cfg.dialect, dialect_dirs)
-        rules: RuleSet = load_rules(cfg.rules, rule_dirs)
         framer: Framer = framer_from_config(
             cfg.framing, where=f"{where}.framing", max_frame=cfg.max_frame,
             length_includes_header=cfg.length_includes_header, tpdu=cfg.tpdu,

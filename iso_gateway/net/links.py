@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import trio
 
 from ..config import UpstreamConfig
-from ..core.dialect import Dialect, get_dialect
+from ..core.dialect import Dialect
 from ..core.errors import FrameError, IsoGatewayError, MessageError
 from ..core.framing import FrameDecoder, Framer, framer_from_config
 from ..core.matching import Key, PendingTable, StanAllocator, match_key
@@ -571,12 +571,13 @@ class SoloConnection(UpstreamConnection):
 class Upstream:
     """A switch: its configuration, codec and connections."""
 
-    def __init__(self, cfg: UpstreamConfig, listener: LinkListener, metrics: "Metrics | None" = None,
-                 dialect_dirs: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: UpstreamConfig, listener: LinkListener, metrics: "Metrics | None",
+                 dialect: Dialect) -> None:
+        """``dialect`` is ``cfg.dialect``, loaded by the caller."""
         self.cfg = cfg
         self.listener = listener
         self.metrics = metrics
-        self.dialect: Dialect = get_dialect(cfg.dialect, dialect_dirs)
+        self.dialect = dialect
         self.framer: Framer = framer_from_config(
             cfg.framing, where=f"upstreams.{cfg.name}.framing", max_frame=cfg.max_frame,
             length_includes_header=cfg.length_includes_header, tpdu=cfg.tpdu,

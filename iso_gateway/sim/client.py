@@ -26,7 +26,8 @@ from zoneinfo import ZoneInfo
 
 import trio
 
-from ..core.dialect import Dialect, get_dialect
+from ..core.dialect import Dialect
+from ..specfiles import get_dialect
 from ..core.errors import FrameError, MessageError
 from ..core.framing import TPDU_ID, Frame, Framer, framer_from_config
 from ..net.writer import FrameWriter

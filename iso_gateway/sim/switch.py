@@ -76,7 +76,8 @@ from typing import IO, Callable
 
 import trio
 
-from ..core.dialect import Dialect, get_dialect
+from ..core.dialect import Dialect
+from ..specfiles import get_dialect
 from ..core.errors import ConfigError, DecodeError, FrameError, MessageError
 from ..core.framing import TPDU_ID, FrameDecoder, Framer, framer_from_config
 from ..core.masking import mask_pan
