@@ -44,7 +44,8 @@ from .net.frontend import FrontConnection, Listener
 from .net.poller import Poller
 from .core.framing import Frame
 from .net.links import STAN_BLOCK, Upstream, UpstreamConnection
-from .core.masking import mask_pan, masked_exception
+from .core.masking import mask_pan
+from .logs import masked_exception
 from .core.matching import match_key
 from .core.message import build_response, decode, encode, is_request, is_valid_mti, response_mti
 from .metrics import Metrics
