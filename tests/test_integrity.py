@@ -53,7 +53,7 @@ async def test_a_transaction_in_flight_when_the_gateway_is_killed_is_reversed_af
             killed_pid = gateway.proc.pid
             gateway.proc.send_signal(signal.SIGKILL)
             await gateway.proc.wait()
-        # Journaled before it was sent: in SQLite already, or in the write-ahead log (txlog.py)
+        # Journaled before it was sent: in SQLite already, or in the write-ahead log (journal/txlog.py)
         # if the gateway died before its next bulk write.
         db_path = tmp_path / "journal.sqlite3"
         db = sqlite3.connect(db_path)

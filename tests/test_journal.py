@@ -1,4 +1,4 @@
-"""The journal's write-ahead log (txlog.py) and its indexer (indexer.py): durable before sending, in SQLite soon after."""
+"""The journal's write-ahead log (journal/txlog.py) and its indexer (journal/indexer.py): durable before sending, in SQLite soon after."""
 
 from __future__ import annotations
 
