@@ -11,9 +11,9 @@ import argparse
 import platform
 import timeit
 
-from iso_gateway.dialect import dialect_paths, get_dialect
-from iso_gateway.message import decode, encode
-from iso_gateway.scanner import Scanner
+from iso_gateway.specfiles import dialect_paths, get_dialect
+from iso_gateway.core.message import decode, encode
+from iso_gateway.core.scanner import Scanner
 
 AUTH_87 = {
     "t": "0100", "2": "4761739001010119", "3": "000000", "4": "000000015000", "7": "1127103000",

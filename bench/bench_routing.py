@@ -13,8 +13,7 @@ from __future__ import annotations
 import random
 import timeit
 
-from iso_gateway.config import RouteConfig, RoutingConfig
-from iso_gateway.routing import RouteTable
+from iso_gateway.config import RouteConfig, RoutingConfig, route_table
 
 ENTRIES = 5_000
 ROUTES = 50
@@ -50,7 +49,7 @@ def main() -> None:
     rng = random.Random(8583)
     routes, samples = build(rng)
     t0 = timeit.default_timer()
-    table = RouteTable(routes, RoutingConfig())
+    table = route_table(routes, RoutingConfig())
     build_ms = (timeit.default_timer() - t0) * 1e3
     print(f"{ENTRIES} BIN entries over {len(routes)} routes, table built in {build_ms:.1f} ms")
 

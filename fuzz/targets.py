@@ -25,13 +25,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from iso_gateway.dialect import Dialect, get_dialect
-from iso_gateway.errors import DecodeError, EncodeError, FrameError
-from iso_gateway.framing import FRAMINGS, FrameDecoder, Framer, FramingOptions
-from iso_gateway.masking import luhn_ok, mask_message, mask_pan, scrub
-from iso_gateway.message import decode, encode
-from iso_gateway.scanner import Scanner
-from iso_gateway.validation import load_rules
+from iso_gateway.core.dialect import Dialect
+from iso_gateway.specfiles import get_dialect
+from iso_gateway.core.errors import DecodeError, EncodeError, FrameError
+from iso_gateway.core.framing import FRAMINGS, FrameDecoder, Framer, FramingOptions
+from iso_gateway.core.masking import luhn_ok, mask_message, mask_pan, scrub
+from iso_gateway.core.message import decode, encode
+from iso_gateway.core.scanner import Scanner
+from iso_gateway.specfiles import load_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTURES = ROOT / "tests" / "captures"
@@ -152,7 +153,7 @@ def local_answer(name: str, raw: bytes) -> None:
     """Every request whose MTI can be read gets an answer built from what the scan read (the
     gateway's 30 for a format error, or any local answer): never an exception, never nothing."""
     from iso_gateway.gateway import Gateway
-    from iso_gateway.message import is_request, is_valid_mti
+    from iso_gateway.core.message import is_request, is_valid_mti
 
     dialect = _dialects[name]
     found: dict[int, str] = {}

@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import ConfigError, IsoGatewayError
+from .core.errors import ConfigError, IsoGatewayError
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -59,7 +59,7 @@ def _read_input(args: argparse.Namespace) -> bytes:
 
 
 def _framer(args: argparse.Namespace):  # noqa: ANN202 - Framer, imported lazily
-    from .framing import framer_from_config
+    from .core.framing import framer_from_config
 
     options = {}
     if args.length_includes_header:
@@ -70,8 +70,8 @@ def _framer(args: argparse.Namespace):  # noqa: ANN202 - Framer, imported lazily
 
 
 def _describe(dialect, msg: dict[str, str], unmasked: bool) -> list[dict[str, str]]:  # noqa: ANN001
-    from .masking import REMOVED, mask_field
-    from .message import mti_class, mti_function
+    from .core.masking import REMOVED, mask_field
+    from .core.message import mti_class, mti_function
 
     rows = [{"field": "t", "name": "Message type indicator", "format": "n4",
              "value": msg["t"], "meaning": f"{mti_class(msg['t'])} {mti_function(msg['t'])}"}]
@@ -86,8 +86,8 @@ def _describe(dialect, msg: dict[str, str], unmasked: bool) -> list[dict[str, st
 
 @command("decode")
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .dialect import get_dialect
-    from .message import decode
+    from .specfiles import get_dialect
+    from .core.message import decode
 
     dialect = get_dialect(args.dialect)
     data = _read_input(args)
@@ -132,8 +132,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 @command("encode")
 def cmd_encode(args: argparse.Namespace) -> int:
-    from .dialect import get_dialect
-    from .message import encode
+    from .specfiles import get_dialect
+    from .core.message import encode
 
     dialect = get_dialect(args.dialect)
     text = args.json_text if args.json_text not in (None, "-") else sys.stdin.read()
@@ -156,7 +156,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 @command("dialects")
 def cmd_dialects(args: argparse.Namespace) -> int:
-    from .dialect import dialect_paths, get_dialect
+    from .specfiles import dialect_paths, get_dialect
 
     for name, path in dialect_paths().items():
         try:
@@ -185,11 +185,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 @command("check-config")
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Load the configuration and everything it names (dialects, rules, routes), start nothing."""
-    from .config import load_config
-    from .dialect import get_dialect
-    from .framing import framer_from_config
-    from .routing import RouteTable
-    from .validation import load_rules
+    from .config import load_config, route_table
+    from .core.framing import framer_from_config
+    from .specfiles import get_dialect, load_rules
 
     cfg = load_config(args.config)
     dd, rd = tuple(cfg.dialect_dirs), tuple(cfg.rule_dirs)
@@ -200,7 +198,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for i, uc in enumerate(cfg.upstreams):
         get_dialect(uc.dialect, dd)
         framer_from_config(uc.framing, source=args.config, where=f"upstreams[{i}].framing")
-    RouteTable(cfg.routes, cfg.routing, source=args.config)
+    route_table(cfg.routes, cfg.routing, source=args.config)
     print(f"{args.config}: OK ({len(cfg.listeners)} listeners, {len(cfg.upstreams)} upstreams, {len(cfg.routes)} routes)")
     return EXIT_OK
 

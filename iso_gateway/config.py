@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .core.routing import RouteRule, RouteTable
 from .datafiles import parse_toml, read_text, validate
 
 ResponseCode = str
@@ -295,6 +296,16 @@ def load_config(path: str | Path) -> Config:
 
 
 # --------------------------------------------------------------------------- reference
+
+
+def route_table(routes: Sequence[RouteConfig], routing: RoutingConfig, source: str = "config") -> RouteTable:
+    """The core's RouteTable from the ``[[routes]]`` and ``[routing]`` sections, as plain values."""
+    rules = [
+        RouteRule(r.name, r.upstream, float(r.timeout), tuple(r.mti), tuple(r.bins), tuple(r.currencies),
+                  tuple(r.terminals), tuple(r.merchants))
+        for r in routes
+    ]
+    return RouteTable(rules, routing.no_route_code, routing.unknown_bin_code, source=source)
 
 
 def _default_text(field) -> str:  # noqa: ANN001 - a pydantic FieldInfo

@@ -16,9 +16,9 @@ from functools import partial
 import trio
 
 from .config import Config, load_config
-from .errors import ConfigError
+from .core.errors import ConfigError
 from .gateway import Gateway
-from .http import Limits, ObservabilityServer, start_server
+from .net.http import Limits, ObservabilityServer, start_server
 from .metrics import Metrics
 
 log = logging.getLogger("iso_gateway.daemon")

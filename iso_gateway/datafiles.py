@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -29,27 +29,29 @@ from typing import Callable, Protocol, Sequence
 
 import trio
 
-from .config import Config
-from .duplicates import DuplicateEntry, DuplicateTable
-from .duplicates import Key as DupKey
+from .config import Config, route_table
+from .core.duplicates import DuplicateEntry, DuplicateTable
+from .core.duplicates import Key as DupKey
 from .journal import ANSWERED, NOT_SENT, REVERSAL_FIELDS, REVERSED, Journal, failure_reason, new_id
-from .matching import StanAllocator
-from .message import OriginalData, original_mti
+from .core.matching import StanAllocator
+from .core.message import OriginalData, original_mti
 from .reversals import DurableReversals, SafWorker
 from .security.pan import PanVault, load_master_key
-from .dialect import Dialect, check_field_type
-from .errors import ConfigError, DecodeError, IsoGatewayError, MessageError
-from .frontend import FrontConnection, Listener
-from .poller import Poller
-from .framing import Frame
-from .links import STAN_BLOCK, Upstream, UpstreamConnection
-from .masking import mask_pan, masked_exception
-from .matching import match_key
-from .message import build_response, decode, encode, is_request, is_valid_mti, response_mti
+from .specfiles import get_dialect, load_rules
+from .core.dialect import Dialect, check_field_type
+from .core.errors import ConfigError, DecodeError, IsoGatewayError, MessageError
+from .net.frontend import FrontConnection, Listener
+from .net.poller import Poller
+from .core.framing import Frame
+from .net.links import STAN_BLOCK, Upstream, UpstreamConnection
+from .core.masking import mask_pan
+from .logs import masked_exception
+from .core.matching import match_key
+from .core.message import build_response, decode, encode, is_request, is_valid_mti, response_mti
 from .metrics import Metrics
-from .routing import NoRoute, RouteTable
-from .scanner import Scan, Scanner
-from .writer import FrameWriter
+from .core.routing import NoRoute
+from .core.scanner import Scan, Scanner
+from .net.writer import FrameWriter
 
 log = logging.getLogger("iso_gateway.gateway")
 
@@ -277,11 +279,12 @@ class Gateway:
         self.duplicates = DuplicateTable(config.gateway.duplicate_window)
         dd = tuple(config.dialect_dirs)
         rd = tuple(config.rule_dirs)
-        self.routes = RouteTable(config.routes, config.routing, source=config_path or "config")
-        # Reads every front connection and switch link from one task (poller.py).
+        self.routes = route_table(config.routes, config.routing, source=config_path or "config")
+        # Reads every front connection and switch link from one task (net/poller.py).
         self.poller = Poller(self.begin_round, self.release_held)
-        self.upstreams = {u.name: Upstream(u, self, self.metrics, dd) for u in config.upstreams}
-        self.listeners = [Listener(lc, self, dd, rd) for lc in config.listeners]
+        self.upstreams = {u.name: Upstream(u, self, self.metrics, get_dialect(u.dialect, dd)) for u in config.upstreams}
+        self.listeners = [Listener(lc, self, get_dialect(lc.dialect, dd), load_rules(lc.rules, rd))
+                          for lc in config.listeners]
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self.draining = False
@@ -352,16 +355,18 @@ class Gateway:
         ]:
             raise ConfigError(self.config_path or "config", "listeners/upstreams",
                               "addresses, hosts, dialects or framings changed: these need a restart")
-        routes = RouteTable(config.routes, config.routing, source=self.config_path or "config")
+        routes = route_table(config.routes, config.routing, source=self.config_path or "config")
         # Build every listener's new state before touching any, so a failure changes nothing.
+        dd, rd = tuple(config.dialect_dirs), tuple(config.rule_dirs)
         staged = []
         for lst, lc in zip(self.listeners, config.listeners):
             probe = Listener.__new__(Listener)
             probe.gateway = self
-            probe.apply(lc, tuple(config.dialect_dirs), tuple(config.rule_dirs))
-            staged.append((lst, lc))
-        for lst, lc in staged:
-            lst.apply(lc, tuple(config.dialect_dirs), tuple(config.rule_dirs))
+            dialect, rules = get_dialect(lc.dialect, dd), load_rules(lc.rules, rd)
+            probe.apply(lc, dialect, rules)
+            staged.append((lst, lc, dialect, rules))
+        for lst, lc, dialect, rules in staged:
+            lst.apply(lc, dialect, rules)
         self.routes = routes
         self.config = config
         log.info("configuration reloaded: %d routes", len(config.routes))
@@ -606,7 +611,7 @@ class Gateway:
         journal = self.journal
         request.frame = conn.register(request, out, key, now + timeout, now)
         if journal.write_ahead:
-            # Into the log (txlog.py) with the others of this chunk or of this turn of the loop,
+            # Into the log (journal/txlog.py) with the others of this chunk or of this turn of the loop,
             # in one write before any of them is sent (on_front_frames, _send_held).
             journal.record_txn(row, request.original, write=False)
             self._held.append((request, key, journal.log_failures))

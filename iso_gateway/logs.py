@@ -25,12 +25,13 @@ import json
 import logging
 import os
 import sys
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .masking import scrub
+from .core.errors import ConfigError
+from .core.masking import scrub
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -95,3 +96,14 @@ def setup_logging(level: str = "INFO", fmt: str = "text", file: str = "", node: 
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("iso_gateway").setLevel(level)
+
+
+def masked_exception(exc: BaseException, *, trace: bool = True) -> str:
+    """An exception (with its traceback when ``trace``) as text fit for a log: scrubbed of
+    anything that looks like a PAN, since an unexpected error's text can quote a value."""
+    try:
+        if trace:
+            return scrub("".join(traceback.format_exception(exc)).rstrip())
+        return scrub(f"{type(exc).__name__}: {exc}")
+    except Exception:  # noqa: BLE001 - a broken __str__ must not break the error path
+        return type(exc).__name__

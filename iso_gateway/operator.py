@@ -17,9 +17,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import txlog
+from .journal import txlog
 from .config import load_config
-from .errors import IsoGatewayError
+from .core.errors import IsoGatewayError
 from .journal import SAF_PARKED, SAF_PENDING, SAF_SENT, SQLiteStore
 from .reversals import saf_label
 

@@ -27,25 +27,47 @@ import logging
 import random
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import trio
 
-from .errors import IsoGatewayError
-from .links import SoloConnection
+from .core.errors import IsoGatewayError
+from .net.links import SoloConnection
 from .journal import (
     ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, STORE_RETRY_INITIAL, STORE_RETRY_MAX,
     TIMED_OUT, Backoff, Journal, SafItem, TxnRow, failure_reason, new_id,
 )
-from .matching import match_key
-from .message import encode
-from .saf import RetryPolicy, attempt_mti, build_reversal
-from .scanner import Scan
+from .core.matching import match_key
+from .core.message import encode
+from .core.saf import RetryPolicy, attempt_mti, build_reversal
+from .core.scanner import Scan
 
 if TYPE_CHECKING:
-    from .gateway import FrontRequest, Gateway
-    from .links import Upstream, UpstreamConnection
-    from .writer import FrameWriter
+    from .metrics import Metrics
+    from .net.links import Upstream, UpstreamConnection
+    from .net.writer import FrameWriter
+
+
+class ReversalHost(Protocol):
+    """What the reversal queue needs of the application that owns it (the gateway): its
+    metrics and its upstreams by name. Typed here so that this module never imports gateway.py."""
+
+    metrics: Metrics
+    upstreams: dict[str, Upstream]
+
+
+class ReversibleRequest(Protocol):
+    """What the reversal queue reads of a front-end request that may need reversing
+    (gateway.FrontRequest): whether and how it went to the switch, and its journal row."""
+
+    mti: str
+    sent: bool
+    txn_id: int | None
+    upstream: Upstream
+    upstream_stan: str
+
+    def reversal_fields(self) -> dict[str, str]: ...
 
 log = logging.getLogger("iso_gateway.reversals")
 
@@ -76,7 +98,7 @@ def policy_of(upstream: "Upstream") -> RetryPolicy:
 class DurableReversals:
     """The reversal sink backed by the journal's SAF table."""
 
-    def __init__(self, gateway: "Gateway", journal: Journal) -> None:
+    def __init__(self, gateway: ReversalHost, journal: Journal) -> None:
         self.gateway = gateway
         self.journal = journal
         self.workers: dict[str, SafWorker] = {}
@@ -84,7 +106,7 @@ class DurableReversals:
 
     # -- ReversalSink
 
-    def timed_out(self, request: "FrontRequest", reason: str,
+    def timed_out(self, request: "ReversibleRequest", reason: str,
                   then: Callable[[], "FrameWriter | None"]) -> "FrameWriter | None":
         """Queue a reversal of ``request`` if it reached the switch; answer the front end once it is durable.
 
@@ -95,7 +117,7 @@ class DurableReversals:
         self._queue(request, reason, auth_code=None, then=then)
         return None
 
-    def late_response(self, conn: "UpstreamConnection", scan: Scan, raw: bytes, request: "FrontRequest | None") -> None:
+    def late_response(self, conn: "UpstreamConnection", scan: Scan, raw: bytes, request: "ReversibleRequest | None") -> None:
         if request is None or request.txn_id is None:
             return
         rc = scan.values.get(39, "")
@@ -113,7 +135,7 @@ class DurableReversals:
         self.journal.submit(store.cancel_unsent_saf, request.txn_id, f"late response {rc}", callback=cancelled)
         self.journal.set_state(request.txn_id, TIMED_OUT, rc)
 
-    def undeliverable(self, request: "FrontRequest", scan: Scan, raw: bytes) -> None:
+    def undeliverable(self, request: "ReversibleRequest", scan: Scan, raw: bytes) -> None:
         """The switch answered, the front end can't be told: an approval is reversed."""
         rc = scan.values.get(39, "")
         if rc == "00" and request.mti[1] in "12":
@@ -124,11 +146,11 @@ class DurableReversals:
 
     # -- queueing
 
-    def _note_txn(self, request: "FrontRequest", state: str) -> None:
+    def _note_txn(self, request: "ReversibleRequest", state: str) -> None:
         if request.txn_id is not None:
             self.journal.set_state(request.txn_id, state)
 
-    def _queue(self, request: "FrontRequest", reason: str, auth_code: str | None,
+    def _queue(self, request: "ReversibleRequest", reason: str, auth_code: str | None,
                then: Callable[[], "FrameWriter | None"]) -> None:
         upstream = request.upstream
         item = self.make_item(upstream, request.reversal_fields(), request.mti, request.upstream_stan, reason,
@@ -182,7 +204,8 @@ class DurableReversals:
         stan = upstream_stan if cfg.reversal_stan == "original" else ""
         message = build_reversal(original, original_mti=original_mti, upstream_stan=upstream_stan,
                                  reversal_mti=cfg.reversal_mti, stan=stan or "000000",
-                                 reason_code=cfg.reversal_codes.get(reason), auth_code=auth_code)
+                                 reason_code=cfg.reversal_codes.get(reason), auth_code=auth_code,
+                                 now=datetime.fromtimestamp(now, timezone.utc))
         return SafItem(id=new_id(), txn_id=txn_id, upstream=cfg.name, state=SAF_PENDING, reason=reason,
                        mti=cfg.reversal_mti, stan=stan, f90=message["90"], attempts=0,
                        next_attempt=now + policy_of(upstream).first_delay, created=now, message=message)

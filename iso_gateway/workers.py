@@ -40,7 +40,7 @@ def supervise(config_path: str, workers: int) -> int:
     mp_dir = tempfile.mkdtemp(prefix="iso-gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir  # before prometheus-client is imported, here and in workers
     from .config import load_config
-    from .errors import ConfigError
+    from .core.errors import ConfigError
     from .journal import MAX_WORKERS, SQLiteStore, replay_segments
     from .logs import setup_logging
     from .security.pan import PanVault, load_master_key
@@ -65,7 +65,7 @@ async def _supervise(config_path: str, workers: int, mp_dir: str) -> int:
     from prometheus_client import CollectorRegistry, multiprocess
 
     from .config import load_config
-    from .http import Limits, start_server
+    from .net.http import Limits, start_server
 
     config = load_config(config_path)
     procs: dict[int, trio.Process] = {}

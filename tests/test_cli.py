@@ -12,9 +12,9 @@ import pytest
 
 from iso_gateway.cli import main
 from iso_gateway.config import reference_markdown
-from iso_gateway.dialect import get_dialect
-from iso_gateway.framing import framer_from_config
-from iso_gateway.message import encode
+from iso_gateway.specfiles import get_dialect
+from iso_gateway.core.framing import framer_from_config
+from iso_gateway.core.message import encode
 
 ROOT = Path(__file__).resolve().parent.parent
 PAN = "4761739001010119"

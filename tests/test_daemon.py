@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from conftest import wait_for
-from iso_gateway.framing import framer_from_config
+from iso_gateway.core.framing import framer_from_config
 from iso_gateway.sim.client import FrontEndClient, sample_auth
 from iso_gateway.sim.integrity import free_port
 from iso_gateway.sim.switch import SwitchSimulator

@@ -12,17 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from iso_gateway.dialect import (
-    FieldDef,
-    check_field_type,
-    dialect_paths,
-    get_dialect,
-    load_dialect_file,
-    parse_dialect,
-    prefix_width,
-)
-from iso_gateway.errors import ConfigError, FieldTypeError
-from iso_gateway.message import build_response, decode, encode
+from iso_gateway.core.dialect import FieldDef, check_field_type, prefix_width
+from iso_gateway.specfiles import dialect_paths, get_dialect, load_dialect_file, parse_dialect
+from iso_gateway.core.errors import ConfigError, FieldTypeError
+from iso_gateway.core.message import build_response, decode, encode
 
 CAPTURES = Path(__file__).parent / "captures"
 SHIPPED = ("iso87ascii", "iso87binary", "iso93ascii")

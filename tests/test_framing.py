@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iso_gateway.errors import BadFrameHeader, BadLengthHeader, ConfigError, FrameError, FrameTooLarge
-from iso_gateway.framing import (
+from iso_gateway.core.errors import BadFrameHeader, BadLengthHeader, ConfigError, FrameError, FrameTooLarge
+from iso_gateway.core.framing import (
     DEFAULT_MAX_FRAME,
     FRAMINGS,
     Frame,

@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 
 from conftest import wait_for
 from iso_gateway.config import ListenerConfig
-from iso_gateway.dialect import get_dialect
-from iso_gateway.framing import framer_from_config
-from iso_gateway.frontend import FrontConnection
+from iso_gateway.specfiles import get_dialect
+from iso_gateway.core.framing import framer_from_config
+from iso_gateway.net.frontend import FrontConnection
 from iso_gateway.metrics import NullMetrics
-from iso_gateway.poller import Poller
+from iso_gateway.net.poller import Poller
 from iso_gateway.sim.client import FrontEndClient
-from iso_gateway.sockio import SocketIO
+from iso_gateway.net.sockio import SocketIO
 
 PARTIAL = 1.0
 IDLE = 300.0
@@ -213,7 +213,7 @@ async def test_a_connection_with_a_request_in_flight_is_never_closed_to_make_roo
 
 
 def test_the_per_source_limit_counts_ipv4_addresses_and_ipv6_64s():
-    from iso_gateway.frontend import source_key
+    from iso_gateway.net.frontend import source_key
     assert source_key("127.0.0.2") == "127.0.0.2"
     assert source_key("::ffff:10.1.2.3") == "::ffff:10.1.2.3"
     assert source_key("2001:db8:1:2::1") == source_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
@@ -239,7 +239,7 @@ class _FakeConnection:
 def test_room_is_made_by_closing_the_longest_idle_connection_and_never_one_with_a_request_in_flight(ops, pause):
     import math
 
-    from iso_gateway.frontend import Listener
+    from iso_gateway.net.frontend import Listener
 
     async def main() -> None:
         lst = Listener.__new__(Listener)

@@ -294,7 +294,7 @@ async def test_a_switch_that_loses_framing_is_counted_and_reconnected(harness):
 
 
 async def test_an_internal_error_reading_one_connection_closes_only_that_one(harness, monkeypatch):
-    from iso_gateway.frontend import FrontConnection
+    from iso_gateway.net.frontend import FrontConnection
     await harness.start_switch()
     gw = await harness.start_gateway()
     good = await harness.client()
@@ -321,7 +321,7 @@ async def test_garbage_is_answered_or_counted_and_lost_framing_closes_cleanly(ha
     client = await harness.client()
     await client.send_raw(client.framer.encode(b"0100" + b"ZZZZ"))  # readable MTI, broken bitmap
     frame = await client.receive_frame(2)
-    from iso_gateway.message import decode
+    from iso_gateway.core.message import decode
     resp = decode(client.dialect, frame.message, check_types=False)
     assert (resp["t"], resp["39"]) == ("0110", "30")
     await client.send_raw(client.framer.encode(b"\xff\xfe garbage"))  # unreadable: counted and dropped

@@ -16,7 +16,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iso_gateway.http import MAX_HEADER_BYTES, Limits, ObservabilityApp, serve_connection, start_server
+from iso_gateway.net.http import MAX_HEADER_BYTES, Limits, ObservabilityApp, serve_connection, start_server
 from iso_gateway.metrics import Metrics
 
 

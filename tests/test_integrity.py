@@ -9,10 +9,10 @@ from pathlib import Path
 import trio
 
 from conftest import TEST_PAN, wait_for
-from iso_gateway import txlog
+from iso_gateway.journal import txlog
 from iso_gateway.journal import SQLiteStore
 from iso_gateway.security.pan import PanVault, load_master_key
-from iso_gateway.message import OriginalData
+from iso_gateway.core.message import OriginalData
 from iso_gateway.sim.client import FrontEndClient, sample_auth
 from iso_gateway.sim.integrity import GatewayProcess, _config, free_port, run_check
 from iso_gateway.sim.switch import SwitchSimulator
@@ -53,7 +53,7 @@ async def test_a_transaction_in_flight_when_the_gateway_is_killed_is_reversed_af
             killed_pid = gateway.proc.pid
             gateway.proc.send_signal(signal.SIGKILL)
             await gateway.proc.wait()
-        # Journaled before it was sent: in SQLite already, or in the write-ahead log (txlog.py)
+        # Journaled before it was sent: in SQLite already, or in the write-ahead log (journal/txlog.py)
         # if the gateway died before its next bulk write.
         db_path = tmp_path / "journal.sqlite3"
         db = sqlite3.connect(db_path)

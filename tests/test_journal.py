@@ -1,4 +1,4 @@
-"""The journal's write-ahead log (txlog.py) and its indexer (indexer.py): durable before sending, in SQLite soon after."""
+"""The journal's write-ahead log (journal/txlog.py) and its indexer (journal/indexer.py): durable before sending, in SQLite soon after."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from conftest import TEST_PAN, wait_for
-from iso_gateway import journal as journal_module
-from iso_gateway import txlog
+from iso_gateway.journal import commit as journal_module
+from iso_gateway.journal import txlog
 from iso_gateway.journal import ANSWERED, FORWARDED, REVERSED, Journal, new_id
 from iso_gateway.security.pan import PanVault
 

@@ -19,17 +19,17 @@ import pytest
 import trio
 
 from iso_gateway import cli
-from iso_gateway.dialect import get_dialect
-from iso_gateway.errors import ConfigError
-from iso_gateway.framing import framer_from_config
+from iso_gateway.specfiles import get_dialect
+from iso_gateway.core.errors import ConfigError
+from iso_gateway.core.framing import framer_from_config
 from iso_gateway.load import JSON_SCHEMA, LoadError, LoadOptions, LoadResult, Progress, RequestFactory, load_mix, luhn_check_digit, run_load
 from iso_gateway.load import engine as load_engine
 from iso_gateway.load.command import ProgressLine
 from iso_gateway.load.mix import parse_mix
 from iso_gateway.load.report import ERROR_KINDS, Tally
 from iso_gateway.load.responder import InstantResponder
-from iso_gateway.masking import luhn_ok
-from iso_gateway.message import decode
+from iso_gateway.core.masking import luhn_ok
+from iso_gateway.core.message import decode
 from iso_gateway.sim.client import CASABLANCA
 from iso_gateway.sim.switch import SwitchSimulator
 from conftest import wait_for

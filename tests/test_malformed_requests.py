@@ -7,9 +7,9 @@ import pytest
 import trio
 
 from conftest import TEST_PAN, wait_for
-from iso_gateway.dialect import get_dialect
+from iso_gateway.specfiles import get_dialect
 from iso_gateway.gateway import Gateway
-from iso_gateway.message import decode, encode
+from iso_gateway.core.message import decode, encode
 from iso_gateway.sim.client import sample_reversal
 
 D87 = get_dialect("iso87ascii")
@@ -32,8 +32,8 @@ def with_bit_65(msg: dict[str, str]) -> bytes:
 
 def test_the_bit_65_frame_of_the_issue_is_refused_by_the_scan_and_by_decode():
     raw = with_bit_65({"t": "0420", "2": TEST_PAN, "11": "000001", "41": "TERM0001"})
-    from iso_gateway.errors import DecodeError
-    from iso_gateway.scanner import Scanner
+    from iso_gateway.core.errors import DecodeError
+    from iso_gateway.core.scanner import Scanner
     with pytest.raises(DecodeError):
         Scanner(D87, {2, 11, 41}).scan(raw, full=True)
     with pytest.raises(DecodeError) as info:

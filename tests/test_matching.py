@@ -1,6 +1,6 @@
 """The pending table and STAN allocation, without sockets or sleeping."""
 
-from iso_gateway.matching import STAN_MAX, PendingTable, StanAllocator, match_key
+from iso_gateway.core.matching import STAN_MAX, PendingTable, StanAllocator, match_key
 
 
 def test_a_response_mti_matches_its_request_and_repeat():

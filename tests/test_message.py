@@ -2,10 +2,10 @@
 
 import pytest
 
-from iso_gateway.dialect import get_dialect
-from iso_gateway.errors import DecodeError, EncodeError, FieldTypeError, MessageError
-from iso_gateway.masking import mask_message, mask_pan, scrub
-from iso_gateway.message import (
+from iso_gateway.specfiles import get_dialect
+from iso_gateway.core.errors import DecodeError, EncodeError, FieldTypeError, MessageError
+from iso_gateway.core.masking import mask_message, mask_pan, scrub
+from iso_gateway.core.message import (
     OriginalData, build_response, decode, encode, is_repeat, match_class, original_mti, repeat_mti, request_mti,
     response_mti,
 )
@@ -112,8 +112,8 @@ def test_scrub_leaves_a_labelled_rrn_and_grouped_saf_ids_readable_but_still_mask
 
 
 def test_a_card_number_in_a_long_fixed_numeric_field_is_masked_like_free_text():
-    from iso_gateway.dialect import get_dialect
-    from iso_gateway.masking import mask_message
+    from iso_gateway.specfiles import get_dialect
+    from iso_gateway.core.masking import mask_message
     for name in ("iso87ascii", "iso87binary"):
         d = get_dialect(name)
         shown = mask_message(d, {"t": "0100", "4": "000000012345", "89": "4761739001010119", "88": "0000000000000001"})

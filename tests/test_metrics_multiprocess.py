@@ -28,7 +28,7 @@ m.flush()  # what the gateway does every second and before each scrape
 
 SCRAPE = """
 from prometheus_client import CollectorRegistry, generate_latest
-from iso_gateway.http import exposition_registry
+from iso_gateway.net.http import exposition_registry
 print(generate_latest(exposition_registry(CollectorRegistry())).decode())
 """
 

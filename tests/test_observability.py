@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import DAEMON_LOG_FILES, OTHER_PANS, TEST_PAN, pans_in, wait_for
 from iso_gateway import __version__
 from iso_gateway.gateway import Gateway
-from iso_gateway.http import start_server
+from iso_gateway.net.http import start_server
 from iso_gateway.sim.integrity import free_port
 from iso_gateway.logs import JsonFormatter, MaskingFormatter, TEXT_FORMAT
 from iso_gateway.metrics import Metrics, NullMetrics, reference_markdown

@@ -12,7 +12,7 @@ from __future__ import annotations
 import trio
 
 from conftest import wait_for
-from iso_gateway.links import UNANSWERED_NOT_READY
+from iso_gateway.net.links import UNANSWERED_NOT_READY
 
 FAST_TIMEOUT = [{"name": "all", "upstream": "cmi", "timeout": 0.3}]  # an unanswered request costs 0.3 s
 

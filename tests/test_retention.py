@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TEST_PAN, wait_for
-from iso_gateway import journal as journal_module
+from iso_gateway.journal import commit as journal_module
 from iso_gateway.cli import main as cli_main
 from iso_gateway.journal import (
     ANSWERED, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, SafItem, SQLiteStore, id_at,

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from conftest import TEST_PAN, wait_for
 from iso_gateway.cli import main
-from iso_gateway.message import OriginalData
+from iso_gateway.core.message import OriginalData
 from iso_gateway.security.pan import PanVault
 from iso_gateway.sim.client import FrontEndClient, sample_reversal
-from iso_gateway.store import SQLiteStore
+from iso_gateway.journal.store import SQLiteStore
 
 FAST_SAF = {"saf_first_delay": 0.0, "saf_retry_initial": 0.1, "saf_retry_max": 0.2, "reversal_timeout": 0.3}
 

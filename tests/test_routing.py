@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iso_gateway.config import RouteConfig, RoutingConfig
-from iso_gateway.errors import ConfigError
-from iso_gateway.routing import NoRoute, Route, RouteTable
+from iso_gateway.config import RouteConfig, RoutingConfig, route_table
+from iso_gateway.core.errors import ConfigError
+from iso_gateway.core.routing import NoRoute, Route, RouteTable
 
 VISA = "4761739001010119"
 MASTERCARD = "5413330089020011"
@@ -21,7 +21,7 @@ def route(name: str, **kw) -> RouteConfig:
 
 
 def table(*routes: RouteConfig, **routing) -> RouteTable:
-    return RouteTable(list(routes), RoutingConfig(**routing))
+    return route_table(list(routes), RoutingConfig(**routing))
 
 
 def name_of(result: Route | NoRoute) -> str:
@@ -219,7 +219,7 @@ def test_only_the_leading_digits_of_a_pan_are_compared_with_bins() -> None:
 def test_a_bad_bin_entry_is_refused_with_file_key_path_and_reason(entry: str, reason: str) -> None:
     routes = [route("ok", bins=["4"]), route("bad", bins=["5", entry])]
     with pytest.raises(ConfigError) as info:
-        RouteTable(routes, RoutingConfig(), source="gw.toml")
+        route_table(routes, RoutingConfig(), source="gw.toml")
     assert info.value.source == "gw.toml"
     assert info.value.where == "routes[1].bins"
     assert reason in info.value.reason
@@ -333,6 +333,6 @@ messages = st.tuples(
 )
 def test_lookup_agrees_with_the_obvious_implementation(routes, msgs, unknown_bin_code) -> None:
     routing = RoutingConfig(unknown_bin_code=unknown_bin_code)
-    t = RouteTable(routes, routing)
+    t = route_table(routes, routing)
     for msg in msgs:
         assert t.lookup(*msg) == reference_lookup(routes, routing, *msg)

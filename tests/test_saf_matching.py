@@ -8,6 +8,7 @@ frames) and a fake journal (that keeps each SAF row's state) stand around a real
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import trio
@@ -15,12 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iso_gateway.config import UpstreamConfig
-from iso_gateway.links import LinkState, Upstream
-from iso_gateway.message import encode
+from iso_gateway.net.links import LinkState, Upstream
+from iso_gateway.core.message import encode
 from iso_gateway.metrics import Metrics
 from iso_gateway.reversals import SafWorker
-from iso_gateway.saf import build_reversal
-from iso_gateway.store import SAF_PENDING, SafItem
+from iso_gateway.core.saf import build_reversal
+from iso_gateway.journal.store import SAF_PENDING, SafItem
+from iso_gateway.specfiles import get_dialect
 
 BUDGET = 4
 
@@ -67,14 +69,14 @@ def rig() -> tuple[SafWorker, FakeJournal, FakeGateway, object, SafItem]:
     gateway = FakeGateway()
     journal = FakeJournal()
     cfg = UpstreamConfig(name="cmi", hosts=["127.0.0.1:9"], saf_budget=BUDGET, reversal_timeout=1.0)
-    upstream = Upstream(cfg, gateway)
+    upstream = Upstream(cfg, gateway, None, get_dialect(cfg.dialect))
     conn = upstream.connections[0]
     conn.state = LinkState.READY
     conn.writer = FakeWriter()
     original = {"2": "4761739001010119", "4": "000000025000", "7": "1127101010", "11": "000123",
                 "37": "633100000001", "41": "TERM0001", "42": "MERCHANT0000001", "49": "504"}
     message = build_reversal(original, original_mti="0100", upstream_stan="400001", reversal_mti="0420",
-                             stan="000000", reason_code="68")
+                             stan="000000", reason_code="68", now=datetime.now(timezone.utc))
     item = SafItem(id=1, txn_id=2, upstream="cmi", state=SAF_PENDING, reason="timeout", mti="0420", stan="",
                    f90=message["90"], attempts=0, next_attempt=0.0, created=0.0, message=message)
     worker = SafWorker(SimpleNamespace(journal=journal, gateway=gateway), upstream)

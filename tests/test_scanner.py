@@ -6,10 +6,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iso_gateway.dialect import FieldDef, dialect_paths, get_dialect
-from iso_gateway.errors import DecodeError
-from iso_gateway.message import decode, encode
-from iso_gateway.scanner import Scanner
+from iso_gateway.core.dialect import FieldDef
+from iso_gateway.specfiles import dialect_paths, get_dialect
+from iso_gateway.core.errors import DecodeError
+from iso_gateway.core.message import decode, encode
+from iso_gateway.core.scanner import Scanner
 
 DIALECTS = sorted(dialect_paths())
 PRINTABLE = string.ascii_letters + string.digits + " .,-/=*"

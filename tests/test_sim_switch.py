@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import pytest
 import trio
 
-from iso_gateway.errors import ConfigError
+from iso_gateway.core.errors import ConfigError
 from iso_gateway.sim import (
     ConnectionClosed,
     FrontEndClient,

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import wait_for
-from iso_gateway import journal as journal_module
-from iso_gateway import txlog
+from iso_gateway.journal import commit as journal_module
+from iso_gateway.journal import txlog
 from iso_gateway.journal import SAF_PENDING, Journal, SafItem, new_id
 from iso_gateway.config import UpstreamConfig
 from iso_gateway.metrics import Metrics

@@ -8,19 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from iso_gateway.dialect import get_dialect, parse_dialect
-from iso_gateway.errors import ConfigError
-from iso_gateway.message import encode
-from iso_gateway.scanner import Scanner
-from iso_gateway.validation import (
-    REASONS,
-    Rejection,
-    RuleSet,
-    load_rules,
-    luhn_ok,
-    parse_rules,
-    rules_paths,
-)
+from iso_gateway.specfiles import get_dialect, parse_dialect
+from iso_gateway.core.errors import ConfigError
+from iso_gateway.core.message import encode
+from iso_gateway.core.scanner import Scanner
+from iso_gateway.core.validation import REASONS, Rejection, RuleSet, luhn_ok
+from iso_gateway.specfiles import load_rules, parse_rules, rules_paths
 
 UTC = dt.timezone.utc
 DIALECT = get_dialect("iso87ascii")

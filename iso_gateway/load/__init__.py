@@ -50,8 +50,8 @@ __all__ = [
 
 def _check(options: LoadOptions) -> None:
     """Refuse a bad dialect, framing or mix before any process starts (ConfigError)."""
-    from ..dialect import get_dialect
-    from ..framing import framer_from_config
+    from ..specfiles import get_dialect
+    from ..core.framing import framer_from_config
 
     get_dialect(options.dialect)
     framer_from_config(options.framing, source="load", where="framing")

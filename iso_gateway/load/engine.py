@@ -27,13 +27,13 @@ from typing import Callable
 
 import trio
 
-from ..dialect import get_dialect
-from ..errors import FrameError, IsoGatewayError, MessageError
-from ..framing import FrameDecoder, framer_from_config
-from ..message import build_response, decode, encode, match_class
-from ..scanner import Scanner
+from ..specfiles import get_dialect
+from ..core.errors import FrameError, IsoGatewayError, MessageError
+from ..core.framing import FrameDecoder, framer_from_config
+from ..core.message import build_response, decode, encode, match_class
+from ..core.scanner import Scanner
 from ..sim.client import DEFAULT_TPDU
-from ..writer import FrameWriter
+from ..net.writer import FrameWriter
 from .mix import RequestFactory, load_mix
 from .options import LoadOptions
 from .report import LATENCY_MAX_US, LoadResult, Tally, new_histogram

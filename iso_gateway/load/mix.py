@@ -33,11 +33,11 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..datafiles import parse_toml, read_text, spec_files, validate
-from ..dialect import Dialect, FieldDef
-from ..errors import ConfigError, MessageError
-from ..framing import Framer
-from ..message import Message, encode, match_class
-from ..scanner import Scanner
+from ..core.dialect import Dialect, FieldDef
+from ..core.errors import ConfigError, MessageError
+from ..core.framing import Framer
+from ..core.message import Message, encode, match_class
+from ..core.scanner import Scanner
 from ..sim.client import CASABLANCA, DEFAULT_TPDU
 
 __all__ = [

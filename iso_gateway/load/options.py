@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = ["DEFAULT_DURATION", "LoadOptions", "parse_target"]
 

@@ -19,12 +19,12 @@ from functools import partial
 
 import trio
 
-from ..dialect import get_dialect
-from ..errors import FrameError, MessageError
-from ..framing import framer_from_config
-from ..message import encode, response_mti
-from ..scanner import Scanner
-from ..writer import FrameWriter
+from ..specfiles import get_dialect
+from ..core.errors import FrameError, MessageError
+from ..core.framing import framer_from_config
+from ..core.message import encode, response_mti
+from ..core.scanner import Scanner
+from ..net.writer import FrameWriter
 
 __all__ = ["InstantResponder", "main"]
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import trio
 
-from ..errors import IsoGatewayError
+from ..core.errors import IsoGatewayError
 from .engine import Engine, LoadError, Progress
 from .options import LoadOptions
 from .report import LoadResult, new_histogram

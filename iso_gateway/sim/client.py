@@ -26,11 +26,12 @@ from zoneinfo import ZoneInfo
 
 import trio
 
-from ..dialect import Dialect, get_dialect
-from ..errors import FrameError, MessageError
-from ..framing import TPDU_ID, Frame, Framer, framer_from_config
-from ..writer import FrameWriter
-from ..message import (
+from ..core.dialect import Dialect
+from ..specfiles import get_dialect
+from ..core.errors import FrameError, MessageError
+from ..core.framing import TPDU_ID, Frame, Framer, framer_from_config
+from ..net.writer import FrameWriter
+from ..core.message import (
     Message,
     OriginalData,
     build_response,

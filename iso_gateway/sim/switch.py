@@ -76,11 +76,12 @@ from typing import IO, Callable
 
 import trio
 
-from ..dialect import Dialect, get_dialect
-from ..errors import ConfigError, DecodeError, FrameError, MessageError
-from ..framing import TPDU_ID, FrameDecoder, Framer, framer_from_config
-from ..masking import mask_pan
-from ..message import (
+from ..core.dialect import Dialect
+from ..specfiles import get_dialect
+from ..core.errors import ConfigError, DecodeError, FrameError, MessageError
+from ..core.framing import TPDU_ID, FrameDecoder, Framer, framer_from_config
+from ..core.masking import mask_pan
+from ..core.message import (
     Message,
     OriginalData,
     build_response,
@@ -90,7 +91,7 @@ from ..message import (
     is_response,
     original_mti,
 )
-from ..writer import FrameWriter
+from ..net.writer import FrameWriter
 
 __all__ = [
     "CLOSE_DIGITS",

@@ -9,15 +9,15 @@ keeps its own retry state, so one the switch keeps refusing never blocks the
 others; after ``budget`` attempts it is parked for an operator (counted, never
 dropped).
 
-Sans-IO: times are plain floats passed in (wall-clock seconds, since the queue
-outlives the process).
+Sans-IO: times are passed in, plain floats (wall-clock seconds, since the queue
+outlives the process) and the reversal's DE 7 ``now``; nothing here reads a clock.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 from .message import OriginalData, repeat_mti
 
@@ -51,18 +51,19 @@ class RetryPolicy:
 
 def build_reversal(original: dict[str, str], *, original_mti: str, upstream_stan: str, reversal_mti: str,
                    stan: str, reason_code: str | None, auth_code: str | None = None,
-                   now: datetime | None = None) -> dict[str, str]:
+                   now: datetime) -> dict[str, str]:
     """The reversal message of ``original`` as the switch saw it.
 
     ``original`` holds the front end's fields; the switch saw them with the
     gateway's ``upstream_stan``, which is what field 90 points at. ``stan`` is
     the reversal's own STAN (a new one, or the original's: verify with the switch).
+    ``now`` (timezone-aware UTC) is the reversal's transmission time, DE 7.
     """
     msg = {"t": reversal_mti}
     for key in ("2", "3", "4", "12", "13", "32", "33", "37", "41", "42", "49"):
         if key in original:
             msg[key] = original[key]
-    msg["7"] = (now or datetime.now(timezone.utc)).strftime("%m%d%H%M%S")
+    msg["7"] = now.strftime("%m%d%H%M%S")
     msg["11"] = stan
     if auth_code:
         msg["38"] = auth_code

@@ -1,6 +1,7 @@
 """Routing: which upstream carries a message, and how long to wait for it.
 
-A ``RouteTable`` is built once from the ``[[routes]]`` config and asked once
+A ``RouteTable`` is built once from the ``[[routes]]`` config (as ``RouteRule``
+values: config.route_table converts) and asked once
 per message on the hot path, with the few fields the compiled scanner read
 (MTI, DE 2 PAN, DE 49 currency, DE 41 terminal, DE 42 merchant). It is sans-IO:
 no trio, no sockets, no clock.
@@ -44,10 +45,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import RouteConfig, RoutingConfig
 from .errors import ConfigError
 
-__all__ = ["MAX_BIN_LENGTH", "NoRoute", "Route", "RouteTable", "parse_bin"]
+__all__ = ["MAX_BIN_LENGTH", "NoRoute", "Route", "RouteRule", "RouteTable", "parse_bin"]
 
 # ISO/IEC 7812-1: a PAN is at most 19 digits, so no BIN entry can be longer.
 MAX_BIN_LENGTH = 19
@@ -63,6 +63,21 @@ class Route:
     name: str
     upstream: str
     timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """One ``[[routes]]`` entry as plain values: where it goes, how long to wait, and its
+    criteria (an empty tuple matches anything)."""
+
+    name: str
+    upstream: str
+    timeout: float
+    mti: tuple[str, ...] = ()
+    bins: tuple[str, ...] = ()
+    currencies: tuple[str, ...] = ()
+    terminals: tuple[str, ...] = ()
+    merchants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +151,16 @@ class _Level:
 class RouteTable:
     """Routes from config, indexed for lookup by longest BIN match.
 
-    ``source`` names the config file in the ``ConfigError`` raised for a bad
-    BIN entry; the error's key path is ``routes[i].bins``.
+    ``no_route_code`` and ``unknown_bin_code`` (empty: ``no_route_code``) are the
+    answers when nothing matches. ``source`` names the config file in the
+    ``ConfigError`` raised for a bad BIN entry; the error's key path is ``routes[i].bins``.
     """
 
     __slots__ = ("_routes", "_criteria", "_levels", "_first_level", "_catch_all", "_bin_routes", "_no_route", "_unknown_bin")
 
-    def __init__(self, routes: Sequence[RouteConfig], routing: RoutingConfig, source: str = "config") -> None:
-        self._routes = tuple(Route(r.name, r.upstream, float(r.timeout)) for r in routes)
+    def __init__(self, routes: Sequence[RouteRule], no_route_code: str = "92", unknown_bin_code: str = "15",
+                 source: str = "config") -> None:
+        self._routes = tuple(Route(r.name, r.upstream, r.timeout) for r in routes)
         criteria: list[_Criteria] = []
         for r in routes:
             c = (
@@ -154,8 +171,8 @@ class RouteTable:
             )
             criteria.append(None if c == (None, None, None, None) else c)
         self._criteria = tuple(criteria)
-        self._no_route = NoRoute(routing.no_route_code, NO_ROUTE)
-        self._unknown_bin = NoRoute(routing.unknown_bin_code or routing.no_route_code, UNKNOWN_BIN)
+        self._no_route = NoRoute(no_route_code, NO_ROUTE)
+        self._unknown_bin = NoRoute(unknown_bin_code or no_route_code, UNKNOWN_BIN)
 
         prefixes: dict[int, dict[str, set[int]]] = {}
         ranges: dict[int, list[tuple[str, str, int]]] = {}

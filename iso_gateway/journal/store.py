@@ -1,7 +1,7 @@
 """The journal's store: the SQLite schema and statements, PAN-safe, with no event loop in sight.
 
 ``SQLiteStore`` is the small interface a server database can implement for
-several gateway nodes; ``Journal`` (journal.py) runs its methods in its worker
+several gateway nodes; ``Journal`` (commit.py) runs its methods in its worker
 thread, and the indexer process (indexer.py) runs ``apply_log`` without
 importing trio at all (it stays a small process).
 
@@ -24,8 +24,8 @@ from itertools import count
 from pathlib import Path
 from typing import Any, Sequence
 
-from .masking import mask_pan
-from .security.pan import PanVault
+from ..core.masking import mask_pan
+from ..security.pan import PanVault
 
 log = logging.getLogger("iso_gateway.journal")
 

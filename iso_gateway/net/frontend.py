@@ -26,22 +26,24 @@ import logging
 import math
 import socket
 from itertools import count
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import trio
 
-from .config import ListenerConfig
-from .dialect import Dialect, get_dialect
-from .errors import FrameError, FrameTooLarge
-from .framing import Framer, framer_from_config
+from ..config import ListenerConfig
+from ..core.dialect import Dialect
+from ..core.errors import FrameError, FrameTooLarge
+from ..core.framing import Framer, framer_from_config
 from .poller import Poller
-from .scanner import Scanner
-from .validation import RuleSet, load_rules
+from ..core.scanner import Scanner
+from ..core.validation import RuleSet
 from .sockio import SocketIO
 from .writer import FrameWriter
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
+    from ..config import Config
+    from ..core.framing import Frame
+    from ..metrics import Metrics
 
 log = logging.getLogger("iso_gateway.frontend")
 
@@ -49,6 +51,20 @@ _conn_ids = count(1)
 
 # Fields the gateway itself reads from every front-end request, besides the rule set's.
 ROUTING_FIELDS = frozenset({2, 7, 11, 32, 37, 41, 42, 49, 90})
+
+class FrontHandler(Protocol):
+    """What a listener needs of the application that owns it (the gateway): its settings, its
+    metrics and poller, and where a connection's complete frames go. Typed here so that the
+    network side never imports the application."""
+
+    config: Config
+    metrics: Metrics
+    poller: Poller
+    worker: int | None
+
+    def on_front_frames(self, front: FrontConnection, frames: Sequence[Frame], touched: set[FrameWriter],
+                        now: float) -> None: ...
+
 
 # Eviction candidates taken per scan of a full listener's connections: a flood of new
 # connections costs one scan per this many evictions, not one per connection.
@@ -58,8 +74,7 @@ EVICTION_BATCH = 64
 class Listener:
     """One configured front-end listener: codec, rules, limits and its connections."""
 
-    def __init__(self, cfg: ListenerConfig, gateway: "Gateway", dialect_dirs: tuple[str, ...] = (),
-                 rule_dirs: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: ListenerConfig, gateway: FrontHandler, dialect: Dialect, rules: RuleSet) -> None:
         self.gateway = gateway
         self.connections: set[FrontConnection] = set()
         self.per_source: dict[str, int] = {}  # open connections by the peer's address
@@ -71,13 +86,12 @@ class Listener:
         self._refusal_logged = -math.inf
         self.port = cfg.port
         self._accept_scope: trio.CancelScope | None = None
-        self.apply(cfg, dialect_dirs, rule_dirs)
+        self.apply(cfg, dialect, rules)
 
-    def apply(self, cfg: ListenerConfig, dialect_dirs: tuple[str, ...] = (), rule_dirs: tuple[str, ...] = ()) -> None:
-        """Take (new) settings: codec, rules and limits. Address changes need a restart."""
+    def apply(self, cfg: ListenerConfig, dialect: Dialect, rules: RuleSet) -> None:
+        """Take (new) settings: codec, rules and limits. Address changes need a restart.
+        ``dialect`` and ``rules`` are ``cfg.dialect`` and ``cfg.rules``, loaded by the caller."""
         where = f"listeners.{cfg.name}"
-        dialect: Dialect = get_dialect(cfg.dialect, dialect_dirs)
-        rules: RuleSet = load_rules(cfg.rules, rule_dirs)
         framer: Framer = framer_from_config(
             cfg.framing, where=f"{where}.framing", max_frame=cfg.max_frame,
             length_includes_header=cfg.length_includes_header, tpdu=cfg.tpdu,
@@ -216,7 +230,7 @@ def source_key(address: str) -> str:
         return address
 
 
-def gateway_match_fields(gateway: "Gateway") -> set[int]:
+def gateway_match_fields(gateway: FrontHandler) -> set[int]:
     out: set[int] = set()
     for up in gateway.config.upstreams:
         out.update(up.match_fields)

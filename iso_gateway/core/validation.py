@@ -24,7 +24,10 @@ file is loaded (one plan per MTI, one prebuilt Rejection per outcome) and per
 dialect on first use, so a call builds no dict, compiles no regex and only
 allocates for the DE 7 datetime.
 
-It must never touch a socket, read the clock (``now`` is passed in), or put a
+Reading and checking rule files is the shell's job (specfiles.py): a RuleSet is
+built from a file's checked contents as plain data.
+
+It must never touch a socket or a file, read the clock (``now`` is passed in), or put a
 field value in a Rejection or an error: a Rejection names a field number and a
 bounded reason label, nothing else.
 """
@@ -32,18 +35,11 @@ bounded reason label, nothing else.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Any, Callable, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from .datafiles import parse_toml, read_text, spec_files, validate
 from .dialect import Dialect, check_field_type
 from .errors import ConfigError
-from .message import is_valid_mti
 
 __all__ = [
     "CHECK_KINDS",
@@ -51,10 +47,7 @@ __all__ = [
     "Currency",
     "Rejection",
     "RuleSet",
-    "load_rules",
     "luhn_ok",
-    "parse_rules",
-    "rules_paths",
 ]
 
 # The value checks a rule file can attach to a field, in the order they run.
@@ -116,112 +109,6 @@ class Currency:
     numeric: str
     alpha: str
     minor: int | None
-
-
-# --------------------------------------------------------------------------- file model
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-_FieldNum = Annotated[int, Field(ge=2, le=128)]
-_Code = Annotated[str, Field(pattern=r"^[0-9A-Za-z]{2,4}$")]
-_Skew = Annotated[float, Field(gt=0, le=MAX_CLOCK_SKEW)]
-_CheckKind = Literal["stan", "transmission_time", "pan", "expiry", "amount", "currency", "off"]
-
-
-class _CodesFile(_Strict):
-    unsupported_mti: _Code = DEFAULT_CODES["unsupported_mti"]
-    missing_field: _Code = DEFAULT_CODES["missing_field"]
-    field_type: _Code = DEFAULT_CODES["field_type"]
-    zero_stan: _Code = DEFAULT_CODES["zero_stan"]
-    bad_stan: _Code = DEFAULT_CODES["bad_stan"]
-    bad_transmission_time: _Code = DEFAULT_CODES["bad_transmission_time"]
-    processing_code: _Code = DEFAULT_CODES["processing_code"]
-    pan_length: _Code = DEFAULT_CODES["pan_length"]
-    pan_luhn: _Code = DEFAULT_CODES["pan_luhn"]
-    bad_expiry: _Code = DEFAULT_CODES["bad_expiry"]
-    expired_card: _Code = DEFAULT_CODES["expired_card"]
-    bad_amount: _Code = DEFAULT_CODES["bad_amount"]
-    unknown_currency: _Code = DEFAULT_CODES["unknown_currency"]
-
-
-class _ConditionFile(_Strict):
-    field: _FieldNum
-    when: _FieldNum
-    starts_with: list[str] | None = None
-
-    @field_validator("starts_with")
-    @classmethod
-    def _prefixes(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("give at least one prefix, or leave 'starts_with' out to mean 'when present'")
-            if any(not p for p in v):
-                raise ValueError("a prefix can't be empty")
-        return v
-
-
-class _MtiFile(_Strict):
-    title: str = ""
-    mandatory: list[_FieldNum] = []
-    conditional: list[_ConditionFile] = []
-    checks: dict[str, _CheckKind] = {}
-    processing_codes: list[Annotated[str, Field(pattern=r"^[0-9]{2}$")]] | None = Field(default=None, min_length=1)
-    clock_skew: _Skew | None = None
-
-    @field_validator("checks")
-    @classmethod
-    def _check_fields(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            _field_key(key)
-        return v
-
-
-class _CurrencyFile(_Strict):
-    alpha: str = Field(pattern=r"^[A-Z]{3}$")
-    minor: int | None = Field(default=None, ge=0, le=4)
-
-
-class _RulesFile(_Strict):
-    name: str
-    title: str = ""
-    extends: str | None = None
-    clock_skew: _Skew = DEFAULT_CLOCK_SKEW
-    codes: _CodesFile = _CodesFile()
-    type_checked: list[_FieldNum] = []
-    currencies: dict[str, _CurrencyFile] = {}
-    mti: dict[str, _MtiFile]
-
-    @field_validator("name")
-    @classmethod
-    def _name_shape(cls, v: str) -> str:
-        if not v or not all(c.isascii() and (c.isalnum() or c in "-_") for c in v) or not v[0].isalnum():
-            raise ValueError("a rule set name is letters, digits, '-' and '_'")
-        return v
-
-    @field_validator("currencies")
-    @classmethod
-    def _currency_codes(cls, v: dict[str, _CurrencyFile]) -> dict[str, _CurrencyFile]:
-        for key in v:
-            if len(key) != 3 or not key.isdigit():
-                raise ValueError("a currency key is an ISO 4217 numeric code (3 digits)")
-        return v
-
-    @field_validator("mti")
-    @classmethod
-    def _mti_keys(cls, v: dict[str, _MtiFile]) -> dict[str, _MtiFile]:
-        for key in v:
-            if not is_valid_mti(key):
-                raise ValueError(f"{key!r} is not a valid MTI (4 digits, known class and function)")
-        return v
-
-
-def _field_key(key: str) -> int:
-    if not key.isdigit() or key != str(int(key)) or not 2 <= int(key) <= 128:
-        raise ValueError("a check's key is a field number 2..128")
-    return int(key)
 
 
 # --------------------------------------------------------------------------- value checks
@@ -415,23 +302,23 @@ class RuleSet:
         "_missing",
         "_type_rejections",
         "_type_tables",
-        "_raw",
     )
 
-    def __init__(self, model: _RulesFile, source: str, raw: dict[str, Any]) -> None:
-        self.name = model.name
-        self.title = model.title
+    def __init__(self, rules: Mapping[str, Any], source: str) -> None:
+        """``rules`` is a rule file's checked contents as plain data (specfiles.py reads and
+        checks the file: every key present, defaults filled in); ``source`` names it in errors."""
+        self.name = rules["name"]
+        self.title = rules["title"]
         self.source = source
-        self._raw = raw  # the merged file, which a rule file that `extends` this one starts from
         self.currencies: dict[str, Currency] = {
-            key: Currency(key, c.alpha, c.minor) for key, c in sorted(model.currencies.items())
+            key: Currency(key, c["alpha"], c["minor"]) for key, c in sorted(rules["currencies"].items())
         }
         # Units with no minor unit (metals, SDR, test, "no currency") are not a payment currency.
         payable = frozenset(k for k, c in self.currencies.items() if c.minor is not None)
-        codes = model.codes
+        codes = rules["codes"]
 
         def rej(reason: str, field: int | None = None) -> Rejection:
-            return Rejection(getattr(codes, reason), reason, None if field is None else str(field))
+            return Rejection(codes[reason], reason, None if field is None else str(field))
 
         self._unsupported = rej("unsupported_mti")
         missing = {n: rej("missing_field", n) for n in range(2, 129)}
@@ -440,36 +327,36 @@ class RuleSet:
         self._type_rejections = {n: rej("field_type", n) for n in range(0, 129)}
         self._type_tables: dict[int, tuple[Dialect, list[_TypeEntry | None]]] = {}
 
-        needed: set[int] = set(model.type_checked)
+        needed: set[int] = set(rules["type_checked"])
         plans: dict[str, _MtiPlan] = {}
-        for mti, m in model.mti.items():
+        for mti, m in rules["mti"].items():
             where = f"mti.{mti}"
             mask = 0
-            for n in m.mandatory:
+            for n in m["mandatory"]:
                 mask |= _bit(n)
-            needed.update(m.mandatory)
+            needed.update(m["mandatory"])
             conditions = []
-            for c in m.conditional:
+            for c in m["conditional"]:
                 conditions.append(
                     _Condition(
-                        c.field,
-                        _bit(c.field),
-                        c.when,
-                        _bit(c.when),
-                        tuple(c.starts_with) if c.starts_with is not None else None,
-                        missing[c.field],
+                        c["field"],
+                        _bit(c["field"]),
+                        c["when"],
+                        _bit(c["when"]),
+                        tuple(c["starts_with"]) if c["starts_with"] is not None else None,
+                        missing[c["field"]],
                     )
                 )
-                needed.update((c.field, c.when))
+                needed.update((c["field"], c["when"]))
             checks: list[tuple[int, int, _Check]] = []
-            for key, kind in m.checks.items():
+            for key, kind in m["checks"].items():
                 field = int(key)
                 if kind == "off":
                     continue
                 if kind == "stan":
                     fn = _stan_check(rej("zero_stan", field), rej("bad_stan", field))
                 elif kind == "transmission_time":
-                    skew = m.clock_skew if m.clock_skew is not None else model.clock_skew
+                    skew = m["clock_skew"] if m["clock_skew"] is not None else rules["clock_skew"]
                     fn = _transmission_time_check(rej("bad_transmission_time", field), skew)
                 elif kind == "pan":
                     fn = _pan_check(rej("pan_length", field), rej("pan_luhn", field))
@@ -485,8 +372,8 @@ class RuleSet:
                     fn = _currency_check(rej("unknown_currency", field), payable)
                 checks.append((CHECK_KINDS.index(kind), field, fn))
                 needed.add(field)
-            if m.processing_codes is not None:
-                fn = _processing_code_check(rej("processing_code", 3), frozenset(m.processing_codes))
+            if m["processing_codes"] is not None:
+                fn = _processing_code_check(rej("processing_code", 3), frozenset(m["processing_codes"]))
                 checks.append((CHECK_KINDS.index("processing_code"), 3, fn))
                 needed.add(3)
             checks.sort(key=lambda c: (c[0], c[1]))
@@ -567,90 +454,3 @@ class RuleSet:
                 if r is not None:
                     return r
         return None
-
-
-# --------------------------------------------------------------------------- loading
-
-# A chain of `extends` longer than this is a mistake, not a design.
-MAX_EXTENDS_DEPTH = 8
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` laid on ``base``: tables merge key by key, anything else replaces."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_rules(text: str, source: str, extra_dirs: tuple[str, ...] = ()) -> RuleSet:
-    """Parse and compile a rule file's text. Raises ConfigError naming the file,
-    the key path and the reason. ``extra_dirs`` is where ``extends`` looks
-    (after the shipped rules) for a parent named without a path."""
-    return _parse(text, source, extra_dirs, ())
-
-
-def _parse(text: str, source: str, extra_dirs: tuple[str, ...], chain: tuple[str, ...]) -> RuleSet:
-    raw = parse_toml(text, source)
-    if "name" not in raw:
-        raise ConfigError(source, "name", "required key is missing")
-    parent_ref = raw.get("extends")
-    if parent_ref is not None:
-        if not isinstance(parent_ref, str) or not parent_ref:
-            raise ConfigError(source, "extends", "must be a rule set name or a .toml path")
-        if len(chain) >= MAX_EXTENDS_DEPTH:
-            raise ConfigError(source, "extends", f"more than {MAX_EXTENDS_DEPTH} levels of 'extends'")
-        base = Path(source).parent if os.sep in source or source.endswith(".toml") else None
-        path = _resolve(parent_ref, extra_dirs, base, source, "extends")
-        if str(path.resolve()) in chain or str(path.resolve()) == _resolved(source):
-            raise ConfigError(source, "extends", f"{parent_ref!r} extends this file again (a cycle)")
-        parent = _load_file(path, extra_dirs, (*chain, _resolved(source)))
-        raw = _merge(parent._raw, raw)
-    return RuleSet(validate(_RulesFile, raw, source), source, raw)
-
-
-def _resolved(source: str) -> str:
-    try:
-        return str(Path(source).resolve())
-    except OSError:
-        return source
-
-
-def _load_file(path: Path, extra_dirs: tuple[str, ...], chain: tuple[str, ...]) -> RuleSet:
-    return _parse(read_text(path), str(path), extra_dirs, chain)
-
-
-def rules_paths(extra_dirs: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Rule set name -> file, shipped ones first; a file in ``extra_dirs`` overrides by name."""
-    return spec_files("rules", extra_dirs)
-
-
-def _is_path(name_or_path: str) -> bool:
-    return name_or_path.endswith(".toml") or os.sep in name_or_path or "/" in name_or_path
-
-
-def _resolve(name_or_path: str, extra_dirs: tuple[str, ...], base: Path | None, source: str, where: str) -> Path:
-    if _is_path(name_or_path):
-        p = Path(name_or_path)
-        return p if p.is_absolute() or base is None else base / p
-    paths = rules_paths(extra_dirs)
-    if name_or_path not in paths:
-        known = ", ".join(sorted(paths)) or "none"
-        raise ConfigError(source, where, f"unknown rule set {name_or_path!r}; known: {known}")
-    return paths[name_or_path]
-
-
-@lru_cache(maxsize=64)
-def load_rules(name_or_path: str, extra_dirs: tuple[str, ...] = ()) -> RuleSet:
-    """A rule set by shipped name (``default`` is ``specs/rules/default.toml``),
-    by a name found in ``extra_dirs``, or by file path. Cached like get_dialect."""
-    if _is_path(name_or_path):
-        return _load_file(Path(name_or_path), extra_dirs, ())
-    path = _resolve(name_or_path, extra_dirs, None, "rules", name_or_path)
-    rules = _load_file(path, extra_dirs, ())
-    if rules.name != name_or_path:
-        raise ConfigError(str(path), "name", f"{rules.name!r} does not match the file name")
-    return rules

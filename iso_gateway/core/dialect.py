@@ -3,24 +3,21 @@
 A dialect is data (a TOML file under ``specs/dialects/``), never code: the field
 table with ISO types and lengths, how the MTI, bitmap, numbers, text and length
 prefixes are written on the wire, which fields a response echoes, and which
-fields carry card data. This module loads and checks those files and compiles
-them into the pyiso8583 spec that does the actual encoding and decoding.
+fields carry card data. This module turns a dialect file's checked contents
+(plain data: ``build_dialect``) into a ``Dialect`` and compiles the pyiso8583
+spec that does the actual encoding and decoding. Reading and checking the
+files is the shell's job (specfiles.py).
 
-It must never touch a socket or import trio.
+It must never touch a socket or a file, or import trio.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
-from pathlib import Path
-from typing import Any, Literal
+from functools import cached_property
+from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from .datafiles import parse_toml, read_text, spec_files, validate
 from .errors import ConfigError
 
 # ISO 8583 data element types. pyiso8583 checks lengths and encodings but not
@@ -37,94 +34,6 @@ BcdPad = Literal["left", "right", "right_f"]
 
 _PY_CODEC = {"ascii": "ascii", "ebcdic": "cp500"}
 PREFIX_DIGITS = {"": 0, "L": 1, "LL": 2, "LLL": 3, "LLLL": 4}
-
-
-# --------------------------------------------------------------------------- file model
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _FieldFile(_Strict):
-    name: str
-    type: str
-    len: int | None = Field(default=None, ge=1, le=9999, description="fixed length")
-    max: int | None = Field(default=None, ge=1, le=9999, description="maximum length of a variable field")
-    prefix: Literal["L", "LL", "LLL", "LLLL"] | None = None
-    encoding: Literal["ascii", "ebcdic", "bcd", "raw", "hex"] | None = None
-    length_encoding: LengthEncoding | None = None
-    bcd_pad: BcdPad | None = None
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, v: str) -> str:
-        if v not in FIELD_TYPES:
-            raise ValueError(f"unknown type {v!r}; one of {', '.join(FIELD_TYPES)}")
-        return v
-
-    @model_validator(mode="after")
-    def _length_shape(self) -> "_FieldFile":
-        if (self.len is None) == (self.max is None):
-            raise ValueError("give exactly one of 'len' (fixed) or 'max' with 'prefix' (variable)")
-        if self.max is not None and self.prefix is None:
-            raise ValueError("a variable field ('max') needs a 'prefix' (L, LL, LLL or LLLL)")
-        if self.len is not None and self.prefix is not None:
-            raise ValueError("a fixed field ('len') takes no 'prefix'")
-        if self.max is not None and self.max >= 10 ** len(self.prefix or ""):
-            raise ValueError(f"max {self.max} does not fit a {self.prefix} prefix")
-        return self
-
-
-class _WireFile(_Strict):
-    mti: NumericEncoding = "ascii"
-    bitmap: Literal["hex", "binary"] = "hex"
-    numeric: NumericEncoding = "ascii"
-    text: TextEncoding = "ascii"
-    binary: BinaryEncoding = "raw"
-    length: LengthEncoding = "ascii"
-    bcd_pad: BcdPad = "left"
-
-
-class _CardDataFile(_Strict):
-    pan: list[int] = [2]
-    mask: list[int] = [14]
-    remove: list[int] = [35, 36, 45, 52, 55]
-    presence: list[int] = [64, 128]
-
-
-class _ResponseFile(_Strict):
-    echo: list[int]
-
-
-class _DialectFile(_Strict):
-    name: str
-    title: str
-    standard: Literal["1987", "1993", "2003"]
-    wire: _WireFile = _WireFile()
-    card_data: _CardDataFile = _CardDataFile()
-    response: _ResponseFile
-    fields: dict[str, _FieldFile]
-
-    @field_validator("name")
-    @classmethod
-    def _name_shape(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", v):
-            raise ValueError("a dialect name is lower-case letters, digits, '-' and '_'")
-        return v
-
-    @field_validator("fields")
-    @classmethod
-    def _field_numbers(cls, v: dict[str, _FieldFile]) -> dict[str, _FieldFile]:
-        for key in v:
-            if not key.isdigit() or not 2 <= int(key) <= 128 or key != str(int(key)):
-                raise ValueError(f"field number {key!r} is not 2..128")
-            if key == "65":
-                # pyiso8583 reads bit 65 as "a tertiary bitmap follows" on decode and drops a
-                # field 65 on encode: it can never carry a value, so no dialect may define it
-                # (a message with bit 65 set is then a format error, never a KeyError).
-                raise ValueError("field 65 can't be defined: bit 65 marks a tertiary bitmap, which the gateway does not carry")
-        return v
 
 
 # --------------------------------------------------------------------------- compiled model
@@ -199,32 +108,32 @@ class Dialect:
         return fd.name if fd else f"field {number}"
 
 
-def _resolve_field(num: int, f: _FieldFile, wire: _WireFile, where: str, source: str) -> FieldDef:
-    if f.encoding is not None:
-        enc = f.encoding
-    elif f.type in ("n", "z"):
-        enc = wire.numeric
-    elif f.type == "b":
-        enc = wire.binary
+def _resolve_field(num: int, f: Mapping[str, Any], wire: Mapping[str, Any], where: str, source: str) -> FieldDef:
+    if f["encoding"] is not None:
+        enc = f["encoding"]
+    elif f["type"] in ("n", "z"):
+        enc = wire["numeric"]
+    elif f["type"] == "b":
+        enc = wire["binary"]
     else:
-        enc = wire.text
+        enc = wire["text"]
     allowed = {
         "n": {"ascii", "ebcdic", "bcd"},
         "z": {"ascii", "ebcdic", "bcd"},
         "b": {"raw", "hex"},
-    }.get(f.type, {"ascii", "ebcdic"})
+    }.get(f["type"], {"ascii", "ebcdic"})
     if enc not in allowed:
-        raise ConfigError(source, f"{where}.encoding", f"{enc!r} can't carry type {f.type!r}; one of {sorted(allowed)}")
-    length_encoding = f.length_encoding or wire.length
+        raise ConfigError(source, f"{where}.encoding", f"{enc!r} can't carry type {f['type']!r}; one of {sorted(allowed)}")
+    length_encoding = f["length_encoding"] or wire["length"]
     return FieldDef(
         number=num,
-        name=f.name,
-        type=f.type,
-        length=f.len if f.len is not None else f.max,  # type: ignore[arg-type]
-        prefix=PREFIX_DIGITS[f.prefix or ""],
+        name=f["name"],
+        type=f["type"],
+        length=f["len"] if f["len"] is not None else f["max"],
+        prefix=PREFIX_DIGITS[f["prefix"] or ""],
         encoding=enc,
         length_encoding=length_encoding,
-        bcd_pad=f.bcd_pad or wire.bcd_pad,
+        bcd_pad=f["bcd_pad"] or wire["bcd_pad"],
     )
 
 
@@ -255,16 +164,16 @@ def _pyiso_field(fd: FieldDef) -> dict[str, Any]:
     return spec
 
 
-def _build_spec(d: _DialectFile, fields: dict[int, FieldDef]) -> dict[str, Any]:
+def _build_spec(wire: Mapping[str, Any], fields: dict[int, FieldDef]) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "h": {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 0, "desc": "Header"},
     }
-    if d.wire.mti == "bcd":
+    if wire["mti"] == "bcd":
         spec["t"] = {"data_enc": "b", "len_enc": "ascii", "len_type": 0, "max_len": 2, "desc": "MTI"}
     else:
-        spec["t"] = {"data_enc": _PY_CODEC[d.wire.mti], "len_enc": "ascii", "len_type": 0, "max_len": 4, "desc": "MTI"}
+        spec["t"] = {"data_enc": _PY_CODEC[wire["mti"]], "len_enc": "ascii", "len_type": 0, "max_len": 4, "desc": "MTI"}
     for key, desc in (("p", "Primary bitmap"), ("1", "Secondary bitmap")):
-        if d.wire.bitmap == "binary":
+        if wire["bitmap"] == "binary":
             spec[key] = {"data_enc": "b", "len_enc": "ascii", "len_type": 0, "max_len": 8, "desc": desc}
         else:
             spec[key] = {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 16, "desc": desc}
@@ -279,62 +188,42 @@ def _build_spec(d: _DialectFile, fields: dict[int, FieldDef]) -> dict[str, Any]:
     return spec
 
 
-def parse_dialect(text: str, source: str) -> Dialect:
-    """Parse and check a dialect file's text. Raises ConfigError naming the key path."""
-    d = validate(_DialectFile, parse_toml(text, source), source)
+def build_dialect(d: Mapping[str, Any], source: str) -> Dialect:
+    """A Dialect from a dialect file's checked contents as plain data (specfiles.py reads and
+    checks the file: every key present, defaults filled in). Raises ConfigError naming the key
+    path for what only the whole file can tell: an encoding a type can't carry, a field a
+    section names but ``[fields]`` does not define."""
+    wire = d["wire"]
+    card = d["card_data"]
     fields: dict[int, FieldDef] = {}
-    for key, f in d.fields.items():
+    for key, f in d["fields"].items():
         num = int(key)
-        fields[num] = _resolve_field(num, f, d.wire, f"fields.{key}", source)
+        fields[num] = _resolve_field(num, f, wire, f"fields.{key}", source)
     for section, nums in (
-        ("response.echo", d.response.echo),
-        ("card_data.pan", d.card_data.pan),
-        ("card_data.mask", d.card_data.mask),
-        ("card_data.remove", d.card_data.remove),
-        ("card_data.presence", d.card_data.presence),
+        ("response.echo", d["response"]["echo"]),
+        ("card_data.pan", card["pan"]),
+        ("card_data.mask", card["mask"]),
+        ("card_data.remove", card["remove"]),
+        ("card_data.presence", card["presence"]),
     ):
         for n in nums:
             if n not in fields:
                 raise ConfigError(source, section, f"field {n} is not defined in [fields]")
     return Dialect(
-        name=d.name,
-        title=d.title,
-        standard=d.standard,
-        mti_encoding=d.wire.mti,
-        bitmap_encoding=d.wire.bitmap,
+        name=d["name"],
+        title=d["title"],
+        standard=d["standard"],
+        mti_encoding=wire["mti"],
+        bitmap_encoding=wire["bitmap"],
         fields=fields,
-        echo=tuple(d.response.echo),
-        pan_fields=frozenset(d.card_data.pan),
-        mask_fields=frozenset(d.card_data.mask),
-        remove_fields=frozenset(d.card_data.remove),
-        presence_fields=frozenset(d.card_data.presence),
+        echo=tuple(d["response"]["echo"]),
+        pan_fields=frozenset(card["pan"]),
+        mask_fields=frozenset(card["mask"]),
+        remove_fields=frozenset(card["remove"]),
+        presence_fields=frozenset(card["presence"]),
         source=source,
-        spec=_build_spec(d, fields),
+        spec=_build_spec(wire, fields),
     )
-
-
-def load_dialect_file(path: str | os.PathLike[str]) -> Dialect:
-    return parse_dialect(read_text(path), str(path))
-
-
-def dialect_paths(extra_dirs: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Dialect name -> file, shipped ones first; a file in ``extra_dirs`` overrides by name."""
-    return spec_files("dialects", extra_dirs)
-
-
-@lru_cache(maxsize=64)
-def get_dialect(name_or_path: str, extra_dirs: tuple[str, ...] = ()) -> Dialect:
-    """A dialect by shipped name (``iso87ascii``) or by file path."""
-    if name_or_path.endswith(".toml") or os.sep in name_or_path:
-        return load_dialect_file(name_or_path)
-    paths = dialect_paths(extra_dirs)
-    if name_or_path not in paths:
-        known = ", ".join(sorted(paths)) or "none"
-        raise ConfigError("dialect", name_or_path, f"unknown dialect; known: {known}")
-    dialect = load_dialect_file(paths[name_or_path])
-    if dialect.name != name_or_path:
-        raise ConfigError(str(paths[name_or_path]), "name", f"{dialect.name!r} does not match the file name")
-    return dialect
 
 
 # --------------------------------------------------------------------------- field types

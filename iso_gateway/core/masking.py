@@ -13,7 +13,6 @@ It must never return a full PAN, and it never raises on odd input.
 from __future__ import annotations
 
 import re
-import traceback
 from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:  # only for annotations: the journal's indexer process imports this module lean
@@ -96,14 +95,3 @@ def scrub(text: str) -> str:
     if len(text) < 12:
         return text
     return _PAN_LIKE.sub(lambda m: mask_pan(m.group()) if luhn_ok(m.group()) else m.group(), text)
-
-
-def masked_exception(exc: BaseException, *, trace: bool = True) -> str:
-    """An exception (with its traceback when ``trace``) as text fit for a log: scrubbed of
-    anything that looks like a PAN, since an unexpected error's text can quote a value."""
-    try:
-        if trace:
-            return scrub("".join(traceback.format_exception(exc)).rstrip())
-        return scrub(f"{type(exc).__name__}: {exc}")
-    except Exception:  # noqa: BLE001 - a broken __str__ must not break the error path
-        return type(exc).__name__

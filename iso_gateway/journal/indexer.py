@@ -22,7 +22,7 @@ A segment still on disk when the gateway stops is written at its next start
 
 ``thread`` mode (``[journal] indexer = "thread"``) does the same in the
 journal's worker thread, without a process. The parent's side is
-``journal.LogIndexer``; this module imports no trio, so the child stays small.
+``commit.LogIndexer``; this module imports no trio, so the child stays small.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def apply_segment(conn: sqlite3.Connection, store: Any, path: Path) -> tuple[int
 def main() -> int:
     """The child: apply each segment named on stdin, answer on stdout."""
     from .store import CHECKPOINT_EVERY, Backoff, SQLiteStore, failure_reason
-    from .security.pan import PanVault
+    from ..security.pan import PanVault
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Behind the gateway for the CPU: its bursts (a segment every INDEX_EVERY) would otherwise

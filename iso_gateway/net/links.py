@@ -33,19 +33,19 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import trio
 
-from .config import UpstreamConfig
-from .dialect import Dialect, get_dialect
-from .errors import FrameError, IsoGatewayError, MessageError
-from .framing import FrameDecoder, Framer, framer_from_config
-from .matching import Key, PendingTable, StanAllocator, match_key
+from ..config import UpstreamConfig
+from ..core.dialect import Dialect
+from ..core.errors import FrameError, IsoGatewayError, MessageError
+from ..core.framing import FrameDecoder, Framer, framer_from_config
+from ..core.matching import Key, PendingTable, StanAllocator, match_key
 from .poller import Poller
-from .message import build_response, decode, encode, is_request
-from .scanner import Scan, Scanner
+from ..core.message import build_response, decode, encode, is_request
+from ..core.scanner import Scan, Scanner
 from .sockio import SocketIO
 from .writer import FrameWriter
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from ..metrics import Metrics
 
 log = logging.getLogger("iso_gateway.links")
 
@@ -571,12 +571,13 @@ class SoloConnection(UpstreamConnection):
 class Upstream:
     """A switch: its configuration, codec and connections."""
 
-    def __init__(self, cfg: UpstreamConfig, listener: LinkListener, metrics: "Metrics | None" = None,
-                 dialect_dirs: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: UpstreamConfig, listener: LinkListener, metrics: "Metrics | None",
+                 dialect: Dialect) -> None:
+        """``dialect`` is ``cfg.dialect``, loaded by the caller."""
         self.cfg = cfg
         self.listener = listener
         self.metrics = metrics
-        self.dialect: Dialect = get_dialect(cfg.dialect, dialect_dirs)
+        self.dialect = dialect
         self.framer: Framer = framer_from_config(
             cfg.framing, where=f"upstreams.{cfg.name}.framing", max_frame=cfg.max_frame,
             length_includes_header=cfg.length_includes_header, tpdu=cfg.tpdu,

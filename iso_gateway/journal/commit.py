@@ -46,7 +46,7 @@ import trio
 
 from . import store as store_module
 from . import txlog
-from .security.pan import PanVault
+from ..security.pan import PanVault
 from .store import (
     ANSWERED, CHECKPOINT_EVERY, FORWARDED, MAX_WORKERS, NOT_SENT, RECEIVED, RECOVERY_WINDOW,
     REVERSAL_FIELDS, REVERSED, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT, SCHEMA, TIMED_OUT,
@@ -58,7 +58,8 @@ __all__ = [
     "ANSWERED", "CHECKPOINT_EVERY", "FORWARDED", "MAX_WORKERS", "NOT_SENT", "RECEIVED", "RECOVERY_WINDOW",
     "REVERSAL_FIELDS", "REVERSED", "SAF_ACKED", "SAF_CANCELLED", "SAF_PARKED", "SAF_PENDING", "SAF_SENT", "SCHEMA",
     "TIMED_OUT", "TXN_COLUMNS", "Backoff", "SafItem", "SQLiteStore", "TxnRow", "failure_reason", "id_at", "new_id",
-    "INDEX_EVERY", "Journal", "LogIndexer", "open_store_readonly", "replay_segments",
+    "INDEX_EVERY", "STORE_RETRY_INITIAL", "STORE_RETRY_MAX", "Journal", "LogIndexer", "open_store_readonly",
+    "replay_segments",
 ]
 
 log = logging.getLogger("iso_gateway.journal")
@@ -822,7 +823,7 @@ class LogIndexer:
         j = self.journal
         try:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "iso_gateway.indexer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                [sys.executable, "-m", "iso_gateway.journal.indexer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         except OSError as exc:  # no memory, no file descriptors: counted, and tried again
             j.note_failure("indexer", f"can't start the indexer process ({exc.strerror or exc})", failure_reason(exc))
             return None

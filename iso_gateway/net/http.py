@@ -65,7 +65,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 if TYPE_CHECKING:
-    from .config import MetricsConfig
+    from ..config import MetricsConfig
 
 log = logging.getLogger("iso_gateway.http")
 
