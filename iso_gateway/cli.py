@@ -11,10 +11,14 @@ import json
 import os
 import sqlite3
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import __version__
 from .errors import ConfigError, IsoGatewayError
+
+if TYPE_CHECKING:  # imported lazily at run time, for a quick start
+    from .dialect import Dialect
+    from .framing import Framer
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -58,10 +62,10 @@ def _read_input(args: argparse.Namespace) -> bytes:
         raise IsoGatewayError("input is not hexadecimal (use --file for raw bytes)") from None
 
 
-def _framer(args: argparse.Namespace):  # noqa: ANN202 - Framer, imported lazily
+def _framer(args: argparse.Namespace) -> Framer:
     from .framing import framer_from_config
 
-    options = {}
+    options: dict[str, Any] = {}
     if args.length_includes_header:
         options["length_includes_header"] = True
     if args.tpdu:
@@ -69,7 +73,7 @@ def _framer(args: argparse.Namespace):  # noqa: ANN202 - Framer, imported lazily
     return framer_from_config(args.framing, **options)
 
 
-def _describe(dialect, msg: dict[str, str], unmasked: bool) -> list[dict[str, str]]:  # noqa: ANN001
+def _describe(dialect: Dialect, msg: dict[str, str], unmasked: bool) -> list[dict[str, str]]:
     from .masking import REMOVED, mask_field
     from .message import mti_class, mti_function
 
@@ -109,7 +113,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     out = []
     for header, raw in messages:
         msg = decode(dialect, raw, check_types=not args.lenient)
-        entry = {"dialect": dialect.name, "length": len(raw), "fields": _describe(dialect, msg, args.unmasked)}
+        entry: dict[str, Any] = {"dialect": dialect.name, "length": len(raw), "fields": _describe(dialect, msg, args.unmasked)}
         if header:
             entry["header"] = header.hex().upper()
         out.append(entry)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from .datafiles import parse_toml, read_text, validate
 
@@ -297,7 +298,7 @@ def load_config(path: str | Path) -> Config:
 # --------------------------------------------------------------------------- reference
 
 
-def _default_text(field) -> str:  # noqa: ANN001 - a pydantic FieldInfo
+def _default_text(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
     value = field.get_default(call_default_factory=True)
@@ -314,7 +315,7 @@ def _default_text(field) -> str:  # noqa: ANN001 - a pydantic FieldInfo
 
 def reference_markdown() -> str:
     """The configuration reference table for the README, made from the models themselves."""
-    sections = [
+    sections: list[tuple[str, type[BaseModel]]] = [
         ("[gateway]", GatewayConfig),
         ("[routing]", RoutingConfig),
         ("[journal]", JournalConfig),

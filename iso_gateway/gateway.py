@@ -25,7 +25,7 @@ import logging
 import secrets
 import sqlite3
 from datetime import datetime, timezone
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import trio
 
@@ -239,7 +239,7 @@ class ForwardedReversal(FrontRequest):
 
     __slots__ = ("take_over",)
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - FrontRequest's
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # FrontRequest's
         super().__init__(*args, **kwargs)
         self.take_over: Callable[[], None] | None = None
 
@@ -319,7 +319,8 @@ class Gateway:
         """
         if self.draining:
             return False, "shutting down"
-        ready, not_ready = [], []
+        ready: list[str] = []
+        not_ready: list[str] = []
         for name, up in self.upstreams.items():
             n = silent = 0
             for c in up.connections:
@@ -366,21 +367,21 @@ class Gateway:
         self.config = config
         log.info("configuration reloaded: %d routes", len(config.routes))
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+    async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``stop``; then drain, answer what is left, sign off and return."""
         self._restore_stans()
         self.reversals.recover()
         async with trio.open_nursery() as root:
             poller_scope = trio.CancelScope()
 
-            async def run_poller(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+            async def run_poller(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 with poller_scope:
                     await self.poller.run(task_status=task_status)
 
             await root.start(run_poller)
             journal_scope = trio.CancelScope()
 
-            async def run_journal(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+            async def run_journal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 with journal_scope:
                     await self.journal.run(task_status=task_status)
 

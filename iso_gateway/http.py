@@ -195,7 +195,7 @@ class _Render:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.started = False
-        self.result: Answer | BaseException | None = None
+        self.result: Answer | Exception | None = None
 
 
 class ObservabilityApp:
@@ -334,7 +334,7 @@ async def _receive(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
             data = await stream.receive_some(16384)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _Closed from None
-        conn.receive_data(data)
+        conn.receive_data(bytes(data))  # a no-op for the bytes trio's sockets return; h11 is typed for bytes
 
 
 async def _send(stream: trio.abc.Stream, conn: h11.Connection, method: str, answer: Answer, close: bool) -> None:

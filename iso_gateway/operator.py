@@ -118,7 +118,7 @@ def saf_park(args: argparse.Namespace) -> int:
                    (SAF_PARKED, time.time()), (SAF_PENDING, SAF_SENT))
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("journal", help="look up transactions in the journal (masked)")
     jsub = p.add_subparsers(dest="journal_command", metavar="SUBCOMMAND", required=True)
     f = jsub.add_parser("find", help="find transactions by RRN, STAN or terminal")

@@ -101,7 +101,7 @@ class Poller:
 
     # ------------------------------------------------------------------ tasks
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled."""
         try:
             async with trio.open_nursery() as nursery:

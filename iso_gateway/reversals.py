@@ -489,7 +489,7 @@ class SafWorker:
         """``saf_id`` is no longer outstanding: a 0430/0410 for it from now on is unmatched."""
         key = self._keys.pop(saf_id, None)
         held = self.upstream.outstanding.get(key) if key is not None else None
-        if isinstance(held, _Outstanding) and held.saf_id == saf_id:
+        if key is not None and isinstance(held, _Outstanding) and held.saf_id == saf_id:
             self.upstream.outstanding.release(key, held)
 
     def _settle(self, saf_id: int) -> None:

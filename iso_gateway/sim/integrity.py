@@ -272,7 +272,7 @@ async def run_check(requests: int, kills: int, seed: int, connections: int = 16,
     report["state_dir"] = str(state)
     if waiting:
         report["violations"] = int(report["violations"]) + 1  # type: ignore[call-overload]
-        report["violation_samples"].append(f"{waiting} reversals still queued after 60 s")  # type: ignore[union-attr]
+        report["violation_samples"].append(f"{waiting} reversals still queued after 60 s")  # type: ignore[attr-defined]
     return report
 
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in report.items():
             if key != "violation_samples":
                 print(f"{key:<28} {value}")
-        for line in report["violation_samples"]:  # type: ignore[union-attr]
+        for line in report["violation_samples"]:  # type: ignore[attr-defined]
             print("  " + line)
     return 1 if report["violations"] else 0
 
