@@ -356,7 +356,7 @@ class Gateway:
         routes = RouteTable(config.routes, config.routing, source=self.config_path or "config")
         # Build every listener's new state before touching any, so a failure changes nothing.
         staged = []
-        for lst, lc in zip(self.listeners, config.listeners):
+        for lst, lc in zip(self.listeners, config.listeners, strict=True):  # same listeners: checked above
             probe = Listener.__new__(Listener)
             probe.gateway = self
             probe.apply(lc, tuple(config.dialect_dirs), tuple(config.rule_dirs))
@@ -427,7 +427,7 @@ class Gateway:
             conn_scope.cancel()
             up_scope.cancel()
             self._save_stans()
-            await trio.sleep(0)  # let the last journal batch be handed back
+            await trio.lowlevel.checkpoint()  # let the last journal batch be handed back
             journal_scope.cancel()
             poller_scope.cancel()
         self.journal.close()
@@ -448,7 +448,7 @@ class Gateway:
             lst.stop_accepting()
         log.info("shutting down: no new connections; draining in-flight requests")
         with trio.move_on_after(self.config.gateway.drain_timeout):
-            while self.front_in_flight:
+            while self.front_in_flight:  # noqa: ASYNC110 - a count many tasks change; checked while draining only
                 await trio.sleep(0.05)
         if self.front_in_flight:
             log.warning("drain deadline passed with %d requests in flight; answering them %s",

@@ -420,7 +420,7 @@ class Journal:
             if error is None:
                 self._thread_segments.popleft()
                 self._thread_backoff.reset()
-                self._segment_done(path, True, "%d %d" % counts, unlink=True)
+                self._segment_done(path, True, f"{counts[0]:d} {counts[1]:d}", unlink=True)
                 self._index_in_thread()
             else:
                 self._thread_retry_at = trio.current_time() + self._thread_backoff.next()
@@ -560,7 +560,7 @@ class Journal:
             if op.callback is not None:
                 try:
                     w = op.callback(op.result, op.error)
-                except Exception:  # noqa: BLE001 - one callback's bug must not stop the journal
+                except Exception:  # one callback's bug must not stop the journal
                     log.exception("journal callback failed")
                     continue
                 if w is not None:
@@ -627,7 +627,7 @@ class Journal:
                 batch.extend(more)
             try:
                 self._commit(batch)
-            except Exception:  # noqa: BLE001 - the thread must outlive any one batch
+            except Exception:  # the thread must outlive any one batch
                 log.exception("journal batch failed")
                 for op in batch:
                     if op.error is None and not op.kept:

@@ -136,7 +136,7 @@ class Poller:
                         continue  # closed or paused by something read earlier in this round
                     try:
                         obj.on_readable(now, touched)
-                    except Exception:  # noqa: BLE001 - one socket's bug must not reach the others
+                    except Exception:  # one socket's bug must not reach the others
                         log.exception("internal error reading a connection; it is closed")
                         obj.fail()
                 for writer in end_round(touched):

@@ -257,7 +257,7 @@ class Engine:
             conn.writer = writer = FrameWriter(stream, send_timeout=self.timeout)
             conn.decoder = self.framer.decoder()
             conn.scope = scope = trio.CancelScope()
-            writer.on_broken = lambda _reason: scope.cancel()
+            writer.on_broken = lambda _reason, scope=scope: scope.cancel()  # this connection's scope, not a later one's
             self.alive += 1
             try:
                 with scope:
