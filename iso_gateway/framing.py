@@ -141,7 +141,7 @@ class Bcd2(LengthHeader):
         return hi * 100 + lo
 
     def write(self, length: int) -> bytes:
-        return bytes.fromhex(f"{length:04d}")
+        return bytes.fromhex("%04d" % length)
 
 
 class Ascii4(LengthHeader):

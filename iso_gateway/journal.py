@@ -420,7 +420,7 @@ class Journal:
             if error is None:
                 self._thread_segments.popleft()
                 self._thread_backoff.reset()
-                self._segment_done(path, True, f"{counts[0]:d} {counts[1]:d}", unlink=True)
+                self._segment_done(path, True, "%d %d" % counts, unlink=True)
                 self._index_in_thread()
             else:
                 self._thread_retry_at = trio.current_time() + self._thread_backoff.next()

@@ -72,7 +72,7 @@ upstream = "cmi"
                 except OSError:
                     pass
                 await trio.sleep(0.1)
-        ready_key = f"iso_gateway_link_state|host=127.0.0.1:{switch_port}|state=ready|upstream=cmi"
+        ready_key = "iso_gateway_link_state|host=127.0.0.1:%d|state=ready|upstream=cmi" % switch_port
         with trio.move_on_after(5):  # each worker hands its gauges over every second
             while (await trio.to_thread.run_sync(scrape, metrics_port)).get(ready_key) != 2:
                 await trio.sleep(0.2)

@@ -469,10 +469,10 @@ class RequestFactory:
         i = t.terminal
         n = self._stan_next[i]
         self._stan_next[i] = n + 1 if n + 1 < self._stan_block else 0
-        stan = f"{self._stan_base + n + 1:06d}"
+        stan = "%06d" % (self._stan_base + n + 1)
         r = self._rrn_next
         self._rrn_next = r + 1 if r + 1 < self._rrn_block else 0
-        rrn = f"{self._rrn_prefix}{self._rrn_base + r:08d}"
+        rrn = "%s%08d" % (self._rrn_prefix, self._rrn_base + r)
         enc = self._encode
         frame = b"".join((t.head, enc[11](stan), t.middle, enc[37](rrn), t.segments[-1]))
         return frame, (t.key_class, t.terminal_id, stan)
