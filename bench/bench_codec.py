@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import platform
 import timeit
+from typing import Callable
 
 from iso_gateway.specfiles import dialect_paths, get_dialect
 from iso_gateway.core.message import decode, encode
@@ -37,7 +38,7 @@ def sample(dialect_name: str) -> dict[str, str]:
     return msg
 
 
-def best(fn, number: int) -> float:
+def best(fn: Callable[[], object], number: int) -> float:
     return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
 
 

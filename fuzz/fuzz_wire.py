@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # fuzz.targets, run from anywhere
@@ -29,7 +30,7 @@ except ImportError:  # optional extra "fuzz"
     atheris = None
 
 
-def _import_targets():
+def _import_targets() -> ModuleType:
     if atheris is None:
         from fuzz import targets
         return targets
@@ -39,7 +40,7 @@ def _import_targets():
     return targets
 
 
-def _write_seeds(targets, corpus: Path) -> int:
+def _write_seeds(targets: ModuleType, corpus: Path) -> int:
     corpus.mkdir(parents=True, exist_ok=True)
     n = 0
     for seed in targets.seeds():
@@ -48,7 +49,7 @@ def _write_seeds(targets, corpus: Path) -> int:
     return n
 
 
-def _random_fallback(targets, corpus: Path, runs: int, seconds: float, seed: int) -> int:
+def _random_fallback(targets: ModuleType, corpus: Path, runs: int, seconds: float, seed: int) -> int:
     """Not coverage-guided: random byte mutations of the corpus, for machines without atheris."""
     rng = random.Random(seed)
     pool = [p.read_bytes() for p in sorted(corpus.iterdir()) if p.is_file()]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -227,12 +228,12 @@ def _feed(framer: Framer, chunks: list[bytes]) -> tuple[list, FrameError | None]
 Target = Callable[[bytes], None]
 TARGETS: list[tuple[str, Target]] = []
 for _name in DIALECTS:
-    TARGETS.append((f"scan_vs_decode/{_name}", lambda b, n=_name: scan_vs_decode(n, b)))
-    TARGETS.append((f"splice/{_name}", lambda b, n=_name: splice(n, b)))
-    TARGETS.append((f"masking/{_name}", lambda b, n=_name: masking(n, b)))
-    TARGETS.append((f"local_answer/{_name}", lambda b, n=_name: local_answer(n, b)))
+    TARGETS.append((f"scan_vs_decode/{_name}", partial(scan_vs_decode, _name)))
+    TARGETS.append((f"splice/{_name}", partial(splice, _name)))
+    TARGETS.append((f"masking/{_name}", partial(masking, _name)))
+    TARGETS.append((f"local_answer/{_name}", partial(local_answer, _name)))
 for _i, _framer in enumerate(_FRAMERS):
-    TARGETS.append((f"framing/{_framer.name}/{_i % len(_OPTIONS)}", lambda b, i=_i: framing(i, b)))
+    TARGETS.append((f"framing/{_framer.name}/{_i % len(_OPTIONS)}", partial(framing, _i)))
 
 
 def run_one(data: bytes) -> None:

@@ -11,27 +11,20 @@ import json
 import os
 import sqlite3
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
 from .core.errors import ConfigError, IsoGatewayError
+
+if TYPE_CHECKING:  # imported lazily at run time, for a quick start
+    from .core.dialect import Dialect
+    from .core.framing import Framer
 
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 # Files and folders the daemon creates: owner only (0600 files, 0700 folders).
 PRIVATE_UMASK = 0o077
-
-_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        _COMMANDS[name] = fn
-        return fn
-
-    return register
-
 
 def _err(msg: str) -> None:
     print(f"iso-gateway: {msg}", file=sys.stderr)
@@ -58,10 +51,10 @@ def _read_input(args: argparse.Namespace) -> bytes:
         raise IsoGatewayError("input is not hexadecimal (use --file for raw bytes)") from None
 
 
-def _framer(args: argparse.Namespace):  # noqa: ANN202 - Framer, imported lazily
+def _framer(args: argparse.Namespace) -> Framer:
     from .core.framing import framer_from_config
 
-    options = {}
+    options: dict[str, Any] = {}
     if args.length_includes_header:
         options["length_includes_header"] = True
     if args.tpdu:
@@ -69,7 +62,7 @@ def _framer(args: argparse.Namespace):  # noqa: ANN202 - Framer, imported lazily
     return framer_from_config(args.framing, **options)
 
 
-def _describe(dialect, msg: dict[str, str], unmasked: bool) -> list[dict[str, str]]:  # noqa: ANN001
+def _describe(dialect: Dialect, msg: dict[str, str], unmasked: bool) -> list[dict[str, str]]:
     from .core.masking import REMOVED, mask_field
     from .core.message import mti_class, mti_function
 
@@ -84,7 +77,6 @@ def _describe(dialect, msg: dict[str, str], unmasked: bool) -> list[dict[str, st
     return rows
 
 
-@command("decode")
 def cmd_decode(args: argparse.Namespace) -> int:
     from .specfiles import get_dialect
     from .core.message import decode
@@ -109,7 +101,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     out = []
     for header, raw in messages:
         msg = decode(dialect, raw, check_types=not args.lenient)
-        entry = {"dialect": dialect.name, "length": len(raw), "fields": _describe(dialect, msg, args.unmasked)}
+        entry: dict[str, Any] = {"dialect": dialect.name, "length": len(raw), "fields": _describe(dialect, msg, args.unmasked)}
         if header:
             entry["header"] = header.hex().upper()
         out.append(entry)
@@ -130,7 +122,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@command("encode")
 def cmd_encode(args: argparse.Namespace) -> int:
     from .specfiles import get_dialect
     from .core.message import encode
@@ -154,7 +145,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@command("dialects")
 def cmd_dialects(args: argparse.Namespace) -> int:
     from .specfiles import dialect_paths, get_dialect
 
@@ -167,7 +157,6 @@ def cmd_dialects(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@command("run")
 def cmd_run(args: argparse.Namespace) -> int:
     # Before anything is created (the state folder, the journal, the log, the metrics folder,
     # the workers and the indexer inherit it): what the gateway writes holds card data or
@@ -182,7 +171,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.config, worker=args.worker_index)
 
 
-@command("check-config")
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Load the configuration and everything it names (dialects, rules, routes), start nothing."""
     from .config import load_config, route_table
@@ -203,29 +191,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
     return run(args.connections)
 
 
-@command("journal")
-@command("saf")
-def cmd_operator(args: argparse.Namespace) -> int:
-    from .operator import run
-
-    return run(args)
-
-
-@command("sim-switch")
 def cmd_sim_switch(args: argparse.Namespace) -> int:
     from .sim.switch import run
 
     return run(args)
 
 
-@command("load")
 def cmd_load(args: argparse.Namespace) -> int:
     from .load.command import run
 
@@ -248,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("decode", help="decode a message or a framed stream and print its fields, masked")
+    p.set_defaults(handler=cmd_decode)
     p.add_argument("hex", nargs="?", help="the message as hex; '-' or nothing reads hex from stdin")
     p.add_argument("--file", help="read raw bytes from this file instead")
     _add_wire_options(p)
@@ -256,19 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lenient", action="store_true", help="do not check ISO field types (n, an, ...)")
 
     p = sub.add_parser("encode", help="encode a JSON field object into hex")
+    p.set_defaults(handler=cmd_encode)
     p.add_argument("json_text", nargs="?", metavar="JSON", help='e.g. \'{"t": "0800", "11": "000001", "70": "301"}\'; - reads stdin')
     _add_wire_options(p)
     p.add_argument("--header", help="TPDU or fixed header bytes as hex, with --framing")
 
-    sub.add_parser("dialects", help="list the dialects found in specs/dialects")
+    sub.add_parser("dialects", help="list the dialects found in specs/dialects").set_defaults(handler=cmd_dialects)
 
     p = sub.add_parser("run", help="run the gateway daemon")
+    p.set_defaults(handler=cmd_run)
     p.add_argument("--config", required=True, help="the gateway's TOML configuration")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes sharing the listening port (SO_REUSEPORT), each with its own upstream links")
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for each worker
 
     p = sub.add_parser("check-config", help="validate a configuration file and everything it names, start nothing")
+    p.set_defaults(handler=cmd_check_config)
     p.add_argument("config", help="the gateway's TOML configuration")
 
     from .operator import add_parsers
@@ -276,14 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub)
 
     p = sub.add_parser("demo", help="run the simulator and the gateway on loopback and show a burst of traffic")
+    p.set_defaults(handler=cmd_demo)
     p.add_argument("--connections", type=int, default=8, help="front-end connections (default 8)")
 
     p = sub.add_parser("sim-switch", help="run the bank switch simulator")
+    p.set_defaults(handler=cmd_sim_switch)
     from .sim.switch import add_arguments
 
     add_arguments(p)
 
     p = sub.add_parser("load", help="drive raw ISO 8583 load at a host and report rates, codes and latency")
+    p.set_defaults(handler=cmd_load)
     from .load.command import add_arguments as add_load_arguments
 
     add_load_arguments(p)
@@ -297,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return _COMMANDS[args.command](args)
+        return args.handler(args)  # each sub-command's parser names its handler (set_defaults)
     except ConfigError as exc:
         _err(str(exc))
         return EXIT_USAGE

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from .core.routing import RouteRule, RouteTable
 from .datafiles import parse_toml, read_text, validate
@@ -308,7 +309,7 @@ def route_table(routes: Sequence[RouteConfig], routing: RoutingConfig, source: s
     return RouteTable(rules, routing.no_route_code, routing.unknown_bin_code, source=source)
 
 
-def _default_text(field) -> str:  # noqa: ANN001 - a pydantic FieldInfo
+def _default_text(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
     value = field.get_default(call_default_factory=True)
@@ -325,7 +326,7 @@ def _default_text(field) -> str:  # noqa: ANN001 - a pydantic FieldInfo
 
 def reference_markdown() -> str:
     """The configuration reference table for the README, made from the models themselves."""
-    sections = [
+    sections: list[tuple[str, type[BaseModel]]] = [
         ("[gateway]", GatewayConfig),
         ("[routing]", RoutingConfig),
         ("[journal]", JournalConfig),

@@ -64,7 +64,7 @@ async def _signals(gateway: Gateway, config_path: str | None) -> None:
 
 
 async def serve(config: Config, config_path: str | None = None, *, worker: int | None = None,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+                task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a gateway until a stop signal (or ``gateway.stop()``)."""
     gateway = Gateway(config, config_path=config_path, worker=worker)
     # A worker's metrics go to the shared multiprocess folder; the supervisor serves them.

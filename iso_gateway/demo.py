@@ -123,7 +123,7 @@ async def _main(connections: int) -> int:
         metrics_port = start_metrics_server(config, gateway.metrics, gateway)
         await nursery.start(gateway.run)
         with trio.move_on_after(10):
-            while not all(u.ready for u in gateway.upstreams.values()):
+            while not all(u.ready for u in gateway.upstreams.values()):  # noqa: ASYNC110 - no event for "all links up"
                 await trio.sleep(0.01)
         print(f"switch simulator on 127.0.0.1:{switch_port}; gateway listening on 127.0.0.1:{gateway.ports[0]}"
               f" (config {base_path}, route timeouts {DEMO_TIMEOUT:g} s for the demo)")
@@ -147,7 +147,7 @@ async def _main(connections: int) -> int:
               f"p99 {hist.get_value_at_percentile(99) / 1000:.2f} ms, max {hist.get_max_value() / 1000:.2f} ms")
         print(f"the switch saw {sim.count('0100')} authorizations (the gateway answered the rejects itself)")
         with trio.move_on_after(DEMO_TIMEOUT + 5):  # the timed-out ones are reversed: wait for the 0430s
-            while sum(1 for r in sim.records if r.mti == "0420" and r.response_code == "00") < 5:
+            while sum(1 for r in sim.records if r.mti == "0420" and r.response_code == "00") < 5:  # noqa: ASYNC110 - a demo
                 await trio.sleep(0.05)
         reversed_ = sum(1 for r in sim.records if r.mti in ("0420", "0421") and r.response_code == "00")
         print(f"the {outcomes[SCENARIOS[-1][0]]} timed-out authorizations were reversed (0420); the switch "

@@ -25,7 +25,7 @@ import logging
 import secrets
 import sqlite3
 from datetime import datetime, timezone
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import trio
 
@@ -241,7 +241,7 @@ class ForwardedReversal(FrontRequest):
 
     __slots__ = ("take_over",)
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - FrontRequest's
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # FrontRequest's
         super().__init__(*args, **kwargs)
         self.take_over: Callable[[], None] | None = None
 
@@ -322,7 +322,8 @@ class Gateway:
         """
         if self.draining:
             return False, "shutting down"
-        ready, not_ready = [], []
+        ready: list[str] = []
+        not_ready: list[str] = []
         for name, up in self.upstreams.items():
             n = silent = 0
             for c in up.connections:
@@ -359,7 +360,7 @@ class Gateway:
         # Build every listener's new state before touching any, so a failure changes nothing.
         dd, rd = tuple(config.dialect_dirs), tuple(config.rule_dirs)
         staged = []
-        for lst, lc in zip(self.listeners, config.listeners):
+        for lst, lc in zip(self.listeners, config.listeners, strict=True):  # same listeners: checked above
             probe = Listener.__new__(Listener)
             probe.gateway = self
             dialect, rules = get_dialect(lc.dialect, dd), load_rules(lc.rules, rd)
@@ -371,21 +372,21 @@ class Gateway:
         self.config = config
         log.info("configuration reloaded: %d routes", len(config.routes))
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+    async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``stop``; then drain, answer what is left, sign off and return."""
         self._restore_stans()
         self.reversals.recover()
         async with trio.open_nursery() as root:
             poller_scope = trio.CancelScope()
 
-            async def run_poller(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+            async def run_poller(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 with poller_scope:
                     await self.poller.run(task_status=task_status)
 
             await root.start(run_poller)
             journal_scope = trio.CancelScope()
 
-            async def run_journal(task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+            async def run_journal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 with journal_scope:
                     await self.journal.run(task_status=task_status)
 
@@ -431,7 +432,7 @@ class Gateway:
             conn_scope.cancel()
             up_scope.cancel()
             self._save_stans()
-            await trio.sleep(0)  # let the last journal batch be handed back
+            await trio.lowlevel.checkpoint()  # let the last journal batch be handed back
             journal_scope.cancel()
             poller_scope.cancel()
         self.journal.close()
@@ -452,7 +453,7 @@ class Gateway:
             lst.stop_accepting()
         log.info("shutting down: no new connections; draining in-flight requests")
         with trio.move_on_after(self.config.gateway.drain_timeout):
-            while self.front_in_flight:
+            while self.front_in_flight:  # noqa: ASYNC110 - a count many tasks change; checked while draining only
                 await trio.sleep(0.05)
         if self.front_in_flight:
             log.warning("drain deadline passed with %d requests in flight; answering them %s",

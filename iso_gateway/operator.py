@@ -118,7 +118,7 @@ def saf_park(args: argparse.Namespace) -> int:
                    (SAF_PARKED, time.time()), (SAF_PENDING, SAF_SENT))
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("journal", help="look up transactions in the journal (masked)")
     jsub = p.add_subparsers(dest="journal_command", metavar="SUBCOMMAND", required=True)
     f = jsub.add_parser("find", help="find transactions by RRN, STAN or terminal")
@@ -127,6 +127,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     f.add_argument("--stan")
     f.add_argument("--terminal")
     f.add_argument("--limit", type=int, default=50)
+    f.set_defaults(handler=journal_find)
 
     p = sub.add_parser("saf", help="the store-and-forward reversal queue: list, retry, park")
     ssub = p.add_subparsers(dest="saf_command", metavar="SUBCOMMAND", required=True)
@@ -134,15 +135,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add_store_argument(lst)
     lst.add_argument("--state", action="append", choices=SAF_STATES, help="states to list (repeatable)")
     lst.add_argument("--limit", type=int, default=100)
-    for name, help_text in (("retry", "send parked or waiting reversals again now"),
-                            ("park", "stop retrying reversals (they stay listed as parked)")):
+    lst.set_defaults(handler=saf_list)
+    for name, help_text, handler in (("retry", "send parked or waiting reversals again now", saf_retry),
+                                     ("park", "stop retrying reversals (they stay listed as parked)", saf_park)):
         c = ssub.add_parser(name, help=help_text)
+        c.set_defaults(handler=handler)
         add_store_argument(c)
         c.add_argument("ids", nargs="*", type=int, help="item ids (from saf list)")
         c.add_argument("--all", action="store_true", help="every item in a state it applies to")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.command == "journal":
-        return journal_find(args)
-    return {"list": saf_list, "retry": saf_retry, "park": saf_park}[args.saf_command](args)

@@ -375,7 +375,7 @@ class SafWorker:
         while True:
             try:
                 await self._round()
-            except Exception as exc:  # noqa: BLE001 - a failing store must not stop the reversals
+            except Exception as exc:  # a failing store must not stop the reversals
                 reason = failure_reason(exc)
                 if reason == "other":
                     log.exception("SAF worker for %s: round failed", self.upstream.cfg.name)
@@ -512,7 +512,7 @@ class SafWorker:
         """``saf_id`` is no longer outstanding: a 0430/0410 for it from now on is unmatched."""
         key = self._keys.pop(saf_id, None)
         held = self.upstream.outstanding.get(key) if key is not None else None
-        if isinstance(held, _Outstanding) and held.saf_id == saf_id:
+        if key is not None and isinstance(held, _Outstanding) and held.saf_id == saf_id:
             self.upstream.outstanding.release(key, held)
 
     def _settle(self, saf_id: int) -> None:
@@ -576,7 +576,7 @@ class SafWorker:
                 continue  # acknowledged (a late 0430) or parked while it waited here
             try:
                 await self._send_alone(item)
-            except Exception:  # noqa: BLE001 - one item's trouble must not end the lane (nor the worker)
+            except Exception:  # one item's trouble must not end the lane (nor the worker)
                 log.exception("reversal %s: sending it alone failed", saf_label(item.id))
                 self._retry_later(item, "internal error sending it alone")
 

@@ -213,7 +213,7 @@ def test_a_framed_stream_cuts_into_messages_that_decode_to_the_producers_values(
     frames = _split(stream, capture["framing"])
     assert len(frames) == len(capture["frames"]) >= 2
     rebuilt = b""
-    for (header, tpdu, body), want in zip(frames, capture["frames"]):
+    for (header, tpdu, body), want in zip(frames, capture["frames"], strict=True):
         assert header.hex().upper() == want["header"]
         assert (tpdu.hex().upper() or None) == want["tpdu"]
         assert body.hex().upper() == want["hex"]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fuzz/ folder at the repository root
 
-from fuzz import targets  # noqa: E402
+from fuzz import targets
 
 SEEDS = list(targets.seeds())
 KINDS = sorted({name.split("/")[0] for name, _ in targets.TARGETS})

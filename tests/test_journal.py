@@ -196,7 +196,7 @@ async def test_a_killed_indexer_is_restarted_and_loses_nothing(harness):
         assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
     await wait_for(lambda: len(rows(db)) == 11, 10, "every row, through the restarted indexer")
     await wait_for(lambda: gw.journal.failed is None, 5, "the failure cleared")
-    await trio.sleep(0)
+    await trio.lowlevel.checkpoint()
 
 
 async def test_with_synchronous_full_requests_wait_for_the_thread_commit_and_no_log_is_written(harness):

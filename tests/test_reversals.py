@@ -376,7 +376,7 @@ async def test_a_0430_that_comes_after_the_attempts_deadline_completes_the_rever
     assert gw.metrics.reversals("cmi", "repeated").get() == 0
     assert gw.metrics.unmatched_responses("cmi").get() == 0
     for auth in auths:
-        await wait_for(lambda: txn_state(harness, auth["37"]) == "reversed", 3, "journal says reversed")
+        await wait_for(lambda: txn_state(harness, auth["37"]) == "reversed", 3, "journal says reversed")  # noqa: B023 - awaited in this iteration
 
 
 # --------------------------------------------------------------------------- a reversal that drops the link

@@ -58,7 +58,7 @@ class FakeGateway:
         self.metrics = Metrics(process=False)
         self.unmatched = 0
 
-    def on_unmatched(self, conn, scan, raw, late, now) -> None:  # noqa: ANN001
+    def on_unmatched(self, conn, scan, raw, late, now) -> None:
         self.unmatched += 1
 
     def release_held(self) -> set:
@@ -83,7 +83,7 @@ def rig() -> tuple[SafWorker, FakeJournal, FakeGateway, object, SafItem]:
     return worker, journal, gateway, conn, item
 
 
-def answer(conn, item: SafItem, rc: str) -> None:  # noqa: ANN001
+def answer(conn, item: SafItem, rc: str) -> None:
     raw = encode(conn.upstream.dialect, {"t": "0430", "11": item.stan, "39": rc, "4": item.message["4"]},
                  check_types=False)
     conn._on_frame(raw, trio.current_time())

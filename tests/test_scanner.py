@@ -279,7 +279,7 @@ def test_each_known_difference_between_the_old_scan_and_decode_is_refused_by_bot
         (b87, binary_raw.replace(b"\x08\x12", b"\x18\x12"), "a wrong pad nibble in an odd BCD value"),
         (b87, binary_raw.replace(b"SHOP", b"SH\xd6P"), "a non-ASCII byte in a text field nobody reads"),
     ]
-    for dialect, raw, what in cases:
+    for dialect, raw, _what in cases:
         with pytest.raises(DecodeError):
             decode(dialect, raw, check_types=False)
         with pytest.raises(DecodeError):

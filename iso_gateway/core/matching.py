@@ -65,7 +65,7 @@ class PendingTable(Generic[T]):
 
     def __init__(self) -> None:
         self._entries: dict[Key, tuple[T, float, int]] = {}
-        self._stans: dict[str, int] = {}
+        self._stans: dict[Hashable, int] = {}  # keyed by a match key's STAN, key[1]
         self._heap: list[tuple[float, int, Key]] = []
         self._seq = count()
 
@@ -87,7 +87,7 @@ class PendingTable(Generic[T]):
         seq = next(self._seq)
         self._entries[key] = (entry, deadline, seq)
         stan = key[1]
-        self._stans[stan] = self._stans.get(stan, 0) + 1  # type: ignore[index]
+        self._stans[stan] = self._stans.get(stan, 0) + 1
         heap = self._heap
         heapq.heappush(heap, (deadline, seq, key))
         if len(heap) > 4 * len(self._entries) + 1024:
@@ -103,11 +103,11 @@ class PendingTable(Generic[T]):
 
     def _forget_stan(self, key: Key) -> None:
         stan = key[1]
-        left = self._stans[stan] - 1  # type: ignore[index]
+        left = self._stans[stan] - 1
         if left:
-            self._stans[stan] = left  # type: ignore[index]
+            self._stans[stan] = left
         else:
-            del self._stans[stan]  # type: ignore[arg-type]
+            del self._stans[stan]
 
     def _live(self, seq: int, key: Key) -> bool:
         item = self._entries.get(key)

@@ -43,7 +43,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import ConfigError
 
@@ -267,7 +267,8 @@ def _fits(c: tuple | None, mti: str, currency: str | None, terminal: str | None,
     )
 
 
-def _segments(length: int, ranges: list[tuple[str, str, int]], intern) -> tuple[list[str], list[tuple[int, ...]]]:
+def _segments(length: int, ranges: list[tuple[str, str, int]],
+              intern: Callable[[Counter[int]], tuple[int, ...]]) -> tuple[list[str], list[tuple[int, ...]]]:
     """Cut overlapping ranges of one bound length into disjoint segments.
 
     A sweep over range starts (+1 for the route) and ends + 1 (-1), so nested or
@@ -280,7 +281,7 @@ def _segments(length: int, ranges: list[tuple[str, str, int]], intern) -> tuple[
         if after < 10**length:  # a range ending in 9...9 runs to the end of the key space
             events.setdefault(str(after).zfill(length), []).append((i, -1))
     starts = [""]
-    covers = [()]
+    covers: list[tuple[int, ...]] = [()]
     active: Counter[int] = Counter()
     for point in sorted(events):
         for i, delta in events[point]:

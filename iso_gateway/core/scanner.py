@@ -112,7 +112,7 @@ class Scanner:
         self._ascii: list[bool] = [False] * 129
         # Per bitmap walked: the steps, and whether every field in them is ASCII text with an
         # ASCII length prefix or none (then an all-ASCII message is walked as a str, below).
-        self._steps: dict[tuple[int, bool], tuple[tuple[tuple[int, int, bool], ...], bool]] = {}
+        self._steps: dict[tuple[int, bool], tuple[tuple[tuple[int, int, int], ...], bool]] = {}
         self._text: list[bool] = [False] * 129
         # Per field: what a full scan checks in a value it does not read (_SKIP when nothing).
         self._check: list[int] = [_SKIP] * 129
@@ -231,7 +231,7 @@ class Scanner:
             raise DecodeError("extra bytes after the last field", None, pos)
         return Scan(mti, bitmap, values, spans, pos)
 
-    def _walk_text(self, text: str, steps: tuple[tuple[int, int, bool], ...], pos: int, values: dict[int, str],
+    def _walk_text(self, text: str, steps: tuple[tuple[int, int, int], ...], pos: int, values: dict[int, str],
                    spans: dict[int, tuple[int, int]]) -> int:
         """The walk of an all-ASCII message whose fields are all ASCII text: str slices, no
         per-field decode. Returns the end, or -1 at anything unexpected (a length prefix that
@@ -255,7 +255,7 @@ class Scanner:
             pos = end
         return pos if pos <= len(text) else -1
 
-    def _compile_steps(self, bitmap: int, full: bool) -> tuple[tuple[tuple[int, int, bool], ...], bool]:
+    def _compile_steps(self, bitmap: int, full: bool) -> tuple[tuple[tuple[int, int, int], ...], bool]:
         """The walk for one bitmap: (field, fixed byte size or a marker, wanted) per present
         field; and whether ``_walk_text`` can do it."""
         last = 128 if full else self._last_wanted
@@ -275,7 +275,7 @@ class Scanner:
         result = self._steps[(bitmap, full)] = (tuple(steps), all(text[num] for num, _, _ in steps))
         return result
 
-    def _raise_truncated(self, raw: bytes | bytearray, steps: tuple[tuple[int, int, bool], ...], pos: int) -> None:
+    def _raise_truncated(self, raw: bytes | bytearray, steps: tuple[tuple[int, int, int], ...], pos: int) -> None:
         """Slow path: find the field the message ends in, for the error."""
         n = len(raw)
         for num, size, _ in steps:

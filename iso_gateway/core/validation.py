@@ -324,7 +324,7 @@ class RuleSet:
         missing = {n: rej("missing_field", n) for n in range(2, 129)}
         self._missing = missing
         # Keyed by any int a caller's values may hold, so the reject path never builds one.
-        self._type_rejections = {n: rej("field_type", n) for n in range(0, 129)}
+        self._type_rejections = {n: rej("field_type", n) for n in range(129)}
         self._type_tables: dict[int, tuple[Dialect, list[_TypeEntry | None]]] = {}
 
         needed: set[int] = set(rules["type_checked"])

@@ -195,7 +195,7 @@ class Journal:
         self._pending: list[_Op] = []
         self._kick: trio.Event | None = None
         # Statements run as one executemany when a batch holds a run of them.
-        self._bulk = {SQLiteStore.insert_txn: self.store.insert_txn_many,
+        self._bulk: dict[object, Callable[..., Any]] = {SQLiteStore.insert_txn: self.store.insert_txn_many,
                       SQLiteStore.update_txn: self.store.update_txn_many}
         self._conn = SQLiteStore.connect(path, synchronous)  # opened here so a bad path fails at start
         if path != ":memory:":
@@ -235,7 +235,7 @@ class Journal:
 
     # -- lifecycle
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the worker thread and deliver its results, until cancelled (then drain and stop)."""
         self._token = trio.lowlevel.current_trio_token()
         send, receive = trio.open_memory_channel[list[_Op]](math.inf)
@@ -561,7 +561,7 @@ class Journal:
             if op.callback is not None:
                 try:
                     w = op.callback(op.result, op.error)
-                except Exception:  # noqa: BLE001 - one callback's bug must not stop the journal
+                except Exception:  # one callback's bug must not stop the journal
                     log.exception("journal callback failed")
                     continue
                 if w is not None:
@@ -628,7 +628,7 @@ class Journal:
                 batch.extend(more)
             try:
                 self._commit(batch)
-            except Exception:  # noqa: BLE001 - the thread must outlive any one batch
+            except Exception:  # the thread must outlive any one batch
                 log.exception("journal batch failed")
                 for op in batch:
                     if op.error is None and not op.kept:

@@ -279,7 +279,7 @@ class SQLiteStore:
         conn.executemany(self._INSERT_TXN, [self.txn_params(row, original, now) for row, original in calls])
 
     @staticmethod
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def _insert_many_sql(size: int) -> str:
         head, values = SQLiteStore._INSERT_TXN.split(" VALUES ")
         return head.replace("INSERT", "INSERT OR IGNORE", 1) + " VALUES " + ",".join([values] * size)

@@ -192,7 +192,7 @@ class Engine:
             rate = opts.rate
             assert rate is not None
             warm_n = math.ceil(opts.warmup * rate)
-            self.total = warm_n + (opts.count if duration is None else math.ceil(duration * rate))
+            self.total = warm_n + (opts.count if duration is None else math.ceil(duration * rate))  # type: ignore[operator]  # count when no duration
         elif duration is not None:
             self.end_time = self.measure_start + duration
         async with trio.open_nursery() as nursery:
@@ -257,7 +257,7 @@ class Engine:
             conn.writer = writer = FrameWriter(stream, send_timeout=self.timeout)
             conn.decoder = self.framer.decoder()
             conn.scope = scope = trio.CancelScope()
-            writer.on_broken = lambda _reason: scope.cancel()
+            writer.on_broken = lambda _reason, scope=scope: scope.cancel()  # this connection's scope, not a later one's
             self.alive += 1
             try:
                 with scope:

@@ -415,8 +415,7 @@ class RequestFactory:
                 msg["14"] = expiry
             if merchant.name_location:
                 fd43 = dialect.fields.get(43)
-                fixed43 = fd43 is not None and fd43.fixed
-                msg["43"] = merchant.name_location.ljust(fd43.length) if fixed43 else merchant.name_location
+                msg["43"] = merchant.name_location.ljust(fd43.length) if fd43 is not None and fd43.fixed else merchant.name_location
             msg.update(mix.fields)
             try:
                 raw = encode(dialect, msg)

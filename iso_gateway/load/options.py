@@ -132,7 +132,7 @@ class LoadOptions:
         conns = [self.connections // n + (1 if i < self.connections % n else 0) for i in range(n)]
         counts: list[int | None] = [None] * n
         if self.count is not None:
-            counts = _shares(self.count, conns)
+            counts = list(_shares(self.count, conns))
         rates = [None if self.rate is None else self.rate * c / self.connections for c in conns]
         return [
             dataclasses.replace(self, connections=conns[i], count=counts[i], rate=rates[i], processes=1)

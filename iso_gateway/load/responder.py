@@ -16,6 +16,7 @@ import argparse
 import signal
 import sys
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -37,7 +38,7 @@ class InstantResponder:
     def __init__(self, dialect: str = "iso87ascii", framing: str = "ascii4", *,
                  length_includes_header: bool = False, tpdu: bool = False) -> None:
         self.dialect = get_dialect(dialect)
-        options: dict[str, object] = {}
+        options: dict[str, Any] = {}
         if length_includes_header:
             options["length_includes_header"] = True
         if tpdu:

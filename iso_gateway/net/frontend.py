@@ -104,7 +104,7 @@ class Listener:
         self.framer = framer
         self.scanner = Scanner(dialect, rules.fields_needed | ROUTING_FIELDS | set(gateway_match_fields(self.gateway)))
 
-    async def serve(self, connection_nursery: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+    async def serve(self, connection_nursery: trio.Nursery, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections until ``stop_accepting``; connections live in ``connection_nursery``."""
         if self.gateway.worker is None:
             listeners = await trio.open_tcp_listeners(self.cfg.port, host=self.cfg.host)

@@ -266,7 +266,7 @@ class UpstreamConnection:
                 signed_on = False
                 try:
                     signed_on = await self._session(stream)
-                except Exception:  # noqa: BLE001 - a bug in one session must not stop the link, or the daemon
+                except Exception:  # a bug in one session must not stop the link, or the daemon
                     log.exception("upstream %s connection %d: internal error; reconnecting", cfg.name, self.index)
                 finally:
                     self._lost()
@@ -557,7 +557,7 @@ class SoloConnection(UpstreamConnection):
                     continue
                 try:
                     await self._session(stream)
-                except Exception:  # noqa: BLE001 - a bug in this session must not reach the SAF worker
+                except Exception:  # a bug in this session must not reach the SAF worker
                     log.exception("upstream %s: internal error on a connection of its own", cfg.name)
                 finally:
                     self._lost()

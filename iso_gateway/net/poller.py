@@ -101,7 +101,7 @@ class Poller:
 
     # ------------------------------------------------------------------ tasks
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
@@ -136,7 +136,7 @@ class Poller:
                         continue  # closed or paused by something read earlier in this round
                     try:
                         obj.on_readable(now, touched)
-                    except Exception:  # noqa: BLE001 - one socket's bug must not reach the others
+                    except Exception:  # one socket's bug must not reach the others
                         log.exception("internal error reading a connection; it is closed")
                         obj.fail()
                 for writer in end_round(touched):

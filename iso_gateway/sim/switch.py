@@ -72,7 +72,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 import trio
 
@@ -314,7 +314,7 @@ class SwitchSimulator:
             behaviour = dataclasses.replace(behaviour, **options)  # type: ignore[arg-type]
         self.behaviour = behaviour
         self.dialect: Dialect = get_dialect(behaviour.dialect)
-        framing_options: dict[str, object] = {}
+        framing_options: dict[str, Any] = {}
         if behaviour.length_includes_header:
             framing_options["length_includes_header"] = True
         if behaviour.tpdu:
