@@ -246,10 +246,13 @@ class MetricsConfig(_Model):
     enabled: bool = Field(True, description="serve metrics over HTTP")
     host: str = Field("127.0.0.1", description="address of the /metrics, /healthz, /readyz endpoint")
     port: int = Field(9108, ge=0, le=65535, description="port of that endpoint; 0 picks a free one")
-    # Why 64: Prometheus keeps one connection per target and a prober one per probe, so a few
-    # suffice; 64 leaves room for several scrapers and probes at once and bounds what a
-    # flood can hold (past it, connections wait in the listen queue for a free slot).
-    max_connections: int = Field(64, ge=1, description="connections the endpoint serves at once; more wait in the listen queue")
+    # Why 1024: Prometheus keeps one connection per target and a prober one per probe, so a
+    # few suffice for honest clients; the cap is for a flood. A connection here costs a task
+    # and a small buffer on the endpoint's own loop (renders are limited apart), so 1024 cost
+    # a few megabytes, and a flood of silent connections that size is served (and closed at
+    # header_timeout) beside the probes: with a cap of 64, 1,000 silent connections kept
+    # /healthz waiting in the listen queue for 75 s. Past the cap, connections wait there.
+    max_connections: int = Field(1024, ge=1, description="connections the endpoint serves at once; more wait in the listen queue")
     # Why 5 s: a scraper or prober sends its whole request at once, in well under a second;
     # 5 s is generous on a slow network and still frees a slot held by a client that never
     # finishes (or never starts) its request soon.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import signal
 from functools import partial
 
@@ -88,6 +89,36 @@ async def serve(config: Config, config_path: str | None = None, *, worker: int |
     log.info("gateway stopped")
 
 
+# Descriptors beyond the configured connections: the journal (database, WAL, shared memory,
+# log segment), the event loop's own (epoll, wake-up pipes), log files, the indexer's pipes.
+FD_SPARE = 64
+
+
+def fd_budget(config: Config) -> int:
+    """File descriptors the configuration can hold open at once: every listener's connections,
+    the upstream links (and one spare each for a reversal sent alone), the endpoint's connections."""
+    need = FD_SPARE + sum(lc.max_connections + 1 for lc in config.listeners)
+    need += sum(2 * up.connections for up in config.upstreams)
+    if config.metrics.enabled:
+        need += config.metrics.max_connections + 1
+    return need
+
+
+def raise_fd_limit(need: int) -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to ``need`` (up to the hard limit): a login
+    shell or a service manager often starts a process at 1,024, fewer than the default
+    listener alone may accept. Returns (soft limit now, hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
 def run(config_path: str, worker: int | None = None) -> int:
     """Run the daemon in this process; ``worker`` is set for one of ``--workers`` (see workers.py)."""
     from . import __version__
@@ -104,6 +135,12 @@ def run(config_path: str, worker: int | None = None) -> int:
     setup_logging(config.log.level, config.log.format, config.log.file, node=node)
     log.info("iso-gateway %s starting (pid %d); configuration %s loaded: %d listeners, %d upstreams, %d routes",
              __version__, os.getpid(), config_path, len(config.listeners), len(config.upstreams), len(config.routes))
+    need = fd_budget(config)
+    soft, _hard = raise_fd_limit(need)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        # Past the limit, accept() fails: new front ends wait and are counted, nothing else breaks.
+        log.warning("open-file limit %d is below the %d the configured connections may need; raise LimitNOFILE "
+                    "(systemd) or ulimit -n", soft, need)
     try:
         trio.run(partial(serve, config, config_path, worker=worker))
     except ConfigError as exc:  # what the file names (dialects, rules, the endpoint's address) is unusable

@@ -94,7 +94,7 @@ PLAIN = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-st
 class Limits:
     """What a client can make the endpoint hold (see ``MetricsConfig`` for each default's reason)."""
 
-    max_connections: int = 64
+    max_connections: int = 1024
     header_timeout: float = 5.0
     send_timeout: float = 10.0
     backlog: int = 1024
