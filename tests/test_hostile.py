@@ -66,7 +66,7 @@ MAX_CONNECTIONS = 40
 PER_SOURCE = 12
 ROUTE_TIMEOUT = 1.0
 SEND_TIMEOUT = 1.0
-HTTP_TIMEOUT = 2.0  # header/connection timeout of the HTTP endpoint, where it has one
+HTTP_TIMEOUT = 1.0  # header_timeout of the HTTP endpoint
 
 # Bounds on a loaded 2-core machine: generous, never the measure of a timing.
 ANSWER_WITHIN = ROUTE_TIMEOUT + 4.0  # any answer, a 91 after the route timeout included
@@ -100,14 +100,7 @@ def _supported(model: Any, wanted: dict[str, Any]) -> dict[str, Any]:
 # Limits the fixes of issue 12 add. On a version without them the daemon runs with the rest, and
 # the test of that finding fails on its documented outcome instead of the whole module failing.
 LISTENER_LIMITS = {"max_connections_per_source": PER_SOURCE}
-HTTP_LIMITS = {
-    # Whatever name the HTTP endpoint's timeouts get, each candidate is set when the model has it.
-    "header_timeout": HTTP_TIMEOUT,
-    "request_timeout": HTTP_TIMEOUT,
-    "connection_timeout": HTTP_TIMEOUT,
-    "idle_timeout": HTTP_TIMEOUT,
-    "read_timeout": HTTP_TIMEOUT,
-}
+HTTP_LIMITS = {"header_timeout": HTTP_TIMEOUT}
 
 
 def _proc_status(pid: int) -> dict[str, str]:
@@ -476,14 +469,16 @@ async def closed_by_peer(stream: trio.SocketStream, timeout: float) -> bool:
     return False
 
 
-def still_open(sock: trio.socket.SocketType) -> bool:
+def still_open(stream: trio.SocketStream) -> bool:
     """The peer has not closed this connection (nothing to read, or bytes that are not an end)."""
-    try:
-        data = sock.recv(65536, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
+    # A peek on a duplicate of the descriptor, without waiting: the same kernel socket.
+    with socket.socket(fileno=os.dup(stream.socket.fileno())) as sock:
+        try:
+            data = sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
     return bool(data)
 
 
@@ -580,7 +575,8 @@ SIGNED_HEX_BITMAPS = {
 async def test_finding_2_a_bitmap_written_as_signed_hex_is_answered_30(gw, nursery, bitmap):
     """Finding 2: ``int(bitmap, 16)`` accepts '-', '+', '_' and spaces, and today's main logs an
     IndexError and sends no answer (or scans it as if valid). Documented outcome: the MTI can be
-    read, so the request is a format error answered 30; the connection stays usable."""
+    read, so the request is a format error answered 30; the connection stays usable. (On today's
+    main the '-' case gets no answer; the others happen to be answered 30 already.)"""
     honest = await HonestClient.start(nursery, gw)
     raw = auth_bytes("SIGNEDBM")
     assert raw[4:20] == b"723C448108E08000"  # the sample's primary bitmap, which the variants spoil
@@ -606,7 +602,8 @@ BAD_MTIS = {"letter": b"01A0", "space": b"01 0", "minus": b"-100", "plus": b"+10
 async def test_finding_2_a_frame_whose_mti_cannot_be_read_is_counted_and_dropped(gw, nursery, mti):
     """Finding 2: the scanner accepted invalid MTIs that pyiso8583 refuses. Documented outcome: an
     MTI that can't be read gets no answer (there is no response MTI to give), the frame is counted
-    in iso_gateway_decode_errors_total{side="front"}, and the connection goes on."""
+    in iso_gateway_decode_errors_total{side="front"}, and the connection goes on. (Holds on
+    today's main for these MTIs; kept as a regression check.)"""
     honest = await HonestClient.start(nursery, gw)
     before = total(await scrape(gw), "iso_gateway_decode_errors_total", side="front")
     client = await hostile_client(gw)
@@ -659,7 +656,8 @@ async def test_a_broken_length_header_closes_only_that_connection_and_is_counted
 
 
 async def test_zero_length_frames_are_keepalives_that_are_echoed_and_keep_the_connection(gw, nursery):
-    """A zero-length frame is a keep-alive: echoed, never an error, the connection stays usable."""
+    """A zero-length frame is a keep-alive: echoed, never an error, the connection stays usable.
+    (Holds on today's main.)"""
     honest = await HonestClient.start(nursery, gw)
     client = await hostile_client(gw)
     try:
@@ -785,9 +783,9 @@ async def _served_from_127_0_0_1(gw: Daemon, terminal: str) -> str:
 async def _count_open(streams: list[trio.SocketStream], at_most: int, timeout: float = 5.0) -> int:
     """Connections of ``streams`` still open, once it is at most ``at_most`` (or after ``timeout``)."""
     with trio.move_on_after(timeout):
-        while sum(still_open(s.socket) for s in streams) > at_most:
+        while sum(still_open(s) for s in streams) > at_most:
             await trio.sleep(0.1)
-    return sum(still_open(s.socket) for s in streams)
+    return sum(still_open(s) for s in streams)
 
 
 async def test_finding_5_one_address_holding_idle_connections_meets_its_per_source_limit(gw, nursery):
@@ -816,19 +814,31 @@ async def test_finding_5_a_full_listener_makes_room_for_a_new_front_end_by_closi
     """Finding 5: when idle connections from several addresses (each within its per-source limit)
     fill the listener, today's main refuses every new front end. Documented outcome: the
     longest-idle connection with no request in flight is closed to make room (counted as
-    evicted_idle), so a new front end from 127.0.0.1 is served, and the busy honest client never is."""
+    evicted_idle), so new front ends from 127.0.0.1 are served, and the honest client, which
+    sends every few tens of milliseconds, is never the one closed.
+
+    The listener is filled first and left idle for a moment, then more idle connections and the
+    new front ends arrive: every one of them finds older idle connections to take the place of.
+    (A burst that arrives within the honest client's own pause can make it the longest idle:
+    that is the documented rule too, and not what this test looks at.)"""
     honest = await HonestClient.start(nursery, gw)
     before = total(await scrape(gw), "iso_gateway_front_connections_closed_total", reason="evicted_idle")
     idle: list[trio.SocketStream] = []
     try:
-        for source in ("127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7"):  # 48 > 40
+        for source in ("127.0.0.4", "127.0.0.5", "127.0.0.6"):
             idle += await _hold(gw, source, PER_SOURCE)
-        for n in range(3):
+        idle += await _hold(gw, "127.0.0.7", MAX_CONNECTIONS - 1 - len(idle))  # full with the honest one
+        await trio.sleep(0.5)  # all of them now idle longer than the honest client ever is
+        more = PER_SOURCE - (MAX_CONNECTIONS - 1 - 3 * PER_SOURCE)
+        idle += await _hold(gw, "127.0.0.7", more)  # each takes an older one's place
+        for n in range(3):  # the first takes an idle one's place, the next ones the place it left
             assert await _served_from_127_0_0_1(gw, f"NEWFRNT{n}") == "00"
-        assert await _count_open(idle, MAX_CONNECTIONS - 2) <= MAX_CONNECTIONS - 2  # the honest one and a new one
-        evicted = await wait_for_metric(gw, "iso_gateway_front_connections_closed_total", before + 1,
+        # The listener's limit holds with the honest client's connection among them.
+        assert await _count_open(idle, MAX_CONNECTIONS - 1) <= MAX_CONNECTIONS - 1
+        evicted = await wait_for_metric(gw, "iso_gateway_front_connections_closed_total", before + more + 1,
                                         reason="evicted_idle")
-        assert evicted >= before + 1, "no connection was counted as evicted_idle"
+        assert evicted >= before + more + 1, (
+            f"{evicted - before:.0f} connections counted as evicted_idle, {more + 1} expected")
     finally:
         for s in idle:
             await trio.aclose_forcefully(s)
@@ -865,15 +875,15 @@ async def test_finding_6_a_reversal_naming_another_merchant_is_answered_locally_
 
 async def test_finding_6_a_reversal_of_a_declined_original_is_answered_locally_and_never_forwarded(gw, nursery):
     """Finding 6: on today's main a 0420 for a declined original is forwarded to the switch.
-    Documented outcome: there is nothing to reverse, so it is answered by the gateway (a 0430)
-    and the switch never sees it."""
+    Documented outcome: there is nothing to reverse, so the gateway answers it 21 (no action
+    taken) and the switch never sees it."""
     honest = await HonestClient.start(nursery, gw)
     client = await hostile_client(gw)
     try:
         original = sample_auth(next(STANS), 10051, terminal="REVDECLN")  # the simulator declines 51
         assert (await client.request(original, ANSWER_WITHIN))["39"] == "51"
         answer = await client.request(sample_reversal(original), ANSWER_WITHIN)
-        assert answer["t"] == "0430"
+        assert (answer["t"], answer["39"]) == ("0430", "21")  # 21: no action taken, nothing to reverse
         assert gw.switch_saw("0420", "REVDECLN") == 0, "the reversal of a declined original reached the switch"
     finally:
         await client.aclose()
@@ -902,14 +912,25 @@ async def _http_over_socket(port: int, path: str, timeout: float) -> bytes:
         return b""
 
 
+def _http_slots() -> int:
+    """How many connections the endpoint serves at once (the rest wait in its listen queue)."""
+    model = MetricsConfig.model_fields.get("max_connections")
+    return int(model.default) if model is not None else SLOW_HTTP
+
+
 async def test_finding_8_slow_and_concurrent_http_connections_stay_bounded_and_healthz_answers(gw, nursery):
     """Finding 8: on today's main the endpoint runs a thread per connection with no timeouts (300
-    slow connections: 300 threads, held for ever) and a listen backlog of 5. Documented outcome:
-    connection and header timeouts and a bounded number of connections: the daemon's threads stay
-    bounded while 300 slow connections are open, /healthz and 50 concurrent scrapes still answer,
-    and the slow connections are closed by the server after its header timeout."""
+    slow connections: 300 threads, held for ever) and a listen backlog of 5. Documented outcome
+    ([metrics] max_connections, header_timeout, backlog): the daemon's threads stay bounded while
+    300 slow connections are open; the server closes each slow one ``header_timeout`` (1 s here)
+    after serving it, ``max_connections`` at a time, the rest waiting their turn in the listen
+    queue; meanwhile /healthz and 50 concurrent scrapes are answered (within those turns)."""
     honest = await HonestClient.start(nursery, gw)
     slow: list[trio.SocketStream] = []
+    # Every slow connection has had its turn after this many header timeouts, plus room for a
+    # loaded machine.
+    turns = -(-SLOW_HTTP // _http_slots()) + 1
+    bound = turns * HTTP_TIMEOUT + 6.0
 
     async def open_slow() -> None:
         with trio.move_on_after(5):
@@ -927,29 +948,40 @@ async def test_finding_8_slow_and_concurrent_http_connections_stay_bounded_and_h
         async with trio.open_nursery() as n:
             for _ in range(SLOW_HTTP):
                 n.start_soon(open_slow)
-        await trio.sleep(0.5)
-        threads = thread_count(gw.proc.pid)
+        threads = 0
+        for _ in range(10):  # the most threads seen over a second, while the server accepts them
+            threads = max(threads, thread_count(gw.proc.pid))
+            await trio.sleep(0.1)
         assert threads < gw.baseline_threads + 100, (
             f"{threads} threads with {len(slow)} slow HTTP connections open (baseline {gw.baseline_threads})")
-        status, body = await http_get(gw.url + "/healthz", timeout=5)
-        assert status == 200, body
+        healthz: list[tuple[int, float]] = []
         replies: list[bytes] = []
+        closed: list[bool] = []
+
+        async def probe() -> None:
+            start = trio.current_time()
+            reply = await _http_over_socket(gw.metrics_port, "/healthz", bound)
+            healthz.append((200 if reply.startswith(b"HTTP/1.1 200") else 0, trio.current_time() - start))
 
         async def one_scrape() -> None:
-            replies.append(await _http_over_socket(gw.metrics_port, "/metrics", 15))
+            replies.append(await _http_over_socket(gw.metrics_port, "/metrics", bound))
+
+        async def timed_out_by_server(s: trio.SocketStream) -> None:
+            closed.append(await closed_by_peer(s, bound))
 
         async with trio.open_nursery() as n:
+            n.start_soon(probe)
             for _ in range(50):
                 n.start_soon(one_scrape)
-        ok = sum(r.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")) for r in replies)
+            for s in slow:
+                n.start_soon(timed_out_by_server, s)
+        assert healthz and healthz[0][0] == 200, f"/healthz unanswered within {bound:.0f} s"
+        print(f"/healthz answered in {healthz[0][1]:.2f} s beside {len(slow)} slow connections")
+        ok = sum(r.startswith(b"HTTP/1.1 200") for r in replies)
         assert ok == 50, f"{50 - ok} of 50 concurrent scrapes unanswered beside {len(slow)} slow connections"
         # The server ends the slow ones itself (header timeout), so they can't be held for ever.
-        closed = 0
-        with trio.move_on_after(HTTP_TIMEOUT + 10):
-            for s in slow:
-                if await closed_by_peer(s, HTTP_TIMEOUT + 10):
-                    closed += 1
-        assert closed >= 0.9 * len(slow), f"only {closed} of {len(slow)} slow HTTP connections were timed out"
+        assert sum(closed) >= 0.9 * len(slow), (
+            f"only {sum(closed)} of {len(slow)} slow HTTP connections were timed out within {bound:.0f} s")
     finally:
         for s in slow:
             await trio.aclose_forcefully(s)
@@ -1008,7 +1040,8 @@ FUZZ_FRAMES = 300
 async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_reads_and_the_daemon_lives(gw, nursery):
     """Mutations of valid 0100, 0420 and 0800 messages (seeded, bounded) behind correct length
     headers: the daemon lives, the honest client is served, and every frame whose MTI can be read
-    as a request's gets exactly one answer (issue 12, finding 1's rule), the others none."""
+    as a request's gets exactly one answer (issue 12, finding 1's rule), the others none. On
+    today's main a bit-65 mutation among them kills the daemon."""
     honest = await HonestClient.start(nursery, gw)
     rng = random.Random(12)
     original = sample_auth(next(STANS), APPROVED_AMOUNT, terminal="FUZZ0001")
@@ -1060,7 +1093,8 @@ async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_rea
 async def test_memory_threads_and_open_files_stay_bounded_across_the_battery(gw, nursery):
     """Run last: after every attack above (and one more round of connection churn and garbage
     here), the daemon's resident memory has grown by less than 64 MB since its start, its
-    threads are back near their baseline and its open files too (nothing leaked per attack)."""
+    threads are back near their baseline and its open files too (nothing leaked per attack).
+    It also fails when the daemon died during the battery (today's main: finding 1)."""
     honest = await HonestClient.start(nursery, gw)
     rng = random.Random(5)
     for round_ in range(5):
