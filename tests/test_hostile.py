@@ -558,7 +558,7 @@ async def test_finding_1_a_request_with_bit_65_set_is_answered_30_exactly_once_a
     await assert_alive(gw)
 
 
-# --------------------------------------------------------------------------- finding 2: bitmaps and MTIs the decoder refuses
+# --------------------------------------------------------------------------- finding 2: what the decoder refuses
 
 
 SIGNED_HEX_BITMAPS = {
@@ -639,7 +639,10 @@ async def test_a_broken_length_header_closes_only_that_connection_and_is_counted
     max_frame: the stream can't be cut any more, so the connection is closed and counted, and
     nothing else is disturbed. (Today's main already does this; kept as a regression check.)"""
     honest = await HonestClient.start(nursery, gw)
-    reason_total = lambda s: sum(total(s, "iso_gateway_front_connections_closed_total", reason=r) for r in reasons)  # noqa: E731
+
+    def reason_total(samples: Samples) -> float:
+        return sum(total(samples, "iso_gateway_front_connections_closed_total", reason=r) for r in reasons)
+
     before = reason_total(await scrape(gw))
     stream = await open_from(gw.port)
     try:
