@@ -558,6 +558,25 @@ async def test_finding_1_a_request_with_bit_65_set_is_answered_30_exactly_once_a
     await assert_alive(gw)
 
 
+async def test_finding_1_a_0420_with_bit_65_for_a_real_approval_is_answered_30_and_never_forwarded(gw, nursery):
+    """Finding 1, the other path: the 0420's original is in the journal (approved just before),
+    so today's main finds it, then decodes the 0420 to forward it: the KeyError ends the process.
+    Documented outcome: answered 30 (format error) and the switch never sees that reversal."""
+    honest = await HonestClient.start(nursery, gw)
+    client = await hostile_client(gw)
+    try:
+        original = sample_auth(next(STANS), APPROVED_AMOUNT, terminal="BIT65KNW")
+        assert (await client.request(original, ANSWER_WITHIN))["39"] == "00"
+        await client.send_raw(frame(with_bit_65(sample_reversal(original))))
+        answer = await expect_answer(gw, client)
+        assert (answer["t"], answer.get("39")) == ("0430", "30")
+        assert gw.switch_saw("0420", "BIT65KNW") == 0
+    finally:
+        await client.aclose()
+    await honest.finish()
+    await assert_alive(gw)
+
+
 # --------------------------------------------------------------------------- finding 2: what the decoder refuses
 
 
@@ -1037,7 +1056,10 @@ def _readable_request(raw: bytes) -> bool:
     return is_valid_mti(mti) and is_request(mti)
 
 
-FUZZ_FRAMES = 300
+# 300 frames in the suite (about 2 s); set ISO_GATEWAY_HOSTILE_FUZZ (frames) and
+# ISO_GATEWAY_HOSTILE_SEED for a longer or another run.
+FUZZ_FRAMES = int(os.environ.get("ISO_GATEWAY_HOSTILE_FUZZ", "300"))
+FUZZ_SEED = int(os.environ.get("ISO_GATEWAY_HOSTILE_SEED", "12"))
 
 
 async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_reads_and_the_daemon_lives(gw, nursery):
@@ -1046,7 +1068,7 @@ async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_rea
     as a request's gets exactly one answer (issue 12, finding 1's rule), the others none. On
     today's main a bit-65 mutation among them kills the daemon."""
     honest = await HonestClient.start(nursery, gw)
-    rng = random.Random(12)
+    rng = random.Random(FUZZ_SEED)
     original = sample_auth(next(STANS), APPROVED_AMOUNT, terminal="FUZZ0001")
     seeds = [encode(DIALECT, sample_auth(next(STANS), APPROVED_AMOUNT, terminal="FUZZ0001")),
              encode(DIALECT, sample_reversal(original)),
@@ -1086,7 +1108,8 @@ async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_rea
         await client.aclose()
     await assert_alive(gw)
     assert lost is None, f"the daemon closed the fuzz connection after {answers} answers ({lost})"
-    assert answers == expected, f"{answers} answers to {expected} readable requests among {FUZZ_FRAMES} frames"
+    assert answers == expected, (
+        f"{answers} answers to {expected} readable requests among {FUZZ_FRAMES} frames (seed {FUZZ_SEED})")
     await honest.finish()
 
 
