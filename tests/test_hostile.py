@@ -1101,11 +1101,45 @@ FUZZ_FRAMES = int(os.environ.get("ISO_GATEWAY_HOSTILE_FUZZ", "300"))
 FUZZ_SEED = int(os.environ.get("ISO_GATEWAY_HOSTILE_SEED", "12"))
 
 
+FUZZ_CONNECTIONS = 4
+
+
+class _FuzzConnection:
+    """One connection of the fuzz: sends its share of the frames, counts what comes back."""
+
+    def __init__(self, client: FrontEndClient, frames: list[bytes]) -> None:
+        self.client = client
+        self.frames = frames
+        self.expected = sum(_readable_request(f) for f in frames)
+        self.answers = 0
+        self.lost: str | None = None
+
+    async def read_answers(self) -> None:
+        while True:
+            try:
+                await self.client.receive_frame(60)
+            except (ConnectionClosed, trio.BrokenResourceError) as exc:
+                self.lost = str(exc)
+                return
+            self.answers += 1
+
+    async def send_frames(self) -> None:
+        for i in range(0, len(self.frames), 10):
+            if self.lost is not None:
+                return
+            try:
+                await self.client.send_raw(b"".join(frame(f) for f in self.frames[i:i + 10]))
+            except ConnectionClosed:
+                return
+            await trio.sleep(0.01)
+
+
 async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_reads_and_the_daemon_lives(gw, nursery):
     """Mutations of valid 0100, 0420 and 0800 messages (seeded, bounded) behind correct length
-    headers: the daemon lives, the honest client is served, and every frame whose MTI can be read
-    as a request's gets exactly one answer (issue 12, finding 1's rule), the others none. On
-    today's main a bit-65 mutation among them kills the daemon."""
+    headers, over 4 connections at once: the daemon lives, the honest client is served, no
+    connection is closed, and on each one every frame whose MTI can be read as a request's gets
+    exactly one answer (issue 12, finding 1's rule), the others none. On today's main a bit-65
+    mutation among them kills the daemon."""
     honest = await HonestClient.start(nursery, gw)
     rng = random.Random(FUZZ_SEED)
     original = sample_auth(next(STANS), APPROVED_AMOUNT, terminal="FUZZ0001")
@@ -1113,42 +1147,27 @@ async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_rea
              encode(DIALECT, sample_reversal(original)),
              encode(DIALECT, sample_network(next(STANS)))]
     frames = [_mutate(rng, rng.choice(seeds)) for _ in range(FUZZ_FRAMES)]
-    expected = sum(_readable_request(f) for f in frames)
-    client = await hostile_client(gw)
-    answers = 0
-    lost: str | None = None
+    conns = [_FuzzConnection(await hostile_client(gw), frames[i::FUZZ_CONNECTIONS]) for i in range(FUZZ_CONNECTIONS)]
     try:
-        async def read_answers() -> None:
-            nonlocal answers, lost
-            while True:
-                try:
-                    await client.receive_frame(60)
-                except (ConnectionClosed, trio.BrokenResourceError) as exc:
-                    lost = str(exc)
-                    return
-                answers += 1
-
         async with trio.open_nursery() as n:
-            n.start_soon(read_answers)
-            for i in range(0, FUZZ_FRAMES, 10):
-                if lost is not None:
-                    break
-                try:
-                    await client.send_raw(b"".join(frame(f) for f in frames[i:i + 10]))
-                except ConnectionClosed:
-                    break
-                await trio.sleep(0.01)
+            for c in conns:
+                n.start_soon(c.read_answers)
+            async with trio.open_nursery() as senders:
+                for c in conns:
+                    senders.start_soon(c.send_frames)
             with trio.move_on_after(ROUTE_TIMEOUT + 10):  # the last 91s come after the route timeout
-                while answers < expected:
+                while any(c.answers < c.expected and c.lost is None for c in conns):
                     await trio.sleep(0.1)
             await trio.sleep(ROUTE_TIMEOUT + 0.5)  # room for a second answer that should not come
             n.cancel_scope.cancel()
     finally:
-        await client.aclose()
+        for c in conns:
+            await c.client.aclose()
     await assert_alive(gw)
-    assert lost is None, f"the daemon closed the fuzz connection after {answers} answers ({lost})"
-    assert answers == expected, (
-        f"{answers} answers to {expected} readable requests among {FUZZ_FRAMES} frames (seed {FUZZ_SEED})")
+    for i, c in enumerate(conns):
+        assert c.lost is None, f"the daemon closed fuzz connection {i} after {c.answers} answers ({c.lost})"
+        assert c.answers == c.expected, (f"connection {i}: {c.answers} answers to {c.expected} readable requests "
+                                         f"among {len(c.frames)} frames (seed {FUZZ_SEED})")
     await honest.finish()
 
 
