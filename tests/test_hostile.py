@@ -616,15 +616,15 @@ async def test_finding_2_a_bitmap_written_as_signed_hex_is_answered_30(gw, nurse
 
 
 BAD_MTIS = {"letter": b"01A0", "space": b"01 0", "minus": b"-100", "plus": b"+100", "high_byte": b"\xff100",
-            "nul": b"\x00100"}
+            "nul": b"\x00100", "a_response": b"0110", "an_advice_response": b"0430"}
 
 
 @pytest.mark.parametrize("mti", BAD_MTIS.values(), ids=BAD_MTIS.keys())
 async def test_finding_2_a_frame_whose_mti_cannot_be_read_is_counted_and_dropped(gw, nursery, mti):
     """Finding 2: the scanner accepted invalid MTIs that pyiso8583 refuses. Documented outcome: an
-    MTI that can't be read gets no answer (there is no response MTI to give), the frame is counted
-    in iso_gateway_decode_errors_total{side="front"}, and the connection goes on. (Holds on
-    today's main for these MTIs; kept as a regression check.)"""
+    MTI that can't be read gets no answer (there is no response MTI to give), nor does a response
+    sent by a front end; the frame is counted in iso_gateway_decode_errors_total{side="front"},
+    and the connection goes on. (Holds on today's main for these MTIs; a regression check.)"""
     honest = await HonestClient.start(nursery, gw)
     before = total(await scrape(gw), "iso_gateway_decode_errors_total", side="front")
     client = await hostile_client(gw)
@@ -878,7 +878,8 @@ async def test_finding_6_a_reversal_naming_another_merchant_is_answered_locally_
     STAN, DE 7 and amount is matched to the original and forwarded to the switch. Documented
     outcome: the original must match on acquirer, terminal and merchant, so that 0420 has no
     original (answered 25, unknown original) and the switch never sees it; the genuine 0420
-    afterwards is forwarded and acknowledged 00."""
+    afterwards is forwarded and acknowledged 00, and a repeat of it is answered 00 by the gateway
+    without reaching the switch (already reversed)."""
     honest = await HonestClient.start(nursery, gw)
     client = await hostile_client(gw)
     try:
@@ -891,6 +892,9 @@ async def test_finding_6_a_reversal_naming_another_merchant_is_answered_locally_
         genuine = await client.request(sample_reversal(original), ANSWER_WITHIN)
         assert (genuine["t"], genuine["39"]) == ("0430", "00")
         assert gw.switch_saw("0420", "REVMERCH") == 1  # the genuine one, and only it
+        again = await client.request(sample_reversal(original), ANSWER_WITHIN)
+        assert (again["t"], again["39"]) == ("0430", "00")  # already reversed: 00 again, from the gateway
+        assert gw.switch_saw("0420", "REVMERCH") == 1
     finally:
         await client.aclose()
     await honest.finish()
