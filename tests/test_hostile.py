@@ -13,13 +13,18 @@ front end sends approvals beside it on 127.0.0.1, and checks:
   terminal and amount, none missing and none late;
 - the daemon is still up: its process runs and ``/healthz`` answers 200.
 
-The last test checks that memory, threads and open files stay bounded across
-the whole battery. Attacks connect from other loopback addresses
-(127.0.0.2..127.0.0.9, the whole 127/8 is loopback on Linux), so that the
-per-source limit they run into never touches the honest client on 127.0.0.1.
+The last two tests check that memory, threads and open files stay bounded
+across the whole battery and that the daemon's log holds no card number in
+clear. Attacks connect from other loopback addresses (127.0.0.2..127.0.0.9, the
+whole 127/8 is loopback on Linux), so that the per-source limit they run into
+never touches the honest client on 127.0.0.1.
 
 A daemon that died in one test is restarted for the next (and that test has
-failed), so each attack is judged on its own.
+failed), so each attack is judged on its own. Each docstring says what the code
+did before issue 12 and what the fix documents.
+
+It must never reach past the loopback interface, nor leave a process, a
+connection or a clear card number behind.
 """
 
 from __future__ import annotations
@@ -505,7 +510,7 @@ def _luhn_complete(digits: str) -> str:
 # 16 characters after the secondary bitmap ("19" and its first 14 digits) as a tertiary bitmap
 # (fields 129-192, which no dialect here defines), then reads DE 2 from its 15th digit on: "03"
 # there makes that DE 2 three digits long, so every later field lines up again and the decode
-# runs on until it asks the spec for field 13x: a KeyError, not a DecodeError, on today's main.
+# runs on until it asks the spec for field 13x: a KeyError, not a DecodeError, before issue 12.
 BIT_65_PAN = _luhn_complete("47617390010101" + "03" + "00")
 
 
@@ -543,9 +548,9 @@ def _auth_with_bit_65() -> bytes:
                          ids=["0420", "0100"])
 async def test_finding_1_a_request_with_bit_65_set_is_answered_30_exactly_once_and_the_daemon_lives(
         gw, nursery, build, answer_mti):
-    """Finding 1: on today's main the 0420 kills the process (exit 1) and the 0100 is forwarded to a
-    switch that can't decode it and never answered. Documented outcome: a field the dialect does not
-    define is a format error, answered 30, exactly once; the process and its listeners live on."""
+    """Finding 1: before the fix the 0420 killed the process (exit 1) and the 0100 was forwarded to
+    a switch that can't decode it and never answered. Documented outcome: a field the dialect does
+    not define is a format error, answered 30, exactly once; the process and its listeners live on."""
     honest = await HonestClient.start(nursery, gw)
     client = await hostile_client(gw)
     try:
@@ -562,8 +567,9 @@ async def test_finding_1_a_request_with_bit_65_set_is_answered_30_exactly_once_a
 
 async def test_finding_1_a_0420_with_bit_65_for_a_real_approval_is_answered_30_and_never_forwarded(gw, nursery):
     """Finding 1, the other path: the 0420's original is in the journal (approved just before),
-    so today's main finds it, then decodes the 0420 to forward it: the KeyError ends the process.
-    Documented outcome: answered 30 (format error) and the switch never sees that reversal."""
+    so the code before the fix found it, then decoded the 0420 to forward it, and the KeyError
+    ended the process. Documented outcome: answered 30 (format error), and the switch never sees
+    that reversal."""
     honest = await HonestClient.start(nursery, gw)
     client = await hostile_client(gw)
     try:
@@ -594,10 +600,10 @@ SIGNED_HEX_BITMAPS = {
 
 @pytest.mark.parametrize("bitmap", SIGNED_HEX_BITMAPS.values(), ids=SIGNED_HEX_BITMAPS.keys())
 async def test_finding_2_a_bitmap_written_as_signed_hex_is_answered_30(gw, nursery, bitmap):
-    """Finding 2: ``int(bitmap, 16)`` accepts '-', '+', '_' and spaces, and today's main logs an
-    IndexError and sends no answer (or scans it as if valid). Documented outcome: the MTI can be
-    read, so the request is a format error answered 30; the connection stays usable. (On today's
-    main the '-' case gets no answer; the others happen to be answered 30 already.)"""
+    """Finding 2: ``int(bitmap, 16)`` accepts '-', '+', '_' and spaces; before the fix the scanner
+    took such a bitmap and the '-' case was logged as an IndexError and never answered (the others
+    happened to be answered 30). Documented outcome: the MTI can be read, so the request is a
+    format error answered 30; the connection stays usable."""
     honest = await HonestClient.start(nursery, gw)
     raw = auth_bytes("SIGNEDBM")
     assert raw[4:20] == b"723C448108E08000"  # the sample's primary bitmap, which the variants spoil
@@ -624,7 +630,7 @@ async def test_finding_2_a_frame_whose_mti_cannot_be_read_is_counted_and_dropped
     """Finding 2: the scanner accepted invalid MTIs that pyiso8583 refuses. Documented outcome: an
     MTI that can't be read gets no answer (there is no response MTI to give), nor does a response
     sent by a front end; the frame is counted in iso_gateway_decode_errors_total{side="front"},
-    and the connection goes on. (Holds on today's main for these MTIs; a regression check.)"""
+    and the connection goes on. (Held before the fix too for these MTIs: a regression check.)"""
     honest = await HonestClient.start(nursery, gw)
     before = total(await scrape(gw), "iso_gateway_decode_errors_total", side="front")
     client = await hostile_client(gw)
@@ -658,7 +664,7 @@ FRAMING_ATTACKS = {
 async def test_a_broken_length_header_closes_only_that_connection_and_is_counted(gw, nursery, data, reasons):
     """Garbage, a length header that is not 4 digits (letters, a sign, a space) or one over
     max_frame: the stream can't be cut any more, so the connection is closed and counted, and
-    nothing else is disturbed. (Today's main already does this; kept as a regression check.)"""
+    nothing else is disturbed. (Held before issue 12 too: a regression check.)"""
     honest = await HonestClient.start(nursery, gw)
 
     def reason_total(samples: Samples) -> float:
@@ -681,7 +687,7 @@ async def test_a_broken_length_header_closes_only_that_connection_and_is_counted
 
 async def test_zero_length_frames_are_keepalives_that_are_echoed_and_keep_the_connection(gw, nursery):
     """A zero-length frame is a keep-alive: echoed, never an error, the connection stays usable.
-    (Holds on today's main.)"""
+    (Held before issue 12 too.)"""
     honest = await HonestClient.start(nursery, gw)
     client = await hostile_client(gw)
     try:
@@ -700,8 +706,8 @@ async def test_zero_length_frames_are_keepalives_that_are_echoed_and_keep_the_co
 
 
 async def test_finding_4_a_client_sending_one_byte_at_a_time_is_dropped_counting_from_the_first_byte(gw, nursery):
-    """Finding 4: on today's main each byte pushes the partial-frame deadline out again, so a byte
-    every 0.3 s holds the connection forever. Documented outcome: the deadline runs from the
+    """Finding 4: before the fix each byte pushed the partial-frame deadline out again, so a byte
+    every 0.3 s held the connection for ever. Documented outcome: the deadline runs from the
     frame's first byte, so the connection is closed about ``partial_frame_timeout`` (1 s) after it,
     counted as stalled_partial_frame. (The bound below is 4x that, for a loaded machine.)"""
     honest = await HonestClient.start(nursery, gw)
@@ -732,7 +738,7 @@ async def test_finding_4_a_client_sending_one_byte_at_a_time_is_dropped_counting
 
 async def test_a_half_open_client_that_sends_half_a_frame_and_never_reads_is_dropped(gw, nursery):
     """Half a frame and then silence (it never reads either): dropped after partial_frame_timeout,
-    counted as stalled_partial_frame, while the honest client is served. (Holds on today's main.)"""
+    counted as stalled_partial_frame, while the honest client is served. (Held before issue 12 too.)"""
     honest = await HonestClient.start(nursery, gw)
     before = total(await scrape(gw), "iso_gateway_front_connections_closed_total", reason="stalled_partial_frame")
     data = frame(auth_bytes("HALFOPEN"))
@@ -752,7 +758,7 @@ async def test_a_client_that_never_reads_its_answers_is_dropped_without_holding_
     """A client that sends and never reads: the daemon's sends to it block, and after send_timeout
     (1 s) it is dropped, counted as stalled_reader; meanwhile the honest client is served.
     Answers are fat 0800 echoes (every echoed field filled), answered by the gateway itself, so
-    the few MB a loopback socket buffers fill quickly. (Holds on today's main.)"""
+    the few MB a loopback socket buffers fill quickly. (Held before issue 12 too.)"""
     honest = await HonestClient.start(nursery, gw)
     before = total(await scrape(gw), "iso_gateway_front_connections_closed_total", reason="stalled_reader")
     fat = {**sample_auth(1, APPROVED_AMOUNT, terminal="NOREADER"), **sample_network(1)}
@@ -813,8 +819,8 @@ async def _count_open(streams: list[trio.SocketStream], at_most: int, timeout: f
 
 
 async def test_finding_5_one_address_holding_idle_connections_meets_its_per_source_limit(gw, nursery):
-    """Finding 5: on today's main 40 idle connections from one address (max_connections here) take
-    the whole listener and every new front end is refused. Documented outcome
+    """Finding 5: before the fix 40 idle connections from one address (max_connections here) took
+    the whole listener and every new front end was refused. Documented outcome
     (``max_connections_per_source``): that address keeps at most its limit open, the others are
     closed and counted as refused_per_source, and a new front end from 127.0.0.1 is served."""
     assert "max_connections_per_source" in ListenerConfig.model_fields, "listeners have no per-source limit"
@@ -836,7 +842,7 @@ async def test_finding_5_one_address_holding_idle_connections_meets_its_per_sour
 
 async def test_finding_5_a_full_listener_makes_room_for_a_new_front_end_by_closing_the_longest_idle(gw, nursery):
     """Finding 5: when idle connections from several addresses (each within its per-source limit)
-    fill the listener, today's main refuses every new front end. Documented outcome: the
+    fill the listener, the code before the fix refused every new front end. Documented outcome: the
     longest-idle connection with no request in flight is closed to make room (counted as
     evicted_idle), so new front ends from 127.0.0.1 are served, and the honest client, which
     sends every few tens of milliseconds, is never the one closed.
@@ -874,8 +880,8 @@ async def test_finding_5_a_full_listener_makes_room_for_a_new_front_end_by_closi
 
 
 async def test_finding_6_a_reversal_naming_another_merchant_is_answered_locally_and_never_forwarded(gw, nursery):
-    """Finding 6: on today's main a 0420 with another merchant id (DE 42) but the same terminal,
-    STAN, DE 7 and amount is matched to the original and forwarded to the switch. Documented
+    """Finding 6: before the fix a 0420 with another merchant id (DE 42) but the same terminal,
+    STAN, DE 7 and amount was matched to the original and forwarded to the switch. Documented
     outcome: the original must match on acquirer, terminal and merchant, so that 0420 has no
     original (answered 25, unknown original) and the switch never sees it; the genuine 0420
     afterwards is forwarded and acknowledged 00, and a repeat of it is answered 00 by the gateway
@@ -902,7 +908,7 @@ async def test_finding_6_a_reversal_naming_another_merchant_is_answered_locally_
 
 
 async def test_finding_6_a_reversal_of_a_declined_original_is_answered_locally_and_never_forwarded(gw, nursery):
-    """Finding 6: on today's main a 0420 for a declined original is forwarded to the switch.
+    """Finding 6: before the fix a 0420 for a declined original was forwarded to the switch.
     Documented outcome: there is nothing to reverse, so the gateway answers it 21 (no action
     taken) and the switch never sees it."""
     honest = await HonestClient.start(nursery, gw)
@@ -947,7 +953,7 @@ def _http_slots() -> int:
 
 
 async def test_finding_8_slow_and_concurrent_http_connections_stay_bounded_and_healthz_answers(gw, nursery):
-    """Finding 8: on today's main the endpoint runs a thread per connection with no timeouts (300
+    """Finding 8: before the fix the endpoint ran a thread per connection with no timeouts (300
     slow connections: 300 threads, held for ever) and a listen backlog of 5. Documented outcome
     ([metrics] max_connections, header_timeout, backlog): the daemon's threads stay bounded while
     300 slow connections are open; the server closes each slow one ``header_timeout`` (1 s here)
@@ -1029,8 +1035,8 @@ async def test_finding_8_garbage_on_the_http_endpoint_gets_a_4xx_or_a_close_and_
         gw, nursery, data):
     """Finding 8: what is not a well-formed HTTP request (TLS, a bad request line, headers past
     the endpoint's limit) is answered 4xx or closed, promptly, and the endpoint goes on serving
-    /healthz and /metrics. (Today's main answers the first two with an HTML error page and no
-    status line: not HTTP either.)"""
+    /healthz and /metrics. (Before the fix the first two got an HTML error page with no status
+    line: not HTTP either.)"""
     honest = await HonestClient.start(nursery, gw)
     stream = await trio.open_tcp_stream("127.0.0.1", gw.metrics_port)
     reply = b""
@@ -1142,8 +1148,8 @@ async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_rea
     """Mutations of valid 0100, 0420 and 0800 messages (seeded, bounded) behind correct length
     headers, over 4 connections at once: the daemon lives, the honest client is served, no
     connection is closed, and on each one every frame whose MTI can be read as a request's gets
-    exactly one answer (issue 12, finding 1's rule), the others none. On today's main a bit-65
-    mutation among them kills the daemon."""
+    exactly one answer (issue 12, finding 1's rule), the others none. Before issue 12 a bit-65
+    mutation among them killed the daemon."""
     honest = await HonestClient.start(nursery, gw)
     rng = random.Random(FUZZ_SEED)
     original = sample_auth(next(STANS), APPROVED_AMOUNT, terminal="FUZZ0001")
@@ -1182,7 +1188,7 @@ async def test_memory_threads_and_open_files_stay_bounded_across_the_battery(gw,
     """Run last: after every attack above (and one more round of connection churn and garbage
     here), the daemon's resident memory has grown by less than 64 MB since its start, its
     threads are back near their baseline and its open files too (nothing leaked per attack).
-    It also fails when the daemon died during the battery (today's main: finding 1)."""
+    It also fails when the daemon died during the battery (before issue 12: finding 1)."""
     honest = await HonestClient.start(nursery, gw)
     rng = random.Random(5)
     for round_ in range(5):
