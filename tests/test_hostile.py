@@ -49,9 +49,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DAEMON_LOG_FILES, pans_in
 from iso_gateway.config import ListenerConfig, MetricsConfig
-from iso_gateway.dialect import get_dialect
-from iso_gateway.framing import framer_from_config
-from iso_gateway.message import encode, is_request, is_valid_mti
+from iso_gateway.core.framing import framer_from_config
+from iso_gateway.core.message import encode, is_request, is_valid_mti
 from iso_gateway.sim.client import (
     ConnectionClosed,
     FrontEndClient,
@@ -61,6 +60,7 @@ from iso_gateway.sim.client import (
     sample_reversal,
 )
 from iso_gateway.sim.integrity import free_port
+from iso_gateway.specfiles import get_dialect
 
 DIALECT = get_dialect("iso87ascii")
 FRAMER = framer_from_config("ascii4")
