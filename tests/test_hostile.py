@@ -389,7 +389,7 @@ class HonestClient:
         await nursery.start(honest._run)
         return honest
 
-    async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+    async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             client = await FrontEndClient.connect("127.0.0.1", self.port, DIALECT, FRAMER)
         except (OSError, RequestTimeout) as exc:
