@@ -82,8 +82,9 @@ class ListenerConfig(WireConfig):
     port: int = Field(ge=0, le=65535, description="TCP port; 0 picks a free one")
     rules: str = Field("default", description="validation rule set from specs/rules, or a .toml path")
     max_connections: int = Field(
-        2000, ge=1, description="open connections; when full, the longest-idle one with no request in flight is "
-        "closed to make room (only when every one has a request in flight is the new one closed)")
+        2000, ge=1, description="open connections; when full, one with no request in flight is closed to make room "
+        "(never-used ones first, then the longest idle; only when every one has a request in flight is the new one "
+        "closed)")
     # Why 200: a front end's connection pool is tens of connections, so 200 leaves it room to
     # spare, and at a tenth of the default max_connections no single address can hold the
     # listener (it takes ten, and even then idle connections are closed to make room).

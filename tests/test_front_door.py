@@ -191,6 +191,24 @@ async def test_a_full_listener_makes_room_by_closing_the_longest_idle_connection
     assert len(lst.connections) == 4
 
 
+async def test_a_burst_of_fresh_idle_connections_never_pushes_out_a_front_end_between_payments(harness):
+    await harness.start_switch()
+    gw = await harness.start_gateway(listener={"max_connections": 4, "max_connections_per_source": 4})
+    lst = gw.listeners[0]
+    honest = await harness.client()
+    assert (await honest.request(harness.auth(), timeout=3))["39"] == "00"
+    await trio.sleep(0.05)  # it is now idle longer than anything the burst opens
+    burst = []
+    for i in range(8):  # more fresh sockets than the listener holds, none of which ever sends
+        c = await client_from(f"127.0.0.{2 + i % 4}", harness.port)
+        harness.clients.append(c)
+        burst.append(c)
+    await wait_for(lambda: gw.metrics.connections_closed("ecom", "evicted_idle").get() == 5, 3, "room made 5 times")
+    assert not honest.closed
+    assert (await honest.request(harness.auth(), timeout=3))["39"] == "00"
+    assert len(lst.connections) == 4
+
+
 async def test_a_connection_with_a_request_in_flight_is_never_closed_to_make_room(harness):
     await harness.start_switch()
     gw = await harness.start_gateway(listener={"max_connections": 2})
@@ -226,6 +244,7 @@ class _FakeConnection:
 
     def __init__(self, i: int, listener) -> None:
         self.id, self.listener, self.last_read, self.in_flight, self.closed = i, listener, 0.0, 0, False
+        self.used = False
 
     def close(self, reason: str) -> None:
         self.closed = True
@@ -233,10 +252,10 @@ class _FakeConnection:
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["read", "busy", "done", "evict", "evict"]), st.integers(0, 19)),
+@given(ops=st.lists(st.tuples(st.sampled_from(["read", "frame", "busy", "done", "evict", "evict"]), st.integers(0, 19)),
                     max_size=80),
        pause=st.sampled_from([0.001, 1.5]))
-def test_room_is_made_by_closing_the_longest_idle_connection_and_never_one_with_a_request_in_flight(ops, pause):
+def test_room_is_made_by_closing_a_never_used_then_the_longest_idle_connection_never_one_in_flight(ops, pause):
     import math
 
     from iso_gateway.net.frontend import Listener
@@ -247,6 +266,7 @@ def test_room_is_made_by_closing_the_longest_idle_connection_and_never_one_with_
         lst.name = "ecom"
         lst.gateway = SimpleNamespace(metrics=NullMetrics())
         lst._evictable, lst._evictable_at, lst._refusals, lst._refusal_logged = [], -math.inf, 0, -math.inf
+        lst._accepted_since_batch = False
         conns = [_FakeConnection(i, lst) for i in range(20)]
         lst.connections = set(conns)
         for op, i in ops:
@@ -254,9 +274,11 @@ def test_room_is_made_by_closing_the_longest_idle_connection_and_never_one_with_
             now, c = trio.current_time(), conns[i]
             if op == "read" and not c.closed:
                 c.last_read = now
+            elif op == "frame" and not c.closed:
+                c.last_read, c.used = now, True
             elif op == "busy" and not c.closed:
                 c.in_flight += 1
-                c.last_read = now
+                c.last_read, c.used = now, True
             elif op == "done" and c.in_flight:
                 c.in_flight -= 1
             elif op == "evict":
@@ -267,7 +289,7 @@ def test_room_is_made_by_closing_the_longest_idle_connection_and_never_one_with_
                 assert len(gone) == (1 if idle else 0)
                 for victim in gone:
                     assert victim.in_flight == 0 and victim.closed
-                    if pause > 1:
-                        assert victim.last_read == min(x.last_read for x in idle)
+                    if pause > 1:  # never-used ones first, then the longest idle
+                        assert (victim.used, victim.last_read) == min((x.used, x.last_read) for x in idle)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -4,8 +4,8 @@ Connections are read by the gateway's ``Poller`` (poller.py: one task for every
 front connection and switch link) and each has one ``FrameWriter``.
 Limits all end in a counted outcome: too many connections from one source
 address (``max_connections_per_source``: accepted, counted, closed), the listener
-full (``max_connections``: the longest-idle connection with no request in flight
-is closed to make room, counted as ``evicted_idle``; only when every connection
+full (``max_connections``: a connection with no request in flight is closed to
+make room, one that never sent a whole frame before any that did, longest-idle first, counted as ``evicted_idle``; only when every connection
 has a request in flight is the new one closed, counted as ``refused``; the
 listener keeps accepting either way), too many requests in flight (reading
 pauses until answers drain: backpressure, not memory), a frame over the size
@@ -80,8 +80,11 @@ class Listener:
         self.per_source: dict[str, int] = {}  # open connections by the peer's address
         # Idle connections to close when the listener is full, longest-idle first: a few taken at
         # once (see _make_room), so a flood of new connections does not scan every open one each.
-        self._evictable: list[tuple[float, int, FrontConnection]] = []
+        self._evictable: list[tuple[bool, float, int, FrontConnection]] = []
         self._evictable_at = -math.inf
+        # A connection was accepted since the batch was taken: it is not in the batch, and if it
+        # never sends it goes before any used one there (see _make_room).
+        self._accepted_since_batch = False
         self._refusals = 0  # refusals not logged yet (see _refused)
         self._refusal_logged = -math.inf
         self.port = cfg.port
@@ -147,6 +150,7 @@ class Listener:
         m.connections_total(self.name, "accepted").inc()
         conn = FrontConnection(self, stream, self.gateway.poller, source)
         self.connections.add(conn)
+        self._accepted_since_batch = True
         self.per_source[source] = self.per_source.get(source, 0) + 1
         m.connections_open(self.name).inc()
         conn.last_read = now = trio.current_time()
@@ -163,26 +167,32 @@ class Listener:
             self._refusals = 0
 
     def _make_room(self) -> bool:
-        """The listener is full: close the longest-idle connection with no request in flight.
+        """The listener is full: close a connection with no request in flight, one that never sent
+        a whole frame before any that did, the longest-idle first.
 
         False when there is none (every connection is waiting for an answer). Candidates are
-        taken a batch at a time, oldest last read first, and each is checked again when its
+        taken a batch at a time, in that order, and each is checked again when its
         turn comes (it may have read, sent a request or closed since); a batch older than a
-        second is taken again, so one that was busy then is not passed over for long.
+        second is taken again, so one that was busy then is not passed over for long, and so is
+        a batch whose next candidate has been used while connections were accepted since (a
+        burst of new idle sockets goes before it).
         """
         now = trio.current_time()
         if now - self._evictable_at > 1.0:
             self._evictable = []
         while True:
+            if self._evictable and self._evictable[-1][0] and self._accepted_since_batch:
+                self._evictable = []
             if not self._evictable:
                 self._evictable_at = now
+                self._accepted_since_batch = False
                 self._evictable = heapq.nsmallest(
-                    EVICTION_BATCH, ((c.last_read, c.id, c) for c in self.connections if c.in_flight == 0))
+                    EVICTION_BATCH, ((c.used, c.last_read, c.id, c) for c in self.connections if c.in_flight == 0))
                 self._evictable.reverse()  # popped from the end: the oldest first
                 if not self._evictable:
                     return False
-            last_read, _, conn = self._evictable.pop()
-            if conn.closed or conn.in_flight or conn.last_read != last_read:
+            used, last_read, _, conn = self._evictable.pop()
+            if conn.closed or conn.in_flight or conn.last_read != last_read or conn.used != used:
                 continue
             self._refused(f"full ({self.cfg.max_connections} open): closed the longest-idle connection to make room")
             conn.close("evicted_idle")
@@ -241,12 +251,16 @@ class FrontConnection:
     """One front end's connection: read by the gateway's ``Poller``, written by its ``FrameWriter``."""
 
     __slots__ = ("id", "listener", "stream", "sock", "writer", "in_flight", "closed", "decoder", "deadline",
-                 "paused", "_poller", "heap_at", "fd", "source", "last_read")
+                 "paused", "_poller", "heap_at", "fd", "source", "last_read", "used")
 
     def __init__(self, listener: Listener, stream: SocketIO, poller: Poller, source: str = "") -> None:
         self.id = next(_conn_ids)
         self.source = source  # the peer's address (per-source limit)
         self.last_read = 0.0  # when it last sent anything, or was accepted (longest-idle goes first)
+        # It has sent a whole frame: a connection that never has is closed before any that has
+        # when the listener is full, so a burst of fresh idle sockets can't push out a front end
+        # that is merely between two payments.
+        self.used = False
         self.listener = listener
         self.stream = stream
         self.sock = stream.sock
@@ -311,6 +325,7 @@ class FrontConnection:
             self.close("framing_lost")
             return
         if frames:
+            self.used = True
             gateway.on_front_frames(self, frames, touched, now)
             if self.closed:
                 return
