@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+from datetime import datetime, timezone
 
 import trio
 from hypothesis import given, settings
@@ -449,3 +450,35 @@ async def test_a_front_end_reversal_that_drops_the_link_is_taken_over_and_its_re
     assert sum(c.connects for c in gw.upstreams["cmi"].connections) == 2 and sim.accepted == 3
     assert gw.metrics.saf_link_drops("cmi", "parked").get() == 1
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+
+
+# --------------------------------------------------------------------------- the gateway's clock
+
+
+async def test_reversals_are_due_and_stamped_by_the_gateways_clock_so_a_mock_clock_moves_them(harness, journal_clock):
+    """The SAF's due times and a reversal's DE 7 come from the gateway's one clock (clock.py), on
+    trio's: jumped by an hour, a MockClock sends a reversal due in an hour, and a reversal queued
+    after the jump carries the clock's time, not the machine's."""
+    sim = await harness.start_switch()
+    gw = await harness.start_gateway(upstream={"saf_first_delay": 3600.0, "reversal_timeout": 0.3},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    client = await harness.client()
+    assert (await client.request(harness.auth(10097), timeout=30))["39"] == "91"  # never answered, nor its reversals
+    await wait_real(lambda: len(saf_rows(harness)) == 1, 10, "the reversal stored")
+    await trio.sleep(5)
+    assert sim.count("0420") == 0  # due in an hour
+    journal_clock.jump(3600)
+    await wait_real(lambda: sim.count("0420") == 1, 10, "the reversal, an hour later by the clock")
+    # Queued an hour after the first by the clock: its DE 7 is the clock's, an hour ahead of the machine's.
+    # (An hour idle closed the front connection, and the link may be reconnecting.)
+    await wait_real(lambda: gw.upstreams["cmi"].ready, 10, "the link ready")
+    client = await harness.client()
+    assert (await client.request(harness.auth(10097), timeout=30))["39"] == "91"
+    await wait_real(lambda: len(saf_rows(harness)) == 2, 10, "the second reversal stored")
+    store = gw.journal.store
+    items = await gw.journal.call(store.due_saf, "cmi", gw.clock.wall() + 2 * 3600, 10)
+    newest = max(items, key=lambda item: item.created)
+    assert newest.next_attempt - newest.created == 3600.0
+    stamped = datetime.strptime(newest.message["7"], "%m%d%H%M%S").replace(year=gw.clock.utc().year, tzinfo=timezone.utc)
+    assert abs((stamped - gw.clock.utc()).total_seconds()) < 60
+    assert (stamped - datetime.now(timezone.utc)).total_seconds() > 3000
