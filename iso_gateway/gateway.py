@@ -287,7 +287,8 @@ class Gateway:
         self.routes = route_table(config.routes, config.routing, source=config_path or "config")
         # Reads every front connection and switch link from one task (net/poller.py).
         self.poller = Poller(self.begin_round, self.release_held)
-        self.upstreams = {u.name: Upstream(u, self, self.metrics, get_dialect(u.dialect, dd), self.clock) for u in config.upstreams}
+        self.upstreams = {u.name: Upstream(u, self, self.metrics, get_dialect(u.dialect, dd), self.clock)
+                          for u in config.upstreams}
         self.listeners = [Listener(lc, self, get_dialect(lc.dialect, dd), load_rules(lc.rules, rd))
                           for lc in config.listeners]
         self._stop = trio.Event()

@@ -12,8 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iso_gateway.clock import Clock
-from realtime import journal_clock, wait_real  # noqa: F401 - journal_clock: a fixture
+import realtime
+from realtime import wait_real
 from iso_gateway.net.links import transmission_time
+
+journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
 
 
 @settings(max_examples=50, deadline=None)

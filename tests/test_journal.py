@@ -13,11 +13,14 @@ import pytest
 import trio
 
 from conftest import TEST_PAN, wait_for
-from realtime import journal_clock, wait_real  # noqa: F401 - journal_clock: a fixture
+import realtime
+from realtime import wait_real
 from iso_gateway.journal import commit as journal_module
 from iso_gateway.journal import txlog
 from iso_gateway.journal import ANSWERED, FORWARDED, REVERSED, Journal, new_id
 from iso_gateway.security.pan import PanVault
+
+journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
 
 ORIGINAL = {"2": TEST_PAN, "4": "000000010000", "7": "1127101010", "11": "000123", "37": "633100000001",
             "41": "TERM0001", "42": "MERCHANT0000001", "49": "504"}
@@ -275,7 +278,8 @@ async def test_a_full_disk_at_rotation_keeps_the_gateway_up_and_its_segment_is_w
         await trio.sleep(0.5)  # virtual: rotations (from the loop) fail meanwhile
         assert "No space left" in gw.readiness()[1]
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-    await wait_real(lambda: [r[1] for r in rows(db)] == [ANSWERED, ANSWERED], 10, "both rows, answered")  # by the indexer
+    # By the indexer, in real time.
+    await wait_real(lambda: [r[1] for r in rows(db)] == [ANSWERED, ANSWERED], 10, "both rows, answered")
 
 
 async def test_the_indexer_backlog_is_a_gauge_that_returns_to_zero(harness, journal_clock):

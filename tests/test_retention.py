@@ -11,12 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TEST_PAN
-from realtime import journal_clock, wait_real  # noqa: F401 - journal_clock: a fixture
+import realtime
+from realtime import wait_real
 from iso_gateway.cli import main as cli_main
 from iso_gateway.journal import (
     ANSWERED, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, SafItem, SQLiteStore, id_at,
 )
 from iso_gateway.security.pan import PanVault
+
+journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
 
 NOW = 1_800_000_000.0
 HOUR = 3600.0

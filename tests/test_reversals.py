@@ -11,12 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import TEST_PAN, wait_for
-from realtime import journal_clock, wait_real  # noqa: F401 - journal_clock: a fixture
+import realtime
+from realtime import wait_real
 from iso_gateway.cli import main
 from iso_gateway.core.message import OriginalData
 from iso_gateway.security.pan import PanVault
 from iso_gateway.sim.client import FrontEndClient, sample_reversal
 from iso_gateway.journal.store import SQLiteStore
+
+journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
 
 FAST_SAF = {"saf_first_delay": 0.0, "saf_retry_initial": 0.1, "saf_retry_max": 0.2, "reversal_timeout": 0.3}
 
@@ -375,7 +378,8 @@ async def test_a_0430_that_comes_after_the_attempts_deadline_completes_the_rever
     async with trio.open_nursery() as n:
         for auth in auths:
             n.start_soon(client.request, auth, 30)
-    await wait_real(lambda: [r[0] for r in saf_rows(harness)] == ["acked"] * len(auths), 10, "every reversal acknowledged")
+    await wait_real(lambda: [r[0] for r in saf_rows(harness)] == ["acked"] * len(auths), 10,
+                    "every reversal acknowledged")
     assert reversal_messages(sim) == {auth["37"]: 1 for auth in auths}
     assert [r[5] for r in saf_rows(harness)] == [1] * len(auths)  # one attempt each
     assert gw.metrics.reversals("cmi", "acknowledged").get() == len(auths)
@@ -479,6 +483,7 @@ async def test_reversals_are_due_and_stamped_by_the_gateways_clock_so_a_mock_clo
     items = await gw.journal.call(store.due_saf, "cmi", gw.clock.wall() + 2 * 3600, 10)
     newest = max(items, key=lambda item: item.created)
     assert newest.next_attempt - newest.created == 3600.0
-    stamped = datetime.strptime(newest.message["7"], "%m%d%H%M%S").replace(year=gw.clock.utc().year, tzinfo=timezone.utc)
+    now = gw.clock.utc()
+    stamped = datetime.strptime(newest.message["7"], "%m%d%H%M%S").replace(year=now.year, tzinfo=timezone.utc)
     assert abs((stamped - gw.clock.utc()).total_seconds()) < 60
     assert (stamped - datetime.now(timezone.utc)).total_seconds() > 3000

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import wait_for
-from realtime import journal_clock, wait_real  # noqa: F401 - journal_clock: a fixture
+import realtime
+from realtime import wait_real
 from iso_gateway.journal import commit as journal_module
 from iso_gateway.journal import txlog
 from iso_gateway.journal import SAF_PENDING, Journal, SafItem, new_id
@@ -25,6 +26,8 @@ from iso_gateway.config import UpstreamConfig
 from iso_gateway.metrics import Metrics
 from iso_gateway.reversals import DurableReversals, SafWorker
 from iso_gateway.security.pan import PanVault
+
+journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
 
 FAST_SAF = {"saf_first_delay": 0.0, "saf_retry_initial": 0.1, "saf_retry_max": 0.2, "reversal_timeout": 0.3}
 

@@ -519,8 +519,8 @@ class Journal:
         ``created``: the wall clock of the caller's round if it has one (no clock read per
         transaction), else ``wall()``."""
         assert self.txlog is not None
-        record = ("T", row["id"], self.wall() if created is None else created, row["listener"], row["mti"], row["upstream"], row.get("link", 0),
-                  row["upstream_stan"], self.store.worker, original)
+        record = ("T", row["id"], self.wall() if created is None else created, row["listener"], row["mti"],
+                  row["upstream"], row.get("link", 0), row["upstream_stan"], self.store.worker, original)
         self.txlog.append(record, write=False)
         if write:
             self.write_log()
