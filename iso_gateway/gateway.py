@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import trio
 
+from .clock import Clock
 from .config import Config, route_table
 from .core.duplicates import DuplicateEntry, DuplicateTable
 from .core.duplicates import Key as DupKey
@@ -187,7 +188,7 @@ class FrontRequest:
             # crash, anything less is in doubt and reversed (journal states, recovery).
             if ok:
                 if self.txn_id is not None:
-                    gw.journal.set_state(self.txn_id, ANSWERED, rc, auth)
+                    gw.journal.set_state(self.txn_id, ANSWERED, rc, auth, gw.round_wall)
             else:
                 gw.reversals.undeliverable(self, scan, raw)
 
@@ -265,6 +266,9 @@ class Gateway:
         jc = config.journal
         # Without the journal (measurement only) reversals still go through a SAF, kept in memory.
         self.journaling = jc.enabled
+        # The one clock of the shell (clock.py): started by run, read by everything that
+        # schedules or stamps, so trio's MockClock moves them all.
+        self.clock = Clock()
         if jc.enabled:
             vault = PanVault(load_master_key(jc.key_file))
             self.journal = Journal(jc.path, vault, synchronous=jc.synchronous, max_batch=jc.max_batch,
@@ -275,14 +279,16 @@ class Gateway:
             log.warning("journal disabled: transactions are not journaled and reversals are lost on restart")
             self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=jc.max_batch,
                                    metrics=self.metrics)
-        self.reversals = DurableReversals(self, self.journal)
+        self.journal.wall = self.clock.wall
+        self.reversals = DurableReversals(self, self.journal, self.clock)
         self.duplicates = DuplicateTable(config.gateway.duplicate_window)
         dd = tuple(config.dialect_dirs)
         rd = tuple(config.rule_dirs)
         self.routes = route_table(config.routes, config.routing, source=config_path or "config")
         # Reads every front connection and switch link from one task (net/poller.py).
         self.poller = Poller(self.begin_round, self.release_held)
-        self.upstreams = {u.name: Upstream(u, self, self.metrics, get_dialect(u.dialect, dd)) for u in config.upstreams}
+        self.upstreams = {u.name: Upstream(u, self, self.metrics, get_dialect(u.dialect, dd), self.clock)
+                          for u in config.upstreams}
         self.listeners = [Listener(lc, self, get_dialect(lc.dialect, dd), load_rules(lc.rules, rd))
                           for lc in config.listeners]
         self._stop = trio.Event()
@@ -295,7 +301,10 @@ class Gateway:
         # Requests logged but not yet written to the log nor sent (see _send_held): those of the
         # poller's round, written when it ends (one write, and one seal, for all of them).
         self._held: list[tuple[FrontRequest, tuple, int]] = []  # (request, key, journal.log_failures then)
-        self._now_utc = datetime.now(timezone.utc)
+        # The wall clock of the poller's round (begin_round): validation's "now" and the journal's
+        # timestamps for what the round does, one clock read per round, none per message.
+        self.round_wall = 0.0
+        self._now_utc = datetime.fromtimestamp(0, timezone.utc)
         # Per dialect: a scanner reading the fields a response echoes, for local answers (see answer_locally).
         self._echo_scanners: dict[str, tuple[Dialect, Scanner]] = {}
 
@@ -374,6 +383,8 @@ class Gateway:
 
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``stop``; then drain, answer what is left, sign off and return."""
+        self.clock.start()
+        self.begin_round()
         self._restore_stans()
         self.reversals.recover()
         async with trio.open_nursery() as root:
@@ -400,7 +411,7 @@ class Gateway:
                         n.start_soon(self._flush_metrics)
                         for up in self.upstreams.values():
                             n.start_soon(up.run)
-                            worker = self.reversals.workers[up.cfg.name] = SafWorker(self.reversals, up)
+                            worker = self.reversals.workers[up.cfg.name] = SafWorker(self.reversals, up, self.clock)
                             n.start_soon(worker.run)
                             n.start_soon(worker.run_suspects)
 
@@ -476,8 +487,10 @@ class Gateway:
     # ------------------------------------------------------------------ hot path
 
     def begin_round(self) -> None:
-        """A round of reads starts: the wall clock that validation checks DE 7 against."""
-        self._now_utc = datetime.now(timezone.utc)
+        """A round of reads starts: the wall clock that validation checks DE 7 against, and that
+        the journal's records of this round carry."""
+        wall = self.round_wall = self.clock.wall()
+        self._now_utc = datetime.fromtimestamp(wall, timezone.utc)
 
     def on_front_frames(self, front: FrontConnection, frames: Sequence[Frame], touched: set[FrameWriter],
                         now: float) -> None:
@@ -614,7 +627,7 @@ class Gateway:
         if journal.write_ahead:
             # Into the log (journal/txlog.py) with the others of this chunk or of this turn of the loop,
             # in one write before any of them is sent (on_front_frames, _send_held).
-            journal.record_txn(row, request.original, write=False)
+            journal.record_txn(row, request.original, write=False, created=self.round_wall)
             self._held.append((request, key, journal.log_failures))
             return None
         # synchronous=FULL: the frame waits for the (fsync'd) commit of its batch.

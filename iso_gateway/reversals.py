@@ -26,12 +26,12 @@ import collections
 import logging
 import random
 import sqlite3
-import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import trio
 
+from .clock import Clock
 from .core.errors import IsoGatewayError
 from .net.links import SoloConnection
 from .journal import (
@@ -98,9 +98,11 @@ def policy_of(upstream: "Upstream") -> RetryPolicy:
 class DurableReversals:
     """The reversal sink backed by the journal's SAF table."""
 
-    def __init__(self, gateway: ReversalHost, journal: Journal) -> None:
+    def __init__(self, gateway: ReversalHost, journal: Journal, clock: Clock | None = None) -> None:
         self.gateway = gateway
         self.journal = journal
+        # The gateway's clock: reversals' due times and DE 7 (a clock of its own if none).
+        self.clock = clock if clock is not None else Clock()
         self.workers: dict[str, SafWorker] = {}
         self.recovery_owed = False  # the store could not be read at start (see ``recover``)
 
@@ -200,7 +202,7 @@ class DurableReversals:
     def make_item(self, upstream: "Upstream", original: dict[str, str], original_mti: str, upstream_stan: str,
                   reason: str, txn_id: int | None, auth_code: str | None) -> SafItem:
         cfg = upstream.cfg
-        now = time.time()
+        now = self.clock.wall()
         stan = upstream_stan if cfg.reversal_stan == "original" else ""
         message = build_reversal(original, original_mti=original_mti, upstream_stan=upstream_stan,
                                  reversal_mti=cfg.reversal_mti, stan=stan or "000000",
@@ -345,9 +347,12 @@ class _Outstanding:
 class SafWorker:
     """Sends one upstream's queued reversals until each is acknowledged or parked."""
 
-    def __init__(self, reversals: DurableReversals, upstream: "Upstream") -> None:
+    def __init__(self, reversals: DurableReversals, upstream: "Upstream", clock: Clock | None = None) -> None:
         self.reversals = reversals
         self.journal = reversals.journal
+        # Due times, polling and next attempts: the gateway's clock (a clock of its own if none),
+        # so a test on trio's MockClock drives retries without waiting.
+        self.clock = clock if clock is not None else Clock()
         self.upstream = upstream
         self.policy = policy_of(upstream)
         # Items being worked on, by SAF id: the waiter of the attempt in flight, or ALONE while
@@ -390,23 +395,24 @@ class SafWorker:
         metrics = self.reversals.gateway.metrics
         name = cfg.name
         stats_at = 0.0
+        wall = self.clock.wall
         await self.reversals.recover_owed()
         while True:
-            if time.monotonic() >= stats_at:  # the full count: for the gauges, now and then
+            if trio.current_time() >= stats_at:  # the full count: for the gauges, now and then
                 waiting, oldest, due_at, parked = await self.journal.call(store.saf_stats, name)
                 metrics.saf_depth(name).set(waiting)
-                metrics.saf_oldest_age(name).set(time.time() - oldest if oldest else 0)
+                metrics.saf_oldest_age(name).set(wall() - oldest if oldest else 0)
                 metrics.saf_parked(name).set(parked)
-                stats_at = time.monotonic() + STATS_EVERY
+                stats_at = trio.current_time() + STATS_EVERY
             else:
                 due_at = await self.journal.call(store.next_due, name)
             room = cfg.saf_window - len(self.in_flight)
             # While the store refuses writes, an attempt could not be recorded (nor its
             # acknowledgement): the same reversal would go out again every round. They wait.
-            if (self.upstream.ready and room > 0 and due_at is not None and due_at <= time.time()
+            if (self.upstream.ready and room > 0 and due_at is not None and due_at <= wall()
                     and not self.journal.holding_writes):
                 self._reads += 1  # items settled from now on may still be in this list (see _send)
-                due = await self.journal.call(store.due_saf, name, time.time(), room + len(self.in_flight))
+                due = await self.journal.call(store.due_saf, name, wall(), room + len(self.in_flight))
                 touched = set()
                 for item in due:
                     if item.id not in self.in_flight and len(self.in_flight) < cfg.saf_window:
@@ -418,7 +424,7 @@ class SafWorker:
             self._wakeup = trio.Event()
             # Sleep until the next item is due, but look again at least every SAF_POLL
             # (an operator's retry from another process, gauges kept fresh).
-            pause = SAF_POLL if due_at is None else min(SAF_POLL, max(0.01, due_at - time.time()))
+            pause = SAF_POLL if due_at is None else min(SAF_POLL, max(0.01, due_at - wall()))
             with trio.move_on_after(pause):
                 await self._wakeup.wait()
 
@@ -456,7 +462,7 @@ class SafWorker:
             self._park(item, f"encode failed: {exc}")
             return None
         attempts = item.attempts + 1
-        now_wall = time.time()
+        now_wall = self.clock.wall()
         next_attempt = self.policy.next_attempt(attempts, now_wall, self._rng)
         store = self.journal.store
         self.journal.submit(store.update_saf, item.id, state=SAF_SENT, attempts=attempts,
@@ -609,4 +615,4 @@ class SafWorker:
         """Leave ``item`` pending without counting an attempt, due again in ``saf_retry_initial``."""
         self.in_flight.pop(item.id, None)
         self.journal.submit(self.journal.store.update_saf, item.id, state=SAF_PENDING,
-                            next_attempt=time.time() + self.upstream.cfg.saf_retry_initial, result=why)
+                            next_attempt=self.clock.wall() + self.upstream.cfg.saf_retry_initial, result=why)

@@ -13,10 +13,14 @@ import pytest
 import trio
 
 from conftest import TEST_PAN, wait_for
+import realtime
+from realtime import wait_real
 from iso_gateway.journal import commit as journal_module
 from iso_gateway.journal import txlog
 from iso_gateway.journal import ANSWERED, FORWARDED, REVERSED, Journal, new_id
 from iso_gateway.security.pan import PanVault
+
+journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
 
 ORIGINAL = {"2": TEST_PAN, "4": "000000010000", "7": "1127101010", "11": "000123", "37": "633100000001",
             "41": "TERM0001", "42": "MERCHANT0000001", "49": "504"}
@@ -41,7 +45,7 @@ async def one_indexed_approval(harness):
     client = await harness.client()
     db = Path(gw.config.journal.path)
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-    await wait_for(lambda: len(rows(db)) == 1, 3, "the first row")
+    await wait_real(lambda: len(rows(db)) == 1, 10, "the first row")  # an indexer process starts: real time
     return gw, client, db
 
 
@@ -258,7 +262,8 @@ def test_a_failed_write_is_seen_by_every_transaction_it_dropped(tmp_path, monkey
     journal.close()
 
 
-async def test_a_full_disk_at_rotation_keeps_the_gateway_up_and_its_segment_is_written_later(harness, monkeypatch):
+async def test_a_full_disk_at_rotation_keeps_the_gateway_up_and_its_segment_is_written_later(
+        harness, monkeypatch, journal_clock):
     await harness.start_switch()
     gw = await harness.start_gateway()
     client = await harness.client()
@@ -270,22 +275,23 @@ async def test_a_full_disk_at_rotation_keeps_the_gateway_up_and_its_segment_is_w
 
     with monkeypatch.context() as m:
         m.setattr(txlog, "_write", full)
-        await trio.sleep(0.5)  # rotations fail meanwhile
+        await trio.sleep(0.5)  # virtual: rotations (from the loop) fail meanwhile
         assert "No space left" in gw.readiness()[1]
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-    await wait_for(lambda: [r[1] for r in rows(db)] == [ANSWERED, ANSWERED], 5, "both rows, answered")
+    # By the indexer, in real time.
+    await wait_real(lambda: [r[1] for r in rows(db)] == [ANSWERED, ANSWERED], 10, "both rows, answered")
 
 
-async def test_the_indexer_backlog_is_a_gauge_that_returns_to_zero(harness):
+async def test_the_indexer_backlog_is_a_gauge_that_returns_to_zero(harness, journal_clock):
     gw, client, db = await one_indexed_approval(harness)
     child = gw.journal._indexer._proc
     os.kill(child.pid, signal.SIGSTOP)  # an indexer that falls behind
     try:
         for _ in range(2):
             assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-            await trio.sleep(0.3)  # a rotation each: a segment that waits
+            await trio.sleep(0.3)  # virtual: a rotation each (from the loop): a segment that waits
         assert gw.metrics.journal_log_segments().get() >= 2
     finally:
         os.kill(child.pid, signal.SIGCONT)
-    await wait_for(lambda: len(rows(db)) == 3, 5, "three rows")
-    await wait_for(lambda: gw.metrics.journal_log_segments().get() == 0, 3, "no backlog")
+    await wait_real(lambda: len(rows(db)) == 3, 10, "three rows")  # the indexer works in real time
+    await wait_real(lambda: gw.metrics.journal_log_segments().get() == 0, 10, "no backlog")

@@ -52,6 +52,7 @@ APPLICATION = frozenset({
 TOOLS = (f"{ROOT}.sim", f"{ROOT}.load")
 SHELL_HELPERS = frozenset({
     f"{ROOT}.config", f"{ROOT}.specfiles", f"{ROOT}.datafiles", f"{ROOT}.logs", f"{ROOT}.metrics",
+    f"{ROOT}.clock",
 })
 
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-import time
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TEST_PAN, wait_for
-from iso_gateway.journal import commit as journal_module
+from conftest import TEST_PAN
+import realtime
+from realtime import wait_real
 from iso_gateway.cli import main as cli_main
 from iso_gateway.journal import (
     ANSWERED, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT, TIMED_OUT, SafItem, SQLiteStore, id_at,
 )
 from iso_gateway.security.pan import PanVault
+
+journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
 
 NOW = 1_800_000_000.0
 HOUR = 3600.0
@@ -116,8 +118,8 @@ def test_an_answered_transaction_keeps_its_row_for_journal_find_after_its_card_d
     assert "476173******0119" in out and TEST_PAN not in out
 
 
-async def test_the_gateway_purges_by_itself_and_counts_it(harness, monkeypatch):
-    monkeypatch.setattr(journal_module, "PURGE_EVERY", 0.2)
+async def test_the_gateway_purges_by_itself_and_counts_it(harness, journal_clock):
+    """The purge's schedule and its "now" are the gateway's clock (on trio's): days pass in a jump."""
     await harness.start_switch()
     gw = await harness.start_gateway(journal={"retention": 30.0})
     client = await harness.client()
@@ -131,12 +133,10 @@ async def test_the_gateway_purges_by_itself_and_counts_it(harness, monkeypatch):
         finally:
             c.close()
 
-    await wait_for(lambda: sealed() == [True], 5, "the row, with its reversal data")
-    later = time.time() + 3 * 86400
-    gw.journal.wall = lambda: later  # three days later: past the window of two
-
-    await wait_for(lambda: sealed() == [False], 5, "the reversal data erased")
+    await wait_real(lambda: sealed() == [True], 10, "the row, with its reversal data")  # by the indexer
+    journal_clock.jump(3 * 86400)  # three days later: past the window of two, and a purge is due
+    await wait_real(lambda: sealed() == [False], 10, "the reversal data erased")
     assert gw.metrics.journal_purged("reversal_data")._value.get() == 1
-    gw.journal.wall = lambda: later + 31 * 86400  # past the 30 days of retention
-    await wait_for(lambda: sealed() == [], 5, "the row deleted")
+    journal_clock.jump(31 * 86400)  # past the 30 days of retention
+    await wait_real(lambda: sealed() == [], 10, "the row deleted")
     assert gw.metrics.journal_purged("txn")._value.get() == 1

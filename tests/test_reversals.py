@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+from datetime import datetime, timezone
 
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import TEST_PAN, wait_for
+import realtime
+from realtime import wait_real
 from iso_gateway.cli import main
 from iso_gateway.core.message import OriginalData
 from iso_gateway.security.pan import PanVault
 from iso_gateway.sim.client import FrontEndClient, sample_reversal
 from iso_gateway.journal.store import SQLiteStore
+
+journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
 
 FAST_SAF = {"saf_first_delay": 0.0, "saf_retry_initial": 0.1, "saf_retry_max": 0.2, "reversal_timeout": 0.3}
 
@@ -27,42 +32,45 @@ def saf_rows(harness) -> list[tuple]:
         db.close()
 
 
-def txn_state(harness, rrn: str) -> str:
+def txn_state(harness, rrn: str) -> str | None:
+    """The state of the authorization with RRN ``rrn``; None while the indexer has not written its row."""
     db = sqlite3.connect(harness.gateway.config.journal.path)
     try:
-        return db.execute("SELECT state FROM txn WHERE rrn=? AND mti LIKE '01%'", (rrn,)).fetchone()[0]
+        row = db.execute("SELECT state FROM txn WHERE rrn=? AND mti LIKE '01%'", (rrn,)).fetchone()
+        return row[0] if row else None
     finally:
         db.close()
 
 
-async def test_a_timed_out_authorization_is_reversed_with_field_90_pointing_at_what_the_switch_saw(harness):
+async def test_a_timed_out_authorization_is_reversed_with_field_90_pointing_at_what_the_switch_saw(
+        harness, journal_clock):
     sim = await harness.start_switch()
     gw = await harness.start_gateway(upstream={**FAST_SAF, "reversal_timeout": 2.0, "institution_id": "504001"},
                                      routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
     client = await harness.client()
     req = {**harness.auth(10599), "32": "123456"}  # the switch approves after 0.5 s: too late
-    resp = await client.request(req, timeout=3)
+    resp = await client.request(req, timeout=30)
     assert resp["39"] == "91"
-    await wait_for(lambda: any(r.mti == "0420" and r.response_code == "00" for r in sim.records), 5, "0430")
+    await wait_real(lambda: any(r.mti == "0420" and r.response_code == "00" for r in sim.records), 10, "0430")
     original = next(r for r in sim.records if r.mti == "0100")
     reversal = next(r for r in sim.records if r.mti == "0420")
     f90 = OriginalData.parse(reversal.original)
     assert (f90.mti, f90.stan, f90.transmission, f90.acquirer) == ("0100", original.stan, req["7"], "123456")
     assert original.stan != req["11"]  # the switch saw the gateway's STAN, and field 90 says so
     assert reversal.amount == req["4"] and reversal.rrn == req["37"] and reversal.applied
-    await wait_for(lambda: txn_state(harness, req["37"]) == "reversed", 3, "journal says reversed")
+    await wait_real(lambda: txn_state(harness, req["37"]) == "reversed", 10, "journal says reversed")
     assert gw.metrics.reversals("cmi", "acknowledged").get() == 1
     assert gw.metrics.late_responses("cmi", "00").get() == 1  # the late approval was not forwarded
     assert client.responses == 1
 
 
-async def test_an_unacknowledged_reversal_is_repeated_as_0421_with_the_same_stan_then_parked(harness):
+async def test_an_unacknowledged_reversal_is_repeated_as_0421_with_the_same_stan_then_parked(harness, journal_clock):
     sim = await harness.start_switch()
     gw = await harness.start_gateway(upstream={**FAST_SAF, "saf_budget": 3},
                                      routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
     client = await harness.client()
-    assert (await client.request(harness.auth(10097), timeout=3))["39"] == "91"  # never answered, nor its reversals
-    await wait_for(lambda: [r[0] for r in saf_rows(harness)] == ["parked"], 10, "parked")
+    assert (await client.request(harness.auth(10097), timeout=30))["39"] == "91"  # never answered, nor its reversals
+    await wait_real(lambda: [r[0] for r in saf_rows(harness)] == ["parked"], 10, "parked")
     sent = [r for r in sim.records if r.mti in ("0420", "0421")]
     assert [r.mti for r in sent] == ["0420", "0421", "0421"]
     assert len({r.stan for r in sent}) == 1 and len({r.original for r in sent}) == 1
@@ -71,7 +79,7 @@ async def test_an_unacknowledged_reversal_is_repeated_as_0421_with_the_same_stan
     # An operator sends it again: the worker picks the change up and repeats it (0421).
     path = gw.config.journal.path
     assert main(["saf", "retry", "--journal", path, "--all"]) == 0
-    await wait_for(lambda: sum(1 for r in sim.records if r.mti == "0421") == 3, 5, "the retry")
+    await wait_real(lambda: sum(1 for r in sim.records if r.mti == "0421") == 3, 10, "the retry")
 
 
 async def test_one_reversal_the_switch_never_acknowledges_does_not_hold_back_the_others(harness):
@@ -86,14 +94,14 @@ async def test_one_reversal_the_switch_never_acknowledges_does_not_hold_back_the
                    8, "the three good reversals acknowledged")
 
 
-async def test_a_late_decline_cancels_a_reversal_not_yet_sent(harness):
+async def test_a_late_decline_cancels_a_reversal_not_yet_sent(harness, journal_clock):
     sim = await harness.start_switch(seed=1, delay_probability=1.0, delay_range=(0.4, 0.4))
     gw = await harness.start_gateway(upstream={"saf_first_delay": 1.5},
                                      routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
     client = await harness.client()
-    assert (await client.request(harness.auth(10051), timeout=3))["39"] == "91"
-    await wait_for(lambda: [r[0] for r in saf_rows(harness)] == ["cancelled"], 3, "cancelled")
-    await trio.sleep(1.5)
+    assert (await client.request(harness.auth(10051), timeout=30))["39"] == "91"
+    await wait_real(lambda: [r[0] for r in saf_rows(harness)] == ["cancelled"], 10, "cancelled")
+    await trio.sleep(1.5)  # virtual: past the reversal's first due time
     assert sim.count("0420") == 0
     assert gw.metrics.reversals("cmi", "cancelled").get() == 1
 
@@ -358,7 +366,8 @@ def reversal_messages(sim) -> dict[str, int]:
     return out
 
 
-async def test_a_0430_that_comes_after_the_attempts_deadline_completes_the_reversal_and_no_repeat_is_sent(harness):
+async def test_a_0430_that_comes_after_the_attempts_deadline_completes_the_reversal_and_no_repeat_is_sent(
+        harness, journal_clock):
     # Every reversal is acknowledged 0.2 s after the table's delay: all later than reversal_timeout.
     sim = await harness.start_switch(reversal_delay=0.2)
     gw = await harness.start_gateway(upstream={"saf_first_delay": 0.0, "saf_retry_initial": 3.0, "reversal_timeout": 0.15},
@@ -368,15 +377,16 @@ async def test_a_0430_that_comes_after_the_attempts_deadline_completes_the_rever
     auths = [harness.auth(amount) for amount in (10299, 10499, 10699, 10999)]
     async with trio.open_nursery() as n:
         for auth in auths:
-            n.start_soon(client.request, auth, 3)
-    await wait_for(lambda: [r[0] for r in saf_rows(harness)] == ["acked"] * len(auths), 5, "every reversal acknowledged")
+            n.start_soon(client.request, auth, 30)
+    await wait_real(lambda: [r[0] for r in saf_rows(harness)] == ["acked"] * len(auths), 10,
+                    "every reversal acknowledged")
     assert reversal_messages(sim) == {auth["37"]: 1 for auth in auths}
     assert [r[5] for r in saf_rows(harness)] == [1] * len(auths)  # one attempt each
     assert gw.metrics.reversals("cmi", "acknowledged").get() == len(auths)
     assert gw.metrics.reversals("cmi", "repeated").get() == 0
     assert gw.metrics.unmatched_responses("cmi").get() == 0
     for auth in auths:
-        await wait_for(lambda: txn_state(harness, auth["37"]) == "reversed", 3, "journal says reversed")  # noqa: B023 - awaited in this iteration
+        await wait_real(lambda: txn_state(harness, auth["37"]) == "reversed", 10, "journal says reversed")  # noqa: B023 - awaited in this iteration
 
 
 # --------------------------------------------------------------------------- a reversal that drops the link
@@ -444,3 +454,36 @@ async def test_a_front_end_reversal_that_drops_the_link_is_taken_over_and_its_re
     assert sum(c.connects for c in gw.upstreams["cmi"].connections) == 2 and sim.accepted == 3
     assert gw.metrics.saf_link_drops("cmi", "parked").get() == 1
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+
+
+# --------------------------------------------------------------------------- the gateway's clock
+
+
+async def test_reversals_are_due_and_stamped_by_the_gateways_clock_so_a_mock_clock_moves_them(harness, journal_clock):
+    """The SAF's due times and a reversal's DE 7 come from the gateway's one clock (clock.py), on
+    trio's: jumped by an hour, a MockClock sends a reversal due in an hour, and a reversal queued
+    after the jump carries the clock's time, not the machine's."""
+    sim = await harness.start_switch()
+    gw = await harness.start_gateway(upstream={"saf_first_delay": 3600.0, "reversal_timeout": 0.3},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.2}])
+    client = await harness.client()
+    assert (await client.request(harness.auth(10097), timeout=30))["39"] == "91"  # never answered, nor its reversals
+    await wait_real(lambda: len(saf_rows(harness)) == 1, 10, "the reversal stored")
+    await trio.sleep(5)
+    assert sim.count("0420") == 0  # due in an hour
+    journal_clock.jump(3600)
+    await wait_real(lambda: sim.count("0420") == 1, 10, "the reversal, an hour later by the clock")
+    # Queued an hour after the first by the clock: its DE 7 is the clock's, an hour ahead of the machine's.
+    # (An hour idle closed the front connection, and the link may be reconnecting.)
+    await wait_real(lambda: gw.upstreams["cmi"].ready, 10, "the link ready")
+    client = await harness.client()
+    assert (await client.request(harness.auth(10097), timeout=30))["39"] == "91"
+    await wait_real(lambda: len(saf_rows(harness)) == 2, 10, "the second reversal stored")
+    store = gw.journal.store
+    items = await gw.journal.call(store.due_saf, "cmi", gw.clock.wall() + 2 * 3600, 10)
+    newest = max(items, key=lambda item: item.created)
+    assert newest.next_attempt - newest.created == 3600.0
+    now = gw.clock.utc()
+    stamped = datetime.strptime(newest.message["7"], "%m%d%H%M%S").replace(year=now.year, tzinfo=timezone.utc)
+    assert abs((stamped - gw.clock.utc()).total_seconds()) < 60
+    assert (stamped - datetime.now(timezone.utc)).total_seconds() > 3000

@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import wait_for
+import realtime
+from realtime import wait_real
 from iso_gateway.journal import commit as journal_module
 from iso_gateway.journal import txlog
 from iso_gateway.journal import SAF_PENDING, Journal, SafItem, new_id
@@ -24,6 +26,8 @@ from iso_gateway.config import UpstreamConfig
 from iso_gateway.metrics import Metrics
 from iso_gateway.reversals import DurableReversals, SafWorker
 from iso_gateway.security.pan import PanVault
+
+journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
 
 FAST_SAF = {"saf_first_delay": 0.0, "saf_retry_initial": 0.1, "saf_retry_max": 0.2, "reversal_timeout": 0.3}
 
@@ -89,7 +93,8 @@ def test_writes_a_full_disk_refuses_are_kept_in_order_and_land_when_space_return
     journal.close()
 
 
-async def test_a_full_disk_and_a_read_only_journal_keep_the_gateway_up_and_it_resumes_by_itself(harness, monkeypatch):
+async def test_a_full_disk_and_a_read_only_journal_keep_the_gateway_up_and_it_resumes_by_itself(
+        harness, monkeypatch, journal_clock):
     sim = await harness.start_switch()
     gw = await harness.start_gateway(upstream=FAST_SAF)
     client = await harness.client()
@@ -99,12 +104,12 @@ async def test_a_full_disk_and_a_read_only_journal_keep_the_gateway_up_and_it_re
     # The switch never answers this one: the front end hears 91, and a reversal is owed but
     # can't be stored. (The log is still writable, so it was sent.)
     assert (await client.request(harness.auth(10097), timeout=3))["39"] == "91"
-    await wait_for(lambda: not gw.readiness()[0], 5, "not ready")
+    await wait_real(lambda: not gw.readiness()[0], 10, "not ready")  # the thread finds out
     assert "read_only" in gw.readiness()[1]
     with monkeypatch.context() as m:
         m.setattr(txlog, "_write", no_space)  # and now the disk is full for the log too
         assert (await client.request(harness.auth(15000), timeout=3))["39"] == "96"
-        await trio.sleep(1.5)  # SAF rounds and journal batches fail meanwhile: nothing stops
+        await trio.sleep(1.5)  # virtual: SAF rounds and journal batches fail meanwhile: nothing stops
         assert not gw.readiness()[0]
     assert sum(r.mti == "0100" for r in sim.records) == 2  # the 96 never left
     assert not any(r.mti in ("0420", "0421") for r in sim.records)
@@ -112,8 +117,9 @@ async def test_a_full_disk_and_a_read_only_journal_keep_the_gateway_up_and_it_re
 
     await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=0"))  # space returns
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-    await wait_for(lambda: any(r.mti in ("0420", "0421") for r in sim.records), 10, "the owed reversal sent")
-    await wait_for(lambda: gw.readiness()[0], 10, "ready again")
+    # The thread retries the writes it kept on a backoff of its own, in real time.
+    await wait_real(lambda: any(r.mti in ("0420", "0421") for r in sim.records), 10, "the owed reversal sent")
+    await wait_real(lambda: gw.readiness()[0], 10, "ready again")
 
 
 class _FlakyJournal:
@@ -284,22 +290,22 @@ async def test_a_recovery_the_store_could_not_read_at_start_is_done_by_the_saf_w
     journal.close()
 
 
-async def test_a_reversal_whose_progress_the_store_refuses_is_not_sent_again_and_again(harness):
+async def test_a_reversal_whose_progress_the_store_refuses_is_not_sent_again_and_again(harness, journal_clock):
     sim = await harness.start_switch()
     gw = await harness.start_gateway(upstream={**FAST_SAF, "saf_first_delay": 0.5, "reversal_timeout": 5.0})
     client = await harness.client()
     db = Path(gw.config.journal.path)
     # Answered by the switch after 1.5 s: too late for the route's 1 s; its reversal too, in 1.5 s.
     assert (await client.request(harness.auth(11599), timeout=3))["39"] == "91"
-    await wait_for(lambda: len(saf_rows(db)) == 1, 5, "the reversal stored")
+    await wait_real(lambda: len(saf_rows(db)) == 1, 10, "the reversal stored")
     await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=1"))  # then the journal turns read-only
     reversals = lambda: sum(r.mti in ("0420", "0421") for r in sim.records)  # noqa: E731
-    await wait_for(lambda: reversals() >= 1, 5, "the reversal sent")
-    await trio.sleep(3.5)  # many SAF rounds: its "sent" and "acknowledged" are kept, not stored
+    await wait_real(lambda: reversals() >= 1, 10, "the reversal sent")
+    await trio.sleep(3.5)  # virtual: many SAF rounds: its "sent" and "acknowledged" are kept, not stored
     assert reversals() == 1
     await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=0"))
-    await wait_for(lambda: _saf_states(db) == ["acked"], 5, "its acknowledgement stored")
-    await trio.sleep(1.5)
+    await wait_real(lambda: _saf_states(db) == ["acked"], 10, "its acknowledgement stored")  # the thread's retry
+    await trio.sleep(1.5)  # virtual: more SAF rounds
     assert reversals() == 1
 
 
@@ -311,7 +317,8 @@ def _saf_states(db: Path) -> list[str]:
         conn.close()
 
 
-async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_log_can_be_written(harness, monkeypatch):
+async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_log_can_be_written(
+        harness, monkeypatch, journal_clock):
     """/readyz keeps traffic away from a gateway that failed: it must find out by itself that it works again."""
     await harness.start_switch()
     gw = await harness.start_gateway()
@@ -319,21 +326,22 @@ async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_log_can_be
     with monkeypatch.context() as m:
         m.setattr(txlog, "_write", no_space)
         assert (await client.request(harness.auth(15000), timeout=3))["39"] == "96"
-        await trio.sleep(journal_module.STORE_RETRY_MAX + 0.5)  # probed, still full
+        await trio.sleep(journal_module.STORE_RETRY_MAX + 0.5)  # virtual: probed (from the loop), still full
         assert not gw.readiness()[0] and "No space left" in gw.readiness()[1]
     await wait_for(lambda: gw.readiness()[0], journal_module.STORE_RETRY_MAX * 3, "ready, with no request sent")
 
 
-async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_store_takes_writes(harness):
+async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_store_takes_writes(harness, journal_clock):
     await harness.start_switch()
     gw = await harness.start_gateway()
     client = await harness.client()
     await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=1"))
     await gw.journal.purge_now()  # a write nobody retries (the purge runs again later) is refused
-    await wait_for(lambda: not gw.readiness()[0], 5, "not ready")
+    await wait_real(lambda: not gw.readiness()[0], 10, "not ready")
     assert "read_only" in gw.readiness()[1]
     await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=0"))
-    await wait_for(lambda: gw.readiness()[0], journal_module.STORE_RETRY_MAX * 3, "ready, with no request sent")
+    # The thread retries the write it kept on its own backoff, in real time: bounded in real seconds.
+    await wait_real(lambda: gw.readiness()[0], journal_module.STORE_RETRY_MAX * 3, "ready, with no request sent")
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
 
 

@@ -187,7 +187,11 @@ class Journal:
         self.max_log_segments = max_log_segments
         self.reversal_data_window = reversal_data_window
         self.retention = retention
-        self.wall: Callable[[], float] = time.time  # the purge's clock (tests move it)
+        # The event loop's wall clock (epoch seconds): the purge's "now" and the timestamps of the
+        # log's records. The gateway sets its own (clock.Clock, on trio's clock, so a MockClock
+        # moves it); called on the event loop only. The thread and the indexer keep real time for
+        # their own housekeeping (retry backoff, checkpoints), never for what they store.
+        self.wall: Callable[[], float] = time.time
         self.commits = 0
         self.ops = 0
         # Operations submitted during one turn of the event loop go to the thread as one
@@ -503,17 +507,20 @@ class Journal:
             return
         log.warning("journal: the indexer did not write %s within %.0f s", path.name, timeout)
 
-    def record_txn(self, row: dict[str, Any], original: dict[str, str], *, write: bool = True) -> None:
+    def record_txn(self, row: dict[str, Any], original: dict[str, str], *, write: bool = True,
+                   created: float | None = None) -> None:
         """Journal a transaction about to be sent (write-ahead mode): in the log now, in SQLite
         within INDEX_EVERY. Raises OSError when the log can't be written: then the
         transaction must not be sent. With ``write=False`` the record waits for ``write_log``,
         which must succeed before the transaction is sent.
 
         ``original`` holds only REVERSAL_FIELDS. The log seals it with the rest of its write;
-        the indexer derives the row's columns (masked PAN, keyed hash, identities) from it."""
+        the indexer derives the row's columns (masked PAN, keyed hash, identities) from it.
+        ``created``: the wall clock of the caller's round if it has one (no clock read per
+        transaction), else ``wall()``."""
         assert self.txlog is not None
-        record = ("T", row["id"], time.time(), row["listener"], row["mti"], row["upstream"], row.get("link", 0),
-                  row["upstream_stan"], self.store.worker, original)
+        record = ("T", row["id"], self.wall() if created is None else created, row["listener"], row["mti"],
+                  row["upstream"], row.get("link", 0), row["upstream_stan"], self.store.worker, original)
         self.txlog.append(record, write=False)
         if write:
             self.write_log()
@@ -536,13 +543,16 @@ class Journal:
             self.clear_failure("log")
 
     def set_state(self, txn_id: int, state: str, response_code: str | None = None,
-                  auth_code: str | None = None) -> None:
+                  auth_code: str | None = None, when: float | None = None) -> None:
         """A transaction's new state (answered, timed out, reversed...): in write-ahead mode a
-        log record, written with the next write (or within INDEX_EVERY), applied after the row."""
+        log record, written with the next write (or within INDEX_EVERY), applied after the row.
+        ``when``: as ``created`` in ``record_txn``. (Without the log the store stamps the row
+        itself, in the thread.)"""
         if self.txlog is None:
             self.submit(self.store.update_txn, txn_id, state, response_code, auth_code)
             return
-        self.txlog.append(("U", txn_id, state, time.time(), response_code, auth_code), write=False)
+        self.txlog.append(("U", txn_id, state, self.wall() if when is None else when, response_code, auth_code),
+                         write=False)
 
     def _kick_pump(self) -> None:
         if self._kick is not None:

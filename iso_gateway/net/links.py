@@ -28,11 +28,12 @@ import logging
 import random
 import socket
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import trio
 
+from ..clock import Clock
 from ..config import UpstreamConfig
 from ..core.dialect import Dialect
 from ..core.errors import FrameError, IsoGatewayError, MessageError
@@ -125,9 +126,9 @@ class _NetworkWaiter:
     on_link_lost = on_timeout
 
 
-def transmission_time(now: datetime | None = None) -> str:
-    """DE 7: MMDDhhmmss in UTC."""
-    return (now or datetime.now(timezone.utc)).strftime("%m%d%H%M%S")
+def transmission_time(now: datetime) -> str:
+    """DE 7 of ``now`` (UTC, from the gateway's clock): MMDDhhmmss."""
+    return now.strftime("%m%d%H%M%S")
 
 
 class UpstreamConnection:
@@ -226,7 +227,7 @@ class UpstreamConnection:
         up = self.upstream
         now = trio.current_time()
         stan = self.allocate_stan()
-        msg = {"t": "0800", "7": transmission_time(), "11": stan, "70": code}
+        msg = {"t": "0800", "7": transmission_time(up.clock.utc()), "11": stan, "70": code}
         if self.cfg.institution_id:
             msg["32"] = self.cfg.institution_id
         waiter = _NetworkWaiter(now)
@@ -572,9 +573,11 @@ class Upstream:
     """A switch: its configuration, codec and connections."""
 
     def __init__(self, cfg: UpstreamConfig, listener: LinkListener, metrics: "Metrics | None",
-                 dialect: Dialect) -> None:
-        """``dialect`` is ``cfg.dialect``, loaded by the caller."""
+                 dialect: Dialect, clock: Clock | None = None) -> None:
+        """``dialect`` is ``cfg.dialect``, loaded by the caller; ``clock`` is the gateway's (DE 7
+        of the 0800s this side starts), a clock of its own if none."""
         self.cfg = cfg
+        self.clock = clock if clock is not None else Clock()
         self.listener = listener
         self.metrics = metrics
         self.dialect = dialect
