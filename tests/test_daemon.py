@@ -171,7 +171,7 @@ async def test_a_front_end_in_one_dialect_reaches_a_switch_in_another(harness):
     assert sim.count("0100") == 1
 
 
-async def test_a_dead_primary_host_fails_over_to_the_backup(harness):
+async def test_a_dead_primary_host_fails_over_to_the_backup(harness, autojump_clock):
     sim = await harness.start_switch()
     dead = free_port()
     gw = await harness.start_gateway(upstream={"hosts": [f"127.0.0.1:{dead}", f"127.0.0.1:{harness.switch_port}"]})
@@ -181,7 +181,7 @@ async def test_a_dead_primary_host_fails_over_to_the_backup(harness):
     assert sim.count("0100") == 1
 
 
-async def test_a_switch_that_declines_sign_on_never_gets_traffic(harness):
+async def test_a_switch_that_declines_sign_on_never_gets_traffic(harness, autojump_clock):
     sim = await harness.start_switch()
     sim.mute_network = True
     gw = await harness.start_gateway(wait_ready=False, upstream={"sign_on_timeout": 0.2})
