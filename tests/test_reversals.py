@@ -144,7 +144,7 @@ async def test_a_repeated_request_is_answered_from_the_first_and_never_sent_twic
     assert gw.metrics.duplicates("ecom").get() == 1
 
 
-async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harness):
+async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harness, autojump_clock):
     sim = await harness.start_switch()
     await harness.start_gateway(routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
     a, b = await harness.client(), await harness.client()
@@ -162,7 +162,7 @@ async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harn
     assert sim.count("0100") == 1
 
 
-async def test_duplicates_in_flight_can_be_answered_94(harness):
+async def test_duplicates_in_flight_can_be_answered_94(harness, autojump_clock):
     await harness.start_switch()
     await harness.start_gateway(gateway={"duplicate_in_flight": "94"},
                                 routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])

@@ -311,7 +311,7 @@ def _saf_states(db: Path) -> list[str]:
         conn.close()
 
 
-async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_log_can_be_written(harness, monkeypatch):
+async def test_an_idle_gateway_becomes_ready_again_by_itself_once_the_log_can_be_written(harness, monkeypatch, autojump_clock):
     """/readyz keeps traffic away from a gateway that failed: it must find out by itself that it works again."""
     await harness.start_switch()
     gw = await harness.start_gateway()
