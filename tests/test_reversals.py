@@ -187,11 +187,11 @@ async def test_the_store_holds_no_clear_pan_and_no_cvv2(harness):
     await client.request({**harness.auth(15000), "48": "CVV2=737 3DS=AAABBB"}, timeout=3)
     await client.request(harness.auth(10097), timeout=3)  # a reversal is stored
     await wait_for(lambda: len(saf_rows(harness)) == 1, 3, "reversal stored")
-    await trio.sleep(0.2)
+    # Everything written first (not a pause that a slow machine may outlast): then nothing is in clear.
+    await wait_for(lambda: gw.metrics.journal_writes("insert_txn")._value.get() == 2, 3, "both rows written")
     blob = b"".join(p.read_bytes() for p in harness.state_dir.glob("journal.sqlite3*"))
     assert blob and TEST_PAN.encode() not in blob and b"CVV2" not in blob and b"737 3DS" not in blob
     assert b"476173******0119" in blob  # masked for people
-    await wait_for(lambda: gw.metrics.journal_writes("insert_txn")._value.get() == 2, 3, "both rows written")
 
 
 async def test_without_the_journal_reversals_still_go_out(harness):

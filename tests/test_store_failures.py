@@ -171,8 +171,9 @@ async def test_an_indexer_that_cant_write_retries_in_order_and_readiness_says_wh
     outside.execute("CREATE TRIGGER refuse BEFORE INSERT ON txn BEGIN SELECT RAISE(ABORT, 'no room'); END")
     outside.commit()
     for _ in range(3):
+        waiting = gw.journal.segments_waiting
         assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"  # in the log: safe
-        await trio.sleep(0.25)
+        await wait_for(lambda: gw.journal.segments_waiting > waiting, 5, "its segment closed")  # one that waits
     await wait_for(lambda: not gw.readiness()[0], 5, "not ready")
     assert "indexer" in gw.readiness()[1]
     assert gw.journal.segments_waiting >= 1 and _count(db, "txn") == 1
@@ -195,8 +196,9 @@ async def test_an_indexer_further_behind_than_the_bound_fails_readiness_with_the
     os.kill(child.pid, signal.SIGSTOP)  # an indexer that falls behind
     try:
         for _ in range(4):
+            waiting = gw.journal.segments_waiting
             assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-            await trio.sleep(0.25)  # a rotation each: a segment that waits
+            await wait_for(lambda: gw.journal.segments_waiting > waiting, 5, "its segment closed")  # one that waits
         await wait_for(lambda: gw.journal.segments_waiting > 2, 5, "a backlog past the bound")
         ready, why = gw.readiness()
         assert not ready and "indexer is behind" in why and "more than 2" in why
