@@ -288,16 +288,17 @@ async def test_a_recovery_the_store_could_not_read_at_start_is_done_by_the_saf_w
 
 async def test_a_reversal_whose_progress_the_store_refuses_is_not_sent_again_and_again(harness):
     sim = await harness.start_switch()
-    gw = await harness.start_gateway(upstream={**FAST_SAF, "saf_first_delay": 0.5, "reversal_timeout": 5.0})
+    gw = await harness.start_gateway(upstream={**FAST_SAF, "saf_first_delay": 0.5, "reversal_timeout": 5.0},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.3}])
     client = await harness.client()
     db = Path(gw.config.journal.path)
-    # Answered by the switch after 1.5 s: too late for the route's 1 s; its reversal too, in 1.5 s.
-    assert (await client.request(harness.auth(11599), timeout=3))["39"] == "91"
+    # Answered by the switch after 0.5 s: too late for the route's 0.3 s; its reversal too, in 0.5 s.
+    assert (await client.request(harness.auth(10599), timeout=3))["39"] == "91"
     await wait_for(lambda: len(saf_rows(db)) == 1, 5, "the reversal stored")
     await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=1"))  # then the journal turns read-only
     reversals = lambda: sum(r.mti in ("0420", "0421") for r in sim.records)  # noqa: E731
     await wait_for(lambda: reversals() >= 1, 5, "the reversal sent")
-    await trio.sleep(3.5)  # many SAF rounds: its "sent" and "acknowledged" are kept, not stored
+    await trio.sleep(2.5)  # acknowledged, then SAF rounds (SAF_POLL apart): its "sent" and "acknowledged" kept, not stored
     assert reversals() == 1
     await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=0"))
     await wait_for(lambda: _saf_states(db) == ["acked"], 5, "its acknowledgement stored")
