@@ -1,4 +1,14 @@
-"""Shared harness: a switch simulator and a gateway on 127.0.0.1, free ports, bounded waits."""
+"""Shared harness: a switch simulator and a gateway on 127.0.0.1, free ports, bounded waits.
+
+Time: a test that takes pytest-trio's ``autojump_clock`` runs on virtual time (the clock jumps to
+the next deadline whenever every task waits; sockets on 127.0.0.1 still work, since the kernel has
+the bytes before the jump is considered). Use it for timeouts, echoes, backoff and the simulator's
+delays whenever nothing the test waits for runs on a thread or in a process: the journal's thread
+(reversals stored before a 91, SAF reads, ``journal.call``), its indexer process or a daemon
+process would look idle to the clock, which would then jump past their work. Those tests, and the
+SAF schedule (due times on ``time.time()``), stay on real time and wait for conditions
+(``wait_for``), never for a fixed pause that a loaded machine may outlast.
+"""
 
 from __future__ import annotations
 
