@@ -108,7 +108,7 @@ async def test_with_the_link_down_requests_are_answered_91_at_once(harness, auto
     start = trio.current_time()
     resp = await client.request(harness.auth(), timeout=3)
     assert resp["39"] == "91"
-    assert trio.current_time() - start < 0.5
+    assert trio.current_time() - start == 0  # virtual time: answered before any timer ran out
 
 
 async def test_requests_in_flight_when_the_link_drops_are_answered_91_at_once(harness):
