@@ -1,4 +1,14 @@
-"""Shared harness: a switch simulator and a gateway on 127.0.0.1, free ports, bounded waits."""
+"""Shared harness: a switch simulator and a gateway on 127.0.0.1, free ports, bounded waits.
+
+Time: a test that takes pytest-trio's ``autojump_clock`` runs on virtual time (the clock jumps to
+the next deadline whenever every task waits; sockets on 127.0.0.1 still work, since the kernel has
+the bytes before the jump is considered). Use it for timeouts, echoes, backoff and the simulator's
+delays whenever nothing the test waits for runs on a thread or in a process: the journal's thread
+(reversals stored before a 91, SAF reads, ``journal.call``), its indexer process or a daemon
+process would look idle to the clock, which would then jump past their work. Those tests, and the
+SAF schedule (due times on ``time.time()``), stay on real time and wait for conditions
+(``wait_for``), never for a fixed pause that a loaded machine may outlast.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import tomli_w
 import trio
 
 from iso_gateway.config import Config
@@ -82,8 +93,13 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_config(switch_port: int, *, listener: dict | None = None, upstream: dict | None = None,
-                routes: list[dict] | None = None, state_dir: Path | None = None, **top: Any) -> Config:
+def config_dict(switch_port: int, *, listener: dict | None = None, upstream: dict | None = None,
+                routes: list[dict] | None = None, state_dir: Path | None = None, **top: Any) -> dict[str, Any]:
+    """The raw configuration of a gateway under test (as a TOML file would give it), not validated.
+
+    ``listener`` and ``upstream`` are merged into the one listener and the one upstream; other
+    keyword arguments are merged into the top-level sections (``gateway={...}``, ``journal={...}``).
+    """
     state = state_dir or Path(tempfile.mkdtemp(prefix="iso-gw-test-"))
     raw: dict[str, Any] = {
         "gateway": {"drain_timeout": 2.0},
@@ -95,8 +111,31 @@ def make_config(switch_port: int, *, listener: dict | None = None, upstream: dic
                              "reconnect_max": 0.2, "connect_timeout": 1.0}, upstream or {})],
         "routes": routes or [{"name": "all", "upstream": "cmi", "timeout": 1.0}],
     }
-    raw = merge(raw, top)
-    return Config.model_validate(raw)
+    return merge(raw, top)
+
+
+def make_config(switch_port: int, **options: Any) -> Config:
+    """A validated configuration for an in-process gateway (options as ``config_dict``)."""
+    return Config.model_validate(config_dict(switch_port, **options))
+
+
+def write_daemon_config(path: Path, switch_port: int, *, port: int, log_file: Path | None = None,
+                        **options: Any) -> Path:
+    """The same configuration as ``make_config``, as the TOML file a daemon process reads.
+
+    The listener takes ``port`` (a daemon's port is chosen before it starts), the journal and
+    its key live beside ``path`` unless ``state_dir`` says otherwise, and ``log_file`` (added to
+    the session's PAN check) gets the daemon's log. The dict is written as it is, unvalidated:
+    a test can write a file the daemon must refuse.
+    """
+    options.setdefault("state_dir", path.parent)
+    options["listener"] = merge({"port": port}, options.get("listener") or {})
+    if log_file is not None:
+        options["log"] = merge({"level": "INFO", "file": str(log_file)}, options.get("log") or {})
+        if log_file not in DAEMON_LOG_FILES:
+            DAEMON_LOG_FILES.append(log_file)
+    path.write_text(tomli_w.dumps(config_dict(switch_port, **options)), encoding="utf-8")
+    return path
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

@@ -10,41 +10,18 @@ from pathlib import Path
 
 import trio
 
-from conftest import wait_for
+from conftest import wait_for, write_daemon_config
 from iso_gateway.core.framing import framer_from_config
 from iso_gateway.sim.client import FrontEndClient, sample_auth
 from iso_gateway.sim.integrity import free_port
 from iso_gateway.sim.switch import SwitchSimulator
 
 
-def write_config(path: Path, *, port: int, switch_port: int, extra_route: str = "", log_file: Path | None = None,
-                 timeout: float = 3.0) -> None:
-    path.write_text(f"""
-[gateway]
-drain_timeout = 5.0
-[journal]
-path = "{path.parent / 'journal.sqlite3'}"
-key_file = "{path.parent / 'pan.key'}"
-[log]
-level = "INFO"
-file = "{log_file or ''}"
-[metrics]
-enabled = false
-[[listeners]]
-name = "ecom"
-port = {port}
-[[upstreams]]
-name = "cmi"
-hosts = ["127.0.0.1:{switch_port}"]
-sign_on = true
-echo_interval = 0
-reconnect_initial = 0.05
-[[routes]]
-name = "all"
-upstream = "cmi"
-timeout = {timeout}
-{extra_route}
-""")
+def write_config(path: Path, *, port: int, switch_port: int, log_file: Path | None = None, timeout: float = 3.0,
+                 **options) -> None:
+    """The suite's daemon configuration, with a route timeout long enough for the simulator's slow answers."""
+    options.setdefault("routes", [{"name": "all", "upstream": "cmi", "timeout": timeout}])
+    write_daemon_config(path, switch_port, port=port, log_file=log_file, gateway={"drain_timeout": 5.0}, **options)
 
 
 async def start_daemon(config: Path, port: int) -> trio.Process:
@@ -122,12 +99,13 @@ async def test_sighup_reloads_routes_and_a_bad_file_keeps_the_old_configuration(
     try:
         client = await ready_client(port)
         assert (await client.request(sample_auth(1, 10000), timeout=3))["39"] == "00"
-        text = cfg.read_text().replace('name = "all"\nupstream = "cmi"', 'name = "mc"\nupstream = "cmi"\nbins = ["5"]')
-        cfg.write_text(text)
+        mc_only = [{"name": "mc", "upstream": "cmi", "bins": ["5"], "timeout": 3.0}]
+        write_config(cfg, port=port, switch_port=switch_port, log_file=log_file, routes=mc_only)
         proc.send_signal(signal.SIGHUP)
         await wait_for(lambda: "configuration reloaded" in log_file.read_text(), 5, "reload")
         assert (await client.request(sample_auth(2, 10000), timeout=3))["39"] == "15"  # Visa no longer routed
-        cfg.write_text(text.replace("max_in_flight", "x").replace('[[listeners]]', '[[listeners]]\nbogus = 1'))
+        write_config(cfg, port=port, switch_port=switch_port, log_file=log_file, routes=mc_only,
+                     listener={"bogus": 1})
         proc.send_signal(signal.SIGHUP)
         await wait_for(lambda: "reload refused" in log_file.read_text(), 5, "refusal")
         assert "listeners.0.bogus: unknown key" in log_file.read_text()
@@ -193,7 +171,7 @@ async def test_a_front_end_in_one_dialect_reaches_a_switch_in_another(harness):
     assert sim.count("0100") == 1
 
 
-async def test_a_dead_primary_host_fails_over_to_the_backup(harness):
+async def test_a_dead_primary_host_fails_over_to_the_backup(harness, autojump_clock):
     sim = await harness.start_switch()
     dead = free_port()
     gw = await harness.start_gateway(upstream={"hosts": [f"127.0.0.1:{dead}", f"127.0.0.1:{harness.switch_port}"]})
@@ -203,7 +181,7 @@ async def test_a_dead_primary_host_fails_over_to_the_backup(harness):
     assert sim.count("0100") == 1
 
 
-async def test_a_switch_that_declines_sign_on_never_gets_traffic(harness):
+async def test_a_switch_that_declines_sign_on_never_gets_traffic(harness, autojump_clock):
     sim = await harness.start_switch()
     sim.mute_network = True
     gw = await harness.start_gateway(wait_ready=False, upstream={"sign_on_timeout": 0.2})

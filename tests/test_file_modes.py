@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from conftest import DAEMON_LOG_FILES, wait_for
+from conftest import wait_for, write_daemon_config
 from iso_gateway.sim.client import FrontEndClient, sample_auth
 from iso_gateway.sim.integrity import free_port
 from iso_gateway.sim.switch import SwitchSimulator
@@ -41,28 +41,7 @@ async def test_a_fresh_daemon_creates_its_state_folder_0700_and_every_file_0600(
     port = free_port()
     state = tmp_path / "srv" / "var"  # does not exist yet: the daemon makes it
     log_file = state / "gw.log"
-    DAEMON_LOG_FILES.append(log_file)
-    cfg = tmp_path / "gw.toml"
-    cfg.write_text(f"""
-[journal]
-path = "{state / 'journal.sqlite3'}"
-key_file = "{state / 'pan.key'}"
-[log]
-file = "{log_file}"
-[metrics]
-enabled = false
-[[listeners]]
-name = "ecom"
-port = {port}
-[[upstreams]]
-name = "cmi"
-hosts = ["127.0.0.1:{switch_port}"]
-echo_interval = 0
-reconnect_initial = 0.05
-[[routes]]
-name = "all"
-upstream = "cmi"
-""")
+    cfg = write_daemon_config(tmp_path / "gw.toml", switch_port, port=port, log_file=log_file, state_dir=state)
     old = os.umask(0o022)  # the usual umask, which would leave files 0644 and folders 0755
     try:
         proc = await trio.lowlevel.open_process([sys.executable, "-m", "iso_gateway", "run", "--config", str(cfg)],

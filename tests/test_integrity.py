@@ -8,13 +8,13 @@ from pathlib import Path
 
 import trio
 
-from conftest import TEST_PAN, wait_for
+from conftest import TEST_PAN, wait_for, write_daemon_config
 from iso_gateway.journal import txlog
 from iso_gateway.journal import SQLiteStore
 from iso_gateway.security.pan import PanVault, load_master_key
 from iso_gateway.core.message import OriginalData
 from iso_gateway.sim.client import FrontEndClient, sample_auth
-from iso_gateway.sim.integrity import GatewayProcess, _config, free_port, run_check
+from iso_gateway.sim.integrity import GatewayProcess, free_port, run_check
 from iso_gateway.sim.switch import SwitchSimulator
 
 
@@ -33,9 +33,9 @@ async def test_a_transaction_in_flight_when_the_gateway_is_killed_is_reversed_af
     sim = SwitchSimulator()
     switch_port = await nursery.start(sim.serve, "127.0.0.1", 0)
     port = free_port()
-    cfg = tmp_path / "gateway.toml"
-    _config(cfg, port, switch_port, tmp_path)
-    cfg.write_text(cfg.read_text().replace("timeout = 0.5", "timeout = 30.0"))  # it stays in flight
+    cfg = write_daemon_config(tmp_path / "gateway.toml", switch_port, port=port, log_file=tmp_path / "gateway.log",
+                              upstream={"saf_first_delay": 0.2, "saf_retry_initial": 0.2, "reversal_timeout": 1.0},
+                              routes=[{"name": "all", "upstream": "cmi", "timeout": 30.0}])  # it stays in flight
     gateway = GatewayProcess(cfg, port)
     await gateway.start()
     try:

@@ -45,7 +45,7 @@ async def test_answers_between_timeouts_keep_the_link_ready(harness):
         assert gw.readiness()[0]
 
 
-async def test_a_switch_that_accepts_tcp_and_never_answers_is_not_ready_after_an_unanswered_echo(harness, nursery):
+async def test_a_switch_that_accepts_tcp_and_never_answers_is_not_ready_after_an_unanswered_echo(harness, nursery, autojump_clock):
     async def black_hole(stream: trio.SocketStream) -> None:
         while await stream.receive_some(65536):
             pass  # reads everything, answers nothing

@@ -152,7 +152,7 @@ async def test_a_repeated_request_is_answered_from_the_first_and_never_sent_twic
     assert gw.metrics.duplicates("ecom").get() == 1
 
 
-async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harness):
+async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harness, autojump_clock):
     sim = await harness.start_switch()
     await harness.start_gateway(routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
     a, b = await harness.client(), await harness.client()
@@ -170,7 +170,7 @@ async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harn
     assert sim.count("0100") == 1
 
 
-async def test_duplicates_in_flight_can_be_answered_94(harness):
+async def test_duplicates_in_flight_can_be_answered_94(harness, autojump_clock):
     await harness.start_switch()
     await harness.start_gateway(gateway={"duplicate_in_flight": "94"},
                                 routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
@@ -195,11 +195,11 @@ async def test_the_store_holds_no_clear_pan_and_no_cvv2(harness):
     await client.request({**harness.auth(15000), "48": "CVV2=737 3DS=AAABBB"}, timeout=3)
     await client.request(harness.auth(10097), timeout=3)  # a reversal is stored
     await wait_for(lambda: len(saf_rows(harness)) == 1, 3, "reversal stored")
-    await trio.sleep(0.2)
+    # Everything written first (not a pause that a slow machine may outlast): then nothing is in clear.
+    await wait_for(lambda: gw.metrics.journal_writes("insert_txn")._value.get() == 2, 3, "both rows written")
     blob = b"".join(p.read_bytes() for p in harness.state_dir.glob("journal.sqlite3*"))
     assert blob and TEST_PAN.encode() not in blob and b"CVV2" not in blob and b"737 3DS" not in blob
     assert b"476173******0119" in blob  # masked for people
-    await wait_for(lambda: gw.metrics.journal_writes("insert_txn")._value.get() == 2, 3, "both rows written")
 
 
 async def test_without_the_journal_reversals_still_go_out(harness):

@@ -123,7 +123,7 @@ def test_an_impossible_behaviour_is_refused(options):
 # --------------------------------------------------------------------------- authorizations
 
 
-async def test_an_ordinary_amount_is_approved_with_a_six_character_auth_code(switch):
+async def test_an_ordinary_amount_is_approved_with_a_six_character_auth_code(switch, autojump_clock):
     async with await connect(switch) as client:
         request = sample_auth(1, 15000)
         response = await client.request(request, TIMEOUT)
@@ -139,7 +139,7 @@ async def test_an_ordinary_amount_is_approved_with_a_six_character_auth_code(swi
     assert switch.count("0100") == 1 and switch.count("0200") == 1
 
 
-async def test_an_amount_ending_in_a_decline_code_is_declined_with_that_code(switch):
+async def test_an_amount_ending_in_a_decline_code_is_declined_with_that_code(switch, autojump_clock):
     async with await connect(switch) as client:
         for stan, code in enumerate(sorted(DECLINE_CODES), start=1):
             response = await client.request(sample_auth(stan, 20000 + int(code)), TIMEOUT)
@@ -148,7 +148,7 @@ async def test_an_amount_ending_in_a_decline_code_is_declined_with_that_code(swi
     assert [r.action for r in switch.records] == ["decline"] * len(DECLINE_CODES)
 
 
-async def test_an_amount_ending_97_is_never_answered_and_the_connection_still_works(switch):
+async def test_an_amount_ending_97_is_never_answered_and_the_connection_still_works(switch, autojump_clock):
     async with await connect(switch) as client:
         with pytest.raises(RequestTimeout):
             await client.request(sample_auth(1, 10097), 0.3)
@@ -156,7 +156,7 @@ async def test_an_amount_ending_97_is_never_answered_and_the_connection_still_wo
     assert [(r.action, r.response_code) for r in switch.records] == [("drop", None), ("approve", "00")]
 
 
-async def test_an_amount_ending_98_closes_the_connection_without_an_answer(switch):
+async def test_an_amount_ending_98_closes_the_connection_without_an_answer(switch, autojump_clock):
     async with await connect(switch) as client:
         with pytest.raises(ConnectionClosed):
             await client.request(sample_auth(1, 10098), TIMEOUT)
@@ -165,7 +165,7 @@ async def test_an_amount_ending_98_closes_the_connection_without_an_answer(switc
     assert switch.connections == 0
 
 
-async def test_an_amount_ending_99_is_approved_after_the_tenths_in_the_two_digits_before(switch):
+async def test_an_amount_ending_99_is_approved_after_the_tenths_in_the_two_digits_before(switch, autojump_clock):
     async with await connect(switch) as client:
         started = trio.current_time()
         response = await client.request(sample_auth(1, 10399), TIMEOUT)
@@ -175,7 +175,7 @@ async def test_an_amount_ending_99_is_approved_after_the_tenths_in_the_two_digit
     assert switch.records[0].action == "delay" and switch.records[0].response_code == "00"
 
 
-async def test_pipelined_requests_are_answered_out_of_order_so_a_slow_one_does_not_hold_back_fast_ones(switch):
+async def test_pipelined_requests_are_answered_out_of_order_so_a_slow_one_does_not_hold_back_fast_ones(switch, autojump_clock):
     finished: list[str] = []
     async with await connect(switch) as client:
 
@@ -197,7 +197,7 @@ async def test_pipelined_requests_are_answered_out_of_order_so_a_slow_one_does_n
     assert switch.accepted == 1
 
 
-async def test_concurrent_connections_are_served_side_by_side(switch):
+async def test_concurrent_connections_are_served_side_by_side(switch, autojump_clock):
     async def one_client(terminal: str) -> None:
         async with await connect(switch) as client:
             async with trio.open_nursery() as nursery:
@@ -214,7 +214,7 @@ async def test_concurrent_connections_are_served_side_by_side(switch):
 # --------------------------------------------------------------------------- reversals
 
 
-async def test_a_reversal_is_applied_once_and_its_repeat_is_acknowledged_without_applying_it_again(switch):
+async def test_a_reversal_is_applied_once_and_its_repeat_is_acknowledged_without_applying_it_again(switch, autojump_clock):
     async with await connect(switch) as client:
         original = sample_auth(1, 25000)
         assert (await client.request(original, TIMEOUT))["39"] == "00"
@@ -229,7 +229,7 @@ async def test_a_reversal_is_applied_once_and_its_repeat_is_acknowledged_without
     assert len(switch.reversed) == 1
 
 
-async def test_a_reversal_request_0400_gets_0410_and_counts_as_the_same_original(switch):
+async def test_a_reversal_request_0400_gets_0410_and_counts_as_the_same_original(switch, autojump_clock):
     async with await connect(switch) as client:
         original = sample_auth(1, 25051)  # declined as an authorization, acknowledged as a reversal
         await client.request(original, TIMEOUT)
@@ -239,7 +239,7 @@ async def test_a_reversal_request_0400_gets_0410_and_counts_as_the_same_original
     assert [r.applied for r in switch.records[1:]] == [True, False]
 
 
-async def test_a_reversal_whose_amount_ends_97_is_never_answered_nor_applied_so_saf_retries(switch):
+async def test_a_reversal_whose_amount_ends_97_is_never_answered_nor_applied_so_saf_retries(switch, autojump_clock):
     original = sample_auth(1, 30097)
     async with await connect(switch) as client:
         for mti in ("0420", "0421", "0421"):
@@ -253,7 +253,7 @@ async def test_a_reversal_whose_amount_ends_97_is_never_answered_nor_applied_so_
 # --------------------------------------------------------------------------- network management and the wire
 
 
-async def test_0800_sign_on_echo_and_sign_off_get_0810_00_echoing_7_11_and_70(switch):
+async def test_0800_sign_on_echo_and_sign_off_get_0810_00_echoing_7_11_and_70(switch, autojump_clock):
     async with await connect(switch) as client:
         for stan, code in ((1, "001"), (2, "301"), (3, "002")):
             request = sample_network(stan, code)
@@ -262,7 +262,7 @@ async def test_0800_sign_on_echo_and_sign_off_get_0810_00_echoing_7_11_and_70(sw
     assert switch.count("0800") == 3
 
 
-async def test_the_switch_echoes_on_its_own_and_consumes_the_0810s(start_switch):
+async def test_the_switch_echoes_on_its_own_and_consumes_the_0810s(start_switch, autojump_clock):
     sim = await start_switch(echo_interval=0.1)
     async with await connect(sim) as client:
         await client.pump(0.45)
@@ -272,21 +272,21 @@ async def test_the_switch_echoes_on_its_own_and_consumes_the_0810s(start_switch)
     assert not sim.records  # its own echoes are not transactions
 
 
-async def test_a_zero_length_keepalive_frame_is_echoed_back(switch):
+async def test_a_zero_length_keepalive_frame_is_echoed_back(switch, autojump_clock):
     async with await connect(switch) as client:
         await client.send_raw(b"0000")
         assert await client.receive_raw(timeout=TIMEOUT) == b"0000"
     assert switch.keepalives == 1
 
 
-async def test_an_undecodable_frame_is_counted_and_ignored_and_the_connection_still_works(switch):
+async def test_an_undecodable_frame_is_counted_and_ignored_and_the_connection_still_works(switch, autojump_clock):
     async with await connect(switch) as client:
         await client.send_raw(b"0008GARBAGE!")
         assert (await client.request(sample_auth(1, 10000), TIMEOUT))["39"] == "00"
     assert switch.undecodable == 1 and switch.accepted == 1
 
 
-async def test_a_frame_split_across_writes_is_answered_once_complete(switch):
+async def test_a_frame_split_across_writes_is_answered_once_complete(switch, autojump_clock):
     async with await connect(switch) as client:
         data = client.frame(sample_auth(1, 10000))
         await client.send_raw(data[:7])
@@ -296,14 +296,14 @@ async def test_a_frame_split_across_writes_is_answered_once_complete(switch):
     assert response["t"] == "0110" and response["39"] == "00"
 
 
-async def test_a_broken_length_header_closes_the_connection(switch):
+async def test_a_broken_length_header_closes_the_connection(switch, autojump_clock):
     async with await connect(switch) as client:
         await client.send_raw(b"ZZZZ")
         await client.wait_closed(TIMEOUT)
     await eventually(lambda: switch.closes["frame_error"] == 1)
 
 
-async def test_a_tpdu_link_gets_answers_with_source_and_destination_swapped(start_switch):
+async def test_a_tpdu_link_gets_answers_with_source_and_destination_swapped(start_switch, autojump_clock):
     sim = await start_switch(framing="binary2", tpdu=True)
     client = await FrontEndClient.connect("127.0.0.1", sim.port, sim.dialect, sim.framer, header=b"\x60\x00\x01\x00\x02")
     async with client:
@@ -315,7 +315,7 @@ async def test_a_tpdu_link_gets_answers_with_source_and_destination_swapped(star
 # --------------------------------------------------------------------------- going down, chaos
 
 
-async def test_stop_closes_every_connection_and_stops_listening(start_switch, nursery):
+async def test_stop_closes_every_connection_and_stops_listening(start_switch, nursery, autojump_clock):
     sim = await start_switch()
     async with await connect(sim) as client:
         await client.request(sample_auth(1, 10000), TIMEOUT)
@@ -329,7 +329,7 @@ async def test_stop_closes_every_connection_and_stops_listening(start_switch, nu
         assert (await client.request(sample_auth(2, 10000), TIMEOUT))["39"] == "00"
 
 
-async def test_close_connections_drops_the_links_but_keeps_listening(switch):
+async def test_close_connections_drops_the_links_but_keeps_listening(switch, autojump_clock):
     async with await connect(switch) as client:
         switch.close_connections()
         await client.wait_closed(TIMEOUT)
@@ -338,7 +338,7 @@ async def test_close_connections_drops_the_links_but_keeps_listening(switch):
     await eventually(lambda: switch.closes["stopped"] == 1)
 
 
-async def test_chaos_drop_probability_one_never_answers_but_still_answers_network_management(start_switch):
+async def test_chaos_drop_probability_one_never_answers_but_still_answers_network_management(start_switch, autojump_clock):
     sim = await start_switch(seed=1, drop_probability=1.0)
     async with await connect(sim) as client:
         with pytest.raises(RequestTimeout):
@@ -350,7 +350,7 @@ async def test_chaos_drop_probability_one_never_answers_but_still_answers_networ
 # --------------------------------------------------------------------------- records
 
 
-async def test_records_never_hold_a_clear_pan(start_switch, tmp_path):
+async def test_records_never_hold_a_clear_pan(start_switch, tmp_path, autojump_clock):
     live = tmp_path / "live.jsonl"
     sim = await start_switch(record_file=str(live))
     async with await connect(sim) as client:
@@ -421,7 +421,7 @@ def test_run_prints_a_summary_and_no_traceback_on_ctrl_c(tmp_path):
 # --------------------------------------------------------------------------- options aimed at reversals
 
 
-async def test_close_on_reversal_closes_on_that_amounts_reversal_while_its_authorization_follows_the_table(start_switch):
+async def test_close_on_reversal_closes_on_that_amounts_reversal_while_its_authorization_follows_the_table(start_switch, autojump_clock):
     sim = await start_switch(close_on_reversal=frozenset({"000000010000"}))
     async with await connect(sim) as client:
         auth = sample_auth(1, 10000)
@@ -435,7 +435,7 @@ async def test_close_on_reversal_closes_on_that_amounts_reversal_while_its_autho
     assert [(r.mti, r.action, r.applied) for r in sim.records][-1] == ("0420", "close", False)
 
 
-async def test_reversal_delay_acknowledges_every_reversal_that_much_later_and_nothing_else(start_switch):
+async def test_reversal_delay_acknowledges_every_reversal_that_much_later_and_nothing_else(start_switch, autojump_clock):
     sim = await start_switch(reversal_delay=0.3)
     async with await connect(sim) as client:
         auth = sample_auth(1, 10000)

@@ -176,9 +176,9 @@ async def test_an_indexer_that_cant_write_retries_in_order_and_readiness_says_wh
     outside = sqlite3.connect(db)
     outside.execute("CREATE TRIGGER refuse BEFORE INSERT ON txn BEGIN SELECT RAISE(ABORT, 'no room'); END")
     outside.commit()
-    for _ in range(3):
+    for n in range(1, 4):
         assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"  # in the log: safe
-        await trio.sleep(0.25)
+        await wait_for(lambda: gw.journal.segments_waiting >= n, 5, "its segment closed")  # noqa: B023 - awaited in this iteration
     await wait_for(lambda: not gw.readiness()[0], 5, "not ready")
     assert "indexer" in gw.readiness()[1]
     assert gw.journal.segments_waiting >= 1 and _count(db, "txn") == 1
@@ -200,9 +200,11 @@ async def test_an_indexer_further_behind_than_the_bound_fails_readiness_with_the
     child = gw.journal._indexer._proc
     os.kill(child.pid, signal.SIGSTOP)  # an indexer that falls behind
     try:
-        for _ in range(4):
+        for n in range(1, 5):
             assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-            await trio.sleep(0.25)  # a rotation each: a segment that waits
+            # A rotation each: a segment that waits (an acknowledgement the child sent before it
+            # stopped may still lower the count: at least n, not "one more than before").
+            await wait_for(lambda: gw.journal.segments_waiting >= n, 5, "its segment closed")  # noqa: B023 - awaited in this iteration
         await wait_for(lambda: gw.journal.segments_waiting > 2, 5, "a backlog past the bound")
         ready, why = gw.readiness()
         assert not ready and "indexer is behind" in why and "more than 2" in why
@@ -292,10 +294,11 @@ async def test_a_recovery_the_store_could_not_read_at_start_is_done_by_the_saf_w
 
 async def test_a_reversal_whose_progress_the_store_refuses_is_not_sent_again_and_again(harness, journal_clock):
     sim = await harness.start_switch()
-    gw = await harness.start_gateway(upstream={**FAST_SAF, "saf_first_delay": 0.5, "reversal_timeout": 5.0})
+    gw = await harness.start_gateway(upstream={**FAST_SAF, "saf_first_delay": 0.5, "reversal_timeout": 5.0},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 0.3}])
     client = await harness.client()
     db = Path(gw.config.journal.path)
-    # Answered by the switch after 1.5 s: too late for the route's 1 s; its reversal too, in 1.5 s.
+    # Answered by the switch after 1.5 s: too late for the route's 0.3 s; its reversal too, in 1.5 s.
     assert (await client.request(harness.auth(11599), timeout=3))["39"] == "91"
     await wait_real(lambda: len(saf_rows(db)) == 1, 10, "the reversal stored")
     await gw.journal.call(lambda conn: conn.execute("PRAGMA query_only=1"))  # then the journal turns read-only
