@@ -178,13 +178,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from .specfiles import get_dialect, load_rules
 
     cfg = load_config(args.config)
-    dd, rd = tuple(cfg.dialect_dirs), tuple(cfg.rule_dirs)
+    dialect_dirs, rule_dirs = tuple(cfg.dialect_dirs), tuple(cfg.rule_dirs)
     for i, lc in enumerate(cfg.listeners):
-        get_dialect(lc.dialect, dd)
-        load_rules(lc.rules, rd)
+        get_dialect(lc.dialect, dialect_dirs)
+        load_rules(lc.rules, rule_dirs)
         framer_from_config(lc.framing, source=args.config, where=f"listeners[{i}].framing")
     for i, uc in enumerate(cfg.upstreams):
-        get_dialect(uc.dialect, dd)
+        get_dialect(uc.dialect, dialect_dirs)
         framer_from_config(uc.framing, source=args.config, where=f"upstreams[{i}].framing")
     route_table(cfg.routes, cfg.routing, source=args.config)
     print(f"{args.config}: OK ({len(cfg.listeners)} listeners, {len(cfg.upstreams)} upstreams, {len(cfg.routes)} routes)")

@@ -263,33 +263,33 @@ class Gateway:
         self.worker = worker
         self.config_path = config_path
         self.metrics = metrics or Metrics()
-        jc = config.journal
+        journal_cfg = config.journal
         # Without the journal (measurement only) reversals still go through a SAF, kept in memory.
-        self.journaling = jc.enabled
+        self.journaling = journal_cfg.enabled
         # The one clock of the shell (clock.py): started by run, read by everything that
         # schedules or stamps, so trio's MockClock moves them all.
         self.clock = Clock()
-        if jc.enabled:
-            vault = PanVault(load_master_key(jc.key_file))
-            self.journal = Journal(jc.path, vault, synchronous=jc.synchronous, max_batch=jc.max_batch,
+        if journal_cfg.enabled:
+            vault = PanVault(load_master_key(journal_cfg.key_file))
+            self.journal = Journal(journal_cfg.path, vault, synchronous=journal_cfg.synchronous, max_batch=journal_cfg.max_batch,
                                    metrics=self.metrics, worker=worker or 0, replay_all=worker is None,
-                                   indexer=jc.indexer, max_log_segments=jc.max_log_segments,
-                                   reversal_data_window=jc.reversal_data_window, retention=jc.retention * 86400)
+                                   indexer=journal_cfg.indexer, max_log_segments=journal_cfg.max_log_segments,
+                                   reversal_data_window=journal_cfg.reversal_data_window, retention=journal_cfg.retention * 86400)
         else:
             log.warning("journal disabled: transactions are not journaled and reversals are lost on restart")
-            self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=jc.max_batch,
+            self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=journal_cfg.max_batch,
                                    metrics=self.metrics)
         self.journal.wall = self.clock.wall
         self.reversals = DurableReversals(self, self.journal, self.clock)
         self.duplicates = DuplicateTable(config.gateway.duplicate_window)
-        dd = tuple(config.dialect_dirs)
-        rd = tuple(config.rule_dirs)
+        dialect_dirs = tuple(config.dialect_dirs)
+        rule_dirs = tuple(config.rule_dirs)
         self.routes = route_table(config.routes, config.routing, source=config_path or "config")
         # Reads every front connection and switch link from one task (net/poller.py).
         self.poller = Poller(self.begin_round, self.release_held)
-        self.upstreams = {u.name: Upstream(u, self, self.metrics, get_dialect(u.dialect, dd), self.clock)
+        self.upstreams = {u.name: Upstream(u, self, self.metrics, get_dialect(u.dialect, dialect_dirs), self.clock)
                           for u in config.upstreams}
-        self.listeners = [Listener(lc, self, get_dialect(lc.dialect, dd), load_rules(lc.rules, rd))
+        self.listeners = [Listener(lc, self, get_dialect(lc.dialect, dialect_dirs), load_rules(lc.rules, rule_dirs))
                           for lc in config.listeners]
         self._stop = trio.Event()
         self._stopped = trio.Event()
@@ -367,12 +367,12 @@ class Gateway:
                               "addresses, hosts, dialects or framings changed: these need a restart")
         routes = route_table(config.routes, config.routing, source=self.config_path or "config")
         # Build every listener's new state before touching any, so a failure changes nothing.
-        dd, rd = tuple(config.dialect_dirs), tuple(config.rule_dirs)
+        dialect_dirs, rule_dirs = tuple(config.dialect_dirs), tuple(config.rule_dirs)
         staged = []
         for lst, lc in zip(self.listeners, config.listeners, strict=True):  # same listeners: checked above
             probe = Listener.__new__(Listener)
             probe.gateway = self
-            dialect, rules = get_dialect(lc.dialect, dd), load_rules(lc.rules, rd)
+            dialect, rules = get_dialect(lc.dialect, dialect_dirs), load_rules(lc.rules, rule_dirs)
             probe.apply(lc, dialect, rules)
             staged.append((lst, lc, dialect, rules))
         for lst, lc, dialect, rules in staged:
