@@ -840,17 +840,17 @@ async def test_finding_5_one_address_holding_idle_connections_meets_its_per_sour
     await assert_alive(gw)
 
 
-async def test_finding_5_a_full_listener_makes_room_for_a_new_front_end_by_closing_the_longest_idle(gw, nursery):
+async def test_finding_5_a_full_listener_makes_room_for_a_new_front_end_by_closing_an_idle_connection(gw, nursery):
     """Finding 5: when idle connections from several addresses (each within its per-source limit)
-    fill the listener, the code before the fix refused every new front end. Documented outcome: the
-    longest-idle connection with no request in flight is closed to make room (counted as
-    evicted_idle), so new front ends from 127.0.0.1 are served, and the honest client, which
-    sends every few tens of milliseconds, is never the one closed.
+    fill the listener, the code before the fix refused every new front end. Documented outcome: a
+    connection with no request in flight is closed to make room (counted as evicted_idle), one
+    that never sent a frame before any that did, then the longest idle, so new front ends from
+    127.0.0.1 are served, and the honest client, which sends every few tens of milliseconds, is
+    never the one closed.
 
     The listener is filled first and left idle for a moment, then more idle connections and the
     new front ends arrive: every one of them finds older idle connections to take the place of.
-    (A burst that arrives within the honest client's own pause can make it the longest idle:
-    that is the documented rule too, and not what this test looks at.)"""
+    (A burst that arrives within the honest client's own pause is in tests/test_front_door.py.)"""
     honest = await HonestClient.start(nursery, gw)
     before = total(await scrape(gw), "iso_gateway_front_connections_closed_total", reason="evicted_idle")
     idle: list[trio.SocketStream] = []
