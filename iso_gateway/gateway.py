@@ -494,8 +494,8 @@ class Gateway:
 
     def on_front_frames(self, front: FrontConnection, frames: Sequence[Frame], touched: set[FrameWriter],
                         now: float) -> None:
-        """Handle every complete frame read in one chunk (``now``: trio's clock, read at the
-        start of the round); the writers to flush go into ``touched``.
+        """Handle every complete frame one read of ``front`` gave (``now``: trio's clock, read at
+        the start of the poller's round); the writers to flush go into ``touched``.
 
         Forwarded requests may be held for the journal's log: the caller ends its round with
         ``release_held`` (one log write for all of them), then flushes."""
@@ -625,8 +625,8 @@ class Gateway:
         journal = self.journal
         request.frame = conn.register(request, out, key, now + timeout, now)
         if journal.write_ahead:
-            # Into the log (journal/txlog.py) with the others of this chunk or of this turn of the loop,
-            # in one write before any of them is sent (on_front_frames, _send_held).
+            # Into the log (journal/txlog.py) with the others of this poller round, in one
+            # write before any of them is sent (release_held, _send_held).
             journal.record_txn(row, request.original, write=False, created=self.round_wall)
             self._held.append((request, key, journal.log_failures))
             return None

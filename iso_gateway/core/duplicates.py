@@ -6,9 +6,10 @@ terminal (41), merchant (42), STAN (11) and transmission time (7) within
 the key; docs/domain.md §2.1, §2.3), with the same amount (4) and RRN (37): a true
 retransmission repeats those too, while two different payments that happen to
 share a terminal, STAN and second are both forwarded. An entry is in flight (the first request is
-still waiting for the switch: duplicates wait with it) or done (its response
-code and authorization code are kept for replay). Only codes are kept, never a
-message, so nothing here holds card data.
+still waiting for the switch: duplicates wait with it, each held as the caller's
+own value, e.g. its connection and raw request, until the first one's answer
+comes) or done (only its response code and authorization code are kept for
+replay, never a message: a done entry holds no card data).
 
 Sans-IO: ``now`` comes in; the table is bounded in size and time.
 """

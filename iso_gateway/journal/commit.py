@@ -323,7 +323,8 @@ class Journal:
             conn.close()
 
     async def _pump(self) -> None:
-        """Hand what the loop submitted to the thread, once per turn of the loop."""
+        """Hand what the loop submitted to the thread: woken by a submit, so the operations of
+        everything that ran meanwhile go over together."""
         while True:
             assert self._kick is not None
             await self._kick.wait()

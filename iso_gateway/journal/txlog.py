@@ -1,8 +1,8 @@
 """The journal's write-ahead log: what "journaled before it is sent" costs on the hot path.
 
 Forwarded transactions are appended to a log segment from the event loop, the
-requests of a turn of the loop in one ``os.write``, before their frames go to
-the switch (the gateway's ``_send_held``). The write reaches
+requests of a poller round in one ``os.write``, before their frames go to the
+switch (the gateway's ``_send_held``). The write reaches
 the kernel's page cache, so it survives a crash of the process (SIGKILL), as
 a SQLite commit in WAL mode with ``synchronous=NORMAL`` does; it costs about a
 few microseconds, where a round trip through the journal thread and a commit
@@ -13,8 +13,8 @@ into SQLite at start, before in-doubt transactions are looked for.
 
 A segment holds frames, each ``length (4 bytes LE) | CRC-32 (4 bytes LE) |
 payload``, the payload the journal's AES-GCM seal (security/pan.py) of a
-marshalled list: the records of one write (the requests of one chunk, and
-the answers since the last write), each a tuple:
+marshalled list: the records of one write (the requests of one poller round,
+and the answers since the last write), each a tuple:
 
 - ``("T", id, time, listener, mti, upstream, link, upstream STAN, worker,
   fields)``: a transaction sent upstream, with the fields a reversal needs

@@ -16,9 +16,12 @@ A response that matches nothing in flight is offered to the upstream's
 ``outstanding`` waiters (reversals not yet acknowledged) before it is counted as
 late or unmatched.
 
-Protocol decisions (matching, STANs, deadlines) live in ``matching``; this
-module only moves bytes, sleeps and keeps state. It never raises out of
-``run``: every failure is a counted, logged state change.
+The matching structures (the pending table, STAN allocation, deadlines) are
+``core.matching``'s; this module keeps them per connection and decides what a
+link does (connect, sign on, echo, reconnect, send a suspect alone), while what
+a request's answer means is decided by its waiter (the gateway's or the SAF
+worker's). It never raises out of ``run``: every failure is a counted, logged
+state change.
 """
 
 from __future__ import annotations
