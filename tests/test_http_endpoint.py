@@ -260,3 +260,29 @@ async def test_name_filters_keep_only_the_metrics_asked_for():
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert b"iso_gateway_front_messages_received_total" in answer
     assert b"iso_gateway_front_messages_sent_total" not in answer
+
+
+async def test_a_scraper_that_never_reads_its_answers_is_closed_after_the_send_timeout():
+    import socket
+
+    metrics = _metrics()
+    for i in range(2000):  # a large answer (about 200 kB), so unread answers fill every buffer on the way
+        metrics.front_received(f"listener-{i:04d}", "0100").inc()
+    metrics.flush()
+    server = await _server(Limits(send_timeout=0.5), metrics)
+    try:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", server.port))
+        deaf = trio.SocketStream(sock)
+        # Kept-alive scrapes, pipelined, and not one byte read: tens of megabytes the kernel can't hold.
+        await deaf.send_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n" * 100)
+        with trio.fail_after(30):
+            while server.stats["closed_send_timeout"] == 0:
+                await trio.sleep(0.05)
+        assert server.stats["closed_send_timeout"] == 1
+        # The endpoint serves others all along, and afterwards.
+        assert (await _exchange(server.port, SCRAPE)).startswith(b"HTTP/1.1 200 ")
+        await deaf.aclose()
+    finally:
+        await _close(server)
