@@ -116,13 +116,11 @@ def call_on_loop(token: trio.lowlevel.TrioToken, fn: Callable[[], Any], deadline
     longer runs. Exceptions from ``fn`` are raised here.
     """
     done = threading.Event()
-    box: list[Any] = []
+    box: list[tuple[bool, Any]] = []
 
     def run() -> None:
         try:
-            box.append((True, fn()))
-        except Exception as exc:  # noqa: BLE001 - handed to the calling thread
-            box.append((False, exc))
+            _run_into(fn, box)
         finally:
             done.set()
 
@@ -132,23 +130,18 @@ def call_on_loop(token: trio.lowlevel.TrioToken, fn: Callable[[], Any], deadline
         raise LoopUnresponsive("the event loop has stopped") from None
     if not done.wait(deadline):
         raise LoopUnresponsive(f"the event loop did not respond within {deadline:g} s")
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
+    return _unbox(box)
 
 
 async def ask_loop(token: trio.lowlevel.TrioToken, fn: Callable[[], Any], deadline: float = LOOP_DEADLINE) -> Any:
     """``call_on_loop`` from a trio task of another loop (or the same one): waits without a thread."""
     here = trio.lowlevel.current_trio_token()
     done = trio.Event()
-    box: list[Any] = []
+    box: list[tuple[bool, Any]] = []
 
     def run() -> None:
         try:
-            box.append((True, fn()))
-        except Exception as exc:  # noqa: BLE001 - handed to the asking task
-            box.append((False, exc))
+            _run_into(fn, box)
         finally:
             try:
                 here.run_sync_soon(done.set)
@@ -163,6 +156,19 @@ async def ask_loop(token: trio.lowlevel.TrioToken, fn: Callable[[], Any], deadli
         await done.wait()
     if not box:
         raise LoopUnresponsive(f"the event loop did not respond within {deadline:g} s")
+    return _unbox(box)
+
+
+def _run_into(fn: Callable[[], Any], box: list[tuple[bool, Any]]) -> None:
+    """Run ``fn`` (on the loop) and keep its outcome for the asker: (True, value) or (False, exception)."""
+    try:
+        box.append((True, fn()))
+    except Exception as exc:  # noqa: BLE001 - handed to the asker, who raises it
+        box.append((False, exc))
+
+
+def _unbox(box: list[tuple[bool, Any]]) -> Any:
+    """The outcome ``_run_into`` kept: its value, or its exception raised here."""
     ok, value = box[0]
     if not ok:
         raise value
