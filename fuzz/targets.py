@@ -153,7 +153,7 @@ def _no_card_number_left(before: str, after: str) -> None:
 def local_answer(name: str, raw: bytes) -> None:
     """Every request whose MTI can be read gets an answer built from what the scan read (the
     gateway's 30 for a format error, or any local answer): never an exception, never nothing."""
-    from iso_gateway.gateway import Gateway
+    from iso_gateway.core.flow import Flow
     from iso_gateway.core.message import is_request, is_valid_mti
 
     dialect = _dialects[name]
@@ -164,7 +164,7 @@ def local_answer(name: str, raw: bytes) -> None:
     except DecodeError:
         mti = raw[:2].hex() if dialect.mti_encoding == "bcd" else raw[:4].decode("latin-1")
     code = "000" if dialect.fields[39].length == 3 else "30"
-    out = Gateway._local_response(dialect, mti, found, code, None)
+    out = Flow._local_response(dialect, mti, found, code, None)
     if mti is not None and is_valid_mti(mti) and is_request(mti):
         assert out is not None, f"{name}: no answer for a request with a readable MTI"
         resp = decode(dialect, out, check_types=False)

@@ -1,22 +1,16 @@
-"""The transaction flow: front-end request in, switch response out, every failure answered.
+"""The gateway: the trio shell around the transaction flow (``core/flow.py``).
 
-Per request, on the hot path, nothing is fully decoded: the request is scanned
-(MTI and the fields rules and routes need), validated, routed, given the link's
-own STAN by splicing, and sent. The response is scanned for 11/38/39/41,
-matched, given the front end's STAN back by splicing, and written to the front
-end. pyiso8583 decodes only messages that cross between two different dialects
-and front-end reversals; the gateway's own answers (rejects, timeouts, 0810s) echo
-fields read by a scan.
+It wires listeners, upstream links, the poller, the journal and the reversal queue to
+one ``Flow``, feeds the flow what happens (frames read by the poller, link sessions
+beginning and ending, deadlines, journal writes and lookups done, answers delivered)
+and executes what the flow decides (``_execute``): frames to send, answers to write,
+journal records, reversals to queue, deadlines to arm. It decides nothing about a
+message itself.
 
-The scan refuses exactly what a decode would, so what it accepts always decodes;
-still, each request is handled inside a boundary (``request_failed``): whatever
-escapes is counted, logged masked and answered 30 or 96, and the connection, its
-neighbours and the process carry on.
-
-Every request gets exactly one answer: the switch's, or the gateway's own
-(a validation reject, 92/15 for no route, 91 when no link can carry it, 91 on
-timeout or when the link drops). What happens to a timed-out authorization
-afterwards (a reversal) goes through ``ReversalSink``.
+A poller round feeds every frame read in it, then executes the round's actions at once
+(``end_round``): the requests it forwards are logged with one journal write and each
+writer it touched sends its batch. An event fed outside a round (a timer, a journal
+callback, a lookup, the reversal queue) is followed by ``run_flow``, which does the same.
 """
 
 from __future__ import annotations
@@ -24,233 +18,44 @@ from __future__ import annotations
 import logging
 import secrets
 import sqlite3
-from datetime import datetime, timezone
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import trio
 
 from .clock import Clock
 from .config import Config, route_table
-from .core.duplicates import DuplicateEntry, DuplicateTable
-from .core.duplicates import Key as DupKey
-from .journal import ANSWERED, NOT_SENT, REVERSAL_FIELDS, REVERSED, Journal, failure_reason, new_id
+from .core.errors import ConfigError
+from .core.flow import (
+    ANSWER, ARM, CANCEL_SAF, LATE, LOG, LOOKUP, NET_DONE, RECORD, REVERSE, SAF_OUTCOME, SAVE_STAN, SEND, STAN_BLOCK,
+    STATE, TAKE_OVER, Flow, FlowSettings, Txn,
+)
+from .core.framing import Frame
 from .core.matching import StanAllocator
-from .core.message import OriginalData, original_mti
+from .journal import Journal, failure_reason, new_id
+from .logs import masked_exception
+from .metrics import Metrics
+from .net.frontend import FrontConnection, Listener
+from .net.links import Upstream, UpstreamConnection
+from .net.poller import Poller
+from .net.writer import FrameWriter
 from .reversals import DurableReversals, SafWorker
 from .security.pan import PanVault, load_master_key
 from .specfiles import get_dialect, load_rules
-from .core.dialect import Dialect, check_field_type
-from .core.errors import ConfigError, DecodeError, IsoGatewayError, MessageError
-from .net.frontend import FrontConnection, Listener
-from .net.poller import Poller
-from .core.framing import Frame
-from .net.links import STAN_BLOCK, Upstream, UpstreamConnection
-from .core.masking import mask_pan
-from .logs import masked_exception
-from .core.matching import match_key
-from .core.message import build_response, decode, encode, is_request, is_valid_mti, response_mti
-from .metrics import Metrics
-from .core.routing import NoRoute
-from .core.scanner import Scan, Scanner
-from .net.writer import FrameWriter
 
 log = logging.getLogger("iso_gateway.gateway")
+flow_log = logging.getLogger("iso_gateway.flow")  # the flow's LOG actions
 
 # Seconds between hand-overs of the hot path's counters to prometheus-client
 # (a scrape also triggers one, so a scrape is never stale).
 METRICS_FLUSH = 1.0
 
-REVERSAL_KEYS = tuple((int(k), k) for k in REVERSAL_FIELDS)
 
-# DE 39 values that approve (ISO 8583:1987): approved; honour with identification; approved for a
-# partial amount; approved (VIP); approved, update track 3. Only these leave something to reverse.
-APPROVED_CODES = frozenset({"00", "08", "10", "11", "16"})
-# The answer to a front-end reversal whose original was declined (or never reached the switch):
-# 21, "no action taken", the code for a reversal that found nothing to reverse. It says the
-# original was found (unlike 25) and that no funds were held, so the switch is not asked.
-NOTHING_TO_REVERSE_CODE = "21"
-
-
-def front_identity(front: FrontConnection) -> str:
-    """Who sent a request, as the journal records it (``txn.listener``) and as a front-end reversal
-    must match it to find its original: today the listener it came through, so any client of a
-    listener may reverse what another client of the same listener sent (with the same acquirer,
-    terminal and merchant). When listeners authenticate their clients (a TLS client certificate,
-    a sign-on), this is the one place to return the authenticated identity instead; the forward
-    path (``Gateway._forward``) writes the same value."""
-    return front.listener.name
-
-
-class ReversalSink(Protocol):
-    """Where the gateway hands transactions that may need reversing.
-
-    ``timed_out``: the switch did not answer in time, or the link dropped while
-    the request was out; the sink calls ``then()`` (which answers the front
-    end) once whatever it must store is durable. ``late_response``: an answer
-    came after the timeout. ``undeliverable``: the switch answered but the
-    front end is gone.
-    """
-
-    def timed_out(self, request: "FrontRequest", reason: str,
-                  then: Callable[[], FrameWriter | None]) -> FrameWriter | None: ...
-
-    def late_response(self, conn: UpstreamConnection, scan: Scan, raw: bytes, request: "FrontRequest | None") -> None: ...
-
-    def undeliverable(self, request: "FrontRequest", scan: Scan, raw: bytes) -> None: ...
-
-
-class FrontRequest:
-    """A front-end request in flight to a switch: the pending-table entry for it."""
-
-    __slots__ = ("gateway", "front", "raw", "header", "mti", "front_stan", "upstream_stan", "upstream",
-                 "received_at", "sent_at", "translate", "done", "sent", "txn_id", "original", "frame", "conn",
-                 "duplicate", "restore", "on_answer")
-
-    def __init__(self, gateway: "Gateway", front: FrontConnection, raw: bytes, header: bytes, mti: str,
-                 front_stan: str, upstream: Upstream, received_at: float, translate: bool) -> None:
-        self.gateway = gateway
-        self.front = front
-        self.raw = raw
-        self.header = header
-        self.mti = mti
-        self.front_stan = front_stan
-        self.upstream_stan = ""
-        self.upstream = upstream
-        self.received_at = received_at
-        self.sent_at = received_at
-        self.translate = translate
-        self.done = False
-        self.sent = False  # the frame left for the switch (else a timeout needs no reversal)
-        self.txn_id: int | None = None
-        self.original: dict[str, str] = {}  # the fields a reversal is built from (memory only); see reversal_fields
-        self.frame = b""  # the framed upstream copy, held until the journal has the transaction
-        self.conn: UpstreamConnection | None = None
-        self.duplicate: "DuplicateEntry | None" = None
-        self.restore: dict[str, str] | None = None  # fields other than 11 to give back to the front end
-        self.on_answer: Callable[[str], None] | None = None  # told the switch's response code
-
-    def reversal_fields(self) -> dict[str, str]:
-        """The fields a reversal of this request is built from: kept when journaled, else decoded now (rare path)."""
-        if not self.original:
-            try:
-                msg = decode(self.front.listener.dialect, self.raw, check_types=False)
-            except IsoGatewayError:
-                return {}
-            self.original = {k: msg[k] for k in REVERSAL_FIELDS if k in msg}
-        return self.original
-
-    def transmit(self) -> FrameWriter | None:
-        """Send the held frame (the journal has the transaction now), unless it already ended."""
-        conn = self.conn
-        if self.done or conn is None or conn.writer is None or not self.frame:
-            return None
-        conn.writer.enqueue(self.frame)
-        self.sent = True
-        self.frame = b""
-        return conn.writer
-
-    def on_response(self, conn: UpstreamConnection, raw: bytes, scan: Scan, now: float) -> FrameWriter | None:
-        self.done = True
-        gw = self.gateway
-        gw.front_in_flight -= 1
-        m = gw.metrics
-        upname = conn.cfg.name
-        rc = scan.values.get(39, "")
-        m.upstream_latency(upname, self.mti).observe(now - self.sent_at)
-        m.in_flight(upname).dec()
-        if self.on_answer is not None:
-            self.on_answer(rc)
-        front = self.front
-        if front.closed:
-            gw.complete_duplicates(self, rc, scan.values.get(38), None)
-            gw.reversals.undeliverable(self, scan, raw)
-            return None
-        listener = front.listener
-        try:
-            if self.translate or self.restore:
-                msg = decode(conn.upstream.dialect, raw, check_types=False)
-                msg["11"] = self.front_stan
-                msg.update(self.restore or {})
-                out = encode(listener.dialect, msg, check_types=False)
-            elif 11 in scan.spans:
-                out = conn.upstream.scanner.splice(raw, scan, 11, self.front_stan)
-            else:
-                out = raw
-        except IsoGatewayError as exc:
-            log.warning("response from %s can't be returned to the front end (%s); answering 96", upname, exc)
-            gw.complete_duplicates(self, "96", None, None)
-            return gw.answer_locally(front, self.raw, self.header, "96", "bad_response", now, self.received_at)
-        gw.complete_duplicates(self, rc, scan.values.get(38), out)
-        auth = scan.values.get(38)
-
-        def delivered(ok: bool) -> None:
-            # Only an answer handed to the front end's socket counts as answered: after a
-            # crash, anything less is in doubt and reversed (journal states, recovery).
-            if ok:
-                if self.txn_id is not None:
-                    gw.journal.set_state(self.txn_id, ANSWERED, rc, auth, gw.round_wall)
-            else:
-                gw.reversals.undeliverable(self, scan, raw)
-
-        front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(self.header)), delivered)
-        front.request_done()
-        m.front_sent(listener.name, scan.mti, rc).inc()
-        m.request_latency(upname, self.mti).observe(now - self.received_at)
-        return front.writer
-
-    def on_timeout(self, conn: UpstreamConnection, now: float) -> FrameWriter | None:
-        gw = self.gateway
-        code = gw.config.gateway.timeout_code
-        if self.sent:
-            gw.metrics.timeouts(conn.cfg.name, self.mti).inc()
-            log.warning("upstream %s: no answer to %s (upstream STAN %s) in time; answered %s",
-                        conn.cfg.name, self.mti, self.upstream_stan, code)
-            conn.remember_late(match_key(self.mti, self.upstream_stan, ()), self, now)
-        else:
-            log.warning("upstream %s: %s could not be sent in time (journal slow or failing); answered %s",
-                        conn.cfg.name, self.mti, code)
-        return self._fail(code, "timeout", now)
-
-    def on_link_lost(self, conn: UpstreamConnection, now: float) -> FrameWriter | None:
-        return self._fail(self.gateway.config.gateway.unavailable_code, "link_lost", now)
-
-    def _fail(self, code: str, reason: str, now: float) -> FrameWriter | None:
-        """Answer ``code`` once the reversal (if one is owed) is durable."""
-        self.done = True
-        gw = self.gateway
-        gw.front_in_flight -= 1
-        gw.metrics.in_flight(self.upstream.cfg.name).dec()
-        # The front end waited this long too: p99 latency must see timeouts, not only answers.
-        gw.metrics.request_latency(self.upstream.cfg.name, self.mti).observe(now - self.received_at)
-        if self.on_answer is not None:
-            self.on_answer(code)
-
-        def answer() -> FrameWriter | None:
-            gw.complete_duplicates(self, code, None, None)
-            return gw.answer_locally(self.front, self.raw, self.header, code, reason, now, self.received_at)
-
-        return gw.reversals.timed_out(self, reason, answer)
-
-
-class ForwardedReversal(FrontRequest):
-    """A front end's reversal forwarded to the switch.
-
-    If the switch (not the gateway) drops the link while it is out, ``take_over`` runs: the
-    gateway reverses the original itself from then on, alone on a connection of its own
-    (DurableReversals.take_over), so the front end's repeats, answered from the journal, are not
-    forwarded into the same drop of the links every request shares."""
-
-    __slots__ = ("take_over",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # FrontRequest's
-        super().__init__(*args, **kwargs)
-        self.take_over: Callable[[], None] | None = None
-
-    def on_link_lost(self, conn: UpstreamConnection, now: float) -> FrameWriter | None:
-        if self.sent and not conn.closing and self.take_over is not None:
-            self.take_over()
-        return super().on_link_lost(conn, now)
-
+def flow_settings(config: Config) -> FlowSettings:
+    g = config.gateway
+    return FlowSettings(timeout_code=g.timeout_code, unavailable_code=g.unavailable_code,
+                        unknown_original_code=g.unknown_original_code, amount_mismatch_code=g.amount_mismatch_code,
+                        local_network_management=g.local_network_management,
+                        duplicate_in_flight=g.duplicate_in_flight, journaling=config.journal.enabled)
 
 class Gateway:
     """Listeners, upstreams and routes wired together; ``run`` serves until ``stop``."""
@@ -281,32 +86,28 @@ class Gateway:
                                    metrics=self.metrics)
         self.journal.wall = self.clock.wall
         self.reversals = DurableReversals(self, self.journal, self.clock)
-        self.duplicates = DuplicateTable(config.gateway.duplicate_window)
         dialect_dirs = tuple(config.dialect_dirs)
         rule_dirs = tuple(config.rule_dirs)
-        self.routes = route_table(config.routes, config.routing, source=config_path or "config")
         # Reads every front connection and switch link from one task (net/poller.py).
-        self.poller = Poller(self.begin_round, self.release_held)
+        self.poller = Poller(self.begin_round, self.end_round)
         self.upstreams = {u.name: Upstream(u, self, self.metrics, get_dialect(u.dialect, dialect_dirs), self.clock)
                           for u in config.upstreams}
+        # Every decision about a message (core/flow.py); this class executes what it decides.
+        self.flow = Flow(flow_settings(config), route_table(config.routes, config.routing, source=config_path or "config"),
+                         {name: up.side for name, up in self.upstreams.items()}, self.metrics, new_id,
+                         config.gateway.duplicate_window)
         self.listeners = [Listener(lc, self, get_dialect(lc.dialect, dialect_dirs), load_rules(lc.rules, rule_dirs))
                           for lc in config.listeners]
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self.draining = False
-        self.front_in_flight = 0
         self.metrics_port: int | None = None
         # More conditions for /readyz, each () -> (ok, why if not): e.g. the journal is writable.
         self.readiness_checks: list[Callable[[], tuple[bool, str]]] = [self._journal_ready]
-        # Requests logged but not yet written to the log nor sent (see _send_held): those of the
-        # poller's round, written when it ends (one write, and one seal, for all of them).
-        self._held: list[tuple[FrontRequest, tuple, int]] = []  # (request, key, journal.log_failures then)
-        # The wall clock of the poller's round (begin_round): validation's "now" and the journal's
-        # timestamps for what the round does, one clock read per round, none per message.
-        self.round_wall = 0.0
-        self._now_utc = datetime.fromtimestamp(0, timezone.utc)
-        # Per dialect: a scanner reading the fields a response echoes, for local answers (see answer_locally).
-        self._echo_scanners: dict[str, tuple[Dialect, Scanner]] = {}
+        # Requests recorded in the journal's log but not yet written nor sent (RECORD): those of
+        # the poller's round, written when it ends (one write, and one seal, for all of them).
+        self._held: list[tuple[Txn, int]] = []  # (request, journal.log_failures when recorded)
+        self._tasks: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -377,7 +178,8 @@ class Gateway:
             staged.append((lst, lc, dialect, rules))
         for lst, lc, dialect, rules in staged:
             lst.apply(lc, dialect, rules)
-        self.routes = routes
+        self.flow.routes = routes
+        self.flow.settings = flow_settings(config)
         self.config = config
         log.info("configuration reloaded: %d routes", len(config.routes))
 
@@ -459,191 +261,187 @@ class Gateway:
             self.metrics.flush()
 
     async def _drain(self) -> None:
-        self.draining = True
+        self.draining = self.flow.draining = True
         for lst in self.listeners:
             lst.stop_accepting()
         log.info("shutting down: no new connections; draining in-flight requests")
         with trio.move_on_after(self.config.gateway.drain_timeout):
-            while self.front_in_flight:  # noqa: ASYNC110 - a count many tasks change; checked while draining only
+            while self.flow.in_flight:  # noqa: ASYNC110 - a count the flow keeps; checked while draining only
                 await trio.sleep(0.05)
-        if self.front_in_flight:
+        if self.flow.in_flight:
             log.warning("drain deadline passed with %d requests in flight; answering them %s",
-                        self.front_in_flight, self.config.gateway.timeout_code)
-        now = trio.current_time()
-        touched: set[FrameWriter] = set()
-        for up in self.upstreams.values():
-            for conn in up.connections:
-                for waiter in conn.pending.drain():
-                    w = waiter.on_timeout(conn, now)
-                    if w is not None:
-                        touched.add(w)
-        for w in touched:
-            await w.flush()
+                        self.flow.in_flight, self.config.gateway.timeout_code)
+        self.flow.expire_all(trio.current_time())
+        self.run_flow()
+        await trio.lowlevel.checkpoint()  # let the answers' sends finish
         with trio.move_on_after(5):
             async with trio.open_nursery() as n:
                 for up in self.upstreams.values():
                     n.start_soon(up.sign_off)
 
-    # ------------------------------------------------------------------ hot path
+    # ------------------------------------------------------------------ feeding the flow
 
     def begin_round(self) -> None:
         """A round of reads starts: the wall clock that validation checks DE 7 against, and that
         the journal's records of this round carry."""
-        wall = self.round_wall = self.clock.wall()
-        self._now_utc = datetime.fromtimestamp(wall, timezone.utc)
+        self.flow.begin_round(self.clock.wall())
 
     def on_front_frames(self, front: FrontConnection, frames: Sequence[Frame], touched: set[FrameWriter],
                         now: float) -> None:
-        """Handle every complete frame one read of ``front`` gave (``now``: trio's clock, read at
-        the start of the poller's round); the writers to flush go into ``touched``.
-
-        Forwarded requests may be held for the journal's log: the caller ends its round with
-        ``release_held`` (one log write for all of them), then flushes."""
-        touched.add(front.writer)
+        """Every complete frame one read of ``front`` gave (``now``: trio's clock at the start of the
+        poller's round) goes to the flow; each request counts in the connection's in-flight until
+        its ANSWER. The round's actions run at its end (``end_round``)."""
+        front_frame = self.flow.front_frame
         for frame in frames:
             if frame.keepalive:
-                front.writer.enqueue(front.listener.framer.keepalive())
+                front.writer.enqueue(front.side.framer.keepalive())
+                touched.add(front.writer)
                 continue
-            try:
-                w = self._on_request(front, frame.message, frame.header, now)
-            except Exception as exc:  # noqa: BLE001 - the per-message boundary: answer, never lose the connection
-                w = self.request_failed(front, frame.message, frame.header, exc, "request", now, counted=False)
-            if w is not None:
-                touched.add(w)
+            front.in_flight += 1
+            front_frame(front, frame.message, frame.header, now)
 
-    def release_held(self, touched: set[FrameWriter] | None = None) -> set[FrameWriter]:
-        """Log and queue every held request (a round of reads ends, or a link's flusher is
-        about to send); returns ``touched`` with the writers they went to."""
-        if touched is None:
-            touched = set()
+    def end_round(self, touched: set[FrameWriter]) -> set[FrameWriter]:
+        """Execute what the flow decided, log the requests held for the journal with one write
+        and send them; returns the writers to flush (the poller's, or ``run_flow``'s)."""
+        wall = self.flow.wall
+        self._execute(touched, wall)
         if self._held:
-            self._send_held(touched)
+            self._send_held()
+            self._execute(touched, wall)
         return touched
 
-    def _send_held(self, touched: set[FrameWriter]) -> None:
-        """The held requests are logged with one write, then sent; one whose log record a failed
-        write dropped (this one, or another since it was recorded) is refused, never sent."""
+    def run_flow(self) -> None:
+        """Execute what the flow decided after an event fed outside a poller round, and send."""
+        if not self.flow.actions and not self._held:
+            return
+        touched: set[FrameWriter] = set()
+        self._execute(touched, None)
+        if self._held:
+            self._send_held()
+            self._execute(touched, None)
+        for writer in touched:
+            writer.flush_soon()
+
+    def _send_held(self) -> None:
+        """The held requests are logged with one write, then the flow hears how it went: one whose
+        log record a failed write dropped (this one, or another since it was recorded) is refused."""
         held, self._held = self._held, []
+        journal = self.journal
         error: OSError | None = None
         try:
-            self.journal.write_log()
+            journal.write_log()
         except OSError as exc:
             error = exc
-        failures = self.journal.log_failures
-        for request, key, logged_at in held:
-            why = error or (None if logged_at == failures else OSError("a journal log write failed"))
-            w = request.transmit() if why is None else self._journaled(request, key, why)
-            if w is not None:
-                touched.add(w)
+        failures = journal.log_failures
+        now = trio.current_time()
+        journal_done = self.flow.journal_done
+        for txn, logged_at in held:
+            journal_done(txn, error or (None if logged_at == failures else OSError("a journal log write failed")), now)
 
-    def _on_request(self, front: FrontConnection, raw: bytes, header: bytes, now: float) -> FrameWriter | None:
-        listener = front.listener
-        m = self.metrics
-        found: dict[int, str] = {}
-        try:
-            scan = listener.scanner.scan(raw, full=True, found=found)
-        except MessageError as exc:
-            self._undecodable(front, raw, header, found, exc, now)
-            return None
-        mti = scan.mti
-        m.front_received(listener.name, mti).inc()
-        if not is_valid_mti(mti) or not is_request(mti):
-            m.decode_errors("front", listener.name, "not_a_request").inc()
-            log.warning("listener %s: %s is not a request; dropped", listener.name, mti if mti.isdigit() else "MTI")
-            return None
-        if mti[1] == "8" and self.config.gateway.local_network_management:
-            return self.answer_locally(front, raw, header, "00", "network_management", now, now, counted=False)
-        values = scan.values
-        rejection = listener.rules.validate(listener.dialect, mti, scan.bitmap, values, self._now_utc)
-        if rejection is not None:
-            m.rejections(listener.name, rejection.reason, rejection.code).inc()
-            log.warning("listener %s: %s rejected with %s (%s%s)", listener.name, mti, rejection.code,
-                        rejection.reason, f", field {rejection.field}" if rejection.field else "")
-            return self.answer_locally(front, raw, header, rejection.code, rejection.reason, now, now, counted=False)
-        if mti[1] == "4":
-            front.in_flight += 1  # answered by the task, which may wait for the journal
-            self._tasks.start_soon(self._front_reversal, front, raw, header, scan, now)
-            return None
-        dup_key: DupKey | None = None
-        if self.duplicates.window:
-            get = values.get
-            dup_key = "|".join((listener.name, get(41, ""), get(42, ""), get(11, ""), get(7, ""), get(4, ""),
-                                get(37, "")))
-            entry = self.duplicates.lookup(dup_key, now)
-            if entry is not None:
-                return self._on_duplicate(front, raw, header, entry, now)
-        route = self.routes.lookup(mti, values.get(2), values.get(49), values.get(41), values.get(42))
-        if isinstance(route, NoRoute):
-            m.rejections(listener.name, route.reason, route.code).inc()
-            pan = values.get(2)
-            log.warning("listener %s: %s has no route (%s, PAN %s); answered %s", listener.name, mti, route.reason,
-                        mask_pan(pan) if pan else "none", route.code)
-            return self.answer_locally(front, raw, header, route.code, route.reason, now, now, counted=False)
-        upstream = self.upstreams[route.upstream]
-        conn = upstream.pick()
-        if conn is None or self.draining:
-            code = self.config.gateway.unavailable_code
-            m.rejections(listener.name, "no_link", code).inc()
-            log.warning("listener %s: no usable link to %s; answered %s", listener.name, upstream.cfg.name, code)
-            return self.answer_locally(front, raw, header, code, "no_link", now, now, counted=False)
-        return self._forward(front, raw, header, scan, upstream, conn, route.timeout, now, dup_key)
+    # ------------------------------------------------------------------ executing the flow's actions
 
-    def _forward(self, front: FrontConnection, raw: bytes, header: bytes, scan: Scan, upstream: Upstream,
-                 conn: UpstreamConnection, timeout: float, now: float, dup_key: DupKey | None) -> FrameWriter | None:
-        listener = front.listener
-        translate = listener.dialect is not upstream.dialect
-        mti = scan.mti
-        values = scan.values
-        request = FrontRequest(self, front, raw, header, mti, values.get(11, ""), upstream, now, translate)
-        stan = conn.allocate_stan()
-        request.upstream_stan = stan
-        request.conn = conn
-        if translate:
-            msg = decode(listener.dialect, raw, check_types=False)
-            msg["11"] = stan
-            out = encode(upstream.dialect, msg, check_types=False)
+    def _execute(self, touched: set[FrameWriter], wall: float | None) -> None:
+        """Carry out the flow's actions in order (see core/flow.py for each); the writers that got
+        frames go into ``touched``. ``wall``: the round's wall clock for journal stamps (None: now)."""
+        flow = self.flow
+        while flow.actions:
+            for action in flow.take_actions():
+                op = action[0]
+                if op == SEND:
+                    writer = action[1].io.writer
+                    if writer is not None:
+                        writer.enqueue(action[2])
+                        touched.add(writer)
+                elif op == ANSWER:
+                    front = action[1]
+                    front.request_done()
+                    frame = action[2]
+                    txn = action[3]
+                    if frame is not None and not front.closed:
+                        writer = front.writer
+                        if txn is None:
+                            writer.enqueue(frame)
+                        else:
+                            writer.enqueue(frame, self._delivery(txn))
+                        touched.add(writer)
+                    elif txn is not None:
+                        flow.delivered(txn, False)
+                elif op == RECORD:
+                    self._record(action[1], action[2], action[3], wall)
+                elif op == STATE:
+                    self.journal.set_state(action[1], action[2], action[3], action[4], wall)
+                elif op == ARM:
+                    action[1].io.arm(action[2])
+                else:
+                    self._execute_rare(action)
+
+    def _execute_rare(self, action: tuple[Any, ...]) -> None:
+        op = action[0]
+        if op == LOG:
+            flow_log.log(action[1], action[2], *[masked_exception(a) if isinstance(a, BaseException) else a
+                                                 for a in action[3]])
+        elif op == SAF_OUTCOME:
+            action[1].owner.outcome(action[1], action[2], action[3])
+        elif op == NET_DONE:
+            waker = action[1].waker
+            if waker is not None:
+                waker.set()
+        elif op == REVERSE:
+            self.reversals.queue(action[1], action[2], action[3], action[4])
+        elif op == LATE:
+            self.reversals.late_response(action[1], action[2])
+        elif op == CANCEL_SAF:
+            self.journal.submit(self.journal.store.cancel_unsent_saf, action[1], action[2])
+        elif op == LOOKUP:
+            assert self._tasks is not None
+            self._tasks.start_soon(self._lookup, action[1], action[2:])
+        elif op == TAKE_OVER:
+            txn = action[1]
+            original, fields = txn.reversal_of
+            upstream = self.upstreams.get(original.upstream)
+            if upstream is not None:
+                self.reversals.take_over(upstream, fields, original)
+        elif op == SAVE_STAN:
+            self._save_stan(action[1].io)
         else:
-            out = listener.scanner.splice(raw, scan, 11, stan)
-        match_fields = upstream.cfg.match_fields
-        key = match_key(mti, stan, tuple(values.get(f, "") for f in match_fields) if match_fields else ())
-        if dup_key is not None:
-            request.duplicate = self.duplicates.start(dup_key, request, now)
-        front.in_flight += 1
-        self.front_in_flight += 1
-        m = self.metrics
-        m.upstream_sent(upstream.cfg.name, mti).inc()
-        m.in_flight(upstream.cfg.name).inc()
-        if not self.journaling:
-            request.sent = True
-            return conn.send_request(request, out, key, now + timeout, now)
-        # Journaled before it leaves.
-        request.original = {key_: values[k] for k, key_ in REVERSAL_KEYS if k in values}
-        request.txn_id = new_id()
-        # "listener": front_identity(front), the listener's name today (spelled out on the hot path).
-        row = {"id": request.txn_id, "listener": listener.name, "mti": mti, "upstream": upstream.cfg.name,
-               "link": conn.index, "upstream_stan": stan}
-        journal = self.journal
-        request.frame = conn.register(request, out, key, now + timeout, now)
-        if journal.write_ahead:
-            # Into the log (journal/txlog.py) with the others of this poller round, in one
-            # write before any of them is sent (release_held, _send_held).
-            journal.record_txn(row, request.original, write=False, created=self.round_wall)
-            self._held.append((request, key, journal.log_failures))
-            return None
-        # synchronous=FULL: the frame waits for the (fsync'd) commit of its batch.
-        journal.submit(journal.store.insert_txn, row, request.original,
-                       callback=lambda _r, error: self._journaled(request, key, error))
-        return None
+            raise AssertionError(f"unknown flow action {op!r}")
 
-    def _journaled(self, request: FrontRequest, key: tuple, error: BaseException | None) -> FrameWriter | None:
-        if error is None:
-            return request.transmit()
-        # The journal can't take it: refuse rather than send what a crash would forget.
-        log.error("journal write failed (%s): %s answered 96 without being sent", type(error).__name__, request.mti)
-        conn = request.conn
-        if request.done or conn is None or conn.pending.pop(key) is not request:
-            return None
-        return request._fail("96", "journal_failed", trio.current_time())
+    def _delivery(self, txn: Txn) -> Callable[[bool], None]:
+        """What the front end's writer tells once the answer to ``txn`` is in the kernel (or never will be)."""
+        flow = self.flow
+
+        def delivered(ok: bool) -> None:
+            flow.delivered(txn, ok)
+            self.run_flow()
+
+        return delivered
+
+    def _record(self, txn: Txn, row: dict[str, Any], fields: dict[str, str], wall: float | None) -> None:
+        """Journal ``txn`` before it leaves: into the log with the others of this round (one write
+        when it ends: ``_send_held``), or, without the log (synchronous=FULL, or the in-memory
+        journal), once its batch is committed."""
+        journal = self.journal
+        if journal.write_ahead:
+            journal.record_txn(row, fields, write=False, created=wall)
+            self._held.append((txn, journal.log_failures))
+            return
+
+        def committed(result: object, error: BaseException | None) -> None:
+            self.flow.journal_done(txn, error, trio.current_time())
+            self.run_flow()
+
+        journal.submit(journal.store.insert_txn, row, fields, callback=committed)
+
+    async def _lookup(self, txn: Txn, args: tuple[Any, ...]) -> None:
+        """A front-end reversal's original, from the journal (LOOKUP), for the flow."""
+        try:
+            await self.journal.sync()  # the original may be in the write-ahead log only
+            found = await self.journal.call(self.journal.store.find_original, *args)
+        except Exception as exc:  # noqa: BLE001 - the reversal's boundary: the flow answers 96
+            self.flow.lookup_failed(txn, exc)
+        else:
+            self.flow.lookup_done(txn, found, trio.current_time())
+        self.run_flow()
 
     def _journal_ready(self) -> tuple[bool, str]:
         """The journal takes what it is given: no part of it failing now (the store, the log, the
@@ -667,293 +465,17 @@ class Gateway:
                     self.journal.note_failure("store", f"the STAN counters can't be read ({exc})", failure_reason(exc))
                     last = None
                 if last is not None and last.isdigit():
-                    conn.stans = StanAllocator((int(last) + STAN_BLOCK) % 999_999 + 1)  # past anything used since the save
-                conn.on_stan_block = self._save_stan
+                    # Past anything used since the save (SAVE_STAN comes every STAN_BLOCK STANs).
+                    conn.link.stans = StanAllocator((int(last) + STAN_BLOCK) % 999_999 + 1)
 
     def _stan_key(self, conn: UpstreamConnection) -> str:
         prefix = "stan" if self.worker is None else f"stan:w{self.worker}"
         return f"{prefix}:{conn.cfg.name}:{conn.index}"
 
     def _save_stan(self, conn: UpstreamConnection) -> None:
-        self.journal.submit(self.journal.store.set_meta, self._stan_key(conn), str(conn.stans.last))
+        self.journal.submit(self.journal.store.set_meta, self._stan_key(conn), str(conn.link.stans.last))
 
     def _save_stans(self) -> None:
         for up in self.upstreams.values():
             for conn in up.connections:
                 self._save_stan(conn)
-
-    # ------------------------------------------------------------------ duplicates
-
-    def _on_duplicate(self, front: FrontConnection, raw: bytes, header: bytes, entry: DuplicateEntry | tuple,
-                      now: float) -> FrameWriter | None:
-        listener = front.listener
-        self.metrics.duplicates(listener.name).inc()
-        if isinstance(entry, DuplicateEntry):
-            if self.config.gateway.duplicate_in_flight == "94":
-                log.warning("listener %s: duplicate of a request still in flight; answered 94", listener.name)
-                return self.answer_locally(front, raw, header, "94", "duplicate", now, now, counted=False)
-            log.info("listener %s: duplicate of a request still in flight; it will get the same answer",
-                     listener.name)
-            front.in_flight += 1
-            entry.followers.append((front, raw, header))
-            return None
-        _, rc, auth_code = entry
-        log.info("listener %s: duplicate request; the stored answer %s is replayed", listener.name, rc)
-        return self.answer_locally(front, raw, header, rc or "96", "duplicate", now, now, counted=False,
-                                   auth_code=auth_code)
-
-    def complete_duplicates(self, request: FrontRequest, rc: str, auth_code: str | None, out: bytes | None) -> None:
-        """The first of a set of duplicates has its answer: keep it for replays, and answer the waiting ones."""
-        entry = request.duplicate
-        if entry is None:
-            return
-        self.duplicates.complete(entry, rc, auth_code)
-        followers, entry.followers = entry.followers, []
-        now = trio.current_time()
-        for front, raw, header in followers:
-            front.request_done()
-            if front.closed:
-                continue
-            if out is not None:
-                listener = front.listener
-                front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(header)))
-                w: FrameWriter | None = front.writer
-            else:
-                w = self.answer_locally(front, raw, header, rc, "duplicate", now, now, counted=False,
-                                        auth_code=auth_code)
-            if w is not None:
-                request.upstream.schedule_flush(w)
-
-    # ------------------------------------------------------------------ front-end reversals
-
-    async def _front_reversal(self, front: FrontConnection, raw: bytes, header: bytes, scan: Scan,
-                              received_at: float) -> None:
-        """A 0400/0420/0421 from a front end: checked against the journal through field 90, then forwarded."""
-        try:
-            w = await self._front_reversal_inner(front, raw, header, scan, received_at)
-        except Exception as exc:  # noqa: BLE001 - this task's boundary: answer, never reach the root nursery
-            w = self.request_failed(front, raw, header, exc, "reversal", received_at, counted=True)
-        if w is not None and not w.flush_soon():
-            await w.flush()
-
-    async def _front_reversal_inner(self, front: FrontConnection, raw: bytes, header: bytes, scan: Scan,
-                                    received_at: float) -> FrameWriter | None:
-        listener = front.listener
-        values = scan.values
-        m = self.metrics
-
-        def local(code: str, reason: str) -> FrameWriter | None:
-            if code != "00":
-                m.rejections(listener.name, reason, code).inc()
-            log.info("listener %s: %s answered %s (%s)", listener.name, scan.mti, code, reason)
-            return self.answer_locally(front, raw, header, code, reason, received_at, received_at)
-
-        try:
-            f90 = OriginalData.parse(values.get(90, ""))
-        except MessageError:
-            return local("30", "bad_original_data")
-        # A reversal that names another acquirer in field 90 than in its DE 32 points at nothing
-        # it may reverse: answered as an unknown original, like one naming another merchant's.
-        acquirer = values.get(32, "")
-        if f90.acquirer and f90.acquirer != acquirer.lstrip("0"):
-            return local(self.config.gateway.unknown_original_code, "unknown_original")
-        store = self.journal.store
-        await self.journal.sync()  # the original may be in the write-ahead log only
-        found = await self.journal.call(store.find_original, front_identity(front), acquirer, values.get(41, ""),
-                                        values.get(42, ""), f90.stan, f90.transmission, original_mti(f90.mti))
-        if found is None:
-            return local(self.config.gateway.unknown_original_code, "unknown_original")
-        txn, original, saf_states = found
-        if values.get(4) != txn.amount and not scan.has(95):
-            return local(self.config.gateway.amount_mismatch_code, "amount_mismatch")
-        if txn.state == REVERSED:
-            return local("00", "already_reversed")  # never twice: the repeat is acknowledged again
-        if txn.state == NOT_SENT or (txn.response_code and txn.response_code not in APPROVED_CODES):
-            # Declined (in time or late), or it never left: no funds are held, the switch has
-            # nothing to undo, and asking it would only add a message it must reconcile.
-            return local(NOTHING_TO_REVERSE_CODE, "nothing_to_reverse")
-        if saf_states:
-            return local("00", "already_reversed")  # the gateway is reversing it itself: never twice
-        upstream = self.upstreams.get(txn.upstream)
-        conn = upstream.pick() if upstream is not None else None
-        if upstream is None or conn is None or self.draining:
-            return local(self.config.gateway.unavailable_code, "no_link")
-        msg = decode(listener.dialect, raw, check_types=False)
-        stan = conn.allocate_stan()
-        msg["11"] = stan
-        msg["90"] = OriginalData(mti=txn.mti, stan=txn.upstream_stan, transmission=txn.transmission,
-                                 acquirer=f90.acquirer, forwarder=f90.forwarder).encode()
-        out = encode(upstream.dialect, msg, check_types=False)
-        now = trio.current_time()
-        mti = scan.mti
-        request = ForwardedReversal(self, front, raw, header, mti, values.get(11, ""), upstream, received_at, True)
-        if original:
-            request.take_over = lambda: self.reversals.take_over(upstream, original, txn)
-        request.upstream_stan = stan
-        request.conn = conn
-        request.restore = {"90": values[90]}
-        request.txn_id = new_id()
-        txn_id = txn.id
-
-        def answered(rc: str) -> None:
-            if rc == "00":
-                self.journal.set_state(txn_id, REVERSED)
-                self.journal.submit(store.cancel_unsent_saf, txn_id, "reversed by the front end")
-
-        request.on_answer = answered
-        row = {"id": request.txn_id, "listener": front_identity(front), "mti": mti, "upstream": upstream.cfg.name,
-               "link": conn.index, "upstream_stan": stan}
-        fields = {k: msg[k] for k in REVERSAL_FIELDS if k in msg}
-        self.front_in_flight += 1
-        m.upstream_sent(upstream.cfg.name, mti).inc()
-        m.in_flight(upstream.cfg.name).inc()
-        extra = tuple(values.get(f, "") for f in upstream.cfg.match_fields)
-        key = match_key(mti, stan, extra)
-        request.frame = conn.register(request, out, key, now + upstream.cfg.reversal_timeout, now)
-        if not self.journal.write_ahead:
-            self.journal.submit(store.insert_txn, row, fields)
-            return request.transmit()
-        # Logged and sent with whatever else is held (one write; refused with 96 if it fails).
-        self.journal.record_txn(row, fields, write=False)
-        self._held.append((request, key, self.journal.log_failures))
-        touched: set[FrameWriter] = set()
-        self._send_held(touched)
-        for w in touched:
-            if not w.flush_soon():
-                await w.flush()
-        return None
-
-    # ------------------------------------------------------------------ local answers
-
-    def answer_locally(self, front: FrontConnection, raw: bytes, header: bytes, code: str, reason: str,
-                       now: float, received_at: float, *, counted: bool = True,
-                       auth_code: str | None = None, known: dict[int, str] | None = None,
-                       mti: str | None = None) -> FrameWriter | None:
-        """Answer a request with the gateway's own response (echo fields, 39 = ``code``). Raises nothing.
-
-        The echo fields come from what is known already (``known``, the values a failed
-        scan read, with ``mti``), else from a scan of ``raw`` for the echo fields: ``raw``
-        passed the listener's full scan, which refuses exactly what a decode refuses, so
-        that scan reads it too; nothing here decodes again what failed to decode. A
-        response that can't be encoded falls back to a minimal one (see _local_response).
-
-        ``counted``: the request was counted in flight and this answer completes it.
-        """
-        listener = front.listener
-        if counted:
-            front.request_done()
-        if front.closed:
-            return None
-        try:
-            values = known
-            if values is None:
-                found: dict[int, str] = {}
-                try:
-                    scan = self._echo_scanner(listener.dialect).scan(raw, full=True, found=found)
-                    mti, values = scan.mti, scan.values
-                except MessageError:
-                    values = found
-            if mti is None:
-                mti = _peek_mti(listener, raw)
-            out = self._local_response(listener.dialect, mti, values, code, auth_code)
-            if out is None:
-                self.metrics.request_errors(listener.name, "no_answer").inc()
-                log.warning("listener %s: no %s answer (%s) can be built for %s", listener.name, code, reason,
-                            mti if mti is not None and mti.isdigit() else "an unreadable MTI")
-                return None
-            front.writer.enqueue(listener.framer.encode(out, header=listener.framer.reply_header(header)))
-        except Exception as exc:  # noqa: BLE001 - an error path must not raise: count it and give up on this one
-            self.metrics.request_errors(listener.name, "no_answer").inc()
-            log.error("listener %s: answering %s (%s) failed: %s", listener.name, code, reason,
-                      masked_exception(exc))
-            return None
-        self.metrics.front_sent(listener.name, response_mti(mti), code).inc()  # type: ignore[arg-type]
-        return front.writer
-
-    def _echo_scanner(self, dialect: Dialect) -> Scanner:
-        entry = self._echo_scanners.get(dialect.name)
-        if entry is None or entry[0] is not dialect:
-            entry = self._echo_scanners[dialect.name] = (dialect, Scanner(dialect, dialect.echo))
-        return entry[1]
-
-    @staticmethod
-    def _local_response(dialect: Dialect, mti: str | None, values: dict[int, str], code: str,
-                        auth_code: str | None) -> bytes | None:
-        """The encoded response to a request of ``mti`` whose echo fields are in ``values``; None when
-        ``mti`` has no response or not even the minimal one encodes. In order: every echo field; the
-        echo fields whose value fits its ISO type; the response MTI and DE 39 alone."""
-        if mti is None or not is_valid_mti(mti) or not is_request(mti):
-            return None
-        request = {str(k): v for k, v in values.items()}
-        request["t"] = mti
-        resp = build_response(dialect, request, code, auth_code=auth_code)
-        try:
-            return encode(dialect, resp, check_types=False)
-        except MessageError:
-            pass
-        fitting = {k: v for k, v in resp.items()
-                   if k in ("t", "39") or (int(k) in dialect.fields and check_field_type(dialect.fields[int(k)], v) is None)}
-        for attempt in (fitting, {"t": resp["t"], "39": code}):
-            try:
-                return encode(dialect, attempt, check_types=False)
-            except MessageError:
-                continue
-        return None
-
-    def request_failed(self, front: FrontConnection, raw: bytes, header: bytes, exc: Exception, where: str,
-                       now: float, *, counted: bool) -> FrameWriter | None:
-        """The boundary around one request's handling: what escaped it is counted, logged masked and
-        answered (30 for bytes that do not decode, 96 for anything else). Raises nothing."""
-        listener = front.listener
-        code, reason = ("30", "format_error") if isinstance(exc, DecodeError) else ("96", "internal_error")
-        try:
-            self.metrics.request_errors(listener.name, reason).inc()
-            log.error("listener %s: %s handling failed (%s); answered %s\n%s", listener.name, where, reason, code,
-                      masked_exception(exc))
-        except Exception:  # noqa: BLE001 - counting and logging must not stop the answer
-            pass
-        return self.answer_locally(front, raw, header, code, reason, now, now, counted=counted)
-
-    def _undecodable(self, front: FrontConnection, raw: bytes, header: bytes, found: dict[int, str],
-                     exc: MessageError, now: float) -> None:
-        """A request that does not decode: answered 30 if its MTI can be read, else counted and dropped.
-
-        The answer echoes the values the scan read before it failed (``found``): the bytes are
-        never decoded again."""
-        listener = front.listener
-        m = self.metrics
-        m.decode_errors("front", listener.name, "decode").inc()
-        mti = _peek_mti(listener, raw)
-        if mti is None or not is_request(mti):
-            log.warning("listener %s connection %d: undecodable frame dropped (%s)", listener.name, front.id, exc)
-            return
-        log.warning("listener %s: %s does not decode (%s); answered 30", listener.name, mti, exc)
-        m.rejections(listener.name, "format_error", "30").inc()
-        self.answer_locally(front, raw, header, "30", "format_error", now, now, counted=False, known=found, mti=mti)
-
-    # ------------------------------------------------------------------ from links
-
-    def on_unmatched(self, conn: UpstreamConnection, scan: Scan, raw: bytes, late: object | None,
-                     now: float) -> FrameWriter | None:
-        rc = scan.values.get(39, "")
-        if late is not None:
-            self.metrics.late_responses(conn.cfg.name, rc).inc()
-            log.warning("upstream %s: late %s (STAN %s, response code %s) not forwarded",
-                        conn.cfg.name, scan.mti, scan.values.get(11, "?"), rc or "none")
-            self.reversals.late_response(conn, scan, raw, late if isinstance(late, FrontRequest) else None)
-        else:
-            self.metrics.unmatched_responses(conn.cfg.name).inc()
-            log.warning("upstream %s: unmatched %s (STAN %s, response code %s) dropped",
-                        conn.cfg.name, scan.mti, scan.values.get(11, "?"), rc or "none")
-        return None
-
-
-def _peek_mti(listener: Listener, raw: bytes) -> str | None:
-    try:
-        if listener.dialect.mti_encoding == "bcd":
-            mti = raw[:2].hex()
-        else:
-            mti = raw[:4].decode("cp500" if listener.dialect.mti_encoding == "ebcdic" else "ascii")
-    except UnicodeDecodeError:
-        return None
-    return mti if len(mti) == 4 and is_valid_mti(mti) else None

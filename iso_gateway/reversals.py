@@ -27,47 +27,36 @@ import logging
 import random
 import sqlite3
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from .clock import Clock
-from .core.errors import IsoGatewayError
+from .core.flow import Flow, OutstandingReversal, ReversalAttempt, Txn
 from .net.links import SoloConnection
 from .journal import (
-    ANSWERED, NOT_SENT, REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, STORE_RETRY_INITIAL, STORE_RETRY_MAX,
+    REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, STORE_RETRY_INITIAL, STORE_RETRY_MAX,
     TIMED_OUT, Backoff, Journal, SafItem, TxnRow, failure_reason, new_id,
 )
-from .core.matching import match_key
-from .core.message import encode
 from .core.saf import RetryPolicy, attempt_mti, build_reversal
-from .core.scanner import Scan
 
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .net.links import Upstream, UpstreamConnection
-    from .net.writer import FrameWriter
 
 
 class ReversalHost(Protocol):
     """What the reversal queue needs of the application that owns it (the gateway): its
-    metrics and its upstreams by name. Typed here so that this module never imports gateway.py."""
+    metrics, its upstreams by name, the flow that sends and matches reversal attempts, and
+    ``run_flow`` (execute what the flow decided). Typed here so that this module never imports
+    gateway.py."""
 
     metrics: Metrics
     upstreams: dict[str, Upstream]
+    flow: Flow
 
+    def run_flow(self) -> None: ...
 
-class ReversibleRequest(Protocol):
-    """What the reversal queue reads of a front-end request that may need reversing
-    (gateway.FrontRequest): whether and how it went to the switch, and its journal row."""
-
-    mti: str
-    sent: bool
-    txn_id: int | None
-    upstream: Upstream
-    upstream_stan: str
-
-    def reversal_fields(self) -> dict[str, str]: ...
 
 log = logging.getLogger("iso_gateway.reversals")
 
@@ -106,63 +95,40 @@ class DurableReversals:
         self.workers: dict[str, SafWorker] = {}
         self.recovery_owed = False  # the store could not be read at start (see ``recover``)
 
-    # -- ReversalSink
+    # -- what the flow asks of the queue (actions REVERSE, LATE, TAKE_OVER)
 
-    def timed_out(self, request: "ReversibleRequest", reason: str,
-                  then: Callable[[], "FrameWriter | None"]) -> "FrameWriter | None":
-        """Queue a reversal of ``request`` if it reached the switch; answer the front end once it is durable.
-
-        Returns the writer ``then`` used when it ran at once (nothing to store)."""
-        if not request.sent or request.mti[1] not in "12":
-            self._note_txn(request, TIMED_OUT if request.sent else NOT_SENT)
-            return then()
-        self._queue(request, reason, auth_code=None, then=then)
-        return None
-
-    def late_response(self, conn: "UpstreamConnection", scan: Scan, raw: bytes, request: "ReversibleRequest | None") -> None:
-        if request is None or request.txn_id is None:
+    def late_response(self, txn: Txn, rc: str) -> None:
+        """An answer ``rc`` came for ``txn`` after its deadline: a decline cancels its unsent reversal."""
+        if txn.txn_id is None or txn.upstream is None:
             return
-        rc = scan.values.get(39, "")
-        store = self.journal.store
+        name = txn.upstream.name
         if rc == "00":
-            log.warning("late approval on %s: its reversal stays queued", conn.cfg.name)
+            log.warning("late approval on %s: its reversal stays queued", name)
             return
         metrics = self.gateway.metrics
 
         def cancelled(count: int | None, error: BaseException | None) -> None:
             if count:
-                metrics.reversals(conn.cfg.name, "cancelled").inc()
-                log.info("late decline (%s) on %s: its unsent reversal is cancelled", rc, conn.cfg.name)
+                metrics.reversals(name, "cancelled").inc()
+                log.info("late decline (%s) on %s: its unsent reversal is cancelled", rc, name)
 
-        self.journal.submit(store.cancel_unsent_saf, request.txn_id, f"late response {rc}", callback=cancelled)
-        self.journal.set_state(request.txn_id, TIMED_OUT, rc)
+        self.journal.submit(self.journal.store.cancel_unsent_saf, txn.txn_id, f"late response {rc}", callback=cancelled)
+        self.journal.set_state(txn.txn_id, TIMED_OUT, rc)
 
-    def undeliverable(self, request: "ReversibleRequest", scan: Scan, raw: bytes) -> None:
-        """The switch answered, the front end can't be told: an approval is reversed."""
-        rc = scan.values.get(39, "")
-        if rc == "00" and request.mti[1] in "12":
-            log.warning("approval for a front end that is gone: reversing it")
-            self._queue(request, "undeliverable", auth_code=scan.values.get(38), then=lambda: None)
-        elif request.txn_id is not None:
-            self.journal.set_state(request.txn_id, ANSWERED, rc)
-
-    # -- queueing
-
-    def _note_txn(self, request: "ReversibleRequest", state: str) -> None:
-        if request.txn_id is not None:
-            self.journal.set_state(request.txn_id, state)
-
-    def _queue(self, request: "ReversibleRequest", reason: str, auth_code: str | None,
-               then: Callable[[], "FrameWriter | None"]) -> None:
-        upstream = request.upstream
-        item = self.make_item(upstream, request.reversal_fields(), request.mti, request.upstream_stan, reason,
-                              request.txn_id, auth_code)
-        store = self.journal.store
-        if request.txn_id is not None:
-            self.journal.set_state(request.txn_id, TIMED_OUT)
+    def queue(self, txn: Txn, reason: str, auth_code: str | None, answer: bool) -> None:
+        """Queue a reversal of ``txn`` (it reached the switch); with ``answer``, the flow answers the
+        front end once the reversal is durable (``Flow.reversal_stored``)."""
+        upstream = self.gateway.upstreams[txn.upstream.name] if txn.upstream is not None else None
+        if upstream is None:
+            return
+        item = self.make_item(upstream, txn.reversal_fields(), txn.mti, txn.upstream_stan, reason, txn.txn_id,
+                              auth_code)
+        if txn.txn_id is not None:
+            self.journal.set_state(txn.txn_id, TIMED_OUT)
         metrics = self.gateway.metrics
+        host = self.gateway
 
-        def durable(result: object, error: BaseException | None) -> "FrameWriter | None":
+        def durable(result: object, error: BaseException | None) -> None:
             if error is not None:
                 log.error("reversal could not be stored (%s)", type(error).__name__)
             else:
@@ -172,9 +138,11 @@ class DurableReversals:
                 worker = self.workers.get(upstream.cfg.name)
                 if worker is not None:
                     worker.wake()
-            return then()
+            if answer:
+                host.flow.reversal_stored(txn, trio.current_time())
+                host.run_flow()
 
-        self.journal.submit(store.insert_saf, item, callback=durable)
+        self.journal.submit(self.journal.store.insert_saf, item, callback=durable)
 
     def take_over(self, upstream: "Upstream", original: dict[str, str], txn: TxnRow) -> None:
         """A front end's reversal of ``txn`` was out when the switch dropped the link: the gateway
@@ -264,86 +232,6 @@ class DurableReversals:
             self.recover(in_doubt)
 
 
-class _ReversalWaiter:
-    """One attempt of a SAF item in flight on a link, waiting for its 0430/0410.
-
-    ``alone``: the attempt travels on a connection of its own (the item is suspected of dropping
-    links); ``done`` is set when the attempt has its outcome."""
-
-    __slots__ = ("mti", "worker", "item", "attempts", "alone", "done")
-
-    def __init__(self, worker: "SafWorker", item: SafItem, mti: str, attempts: int, alone: bool = False) -> None:
-        self.mti = mti
-        self.worker = worker
-        self.item = item
-        self.attempts = attempts
-        self.alone = alone
-        self.done = trio.Event()
-
-    def _current(self) -> bool:
-        """Whether this attempt's outcome still counts (the item was not completed otherwise meanwhile)."""
-        self.done.set()
-        return self.worker.in_flight.get(self.item.id) is self
-
-    def on_response(self, conn: "UpstreamConnection", raw: bytes, scan: Scan, now: float) -> None:
-        if not self._current():
-            return
-        rc = scan.values.get(39, "")
-        if self.alone:
-            self.worker.cleared(self.item)  # the switch answered it and kept the link
-        if rc == "00":
-            self.worker.acknowledged(self.item.id, self.item.txn_id, self.item.message.get("37", "?"))
-        else:
-            self.worker.failed(self.item, self.attempts, f"answered {rc or 'without 39'}")
-
-    def on_timeout(self, conn: "UpstreamConnection", now: float) -> None:
-        # The item stays outstanding (Upstream.outstanding): a 0430 that comes after this still completes it.
-        if not self._current():
-            return
-        self.worker.failed(self.item, self.attempts, "no answer")
-
-    def on_link_lost(self, conn: "UpstreamConnection", now: float) -> None:
-        if not self._current():
-            return
-        if conn.closing:  # the gateway closed it (shutdown): nobody's fault
-            self.worker.failed(self.item, self.attempts, "link closed")
-        elif self.alone:
-            self.worker.dropped_alone(self.item, self.attempts)
-        else:
-            self.worker.suspect(self.item)
-            self.worker.failed(self.item, self.attempts, "link lost")
-
-
-class _Outstanding:
-    """A reversal sent and not acknowledged yet, as the upstream's links see it once an attempt's
-    deadline has passed: a 0430/0410 that matches it, at any time until it is acknowledged or
-    parked, completes it (a switch that answers later than ``reversal_timeout`` must not be sent
-    the same reversal again and again). It holds no card data, only what completing the item needs."""
-
-    __slots__ = ("mti", "worker", "saf_id", "txn_id", "rrn")
-
-    def __init__(self, worker: "SafWorker", item: SafItem, mti: str) -> None:
-        self.mti = mti
-        self.worker = worker
-        self.saf_id = item.id
-        self.txn_id = item.txn_id
-        self.rrn = item.message.get("37", "?")
-
-    def on_response(self, conn: "UpstreamConnection", raw: bytes, scan: Scan, now: float) -> None:
-        rc = scan.values.get(39, "")
-        if rc == "00":
-            log.info("reversal %s: its 0430/0410 came after the attempt's deadline; it completes it",
-                     saf_label(self.saf_id))
-            self.worker.acknowledged(self.saf_id, self.txn_id, self.rrn)
-        else:
-            log.warning("reversal %s: a late answer %s; its repeats go on", saf_label(self.saf_id), rc or "without 39")
-
-    def on_timeout(self, conn: "UpstreamConnection", now: float) -> None:  # never pending: no deadline
-        pass
-
-    on_link_lost = on_timeout
-
-
 class SafWorker:
     """Sends one upstream's queued reversals until each is acknowledged or parked."""
 
@@ -355,8 +243,8 @@ class SafWorker:
         self.clock = clock if clock is not None else Clock()
         self.upstream = upstream
         self.policy = policy_of(upstream)
-        # Items being worked on, by SAF id: the waiter of the attempt in flight, or ALONE while
-        # queued to be sent alone. An attempt's outcome counts only while its waiter is here.
+        # Items being worked on, by SAF id: the attempt in flight (core.flow.ReversalAttempt), or
+        # ALONE while queued to be sent alone. An attempt's outcome counts only while it is here.
         self.in_flight: dict[int, object] = {}
         self._wakeup = trio.Event()
         self._rng = random.Random()
@@ -364,7 +252,6 @@ class SafWorker:
         # link, with the queue of those waiting to be sent alone (run_suspects).
         self._settled: dict[int, int] = {}  # SAF id -> the read of the due list it was settled during
         self._reads = 0
-        self._keys: dict[int, tuple] = {}  # SAF id -> its match key in Upstream.outstanding
         self.suspects: set[int] = set()
         self._alone: collections.deque[SafItem] = collections.deque()
         self._alone_wakeup = trio.Event()
@@ -413,14 +300,10 @@ class SafWorker:
                     and not self.journal.holding_writes):
                 self._reads += 1  # items settled from now on may still be in this list (see _send)
                 due = await self.journal.call(store.due_saf, name, wall(), room + len(self.in_flight))
-                touched = set()
                 for item in due:
                     if item.id not in self.in_flight and len(self.in_flight) < cfg.saf_window:
-                        w = self._send(item)
-                        if w is not None:
-                            touched.add(w)
-                for w in touched:
-                    await w.flush()
+                        self._send(item)
+                self.reversals.gateway.run_flow()
             self._wakeup = trio.Event()
             # Sleep until the next item is due, but look again at least every SAF_POLL
             # (an operator's retry from another process, gauges kept fresh).
@@ -428,40 +311,31 @@ class SafWorker:
             with trio.move_on_after(pause):
                 await self._wakeup.wait()
 
-    def _send(self, item: SafItem) -> "FrameWriter | None":
+    def _send(self, item: SafItem) -> None:
         if self._settled.get(item.id) == self._reads:
-            return None  # acknowledged or parked while the due list was being read
+            return  # acknowledged or parked while the due list was being read
         if item.id in self.suspects:
             self._send_alone_later(item)
-            return None
+            return
         conn = self.upstream.pick()
-        if conn is None:
-            return None
-        sent = self._send_on(conn, item)
-        return sent[0] if sent is not None else None
+        if conn is not None:
+            self._send_on(conn, item)
 
-    def _send_on(self, conn: "UpstreamConnection", item: SafItem,
-                 alone: bool = False) -> "tuple[FrameWriter, _ReversalWaiter] | None":
-        """Send one attempt of ``item`` on ``conn``: the writer to flush and the attempt's waiter (None: not sent)."""
+    def _send_on(self, conn: "UpstreamConnection", item: SafItem, alone: bool = False) -> ReversalAttempt | None:
+        """Have the flow send one attempt of ``item`` on ``conn`` (the caller runs the flow's
+        actions); the attempt, or None when it did not go."""
         cfg = self.upstream.cfg
-        stan = item.stan or conn.allocate_stan()
-        if stan in conn.pending:
-            return None  # that STAN is busy on this link right now: try on the next round
-        msg = dict(item.message)
+        flow = self.reversals.gateway.flow
         mti = attempt_mti(item.mti, item.attempts)
-        key = match_key(mti, stan, tuple(msg.get(str(f), "") for f in cfg.match_fields))
-        held = self.upstream.outstanding.get(key)
-        if isinstance(held, _Outstanding) and held.saf_id != item.id:
-            return None  # another outstanding reversal has this STAN: try on the next round
-        msg["t"] = mti
-        msg["11"] = stan
-        try:
-            raw = encode(self.upstream.dialect, msg, check_types=False)
-        except IsoGatewayError as exc:
-            log.error("reversal %s can't be encoded (%s): parked", saf_label(item.id), exc)
-            self._park(item, f"encode failed: {exc}")
+        attempt = flow.send_reversal(conn.link, self, item, item.id, item.txn_id, item.message, mti, item.stan,
+                                     trio.current_time(), alone)
+        if isinstance(attempt, str):
+            if attempt != "busy":  # the STAN is busy (in flight, or another outstanding reversal's): next round
+                log.error("reversal %s can't be encoded (%s): parked", saf_label(item.id), attempt)
+                self._park(item, attempt)
             return None
-        attempts = item.attempts + 1
+        stan = attempt.stan
+        attempts = attempt.attempts
         now_wall = self.clock.wall()
         next_attempt = self.policy.next_attempt(attempts, now_wall, self._rng)
         store = self.journal.store
@@ -469,16 +343,46 @@ class SafWorker:
                             next_attempt=next_attempt if next_attempt is not None else now_wall + cfg.reversal_timeout,
                             stan=stan)
         item.stan = stan
-        now = trio.current_time()
-        waiter = _ReversalWaiter(self, item, mti, attempts, alone)
-        self.in_flight[item.id] = waiter
-        self.upstream.outstanding.keep(key, _Outstanding(self, item, mti))
-        self._keys[item.id] = key
-        writer = conn.send_request(waiter, raw, key, now + cfg.reversal_timeout, now)
+        self.in_flight[item.id] = attempt
         metrics = self.reversals.gateway.metrics
         metrics.reversals(cfg.name, "sent" if attempts == 1 else "repeated").inc()
-        metrics.upstream_sent(cfg.name, mti).inc()
-        return writer, waiter
+        return attempt
+
+    def outcome(self, attempt: ReversalAttempt | OutstandingReversal, outcome: str, rc: str) -> None:
+        """What became of an attempt (SAF_OUTCOME): "answer" (the switch answered ``rc`` in time),
+        "timeout" (the item stays outstanding: a 0430 that comes after this still completes it),
+        "lost" (the switch or the network dropped the link), "closed" (the gateway closed it), or
+        "late" (an answer past the attempt's deadline, for an item still outstanding)."""
+        if isinstance(attempt, OutstandingReversal):
+            if rc == "00":
+                log.info("reversal %s: its 0430/0410 came after the attempt's deadline; it completes it",
+                         saf_label(attempt.saf_id))
+                self.acknowledged(attempt.saf_id, attempt.txn_id, attempt.rrn)
+            else:
+                log.warning("reversal %s: a late answer %s; its repeats go on", saf_label(attempt.saf_id),
+                            rc or "without 39")
+            return
+        if attempt.waker is not None:
+            attempt.waker.set()
+        if self.in_flight.get(attempt.saf_id) is not attempt:
+            return  # completed otherwise meanwhile (a late 0430, a park)
+        item: SafItem = attempt.item
+        if outcome == "answer":
+            if attempt.alone:
+                self.cleared(item)  # the switch answered it and kept the link
+            if rc == "00":
+                self.acknowledged(item.id, item.txn_id, item.message.get("37", "?"))
+            else:
+                self.failed(item, attempt.attempts, f"answered {rc or 'without 39'}")
+        elif outcome == "timeout":
+            self.failed(item, attempt.attempts, "no answer")
+        elif outcome == "closed":  # the gateway closed it (shutdown): nobody's fault
+            self.failed(item, attempt.attempts, "link closed")
+        elif attempt.alone:
+            self.dropped_alone(item, attempt.attempts)
+        else:
+            self.suspect(item)
+            self.failed(item, attempt.attempts, "link lost")
 
     def acknowledged(self, saf_id: int, txn_id: int | None, rrn: str) -> None:
         self.in_flight.pop(saf_id, None)
@@ -516,10 +420,7 @@ class SafWorker:
 
     def _release(self, saf_id: int) -> None:
         """``saf_id`` is no longer outstanding: a 0430/0410 for it from now on is unmatched."""
-        key = self._keys.pop(saf_id, None)
-        held = self.upstream.outstanding.get(key) if key is not None else None
-        if key is not None and isinstance(held, _Outstanding) and held.saf_id == saf_id:
-            self.upstream.outstanding.release(key, held)
+        self.reversals.gateway.flow.release_outstanding(self.upstream.side, saf_id)
 
     def _settle(self, saf_id: int) -> None:
         """Remember that ``saf_id`` is done with during the current read of the due list, which may
@@ -598,13 +499,14 @@ class SafWorker:
                 if not conn.ready:
                     self._retry_later(item, "no connection of its own could be opened")
                     return
-                sent = self._send_on(conn, item, alone=True)
-                if sent is None:
+                attempt = self._send_on(conn, item, alone=True)
+                if attempt is None:
                     self._retry_later(item, "not sent alone")
                     return
-                writer, waiter = sent
-                await writer.flush()
-                await waiter.done.wait()  # bounded: the attempt's deadline, or the connection's end
+                attempt.waker = done = trio.Event()
+                self.reversals.gateway.run_flow()
+                if not attempt.done:
+                    await done.wait()  # bounded: the attempt's deadline, or the connection's end
             finally:
                 # From here on the end of this connection is the gateway's doing (also on shutdown).
                 conn.closing = True

@@ -39,7 +39,7 @@ def _connection() -> tuple[FrontConnection, socket.socket, list[str]]:
     cfg = ListenerConfig(name="ecom", port=0, partial_frame_timeout=PARTIAL, idle_timeout=IDLE)
     closed: list[str] = []
     gateway = SimpleNamespace(metrics=NullMetrics(), on_front_frames=lambda conn, frames, touched, now: None)
-    listener = SimpleNamespace(cfg=cfg, name="ecom", gateway=gateway, framer=framer_from_config("ascii4"),
+    listener = SimpleNamespace(cfg=cfg, name="ecom", gateway=gateway, framer=framer_from_config("ascii4"), side=None,
                                closed=lambda conn, reason: closed.append(reason))
     ours, theirs = socket.socketpair()
     poller = Poller(lambda: None, lambda touched: touched)

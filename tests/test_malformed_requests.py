@@ -8,7 +8,7 @@ import trio
 
 from conftest import TEST_PAN, wait_for
 from iso_gateway.specfiles import get_dialect
-from iso_gateway.gateway import Gateway
+from iso_gateway.core.flow import Flow
 from iso_gateway.core.message import decode, encode
 from iso_gateway.sim.client import sample_reversal
 
@@ -104,10 +104,10 @@ async def test_a_failing_front_end_reversal_is_answered_96_and_the_task_ends_qui
     original = harness.auth(15000)
     assert (await client.request(original, timeout=3))["39"] == "00"
 
-    async def broken(self, *args, **kwargs):
+    def broken(self, *args, **kwargs):
         raise KeyError("129")
 
-    monkeypatch.setattr(Gateway, "_front_reversal_inner", broken)
+    monkeypatch.setattr(Flow, "_reversal_found", broken)
     reversal = sample_reversal(original)
     resp = await client.request(reversal, timeout=3)
     assert (resp["t"], resp["39"], resp["11"]) == ("0430", "96", reversal["11"])
@@ -116,7 +116,7 @@ async def test_a_failing_front_end_reversal_is_answered_96_and_the_task_ends_qui
 
 
 async def test_local_answers_never_decode_the_request_again(harness, monkeypatch):
-    import iso_gateway.gateway as gateway_module
+    import iso_gateway.core.flow as flow_module
     await harness.start_switch()
     await harness.start_gateway(routes=[{"name": "all", "upstream": "cmi", "timeout": 0.3}])
     client = await harness.client()
@@ -126,7 +126,7 @@ async def test_local_answers_never_decode_the_request_again(harness, monkeypatch
         calls.append(1)
         raise AssertionError("decode called on the local-answer path")
 
-    monkeypatch.setattr(gateway_module, "decode", counting_decode)
+    monkeypatch.setattr(flow_module, "decode", counting_decode)
     rejected = {**harness.auth(15000), "4": "000000000000"}  # zero amount: a validation reject
     assert (await client.request(rejected, timeout=3))["39"] == "13"
     assert (await client.request(harness.auth(15097), timeout=3))["39"] == "91"  # the switch never answers
@@ -140,13 +140,13 @@ def test_an_answer_that_cannot_be_encoded_falls_back_to_the_fields_that_can(dial
     code = "000" if dialect.fields[39].length == 3 else "96"
     stan = "0" * (dialect.fields[11].length - 1) + "7"
     values = {11: stan, 41: "TERM0001", 4: "9" * 40, 49: "X"}  # 4 too long, 49 not numeric
-    out = Gateway._local_response(dialect, mti, values, code, None)
+    out = Flow._local_response(dialect, mti, values, code, None)
     resp = decode(dialect, out, check_types=False)
     assert resp["t"][2] == "1" and resp["39"] == code and resp["11"] == stan and resp["41"] == "TERM0001"
     assert "4" not in resp and "49" not in resp
-    assert Gateway._local_response(dialect, mti, {}, code, None) is not None  # MTI and 39 alone
-    assert Gateway._local_response(dialect, mti[:2] + "10", values, code, None) is None  # a response: no answer
-    assert Gateway._local_response(dialect, None, values, code, None) is None
+    assert Flow._local_response(dialect, mti, {}, code, None) is not None  # MTI and 39 alone
+    assert Flow._local_response(dialect, mti[:2] + "10", values, code, None) is None  # a response: no answer
+    assert Flow._local_response(dialect, None, values, code, None) is None
 
 
 async def test_two_hundred_hostile_frames_leave_every_honest_request_answered(harness):

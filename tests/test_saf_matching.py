@@ -1,9 +1,10 @@
 """The SAF worker's attempts against one link, without sockets: late 0430s and link drops, as properties.
 
-A fake link (the real ``UpstreamConnection`` matching code, a writer that only keeps
-frames) and a fake journal (that keeps each SAF row's state) stand around a real
-``SafWorker``; hypothesis plays every order of attempts, deadlines passing, 0430s
-(in time, late, repeated, refused) and link drops.
+The real flow (``core.flow``: the link's pending table, the upstream's outstanding
+reversals) with a small executor that keeps the frames it is asked to send, and a fake
+journal (that keeps each SAF row's state), stand around a real ``SafWorker``; hypothesis
+plays every order of attempts, deadlines passing, 0430s (in time, late, repeated,
+refused) and link drops.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iso_gateway.config import UpstreamConfig
-from iso_gateway.net.links import LinkState, Upstream
+from iso_gateway.core.flow import SAF_OUTCOME, SEND, Flow, FlowSettings
+from iso_gateway.net.links import Upstream
 from iso_gateway.core.message import encode
 from iso_gateway.metrics import Metrics
 from iso_gateway.reversals import SafWorker
@@ -25,16 +27,6 @@ from iso_gateway.journal.store import SAF_PENDING, SafItem
 from iso_gateway.specfiles import get_dialect
 
 BUDGET = 4
-
-
-class FakeWriter:
-    broken = None
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-
-    def enqueue(self, frame: bytes, *_: object) -> None:
-        self.frames.append(frame)
 
 
 class FakeJournal:
@@ -54,15 +46,24 @@ class FakeJournal:
 
 
 class FakeGateway:
+    """The shell's part: executes the flow's SEND (keeps the frame) and SAF_OUTCOME actions."""
+
     def __init__(self) -> None:
         self.metrics = Metrics(process=False)
-        self.unmatched = 0
+        self.flow: Flow
+        self.frames: list[bytes] = []
 
-    def on_unmatched(self, conn, scan, raw, late, now) -> None:
-        self.unmatched += 1
+    def run_flow(self) -> None:
+        while self.flow.actions:
+            for action in self.flow.take_actions():
+                if action[0] == SEND:
+                    self.frames.append(action[2])
+                elif action[0] == SAF_OUTCOME:
+                    action[1].owner.outcome(action[1], action[2], action[3])
 
-    def release_held(self) -> set:
-        return set()
+    @property
+    def unmatched(self) -> float:
+        return self.metrics.unmatched_responses("cmi").get()
 
 
 def rig() -> tuple[SafWorker, FakeJournal, FakeGateway, object, SafItem]:
@@ -70,9 +71,10 @@ def rig() -> tuple[SafWorker, FakeJournal, FakeGateway, object, SafItem]:
     journal = FakeJournal()
     cfg = UpstreamConfig(name="cmi", hosts=["127.0.0.1:9"], saf_budget=BUDGET, reversal_timeout=1.0)
     upstream = Upstream(cfg, gateway, None, get_dialect(cfg.dialect))
-    conn = upstream.connections[0]
-    conn.state = LinkState.READY
-    conn.writer = FakeWriter()
+    gateway.flow = Flow(FlowSettings(), None, {"cmi": upstream.side}, gateway.metrics, lambda: 1)  # type: ignore[arg-type]
+    link = upstream.connections[0].link
+    gateway.flow.link_connected(link)
+    gateway.flow.link_ready(link)
     original = {"2": "4761739001010119", "4": "000000025000", "7": "1127101010", "11": "000123",
                 "37": "633100000001", "41": "TERM0001", "42": "MERCHANT0000001", "49": "504"}
     message = build_reversal(original, original_mti="0100", upstream_stan="400001", reversal_mti="0420",
@@ -80,13 +82,35 @@ def rig() -> tuple[SafWorker, FakeJournal, FakeGateway, object, SafItem]:
     item = SafItem(id=1, txn_id=2, upstream="cmi", state=SAF_PENDING, reason="timeout", mti="0420", stan="",
                    f90=message["90"], attempts=0, next_attempt=0.0, created=0.0, message=message)
     worker = SafWorker(SimpleNamespace(journal=journal, gateway=gateway), upstream)
-    return worker, journal, gateway, conn, item
+    return worker, journal, gateway, link, item
 
 
-def answer(conn, item: SafItem, rc: str) -> None:
-    raw = encode(conn.upstream.dialect, {"t": "0430", "11": item.stan, "39": rc, "4": item.message["4"]},
+def send(worker: SafWorker, item: SafItem) -> bool:
+    """One attempt through the worker, executed: whether a frame left."""
+    gateway = worker.reversals.gateway
+    before = len(gateway.frames)
+    worker._send(item)
+    gateway.run_flow()
+    return len(gateway.frames) > before
+
+
+def deadline(gateway: FakeGateway, link) -> None:
+    gateway.flow.deadline(link, trio.current_time() + 3600)
+    gateway.run_flow()
+
+
+def drop(gateway: FakeGateway, link) -> None:
+    gateway.flow.link_down(link, trio.current_time())
+    gateway.run_flow()
+    gateway.flow.link_connected(link)
+    gateway.flow.link_ready(link)
+
+
+def answer(gateway: FakeGateway, link, item: SafItem, rc: str) -> None:
+    raw = encode(link.upstream.dialect, {"t": "0430", "11": item.stan, "39": rc, "4": item.message["4"]},
                  check_types=False)
-    conn._on_frame(raw, trio.current_time())
+    gateway.flow.switch_frame(link, raw, b"", trio.current_time())
+    gateway.run_flow()
 
 
 events = st.lists(st.sampled_from(["send", "deadline", "ack", "refuse", "drop"]), min_size=1, max_size=25)
@@ -96,26 +120,23 @@ events = st.lists(st.sampled_from(["send", "deadline", "ack", "refuse", "drop"])
 @given(events)
 def test_a_reversal_is_complete_at_its_first_0430_with_00_whenever_it_comes_and_never_sent_after(script):
     async def play() -> None:
-        worker, journal, gateway, conn, item = rig()
+        worker, journal, gateway, link, item = rig()
         suspected = False
         sent = gateway.metrics.reversals
         for event in script:
             state = journal.saf_state.get(item.id, SAF_PENDING)
             complete = state in ("acked", "parked")
             if event == "send":
-                before = len(conn.writer.frames)
-                if item.id not in worker.in_flight and not complete:
-                    worker._send(item)
+                went = item.id not in worker.in_flight and not complete and send(worker, item)
                 # Never after completion, never on the shared link once suspected (it waits to go alone).
-                assert len(conn.writer.frames) == before or not (complete or suspected)
+                assert not went or not (complete or suspected)
             elif event == "deadline":
-                for waiter in conn.pending.expire(trio.current_time() + 3600):
-                    waiter.on_timeout(conn, trio.current_time())
+                deadline(gateway, link)
             elif event in ("ack", "refuse"):
                 if not item.stan:
                     continue  # never sent: nothing to answer
                 unmatched = gateway.unmatched
-                answer(conn, item, "00" if event == "ack" else "05")
+                answer(gateway, link, item, "00" if event == "ack" else "05")
                 if event == "ack" and not complete:
                     # Any 0430 with 00 for an outstanding reversal completes it: in time or late.
                     assert journal.saf_state[item.id] == "acked" and gateway.unmatched == unmatched
@@ -123,9 +144,7 @@ def test_a_reversal_is_complete_at_its_first_0430_with_00_whenever_it_comes_and_
                     assert gateway.unmatched == unmatched + 1  # a second one is nobody's
             else:  # the switch drops the link: whatever was in flight is suspected
                 in_flight = item.id in worker.in_flight
-                conn._lost()
-                conn.writer = FakeWriter()
-                conn.state = LinkState.READY
+                drop(gateway, link)
                 if in_flight and not complete:
                     suspected = journal.saf_state[item.id] != "parked"
             assert sent("cmi", "sent").get() + sent("cmi", "repeated").get() <= BUDGET
@@ -133,25 +152,24 @@ def test_a_reversal_is_complete_at_its_first_0430_with_00_whenever_it_comes_and_
         assert acknowledged == (1 if journal.saf_state.get(item.id) == "acked" else 0)
         assert journal.reversed == ([2] if acknowledged else [])
         if journal.saf_state.get(item.id) in ("acked", "parked"):  # complete: nothing of it stays outstanding
-            assert not conn.upstream.outstanding
+            assert not link.upstream.outstanding
 
     trio.run(play)
 
 
 def test_two_reversals_never_share_a_stan_while_outstanding_and_a_parked_one_frees_it():
     async def play() -> None:
-        worker, journal, gateway, conn, first = rig()
+        worker, journal, gateway, link, first = rig()
         second = SafItem(id=9, txn_id=10, upstream="cmi", state=SAF_PENDING, reason="timeout", mti="0420",
                          stan="", f90=first.f90, attempts=0, next_attempt=0.0, created=0.0,
                          message=dict(first.message))
         first.stan = second.stan = "400001"  # reversal_stan = "original": two originals with one upstream STAN
-        assert worker._send(first) is not None
-        for waiter in conn.pending.expire(trio.current_time() + 3600):
-            waiter.on_timeout(conn, trio.current_time())
-        assert worker._send(second) is None  # the first is still outstanding under that STAN
+        assert send(worker, first)
+        deadline(gateway, link)
+        assert not send(worker, second)  # the first is still outstanding under that STAN
         worker._park(first, "by hand")
-        assert worker._send(second) is not None
-        answer(conn, second, "00")
+        assert send(worker, second)
+        answer(gateway, link, second, "00")
         assert journal.saf_state == {first.id: "parked", second.id: "acked"}
 
     trio.run(play)

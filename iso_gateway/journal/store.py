@@ -25,18 +25,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.masking import mask_pan
+from ..core.states import (  # noqa: F401 - the journal's public names too
+    ANSWERED, FORWARDED, NOT_SENT, RECEIVED, REVERSAL_FIELDS, REVERSED, TIMED_OUT,
+)
 from ..security.pan import PanVault
 
 log = logging.getLogger("iso_gateway.journal")
 
-# Transaction states.
-RECEIVED = "received"          # journaled, not yet sent
-FORWARDED = "forwarded"        # sent to the switch, no answer yet (in doubt after a crash)
-ANSWERED = "answered"          # the switch answered (response_code)
-TIMED_OUT = "timed_out"        # no answer in time: a reversal is queued
-NOT_SENT = "not_sent"          # the link dropped before it left
-REVERSED = "reversed"          # a reversal of it was acknowledged
-# SAF states.
+# Transaction states: core/states.py (the flow decides them). SAF states:
 SAF_PENDING = "pending"
 SAF_SENT = "sent"
 SAF_ACKED = "acked"
@@ -50,8 +46,6 @@ CHECKPOINT_EVERY = 1.0
 # writer's time, so a purge of a large backlog never holds the requests' commits back for long.
 PURGE_BATCH = 1000
 
-# Fields a reversal is built from (docs/domain.md §1.2): never 14, 35, 36, 45, 48, 52, 55.
-REVERSAL_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "32", "33", "37", "41", "42", "49")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS txn (
@@ -478,7 +472,7 @@ class SQLiteStore:
 
         Besides the original's STAN, DE 7 and MTI (from field 90), everything that says whose
         transaction it is must match the reversal: the front end's identity (``listener``: the
-        listener it came through, see ``gateway.front_identity``), the acquirer (DE 32), the
+        listener it came through, see ``core.flow.front_identity``), the acquirer (DE 32), the
         terminal (DE 41) and the merchant (DE 42). So a front end can reverse only its own
         merchants' transactions: another merchant's approval on the same terminal id, STAN, DE 7
         and amount is not found. The lookup seeks ``txn_front_time`` (DE 7, terminal, STAN) and

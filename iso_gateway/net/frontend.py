@@ -33,6 +33,7 @@ import trio
 from ..config import ListenerConfig
 from ..core.dialect import Dialect
 from ..core.errors import FrameError, FrameTooLarge
+from ..core.flow import FrontSide
 from ..core.framing import Framer, framer_from_config
 from .poller import Poller
 from ..core.scanner import Scanner
@@ -105,7 +106,13 @@ class Listener:
         self.dialect = dialect
         self.rules = rules
         self.framer = framer
-        self.scanner = Scanner(dialect, rules.fields_needed | ROUTING_FIELDS | set(gateway_match_fields(self.gateway)))
+        self.scanner = scanner = Scanner(dialect, rules.fields_needed | ROUTING_FIELDS | set(gateway_match_fields(self.gateway)))
+        # What the flow knows of this listener: changed in place, so open connections see a reload.
+        side = getattr(self, "side", None)
+        if side is None:
+            self.side = FrontSide(cfg.name, dialect, rules, framer, scanner)
+        else:
+            side.name, side.dialect, side.rules, side.framer, side.scanner = cfg.name, dialect, rules, framer, scanner
 
     async def serve(self, connection_nursery: trio.Nursery, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections until ``stop_accepting``; connections live in ``connection_nursery``."""
@@ -250,7 +257,7 @@ def gateway_match_fields(gateway: FrontHandler) -> set[int]:
 class FrontConnection:
     """One front end's connection: read by the gateway's ``Poller``, written by its ``FrameWriter``."""
 
-    __slots__ = ("id", "listener", "stream", "sock", "writer", "in_flight", "closed", "decoder", "deadline",
+    __slots__ = ("id", "listener", "side", "stream", "sock", "writer", "in_flight", "closed", "decoder", "deadline",
                  "paused", "_poller", "heap_at", "fd", "source", "last_read", "used")
 
     def __init__(self, listener: Listener, stream: SocketIO, poller: Poller, source: str = "") -> None:
@@ -262,6 +269,7 @@ class FrontConnection:
         # that is merely between two payments.
         self.used = False
         self.listener = listener
+        self.side = listener.side  # the flow's view of its listener (core.flow.FrontRef)
         self.stream = stream
         self.sock = stream.sock
         self.fd = stream.sock.fileno()

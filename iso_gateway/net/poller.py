@@ -6,9 +6,10 @@ to have something. A wake-up then reads every socket with data, and before going
 to trio the poller looks again (without waiting) for a few rounds: a front end's next
 request or a switch's answer that arrived meanwhile costs no trip through trio's
 scheduler, and a connection costs no task and no registration per read. At the end of
-a round the requests forwarded in it are logged with one journal write and every writer
-touched sends its batch (``FrameWriter.flush_soon``: a send the kernel can't take at
-once finishes in a task of its own, so a slow reader holds up no one).
+a round the gateway executes what the flow decided for it (the requests forwarded in it
+are logged with one journal write) and every writer touched sends its batch
+(``FrameWriter.flush_soon``: a send the kernel can't take at once finishes in a task of
+its own, so a slow reader holds up no one).
 
 Deadlines (a front connection's idle or partial-frame timeout) move by an assignment;
 a sweeper task sleeping until the earliest heap entry finds the expired ones, and an
@@ -116,8 +117,6 @@ class Poller:
         epoll = self._epoll
         poll = epoll.poll
         reading = self._reading
-        nursery = self.nursery
-        assert nursery is not None
         begin_round = self._begin_round
         end_round = self._end_round
         current_time = trio.current_time
@@ -140,8 +139,7 @@ class Poller:
                         log.exception("internal error reading a connection; it is closed")
                         obj.fail()
                 for writer in end_round(touched):
-                    if not writer.flush_soon():
-                        nursery.start_soon(writer.flush)
+                    writer.flush_soon()
 
     async def _sweep(self) -> None:
         """Call ``expired`` on whatever's deadline passed."""

@@ -9,14 +9,13 @@ A send that blocks past ``send_timeout`` means the peer stopped reading; a send
 that fails or is cancelled part-way leaves the stream's framing unknown. Either
 way the writer is broken for good and the owner closes the connection.
 
-Used by the gateway (``enqueue`` + ``flush``, never raising: the owner reads
-``broken``) and by the simulator and clients (``send``, which raises once the
-writer is broken and waits when more than ``high_water`` bytes are queued).
-The gateway's poller calls ``flush_soon``: what the kernel takes at once goes
-now, and the rest is finished by a task of the writer's own, so the poller
-never waits on a slow peer. For an upstream link that task is its flusher
-(``run_flusher``, woken by ``flush_later``); for a front connection, a task
-started in ``background``.
+Used by the gateway (``enqueue``, then ``flush_soon`` once a round of work is done, never
+raising: the owner reads ``broken``) and by the simulator and clients (``send``, which raises
+once the writer is broken and waits when more than ``high_water`` bytes are queued).
+``flush_soon`` is the gateway's one way to send: what the kernel takes at once goes now, and
+the rest is finished by a task started in the writer's ``background`` nursery (a front
+connection's: the poller's; a switch link's: its session's), so no caller ever waits on a
+slow peer.
 """
 
 from __future__ import annotations
@@ -32,8 +31,7 @@ if TYPE_CHECKING:
 
 class FrameWriter:
     __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "_waiting", "_notify", "broken", "send_timeout",
-                 "high_water", "bytes_sent", "on_broken", "_flush_wanted", "deferred", "before_flush",
-                 "background")
+                 "high_water", "bytes_sent", "on_broken", "background")
 
     def __init__(self, stream: "trio.abc.SendStream | SocketIO", send_timeout: float = math.inf,
                  high_water: int = 1 << 20) -> None:
@@ -57,12 +55,6 @@ class FrameWriter:
         # Called once with the reason when the writer breaks, so the owner can
         # close the connection even while its reader is blocked elsewhere.
         self.on_broken: Callable[[str], None] | None = None
-        # Set while ``run_flusher`` runs: callers may then ``flush_later`` instead of flushing.
-        self.deferred = False
-        self._flush_wanted = trio.Event()
-        # Called by the flusher before it sends: may queue more frames (here or on other
-        # writers) and returns the writers it touched.
-        self.before_flush: Callable[[], set[FrameWriter]] | None = None
         # Where ``flush_soon`` finishes a send the kernel could not take at once (a front
         # connection's writer: its poller's nursery), so a slow reader holds up no other task.
         self.background: trio.Nursery | None = None
@@ -124,47 +116,30 @@ class FrameWriter:
         finally:
             self._sending = False
 
-    def flush_nowait(self) -> bool:
-        """Send what is queued if the socket takes all of it now, without waiting.
-
-        True when nothing is left for this caller to do (all sent, the writer broken, or a
-        flush under way that will send it); False when the caller must run ``flush`` for
-        the rest (the kernel's buffer was full)."""
+    def flush_soon(self) -> None:
+        """Send what is queued now if the socket takes it all, else leave the rest to a task in
+        ``background`` (without one, the next ``flush`` sends it). Raises nothing."""
         queue = self._queue
         if self._sending or self.broken is not None or not queue:
-            return True
-        try_send = getattr(self._stream, "send_nowait", None)
-        if try_send is None:
-            return False
+            return
         data = b"".join(queue) if len(queue) > 1 else queue[0]
         try:
-            sent = try_send(data)
+            sent = self._stream.send_nowait(data)  # type: ignore[union-attr]
+        except AttributeError:  # a stream with no non-blocking send (tests' memory streams)
+            sent = 0
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._break("send_failed")
-            return True
+            return
         if sent < len(data):
-            self._queue = [data[sent:]]
+            self._queue = [data[sent:]] if sent else [data]
             self._queued = len(data) - sent
-            return False
+            if self.background is not None:
+                self.background.start_soon(self.flush)
+            return
         queue.clear()
         self._queued = 0
         notify, self._notify = self._notify, []
         self._sent(len(data), notify)
-        return True
-
-    def flush_soon(self) -> bool:
-        """Send what is queued now if the socket takes it, else leave the rest to a task of
-        this writer's (its flusher, or one started in ``background``). False only when
-        there is no such task: the caller must then ``await flush()`` itself."""
-        if self.flush_nowait():
-            return True
-        if self.deferred:
-            self.flush_later()
-        elif self.background is not None:
-            self.background.start_soon(self.flush)
-        else:
-            return False
-        return True
 
     def _sent(self, size: int, notify: list[Callable[[bool], None]]) -> None:
         self.bytes_sent += size
@@ -174,30 +149,6 @@ class FrameWriter:
             self._waiting = False
             self._drained.set()
             self._drained = trio.Event()
-
-    def flush_later(self) -> None:
-        """Have the flusher task send what is queued once the tasks runnable now have run (many
-        front ends' requests to one switch link then leave in one ``send``)."""
-        self._flush_wanted.set()
-
-    async def run_flusher(self) -> None:
-        """Serve ``flush_later`` until cancelled (the owner runs it beside its reader)."""
-        self.deferred = True
-        try:
-            while True:
-                await self._flush_wanted.wait()
-                self._flush_wanted = trio.Event()
-                if self.before_flush is not None:
-                    for other in self.before_flush():
-                        if other is self:
-                            continue
-                        if other.deferred:
-                            other.flush_later()
-                        else:
-                            await other.flush()
-                await self.flush()
-        finally:
-            self.deferred = False
 
     async def send(self, frame: bytes) -> None:
         """Queue a frame and send (or leave it to the task sending); raise once broken.
