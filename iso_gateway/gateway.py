@@ -38,7 +38,7 @@ from .net.frontend import FrontConnection, Listener
 from .net.links import Upstream, UpstreamConnection
 from .net.poller import Poller
 from .net.writer import FrameWriter
-from .reversals import DurableReversals, SafWorker
+from .reversals import DurableReversals, ReversalSender
 from .security.pan import PanVault, load_master_key
 from .specfiles import get_dialect, load_rules
 
@@ -213,9 +213,9 @@ class Gateway:
                         n.start_soon(self._flush_metrics)
                         for up in self.upstreams.values():
                             n.start_soon(up.run)
-                            worker = self.reversals.workers[up.cfg.name] = SafWorker(self.reversals, up, self.clock)
-                            n.start_soon(worker.run)
-                            n.start_soon(worker.run_suspects)
+                            sender = self.reversals.senders[up.cfg.name] = ReversalSender(self.reversals, up, self.clock)
+                            n.start_soon(sender.run)
+                            n.start_soon(sender.run_suspects)
 
             root.start_soon(run_upstreams)
             conn_scope = trio.CancelScope()

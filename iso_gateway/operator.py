@@ -2,7 +2,7 @@
 
 ``iso-gateway journal find`` and ``iso-gateway saf list|retry|park`` open the
 gateway's SQLite file directly (WAL mode lets them read and write while the
-daemon runs; the daemon's SAF worker polls the queue, so a retry is picked up
+daemon runs; the daemon's reversal sender polls the queue, so a retry is picked up
 within a second). They show masked PANs only: the tools never need, and never
 load, the PAN key.
 """

@@ -1,13 +1,16 @@
 """Durable reversals: queue them before the front end hears 91, send them until the switch acknowledges.
 
-``DurableReversals`` is the gateway's ``ReversalSink``: a timed-out (or
-undeliverable) authorization becomes a SAF row in the journal, committed before
-the front end is answered. One ``SafWorker`` per upstream sends due items over
-the upstream's links (0420, then 0421 repeats), a window of them at a time so
-one item the switch keeps refusing never blocks the rest, drains the queue as
-soon as a link is ready again, and parks an item once its retry budget is spent.
-The queue lives in the journal, so it survives restarts; the worker polls it,
-so ``iso-gateway saf retry`` from another process is picked up.
+``DurableReversals`` is the reversal queue: when the flow decides a transaction
+must be reversed (REVERSE: timed out, its link lost, or an approval the front end
+could not receive), it becomes a row of the journal's SAF table (store and
+forward: the queue's name in the store, the metrics and the ``saf`` commands),
+committed before the front end is answered. One ``ReversalSender`` per upstream
+sends due items through the flow (``Flow.send_reversal``: 0420, then 0421
+repeats), a window of them at a time so one item the switch keeps refusing never
+blocks the rest, drains the queue as soon as a link is ready again, and parks an
+item once its retry budget is spent. It hears each attempt's outcome from the
+flow (SAF_OUTCOME). The queue lives in the journal, so it survives restarts; the
+sender polls it, so ``iso-gateway saf retry`` from another process is picked up.
 
 An item stays outstanding from its first attempt until it is complete: a
 0430/0410 that comes after an attempt's deadline (``reversal_timeout``) still
@@ -62,9 +65,9 @@ log = logging.getLogger("iso_gateway.reversals")
 
 # Seconds between looks at the SAF table for due items.
 SAF_POLL = 1.0
-# Settled items remembered before older ones are pruned (see SafWorker._settle): a small table.
+# Settled items remembered before older ones are pruned (see ReversalSender._settle): a small table.
 SETTLED_MEMORY = 1024
-# SafWorker.in_flight's mark for an item queued to be sent alone (run_suspects).
+# ReversalSender.in_flight's mark for an item queued to be sent alone (run_suspects).
 ALONE = "alone"
 # Seconds between full counts of the SAF table (the saf gauges): counting a large
 # backlog reads every row, so it is not done on every look.
@@ -92,7 +95,7 @@ class DurableReversals:
         self.journal = journal
         # The gateway's clock: reversals' due times and DE 7 (a clock of its own if none).
         self.clock = clock if clock is not None else Clock()
-        self.workers: dict[str, SafWorker] = {}
+        self.senders: dict[str, ReversalSender] = {}
         self.recovery_owed = False  # the store could not be read at start (see ``recover``)
 
     # -- what the flow asks of the queue (actions REVERSE, LATE, TAKE_OVER)
@@ -135,9 +138,9 @@ class DurableReversals:
                 metrics.reversals(upstream.cfg.name, "queued").inc()
                 log.info("reversal %s queued for %s (%s, RRN %s)", saf_label(item.id), upstream.cfg.name, reason,
                          item.message.get("37", "?"))
-                worker = self.workers.get(upstream.cfg.name)
-                if worker is not None:
-                    worker.wake()
+                sender = self.senders.get(upstream.cfg.name)
+                if sender is not None:
+                    sender.wake()
             if answer:
                 host.flow.reversal_stored(txn, trio.current_time())
                 host.run_flow()
@@ -150,9 +153,9 @@ class DurableReversals:
         attempt goes alone, on a connection of its own), and the front end's repeats find it in
         the journal (answered as being reversed) instead of being forwarded into the same drop."""
         item = self.make_item(upstream, original, txn.mti, txn.upstream_stan, "link_lost", txn.id, txn.auth_code)
-        worker = self.workers.get(upstream.cfg.name)
-        if worker is not None:
-            worker.suspect(item)
+        sender = self.senders.get(upstream.cfg.name)
+        if sender is not None:
+            sender.suspect(item)
         metrics = self.gateway.metrics
 
         def durable(result: object, error: BaseException | None) -> None:
@@ -162,8 +165,8 @@ class DurableReversals:
             metrics.reversals(upstream.cfg.name, "queued").inc()
             log.warning("reversal %s queued for %s: a front end's reversal (RRN %s) was out when the link dropped",
                         saf_label(item.id), upstream.cfg.name, item.message.get("37", "?"))
-            if worker is not None:
-                worker.wake()
+            if sender is not None:
+                sender.wake()
 
         self.journal.submit(self.journal.store.insert_saf, item, callback=durable)
 
@@ -200,7 +203,7 @@ class DurableReversals:
         if in_doubt is None:
             try:
                 in_doubt = self.journal.run_sync(store.in_doubt)
-            except sqlite3.Error as exc:  # counted, shown by /readyz, and tried again by the SAF workers
+            except sqlite3.Error as exc:  # counted, shown by /readyz, and tried again by the reversal senders
                 self.journal.note_failure("recovery", f"in-doubt transactions can't be read ({exc})",
                                           failure_reason(exc))
                 self.recovery_owed = True
@@ -221,7 +224,7 @@ class DurableReversals:
     async def recover_owed(self) -> None:
         """The recovery the store could not read at start, now (raises what the store raises)."""
         if self.recovery_owed:
-            self.recovery_owed = False  # one SAF worker does it, not one per upstream
+            self.recovery_owed = False  # one reversal sender does it, not one per upstream
             try:
                 await self.journal.replayed.wait()
                 in_doubt = await self.journal.call(self.journal.store.in_doubt)
@@ -232,7 +235,7 @@ class DurableReversals:
             self.recover(in_doubt)
 
 
-class SafWorker:
+class ReversalSender:
     """Sends one upstream's queued reversals until each is acknowledged or parked."""
 
     def __init__(self, reversals: DurableReversals, upstream: "Upstream", clock: Clock | None = None) -> None:
@@ -270,7 +273,7 @@ class SafWorker:
             except Exception as exc:  # a failing store must not stop the reversals
                 reason = failure_reason(exc)
                 if reason == "other":
-                    log.exception("SAF worker for %s: round failed", self.upstream.cfg.name)
+                    log.exception("reversal sender for %s: round failed", self.upstream.cfg.name)
                 self.reversals.gateway.metrics.journal_errors("saf", reason).inc()
                 await trio.sleep(backoff.next())
             else:

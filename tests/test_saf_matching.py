@@ -1,8 +1,8 @@
-"""The SAF worker's attempts against one link, without sockets: late 0430s and link drops, as properties.
+"""The reversal sender's attempts against one link, without sockets: late 0430s and link drops, as properties.
 
 The real flow (``core.flow``: the link's pending table, the upstream's outstanding
 reversals) with a small executor that keeps the frames it is asked to send, and a fake
-journal (that keeps each SAF row's state), stand around a real ``SafWorker``; hypothesis
+journal (that keeps each SAF row's state), stand around a real ``ReversalSender``; hypothesis
 plays every order of attempts, deadlines passing, 0430s (in time, late, repeated,
 refused) and link drops.
 """
@@ -21,7 +21,7 @@ from iso_gateway.core.flow import SAF_OUTCOME, SEND, Flow, FlowSettings
 from iso_gateway.net.links import Upstream
 from iso_gateway.core.message import encode
 from iso_gateway.metrics import Metrics
-from iso_gateway.reversals import SafWorker
+from iso_gateway.reversals import ReversalSender
 from iso_gateway.core.saf import build_reversal
 from iso_gateway.journal.store import SAF_PENDING, SafItem
 from iso_gateway.specfiles import get_dialect
@@ -66,7 +66,7 @@ class FakeGateway:
         return self.metrics.unmatched_responses("cmi").get()
 
 
-def rig() -> tuple[SafWorker, FakeJournal, FakeGateway, object, SafItem]:
+def rig() -> tuple[ReversalSender, FakeJournal, FakeGateway, object, SafItem]:
     gateway = FakeGateway()
     journal = FakeJournal()
     cfg = UpstreamConfig(name="cmi", hosts=["127.0.0.1:9"], saf_budget=BUDGET, reversal_timeout=1.0)
@@ -81,11 +81,11 @@ def rig() -> tuple[SafWorker, FakeJournal, FakeGateway, object, SafItem]:
                              stan="000000", reason_code="68", now=datetime.now(timezone.utc))
     item = SafItem(id=1, txn_id=2, upstream="cmi", state=SAF_PENDING, reason="timeout", mti="0420", stan="",
                    f90=message["90"], attempts=0, next_attempt=0.0, created=0.0, message=message)
-    worker = SafWorker(SimpleNamespace(journal=journal, gateway=gateway), upstream)
+    worker = ReversalSender(SimpleNamespace(journal=journal, gateway=gateway), upstream)
     return worker, journal, gateway, link, item
 
 
-def send(worker: SafWorker, item: SafItem) -> bool:
+def send(worker: ReversalSender, item: SafItem) -> bool:
     """One attempt through the worker, executed: whether a frame left."""
     gateway = worker.reversals.gateway
     before = len(gateway.frames)

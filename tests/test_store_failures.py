@@ -24,7 +24,7 @@ from iso_gateway.journal import txlog
 from iso_gateway.journal import SAF_PENDING, Journal, SafItem, new_id
 from iso_gateway.config import UpstreamConfig
 from iso_gateway.metrics import Metrics
-from iso_gateway.reversals import DurableReversals, SafWorker
+from iso_gateway.reversals import DurableReversals, ReversalSender
 from iso_gateway.security.pan import PanVault
 
 journal_clock = realtime.journal_clock  # a fixture: trio's MockClock for a gateway with a journal
@@ -123,7 +123,7 @@ async def test_a_full_disk_and_a_read_only_journal_keep_the_gateway_up_and_it_re
 
 
 class _FlakyJournal:
-    """A journal whose store fails every call until ``works`` (the SAF worker's view of it)."""
+    """A journal whose store fails every call until ``works`` (the reversal sender's view of it)."""
 
     def __init__(self) -> None:
         self.store = SimpleNamespace(saf_stats="saf_stats", next_due="next_due", due_saf="due_saf")
@@ -147,7 +147,7 @@ async def test_a_store_that_fails_every_call_does_not_stop_the_saf_worker_which_
     journal = _FlakyJournal()
     reversals = DurableReversals(SimpleNamespace(metrics=metrics, upstreams={}), journal)
     upstream = SimpleNamespace(cfg=UpstreamConfig(name="cmi", hosts=["127.0.0.1:1"]), ready=False)
-    worker = SafWorker(reversals, upstream)
+    worker = ReversalSender(reversals, upstream)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.run)
         await trio.sleep(60)
@@ -282,8 +282,8 @@ async def test_a_recovery_the_store_could_not_read_at_start_is_done_by_the_saf_w
     assert "recovery" in journal.failed
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
-        nursery.start_soon(SafWorker(reversals, upstream).run)
-        await trio.sleep(0.3)  # the SAF worker's rounds fail meanwhile, and it carries on
+        nursery.start_soon(ReversalSender(reversals, upstream).run)
+        await trio.sleep(0.3)  # the reversal sender's rounds fail meanwhile, and it carries on
         assert saf_rows(path) == [] and reversals.recovery_owed
         monkeypatch.setattr(type(journal.store), "in_doubt", real)
         await wait_for(lambda: len(saf_rows(path)) == 1, 10, "the reversal the recovery owed")

@@ -154,7 +154,7 @@ def id_at(t: float) -> int:
 
 @dataclass(slots=True)
 class SafItem:
-    """A reversal owed to a switch, as the SAF worker sees it."""
+    """A reversal owed to a switch, as the reversal sender sees it."""
 
     id: int
     txn_id: int | None
@@ -438,7 +438,7 @@ class SQLiteStore:
     def saf_stats(self, conn: sqlite3.Connection, upstream: str) -> tuple[int, float | None, float | None, int]:
         """(waiting, created time of the oldest waiting, earliest next attempt, parked) for one upstream.
 
-        Counting reads every waiting row: the SAF worker does it for its gauges every
+        Counting reads every waiting row: the reversal sender does it for its gauges every
         STATS_EVERY seconds, and looks up only ``next_due`` in between."""
         waiting, oldest = conn.execute(
             "SELECT COUNT(*), MIN(created) FROM saf WHERE upstream=? AND worker=? AND state IN (?, ?)",

@@ -1,5 +1,5 @@
 """The network shell: the poller, front-end connections, upstream links, frame writers and the
 HTTP endpoint. It moves bytes and waits; what a message means is decided by the core and the
 application above it, which this package reaches only through Protocols of its own
-(``frontend.FrontHandler``, ``links.LinkListener``), never by importing it.
+(``frontend.FrontHandler``, ``links.LinkHost``), never by importing it.
 """
