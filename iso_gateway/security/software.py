@@ -43,6 +43,7 @@ from .module import (
     parse_sealed,
     seal_header,
 )
+from .pan import PanVault
 
 KEK_ENV: Final = "ISO_GATEWAY_KEK"
 KEYFILE_MAGIC: Final = b"iso-gateway keys 1\n"
@@ -162,6 +163,7 @@ class SoftwareSecurityModule:
         self._data: dict[str, SecretKey] = {}
         self._data_aead: dict[str, AESGCM] = {}
         self._current = ""
+        self._lookup = ""  # the data key whose derived key hashes PANs for lookups: the first, for good
         if not self._path.exists():
             if not create:
                 raise SecurityModuleError(f"{self._path}: no key file")
@@ -193,6 +195,7 @@ class SoftwareSecurityModule:
                     for label, k in doc["keys"].items()}
             data = {check_key_id(kid): bytes.fromhex(v) for kid, v in doc["data"]["keys"].items()}
             current = doc["data"]["current"]
+            lookup = doc["data"].get("lookup") or current
         except (KeyError, TypeError, ValueError) as exc:
             raise SecurityModuleError(f"{where}: malformed key file ({type(exc).__name__})") from None
         with self._lock:
@@ -204,7 +207,9 @@ class SoftwareSecurityModule:
                 self._add_data_key(kid, value)
             if current not in self._data:
                 raise SecurityModuleError(f"{where}: the current data key {current!r} is not in the file")
-            self._current = current
+            if lookup not in self._data:
+                raise SecurityModuleError(f"{where}: the lookup data key {lookup!r} is not in the file")
+            self._current, self._lookup = current, lookup
 
     def _save(self) -> None:
         doc = {
@@ -212,7 +217,7 @@ class SoftwareSecurityModule:
             "keys": {label: {"usage": str(k.usage), "type": str(k.key_type),
                              "algorithm": str(k.algorithm) if k.algorithm else None, "value": k.reveal().hex()}
                      for label, k in self._keys.items()},
-            "data": {"current": self._current, "keys": {kid: k.reveal().hex() for kid, k in self._data.items()}},
+            "data": {"current": self._current, "lookup": self._lookup, "keys": {kid: k.reveal().hex() for kid, k in self._data.items()}},
         }
         _write_atomically(self._path, self._kek.seal(json.dumps(doc, sort_keys=True).encode()))
 
@@ -230,6 +235,8 @@ class SoftwareSecurityModule:
         self._data_aead[key_id] = AESGCM(value)
         if not self._current:
             self._current = key_id
+        if not self._lookup:
+            self._lookup = key_id
         return key
 
     def _key(self, label: str, usage: KeyUsage) -> SecretKey:
@@ -336,10 +343,15 @@ class SoftwareSecurityModule:
             self._save()
             return kcv_hex(key.kcv)
 
-    def data_keys(self) -> dict[str, bytes]:
-        """Every data key by id (for PanVault: the journal's seals run in process). Software module only."""
+    def pan_vault(self) -> PanVault:
+        """A PanVault over this module's data keys, for the journal (whose seals run in process and in
+        its indexer child): the current key seals, every key opens, the first key hashes PANs for
+        lookups so that they stay comparable across rotations. Software module only: a token's
+        data keys never leave it."""
         with self._lock:
-            return {kid: k.reveal() for kid, k in self._data.items()}
+            current = self._data[self._current].reveal()
+            retired = {kid: k.reveal() for kid, k in self._data.items() if kid != self._current}
+            return PanVault(current, key_id=self._current, retired=retired, lookup_key_id=self._lookup)
 
     def close(self) -> None:
         with self._lock:
