@@ -52,3 +52,12 @@ def make_token(directory: Path, label: str = "iso-gateway-test") -> Token:
     library = find_softhsm2()
     assert library is not None
     return Token(library, label, PIN, conf)
+
+
+def wipe(token: Token) -> None:
+    """Destroy every object on the token, so that each test starts from an empty one."""
+    import pkcs11
+
+    with pkcs11.lib(token.library).get_token(token_label=token.label).open(rw=True, user_pin=token.pin) as session:
+        for obj in list(session.get_objects()):
+            obj.destroy()
