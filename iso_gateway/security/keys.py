@@ -61,14 +61,14 @@ class SecretKey:
 
     __slots__ = ("_value", "algorithm", "kcv", "key_type", "usage")
 
-    def __init__(self, value: bytes, *, usage: KeyUsage, key_type: KeyType,
-                 algorithm: MacAlgorithm | None = None) -> None:
-        check_length(key_type, usage, algorithm, len(value))
+    def __init__(self, value: bytes, *, usage: KeyUsage | str, key_type: KeyType | str,
+                 algorithm: MacAlgorithm | str | None = None) -> None:
+        self.usage = KeyUsage(usage)
+        self.key_type = KeyType(key_type)
+        self.algorithm = MacAlgorithm(algorithm) if algorithm else None
+        check_length(self.key_type, self.usage, self.algorithm, len(value))
         self._value = bytes(value)
-        self.usage = usage
-        self.key_type = key_type
-        self.algorithm = algorithm
-        self.kcv = check_value_of(key_type, self._value)
+        self.kcv = check_value_of(self.key_type, self._value)
 
     def reveal(self) -> bytes:
         """The key bytes, for the code that computes with them or writes the wrapped key file."""

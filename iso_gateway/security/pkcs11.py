@@ -115,6 +115,7 @@ class Pkcs11SecurityModule:
             raise KekUnavailable(f"PKCS#11 token {token_label!r}: the PIN was refused") from None
         except PKCS11Error as exc:
             raise KekUnavailable(f"PKCS#11 token {token_label!r}: no session ({type(exc).__name__})") from None
+        self._closed = False
         self._data: dict[str, Any] = {}
         self._current = ""
         self._generation = 0
@@ -375,9 +376,12 @@ class Pkcs11SecurityModule:
             return kcv_hex(self._kcv(key, IgKeyType.AES))
 
     def close(self) -> None:
+        """Release the session (and with the last one the login). Closing twice is harmless."""
         with self._lock:
-            self._data = {}
-            self._session.close()
+            self._data, self._current = {}, ""
+            if not self._closed:
+                self._closed = True
+                self._session.close()
 
     def __repr__(self) -> str:
         return f"<Pkcs11SecurityModule token={self._token_label!r} data_key={self._current!r}>"
