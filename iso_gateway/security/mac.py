@@ -78,7 +78,8 @@ def _check_tdes_key(key: bytes, lengths: tuple[int, ...]) -> None:
 class RetailMacKey:
     """A double-length TDES key ready to compute ISO/IEC 9797-1 MAC algorithm 3 (X9.19 retail MAC).
 
-    Keeps its cipher contexts, so that a MAC per message costs the cipher work and little else."""
+    Keeps its cipher contexts, so that a MAC per message costs the cipher work and little else; so
+    one object serves one thread at a time (the security modules hold a lock around it)."""
 
     __slots__ = ("_chain", "_final", "_kcv", "padding")
 
@@ -90,8 +91,12 @@ class RetailMacKey:
         self.padding = padding
         # Single DES under K1 is TDES with K1 in all three places (EDE collapses to E).
         self._chain = Cipher(TripleDES(k1 * 3), modes.CBC(bytes(DES_BLOCK)))
-        # The output transformation: decrypt the last chaining value under K2, encrypt it under K1.
-        self._final = (Cipher(TripleDES(k2 * 3), modes.ECB()), Cipher(TripleDES(k1 * 3), modes.ECB()))
+        # The output transformation: decrypt the last chaining value under K2, encrypt it under K1. ECB
+        # contexts carry nothing from one block to the next, so these two live as long as the key.
+        # (DES runs as TDES with a repeated key: three times the cipher work of single DES, which
+        # OpenSSL 3 keeps in its legacy provider.)
+        self._final = (Cipher(TripleDES(k2 * 3), modes.ECB()).decryptor(),
+                       Cipher(TripleDES(k1 * 3), modes.ECB()).encryptor())
         self._kcv = _tdes_ecb(bytes(key) + bytes(key[:8])).encryptor().update(bytes(DES_BLOCK))[:KCV_LENGTH]
 
     def mac(self, data: bytes) -> bytes:
@@ -99,7 +104,7 @@ class RetailMacKey:
         padded = pad_method1(data) if self.padding == 1 else pad_method2(data)
         chained = self._chain.encryptor().update(padded)[-DES_BLOCK:]
         dec, enc = self._final
-        return enc.encryptor().update(dec.decryptor().update(chained))
+        return enc.update(dec.update(chained))
 
     def check_value(self) -> bytes:
         return self._kcv

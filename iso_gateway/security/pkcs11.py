@@ -116,6 +116,7 @@ class Pkcs11SecurityModule:
         except PKCS11Error as exc:
             raise KekUnavailable(f"PKCS#11 token {token_label!r}: no session ({type(exc).__name__})") from None
         self._closed = False
+        self._macs: dict[str, tuple[MacAlgorithm, Any, Any]] = {}
         self._data: dict[str, Any] = {}
         self._current = ""
         self._generation = 0
@@ -156,6 +157,7 @@ class Pkcs11SecurityModule:
     def _replace(self, label: str, objs: list[tuple[dict[Attribute, Any], Any]]) -> None:
         """Make session objects ``objs`` (with their final attributes) token objects, replacing any key
         of that label (and its helper): the new ones exist before the old ones go."""
+        self._macs.pop(label, None)
         old = self._find(label) + self._find(label + K1_SUFFIX)
         for attrs, obj in objs:
             obj.copy({**attrs, Attribute.TOKEN: True})
@@ -220,26 +222,47 @@ class Pkcs11SecurityModule:
 
     # -- SecurityModule ------------------------------------------------------------------------
 
-    def mac(self, label: str, data: bytes, *, padding: int = 1) -> bytes:
-        with self._lock:
+    def _mac_objects(self, label: str) -> tuple[MacAlgorithm, Any, Any]:
+        """The MAC key's algorithm and objects (K1 || K2 and K1 || K1 for retail), found once and kept
+        until this module replaces the key; a search per message would cost more than the MAC."""
+        found = self._macs.get(label)
+        if found is None:
             for obj in self._find(label):
                 id_ = obj[Attribute.ID]
                 if id_ == _mac_id(MacAlgorithm.AES_CMAC):
-                    return bytes(obj.sign(data, mechanism=Mechanism.AES_CMAC))
-                if id_ == _mac_id(MacAlgorithm.RETAIL):
-                    return self._retail(label, obj, data, padding)
-            raise UnknownKey(f"no mac key labelled {label!r}")
+                    found = (MacAlgorithm.AES_CMAC, obj, None)
+                elif id_ == _mac_id(MacAlgorithm.RETAIL):
+                    found = (MacAlgorithm.RETAIL, obj, self._one(label + K1_SUFFIX, (ID_K1,), "retail MAC key half"))
+            if found is None:
+                raise UnknownKey(f"no mac key labelled {label!r}")
+            self._macs[label] = found
+        return found
 
-    def _retail(self, label: str, k1k2: Any, data: bytes, padding: int) -> bytes:
+    def mac(self, label: str, data: bytes, *, padding: int = 1) -> bytes:
         if padding not in (1, 2):
             raise SecurityModuleError(f"padding method must be 1 or 2, got {padding!r}")
+        with self._lock:
+            try:
+                return self._mac_with(self._mac_objects(label), data, padding)
+            except PKCS11Error:
+                # Another process may have replaced the key (its objects are gone): find it again, once.
+                self._macs.pop(label, None)
+                try:
+                    return self._mac_with(self._mac_objects(label), data, padding)
+                except PKCS11Error as exc:
+                    raise SecurityModuleError(f"MAC under {label!r} failed ({type(exc).__name__})") from None
+
+    @staticmethod
+    def _mac_with(objects: tuple[MacAlgorithm, Any, Any], data: bytes, padding: int) -> bytes:
+        algorithm, key, k1 = objects
+        if algorithm is MacAlgorithm.AES_CMAC:
+            return bytes(key.sign(data, mechanism=Mechanism.AES_CMAC))
         padded = pad_method1(data) if padding == 1 else pad_method2(data)
         chain = bytes(8)
         if len(padded) > 8:
-            k1 = self._one(label + K1_SUFFIX, (ID_K1,), "retail MAC key half")
             chain = bytes(k1.encrypt(padded[:-8], mechanism=Mechanism.DES3_CBC, mechanism_param=bytes(8)))[-8:]
         last = bytes(a ^ b for a, b in zip(padded[-8:], chain, strict=True))
-        return bytes(k1k2.encrypt(last, mechanism=Mechanism.DES3_ECB))
+        return bytes(key.encrypt(last, mechanism=Mechanism.DES3_ECB))
 
     def verify_mac(self, label: str, data: bytes, received: bytes, *, padding: int = 1) -> bool:
         return mac_matches(self.mac(label, data, padding=padding), received)
@@ -378,7 +401,7 @@ class Pkcs11SecurityModule:
     def close(self) -> None:
         """Release the session (and with the last one the login). Closing twice is harmless."""
         with self._lock:
-            self._data, self._current = {}, ""
+            self._data, self._current, self._macs = {}, "", {}
             if not self._closed:
                 self._closed = True
                 self._session.close()

@@ -160,6 +160,7 @@ class SoftwareSecurityModule:
         self._lock = threading.RLock()
         self._keys: dict[str, SecretKey] = {}
         self._mac: dict[str, RetailMacKey | CmacKey] = {}
+        self._mac_pad2: dict[str, RetailMacKey] = {}  # retail keys asked for with the other padding method
         self._data: dict[str, SecretKey] = {}
         self._data_aead: dict[str, AESGCM] = {}
         self._current = ""
@@ -199,7 +200,7 @@ class SoftwareSecurityModule:
         except (KeyError, TypeError, ValueError) as exc:
             raise SecurityModuleError(f"{where}: malformed key file ({type(exc).__name__})") from None
         with self._lock:
-            self._keys, self._mac = {}, {}
+            self._keys, self._mac, self._mac_pad2 = {}, {}, {}
             for label, key in keys.items():
                 self._set_key(label, key)
             self._data, self._data_aead = {}, {}
@@ -226,6 +227,7 @@ class SoftwareSecurityModule:
     def _set_key(self, label: str, key: SecretKey) -> None:
         self._keys[label] = key
         self._mac.pop(label, None)
+        self._mac_pad2.pop(label, None)
         if key.usage is KeyUsage.MAC:
             self._mac[label] = RetailMacKey(key.reveal()) if key.algorithm is MacAlgorithm.RETAIL else CmacKey(key.reveal())
 
@@ -250,7 +252,10 @@ class SoftwareSecurityModule:
         if key is None:
             raise UnknownKey(f"no mac key labelled {label!r}")
         if isinstance(key, RetailMacKey) and key.padding != padding:
-            key = RetailMacKey(self._keys[label].reveal(), padding=padding)
+            other = self._mac_pad2.get(label)
+            if other is None or other.padding != padding:
+                other = self._mac_pad2[label] = RetailMacKey(self._keys[label].reveal(), padding=padding)
+            return other
         return key
 
     def import_key(self, label: str, value: bytes, *, usage: KeyUsage | str,
@@ -355,7 +360,7 @@ class SoftwareSecurityModule:
 
     def close(self) -> None:
         with self._lock:
-            self._keys, self._mac, self._data, self._data_aead = {}, {}, {}, {}
+            self._keys, self._mac, self._mac_pad2, self._data, self._data_aead = {}, {}, {}, {}, {}
 
     def __repr__(self) -> str:
         return f"<SoftwareSecurityModule {self._path} kek={self._kek!r} keys={len(self._keys)} data_key={self._current!r}>"
