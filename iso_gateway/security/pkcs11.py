@@ -175,6 +175,7 @@ class Pkcs11SecurityModule:
 
     def _create_mac_objects(self, value: bytes, algorithm: MacAlgorithm) -> list[tuple[dict[Attribute, Any], Any]]:
         """Session objects for a MAC key given in clear, with the attributes their token copies get."""
+        check_length(key_type_for(KeyUsage.MAC, algorithm, None), KeyUsage.MAC, algorithm, len(value))
         if algorithm is MacAlgorithm.RETAIL:
             base = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.DES2,
                     Attribute.ENCRYPT: True, **_SESSION}
