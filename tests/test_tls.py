@@ -631,6 +631,7 @@ def test_any_chunking_of_a_tls_stream_gives_the_same_plaintext(
     assert client.state is ESTABLISHED and server.state is ESTABLISHED
     assert got_server == b"".join(to_server)
     assert got_client == b"".join(to_client)
+    assert not client.partial and not server.partial
     # and an orderly close, in chunks too
     closing = client.close()
     for i in range(0, len(closing), 3):
@@ -756,3 +757,26 @@ def test_peer_identity_reads_cn_and_sans(pki: Pki) -> None:
     assert server.names() == ("switch.test", "switch.test", "127.0.0.1")
     assert server.sha256 == pki.server.sha256
     assert server.issuer.endswith("CN=Test Root CA") or "CN=Test Root CA" in server.issuer
+
+
+def test_a_session_keeps_at_most_one_partial_record_and_nothing_once_failed(pki: Pki) -> None:
+    server_ep = listener_endpoint(listener_settings(pki, client_certs="none"))
+    client_ep = upstream_endpoint(upstream_settings(pki))
+    client, server = client_ep.new_session(), server_ep.new_session()
+    _run_pair(client, server, lambda: 1 << 20, lambda: 1 << 20, [], [])
+    record = client.send(b"z" * 1000)
+    assert not server.partial
+    assert server.receive_data(record[:10]) == b"" and server.partial  # a record under way
+    assert server.receive_data(record[10:]) == b"z" * 1000 and not server.partial
+    for cut in range(1, 60):  # a read that ends anywhere: in a header, in a body, between two records
+        first, second = client.send(b"y" * 10), client.send(b"x" * 20)
+        two = first + second
+        got = server.receive_data(two[:cut])
+        assert server.partial == (cut != len(first))
+        assert got + server.receive_data(two[cut:]) == b"y" * 10 + b"x" * 20
+        assert not server.partial
+    server.receive_data(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # not a record of this session: broken
+    assert server.state is FAILED and server.reason == "protocol"
+    for _ in range(100):
+        server.receive_data(b"\x00" * 65536)
+    assert server.partial == 0  # a failed session keeps nothing of what keeps coming

@@ -482,7 +482,7 @@ class TlsSession:
     """
 
     __slots__ = ("endpoint", "state", "established", "reason", "detail", "peer", "read_size", "_in", "_out",
-                 "_obj", "_held", "_read", "_write", "_out_read", "__weakref__")
+                 "_obj", "_held", "_read", "_write", "_out_read", "_rec_left", "_rec_head", "__weakref__")
 
     def __init__(self, endpoint: TlsEndpoint, read_size: int = 65536) -> None:
         self.endpoint = endpoint
@@ -497,6 +497,10 @@ class TlsSession:
         self._obj = endpoint.context.wrap_bio(self._in, self._out, server_side=endpoint.server_side,
                                               server_hostname=None if endpoint.server_side else endpoint.server_name)
         self._held: list[bytes] = []
+        # Where the peer's records end, followed on the bytes fed (``partial``): bytes of the current
+        # record still to come, and the start of a record header cut by a read.
+        self._rec_left = 0
+        self._rec_head = b""
         self._read = self._obj.read
         self._write = self._obj.write
         self._out_read = self._out.read
@@ -513,6 +517,12 @@ class TlsSession:
     @property
     def handshaking(self) -> bool:
         return self.state is HANDSHAKING
+
+    @property
+    def partial(self) -> bool:
+        """A record of the peer's has begun and not ended: to the caller, a partial frame (its
+        deadline runs from the record's first byte; the framing sees nothing of it until it ends)."""
+        return self._rec_left > 0 or bool(self._rec_head)
 
     def data_to_send(self) -> bytes:
         """Every byte the session wants written now (b"" if none)."""
@@ -538,11 +548,19 @@ class TlsSession:
         """Ciphertext read from the socket in; the plaintext it completes out (b"" if none yet).
 
         May leave bytes to write (the handshake's answer, an alert): check ``wants_write``."""
-        if data:
+        if self.established:
             self._in.write(data)
-        if not self.established:
+            left = self._rec_left
+            if left >= len(data):
+                self._rec_left = left - len(data)  # inside one record
+            else:
+                self._track(data)
+        else:
             if self.state is not HANDSHAKING:
-                return b""  # failed or closed: what the peer sends now is ignored
+                return b""  # failed or closed: what the peer sends now is ignored, not kept
+            if data:
+                self._in.write(data)
+                self._track(data)
             self._handshake()
             if not self.established:
                 return b""
@@ -562,6 +580,23 @@ class TlsSession:
         if not self._in.pending and not self._obj.pending():
             return out  # the common case: one read took everything
         return self._read_more(out)
+
+    def _track(self, data: bytes) -> None:
+        """Follow the record headers (5 bytes, the length in the last two) over ``data``."""
+        if self._rec_head:
+            data = self._rec_head + data
+            self._rec_head = b""
+            pos = 0
+        else:
+            pos = self._rec_left
+        end = len(data)
+        while pos + 5 <= end:
+            pos += 5 + ((data[pos + 3] << 8) | data[pos + 4])
+        if pos < end:
+            self._rec_head = data[pos:]
+            self._rec_left = 0
+        else:
+            self._rec_left = pos - end
 
     def _read_more(self, first: bytes) -> bytes:
         chunks = [first]
