@@ -626,7 +626,8 @@ def test_any_chunking_of_a_tls_stream_gives_the_same_plaintext(
     c2s = data.draw(st.lists(sizes, min_size=1, max_size=20), label="client to server chunks")
     s2c = data.draw(st.lists(sizes, min_size=1, max_size=20), label="server to client chunks")
     ci, si = iter(c2s * 100_000), iter(s2c * 100_000)
-    client, server = client_ep.new_session(), server_ep.new_session()
+    read_size = data.draw(st.sampled_from([65536, 16384, 1000, 7]), label="read size")
+    client, server = client_ep.new_session(read_size), server_ep.new_session(read_size)
     got_server, got_client = _run_pair(client, server, lambda: next(ci), lambda: next(si), to_server, to_client)
     assert client.state is ESTABLISHED and server.state is ESTABLISHED
     assert got_server == b"".join(to_server)

@@ -551,8 +551,15 @@ class TlsSession:
         if self.established:
             self._in.write(data)
             left = self._rec_left
-            if left >= len(data):
-                self._rec_left = left - len(data)  # inside one record
+            size = len(data)
+            if left >= size:
+                self._rec_left = left - size  # all of it inside the record under way
+            elif left + 5 <= size and not self._rec_head:
+                end = left + 5 + ((data[left + 3] << 8) | data[left + 4])
+                if end >= size:
+                    self._rec_left = end - size  # the common case: the read ends in (or with) the next record
+                else:
+                    self._track(data)
             else:
                 self._track(data)
         else:
@@ -577,8 +584,8 @@ class TlsSession:
         if not out:
             self._peer_closed()
             return b""
-        if not self._in.pending and not self._obj.pending():
-            return out  # the common case: one read took everything
+        if not self._in.pending and len(out) < self.read_size:
+            return out  # the common case: one read took everything (nothing fed is left, no record was cut)
         return self._read_more(out)
 
     def _track(self, data: bytes) -> None:
