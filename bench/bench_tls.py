@@ -17,7 +17,8 @@ SIZE bytes, the server side reads it and sends it back, the client reads the ans
 - ``ratio``: tls socket / plain socket, for this one leg's I/O (a transaction's CPU also holds the
   gateway's own work, which TLS does not change: see the note printed at the end).
 
-Then the cost of a full handshake (one new connection), in memory.
+Then the same per frame when frames leave in batches (the writer joins what a poller round queued:
+one record, one system call, for k frames), and the cost of a full handshake (one new connection).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from iso_gateway.net.tls import (
 )
 
 SIZES = (200, 1024, 4096)
+BATCHES = (1, 4, 16, 64)  # frames per send: 64 in flight on one link come out in batches
 
 
 # ------------------------------------------------------------------------------------------------ certificates
@@ -204,6 +206,24 @@ def main() -> None:
                 name = f"TLS {version} {client.cipher}"
                 print(f"{name:<40} {size:>5} {t_engine:>8.2f} {t_floor:>10.2f} {t_plain:>13.2f} {t_tls:>11.2f} "
                       f"{t_tls / t_plain:>6.2f}")
+
+        print("\nµs per 200-byte frame when the writer sends k frames at once (one TLS record carries them all)")
+        server_ep, client_ep = endpoints(ec_dir, mutual=True)
+        print(f"{'k':>4} {'engine per frame':>17} {'tls socket per frame':>21} {'plain socket per frame':>23}")
+        for k in BATCHES:
+            msg = bytes(range(200)) * k
+            client, server = handshake(server_ep, client_ep)
+            engine = engine_round_trip(client, server, msg)
+            check(engine, msg)
+            a, b = socket.socketpair()
+            with a, b:
+                plain = plain_socket_round_trip(a, b, msg)
+                tls = tls_socket_round_trip(a, b, client, server, msg)
+                check(plain, msg)
+                check(tls, msg)
+                number = max(args.number // k, 100)
+                print(f"{k:>4} {best(engine, number) / k:>17.2f} {best(tls, number) / k:>21.2f} "
+                      f"{best(plain, number) / k:>23.2f}")
 
         print("\nms per full handshake in memory (both sides' CPU: one new connection)")
         for kind, directory in (("ECDSA P-256", ec_dir), ("RSA 2048", rsa_dir)):

@@ -85,7 +85,7 @@ REASONS = frozenset({
     PROTOCOL_VERSION, NO_SHARED_CIPHER, GARBAGE, PROTOCOL, TIMEOUT, EOF, TRUNCATED, INTERNAL,
 })
 
-# X509_V_ERR_* codes (OpenSSL's x509_vfy.h) by the reason they are counted as.
+# OpenSSL's certificate verification error codes (X509_V_ERR_*) by the reason they are counted as.
 _VERIFY_CODES = {
     9: NOT_YET_VALID,  # CERT_NOT_YET_VALID
     10: EXPIRED,  # CERT_HAS_EXPIRED
@@ -341,7 +341,7 @@ class PeerIdentity:
     """What a peer's certificate says it is, as plain strings (a front end's identity is mapped to
     the acquirer, merchant and terminal ids it may use from these)."""
 
-    subject: str  # RFC 4514, e.g. "CN=front-1,O=Acquirer"
+    subject: str  # the distinguished name as one string, e.g. "CN=front-1,O=Acquirer"
     common_name: str | None
     dns_names: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
@@ -581,6 +581,9 @@ class TlsSession:
         except ssl.SSLError as exc:
             self._fail(classify_error(exc, hello_seen=True), exc)
             return b""
+        except Exception as exc:  # noqa: BLE001 - no call raises for what the peer sent: a reason instead
+            self._fail(INTERNAL, exc)
+            return b""
         if not out:
             self._peer_closed()
             return b""
@@ -647,13 +650,15 @@ class TlsSession:
         often b""); once the session failed or closed it is dropped."""
         if self.established:
             if data:
-                write = self._write
-                view = None
-                while True:
-                    n = write(data if view is None else view)
-                    if n >= len(data if view is None else view):
-                        break
-                    view = memoryview(data)[n:] if view is None else view[n:]
+                try:
+                    n = self._write(data)
+                    if n < len(data):  # not with a memory BIO (it grows), but never lose the rest
+                        view = memoryview(data)
+                        while n < len(view):
+                            view = view[n:]
+                            n = self._write(view)
+                except ssl.SSLError as exc:
+                    self._fail(classify_error(exc, hello_seen=True), exc)
             return self._out_read()
         if self.state is HANDSHAKING and data:
             self._held.append(data)
@@ -672,7 +677,9 @@ class TlsSession:
             self.state = CLOSED
             self.established = False
         elif self.state is HANDSHAKING:
-            self._fail(EOF, None, "closed by us during the handshake")
+            # Ended by the caller (shutdown, eviction): not a handshake failure, no reason to count.
+            self.state = CLOSED
+            self._held = []
         return self._out_read()
 
     # ------------------------------------------------------------------ inside
