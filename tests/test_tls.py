@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, cast
 
 import pytest
 import trio
@@ -31,6 +31,8 @@ from iso_gateway.net.tls import (
     TlsSession, TlsUpstreamSettings, certificate_expiry, listener_endpoint, parse_pin, peer_identity,
     upstream_endpoint,
 )
+from iso_gateway.net.sockio import SocketIO
+from iso_gateway.net.writer import FrameWriter
 from pki import NOW, Authority, Issued, Pki, make_pki
 
 OPENSSL = shutil.which("openssl")
@@ -70,10 +72,18 @@ def upstream_settings(pki: Pki, *, client: Issued | None = None, **kw: Any) -> T
 # ------------------------------------------------------------------------------------------------ harness
 
 
+class ByteStream(Protocol):
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
 class EngineConn:
     """The engine on a socket: what a poller and a writer would do, one read at a time."""
 
-    def __init__(self, stream: trio.SocketStream, session: TlsSession) -> None:
+    def __init__(self, stream: ByteStream, session: TlsSession) -> None:
         self.stream = stream
         self.session = session
         self.plain = bytearray()
@@ -781,3 +791,109 @@ def test_a_session_keeps_at_most_one_partial_record_and_nothing_once_failed(pki:
     for _ in range(100):
         server.receive_data(b"\x00" * 65536)
     assert server.partial == 0  # a failed session keeps nothing of what keeps coming
+
+
+# ------------------------------------------------------------------------------------------------ with the writer
+
+
+class TlsWriterStream:
+    """What a FrameWriter can write through unchanged (``send_nowait`` and ``send_all``, as SocketIO
+    has them), with the engine between the writer and the socket: a sketch of the wiring, tested.
+
+    The writer offers plaintext; the session turns all of it into ciphertext at once. What the
+    kernel does not take is carried, and sent before anything newer is encrypted. The writer
+    must come back for it, so while ciphertext is carried the last byte offered is reported
+    unsent although it was encrypted (``ahead``): the writer offers the unsent rest again first,
+    and that byte is then skipped."""
+
+    def __init__(self, sock: socket.socket, session: TlsSession) -> None:
+        self.sock = sock
+        self.session = session
+        self._carry = b""
+        self._ahead = 0
+        self.partial_sends = 0
+
+    def _push(self) -> bool:
+        """Write carried ciphertext; True when none is left."""
+        while self._carry:
+            try:
+                n = self.sock.send(self._carry)
+            except BlockingIOError:
+                return False
+            self._carry = self._carry[n:]
+        return True
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        if not self._push():
+            return 0
+        skip, self._ahead = min(self._ahead, len(data)), 0
+        if len(data) > skip:
+            self._carry = self.session.send(bytes(data[skip:]))
+            if not self._push():
+                self.partial_sends += 1
+                self._ahead = 1
+                return len(data) - 1
+        return len(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        done = self.send_nowait(view)
+        while done < len(view) or self._carry:
+            await trio.lowlevel.wait_writable(self.sock)
+            done += self.send_nowait(view[done:])
+
+
+def slow_reader(port: int, ctx: ssl.SSLContext, total: int) -> bytes:
+    """A Python ssl client with a small receive buffer that reads until ``total`` bytes came."""
+    with socket.socket() as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(LIMIT)
+        raw.connect(("127.0.0.1", port))
+        with ctx.wrap_socket(raw, server_hostname="switch.test") as tls:
+            got = bytearray()
+            while len(got) < total:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            return bytes(got)
+
+
+async def test_the_frame_writer_sends_through_the_engine_in_order_across_partial_sends(pki: Pki) -> None:
+    """The writer (net/writer.py, unchanged) over the engine: 2 MB of frames through a socket whose
+    buffers are far smaller, so most sends are partial; the peer reads every byte in order."""
+    endpoint = listener_endpoint(listener_settings(pki, client_certs="none"))
+    frames = [bytes([i % 251]) * (500 + i % 700) for i in range(3000)]
+    total = sum(map(len, frames))
+    with trio.fail_after(LIMIT):
+        listener, port = await open_listener()
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                got.append(await trio.to_thread.run_sync(slow_reader, port, client_context(pki), total))
+
+            nursery.start_soon(reader)
+            stream = SocketIO.adopt(await listener.accept())
+            stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            conn = EngineConn(stream, endpoint.new_session())
+            await conn.handshake()
+            assert conn.session.state is ESTABLISHED
+            adapter = TlsWriterStream(stream.sock, conn.session)
+            writer = FrameWriter(cast(Any, adapter), send_timeout=LIMIT)
+            writer.background = nursery
+            for i, frame in enumerate(frames):
+                if i % 3 == 0:
+                    await writer.send(frame)  # flush(): send_nowait, then send_all for the rest
+                else:
+                    writer.enqueue(frame)  # a poller round: flush_soon, the rest in the background
+                    if i % 3 == 2 and not writer.flush_soon():
+                        await writer.flush()
+            while not writer.idle:
+                await writer.flush()
+                await trio.lowlevel.wait_writable(stream.sock)
+            assert writer.broken is None
+        assert got == [b"".join(frames)]
+        assert adapter.partial_sends > 10  # the carried-ciphertext path was taken, many times
+        stream.close()
+        listener.socket.close()
