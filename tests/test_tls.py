@@ -767,6 +767,7 @@ def test_peer_identity_reads_cn_and_sans(pki: Pki) -> None:
     assert server.dns_names == ("switch.test",) and server.ip_addresses == ("127.0.0.1",)
     assert server.names() == ("switch.test", "switch.test", "127.0.0.1")
     assert server.sha256 == pki.server.sha256
+    assert server.not_after == pki.server.cert.not_valid_after_utc
     assert server.issuer.endswith("CN=Test Root CA") or "CN=Test Root CA" in server.issuer
 
 

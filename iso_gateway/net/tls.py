@@ -350,6 +350,7 @@ class PeerIdentity:
     issuer: str = ""
     serial: str = ""  # hex
     sha256: str = ""  # hex fingerprint of the DER certificate, as pin_sha256 takes it
+    not_after: dt.datetime | None = None  # UTC: a pinned switch certificate's expiry is known only from here
 
     def names(self) -> tuple[str, ...]:
         """Every name it carries: the CN first, then the SANs."""
@@ -382,6 +383,7 @@ def peer_identity(der: bytes) -> PeerIdentity:
         issuer=cert.issuer.rfc4514_string(),
         serial=format(cert.serial_number, "x"),
         sha256=hashlib.sha256(der).hexdigest(),
+        not_after=cert.not_valid_after_utc,
     )
 
 
