@@ -665,6 +665,27 @@ def test_whatever_bytes_arrive_first_the_engine_raises_nothing_and_names_a_reaso
         server.reason.startswith("alert_")
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_client_hello_with_bytes_changed_never_raises(
+        memory_endpoints: tuple[TlsEndpoint, TlsEndpoint], data: st.DataObject) -> None:
+    """Deeper than noise: a genuine ClientHello with a few bytes changed, cut short or run on, reaches
+    the parsers behind the record layer. The server answers or fails with a reason; nothing raises."""
+    server_ep, client_ep = memory_endpoints
+    hello = bytearray(client_ep.new_session().data_to_send())
+    for _ in range(data.draw(st.integers(1, 6), label="changes")):
+        at = data.draw(st.integers(0, len(hello) - 1), label="at")
+        hello[at] = data.draw(st.integers(0, 255), label="byte")
+    cut = data.draw(st.integers(1, len(hello)), label="cut")
+    tail = data.draw(st.binary(max_size=64), label="tail")
+    server = server_ep.new_session()
+    server.receive_data(bytes(hello[:cut]) + tail)
+    server.data_to_send()
+    assert server.state in (HANDSHAKING, FAILED)
+    server.handshake_timed_out()
+    assert server.state is FAILED and server.reason in REASONS
+
+
 def test_plaintext_given_before_the_handshake_is_dropped_if_it_fails(pki: Pki) -> None:
     server = listener_endpoint(listener_settings(pki)).new_session()
     client = upstream_endpoint(upstream_settings(pki)).new_session()  # no client certificate
@@ -925,3 +946,39 @@ async def test_the_frame_writer_sends_through_the_engine_in_order_across_partial
         adapter.close()
         assert session.state is CLOSED
         listener.socket.close()
+
+
+def _handshake_in_memory(server_ep: TlsEndpoint, client_ep: TlsEndpoint) -> tuple[TlsSession, TlsSession]:
+    client, server = client_ep.new_session(), server_ep.new_session()
+    _run_pair(client, server, lambda: 1 << 20, lambda: 1 << 20, [b"probe"], [])
+    return client, server
+
+
+def test_optional_client_certificates_let_in_none_but_refuse_a_bad_one(pki: Pki) -> None:
+    server_ep = listener_endpoint(listener_settings(pki, client_certs="optional"))
+    client, server = _handshake_in_memory(server_ep, upstream_endpoint(upstream_settings(pki)))
+    assert server.state is ESTABLISHED and server.peer is None  # identified by its address, then
+    client, server = _handshake_in_memory(server_ep, upstream_endpoint(upstream_settings(pki, client=pki.client)))
+    assert server.state is ESTABLISHED and server.peer is not None and server.peer.common_name == "front-1"
+    client, server = _handshake_in_memory(server_ep, upstream_endpoint(upstream_settings(pki, client=pki.client_expired)))
+    assert server.state is FAILED and server.reason == "expired"
+
+
+def test_a_switch_named_by_its_ip_address(pki: Pki) -> None:
+    server_ep = listener_endpoint(listener_settings(pki, client_certs="none"))
+    client, _ = _handshake_in_memory(server_ep, upstream_endpoint(upstream_settings(pki, server_name="127.0.0.1")))
+    assert client.state is ESTABLISHED
+    client, _ = _handshake_in_memory(server_ep, upstream_endpoint(upstream_settings(pki, server_name="127.0.0.2")))
+    assert client.state is FAILED and client.reason == "bad_name"
+
+
+def test_a_cipher_string_and_a_version_floor_both_sides_must_meet(pki: Pki) -> None:
+    tls12_only = upstream_endpoint(upstream_settings(pki))
+    tls12_only.context.maximum_version = ssl.TLSVersion.TLSv1_2
+    server_ep = listener_endpoint(listener_settings(pki, client_certs="none", minimum_version="1.3"))
+    client, server = _handshake_in_memory(server_ep, tls12_only)
+    assert server.state is FAILED and server.reason == "protocol_version"
+    assert client.state is FAILED and client.reason == "protocol_version"
+    server_ep = listener_endpoint(listener_settings(pki, client_certs="none", ciphers="ECDHE+CHACHA20"))
+    client, server = _handshake_in_memory(server_ep, tls12_only)
+    assert server.state is ESTABLISHED and server.version == "TLSv1.2" and "CHACHA20" in (server.cipher or "")
