@@ -730,6 +730,8 @@ def test_settings_are_refused_with_the_key_and_the_reason(pki: Pki, tmp_path: Pa
         (lambda: TlsListenerSettings(cert, key, client_ca=(cert,), client_certs="optional", client_names=("a",)),
          "client_names"),
         (lambda: TlsListenerSettings(cert, key, handshake_timeout=0), "handshake_timeout"),
+        (lambda: TlsListenerSettings(cert, key, handshake_timeout=float("inf")), "handshake_timeout"),
+        (lambda: TlsListenerSettings(cert, key, client_ca=("",), client_certs="required"), "client_ca"),
         (lambda: TlsListenerSettings(cert, key, minimum_version="1.1"), "minimum_version"),  # type: ignore[arg-type]
         (lambda: TlsUpstreamSettings(), "ca"),
         (lambda: TlsUpstreamSettings(ca=(cert,)), "server_name"),
@@ -741,6 +743,10 @@ def test_settings_are_refused_with_the_key_and_the_reason(pki: Pki, tmp_path: Pa
         (lambda: listener_endpoint(TlsListenerSettings(cert, key, ciphers="NOTHING-AT-ALL")), "ciphers"),
         (lambda: upstream_endpoint(TlsUpstreamSettings(ca=(key,), server_name="x")), "ca"),
     ]
+    # lists from TOML become tuples; a single file may be written as a string
+    listed = TlsListenerSettings(cert, key, client_ca=[cert], client_certs="required", client_names=["a"])  # type: ignore[arg-type]
+    assert listed.client_ca == (cert,) and listed.client_names == ("a",)
+    assert TlsUpstreamSettings(ca=cert, server_name="x").ca == (cert,)  # type: ignore[arg-type]
     for make, key_name in cases:
         with pytest.raises(TlsConfigError) as info:
             make()

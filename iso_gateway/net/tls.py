@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import math
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,9 +176,22 @@ MinimumVersion = Literal["1.2", "1.3"]
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
+def _files(settings: object, *names: str) -> None:
+    """Lists (from TOML) as tuples, and one file written as a string as a tuple of one."""
+    for name in names:
+        value = getattr(settings, name)
+        if isinstance(value, str):
+            value = (value,)
+        elif not isinstance(value, tuple):
+            value = tuple(value)
+        if not all(isinstance(v, str) and v for v in value):
+            raise TlsConfigError(name, f"must be a list of non-empty strings, not {value!r}")
+        object.__setattr__(settings, name, value)  # frozen: set once, here
+
+
 def _check_common(handshake_timeout: float, minimum_version: str, ciphers: str | None) -> None:
-    if not handshake_timeout > 0:
-        raise TlsConfigError("handshake_timeout", f"must be more than 0 seconds, not {handshake_timeout!r}")
+    if not (handshake_timeout > 0 and math.isfinite(handshake_timeout)):  # everything that waits has a deadline
+        raise TlsConfigError("handshake_timeout", f"must be a number of seconds above 0, not {handshake_timeout!r}")
     if minimum_version not in _VERSIONS:
         raise TlsConfigError("minimum_version", f'must be "1.2" or "1.3", not {minimum_version!r}')
     if ciphers is not None and not ciphers.strip():
@@ -192,7 +206,7 @@ class TlsListenerSettings:
     private key (PEM, unencrypted: file permissions protect it). ``client_ca``: PEM files of the CAs
     that may sign client certificates (needed unless ``client_certs`` is ``"none"``).
     ``client_names``: if not empty, a client certificate must carry one of these as its subject CN
-    or a SAN (DNS, URI, e-mail), or the session fails as ``bad_name``; needs ``client_certs =
+    or a SAN (DNS, URI, e-mail, IP; any case), or the session fails as ``bad_name``; needs ``client_certs =
     "required"``. ``handshake_timeout``: seconds, enforced by the caller. ``ciphers``: an OpenSSL
     cipher string for TLS 1.2 (TLS 1.3 suites stay OpenSSL's); None keeps OpenSSL's defaults.
     """
@@ -207,6 +221,7 @@ class TlsListenerSettings:
     ciphers: str | None = None
 
     def __post_init__(self) -> None:
+        _files(self, "client_ca", "client_names")
         if not self.cert_chain:
             raise TlsConfigError("cert_chain", "is required")
         if not self.key:
@@ -242,6 +257,7 @@ class TlsUpstreamSettings:
     ciphers: str | None = None
 
     def __post_init__(self) -> None:
+        _files(self, "ca")
         if not self.ca and self.pin_sha256 is None:
             raise TlsConfigError("ca", "a CA bundle (ca) or a pinned certificate (pin_sha256) is required")
         if self.pin_sha256 is not None:
