@@ -315,6 +315,28 @@ async def test_a_client_below_tls_1_2_is_refused_as_protocol_version(pki: Pki, t
         listener.socket.close()
 
 
+@needs_openssl
+async def test_a_tls_1_2_client_asking_to_renegotiate_is_refused(pki: Pki, tmp_path: Path) -> None:
+    """Renegotiation is off (it makes a server do handshakes on demand on an established connection):
+    s_client's "R" gets a refusal, the client gives up, and nothing it sends after reaches the framing."""
+    endpoint = listener_endpoint(listener_settings(pki, client_certs="none"))
+    with trio.fail_after(LIMIT):
+        listener, port = await open_listener()
+        args = [a for a in s_client_args(port, pki, None, "-tls1_2") if a != "-quiet"]  # its commands on
+        async with openssl(tmp_path, *args) as proc:
+            conn = await accept_engine(listener, endpoint)
+            assert conn.session.state is ESTABLISHED and conn.session.version == "TLSv1.2"
+            assert proc.stdin is not None
+            await proc.stdin.send_all(b"before\n")
+            await conn.receive_until(lambda: b"before\n" in conn.plain)
+            await proc.stdin.send_all(b"R\nafter\n")
+            await conn.settle()
+            assert conn.session.state is FAILED and (conn.session.reason or "").startswith("alert_")
+            assert bytes(conn.plain) == b"before\n"
+            await conn.stream.aclose()
+        listener.socket.close()
+
+
 async def test_python_ssl_client_with_and_without_a_certificate(pki: Pki) -> None:
     endpoint = listener_endpoint(listener_settings(pki))
     with trio.fail_after(LIMIT):
