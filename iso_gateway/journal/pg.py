@@ -480,7 +480,11 @@ class PgStore:
 
         Rows another transaction is leasing at the same moment are skipped (``FOR UPDATE SKIP
         LOCKED``), not waited for: two nodes asking together get different items, and neither
-        waits for the other. The node's own live leases are renewed and returned again."""
+        waits for the other. The node's own live leases are renewed and returned again.
+
+        Under contention the answer may hold fewer than ``limit`` items, even none, while due
+        items remain (a row another node leased after this statement's snapshot is locked, then
+        dropped when its new lease is seen): never an item twice, and the next call finds the rest."""
         upstream_sql = " AND upstream=%(upstream)s" if upstream is not None else ""
         rows = conn.execute(
             f"UPDATE saf SET leased_by=%(node)s, lease_until=%(until)s WHERE id IN ("
