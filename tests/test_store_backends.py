@@ -429,7 +429,7 @@ def test_migrations_apply_once_and_report_their_status(pg_conninfo: str) -> None
         assert state.up_to_date and state.current == latest
         columns = {r[0] for r in conn.execute(
             "SELECT table_name || '.' || column_name FROM information_schema.columns WHERE table_schema='public'")}
-        assert {"txn.node", "saf.node", "saf.leased_by", "saf.lease_until", "nodes.expires",
+        assert {"txn.node", "saf.node", "saf.leased_by", "saf.lease_until", "nodes.expires", "nodes.slot",
                 "stan_counter.next"} <= columns
 
 
@@ -453,7 +453,8 @@ def test_migrations_started_together_on_several_nodes_apply_once(pg_conninfo: st
         t.join(60)
     assert errors == []
     latest = migrations.available()[-1].version
-    assert sorted(results, key=len) == [[]] * 5 + [list(range(1, latest + 1))]
+    # Each migration is applied by exactly one of them (one node may apply the first, another the next).
+    assert sorted(v for applied in results for v in applied) == list(range(1, latest + 1)) and len(results) == 6
     with psycopg.connect(pg_conninfo) as conn:
         assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT version) FROM schema_version").fetchone() == (
             latest, latest)
@@ -602,6 +603,40 @@ def test_heartbeats_show_which_nodes_died_and_a_survivor_takes_over_their_work(p
     assert pg.run(b.in_doubt, NOW - 3600) == []
 
 
+def test_live_nodes_hold_different_id_slots_and_a_dead_nodes_slot_is_reused(pg: PgBackend) -> None:
+    store = pg.store
+    slots: dict[str, int] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def node(name: str) -> None:
+        try:
+            with psycopg.connect(pg.conninfo, autocommit=True) as conn:
+                start.wait()
+                with conn.transaction():
+                    slots[name] = store.claim_slot(conn, name, NOW, 10)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(f"n{k}",)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and sorted(slots.values()) == list(range(8))
+    assert pg.run(store.claim_slot, "n3", NOW + 5, 10) == slots["n3"]  # a node keeps its own
+    for name in slots:
+        if name != "n5":
+            pg.run(store.heartbeat, name, NOW + 9, 10)
+    # n5 died (its heartbeat ran out at NOW + 10): a new node gets its slot, none of the live ones.
+    assert pg.run(store.claim_slot, "new", NOW + 12, 10) == slots["n5"]
+    assert pg.run(store.claim_slot, "n5", NOW + 13, 10) == 8  # back again: a free slot, not the taken one
+    for k in range(9, 64):
+        pg.run(store.claim_slot, f"m{k}", NOW + 14, 10)
+    with pytest.raises(RuntimeError, match="all 64 node slots"):
+        pg.run(store.claim_slot, "one-too-many", NOW + 15, 10)
+
+
 def test_stan_blocks_are_unique_across_concurrent_callers(pg: PgBackend) -> None:
     blocks: list[tuple[int, int]] = []
     errors: list[BaseException] = []
@@ -689,7 +724,7 @@ def test_a_stopped_database_fails_each_operation_with_a_classified_error_and_no_
         db = PgDatabase(conninfo, PgStore(vault, "node-a"), connect_timeout=1.0)
         db.open(wait=True)
         try:
-            assert db.migrate() == [1]
+            assert db.migrate() == [m.version for m in migrations.available()]
             (txn_id,) = new_ids(1)
             db.run(db.store.insert_txn, txn_row(txn_id), ORIGINAL)
             server.stop()

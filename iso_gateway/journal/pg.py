@@ -11,6 +11,7 @@ What several nodes need besides (the schema is in ``migrations/``, applied by ``
 - every row names the node that wrote it (``node``); ``due_saf``, ``in_doubt`` and the rest read the
   node's own rows, as the SQLite store reads a worker's own;
 - ``heartbeat`` / ``expired_nodes``: a row per node with a deadline, renewed while the node lives;
+  ``claim_slot``: the node's 6-bit id slot, so that no two live nodes make the same row id;
 - ``lease_due_saf`` / ``renew_leases`` / ``release_leases``: reversals owed are leased with
   ``SELECT ... FOR UPDATE SKIP LOCKED`` and a lease deadline, so one node at a time sends a given
   0420/0421 sequence, and the reversals of a node that died are taken once its leases run out;
@@ -43,7 +44,7 @@ from psycopg.conninfo import make_conninfo as _libpq_conninfo
 from ..core.masking import mask_pan
 from ..security.pan import PanVault
 from .store import (
-    FORWARDED, PURGE_BATCH, RECOVERY_WINDOW, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT,
+    FORWARDED, MAX_WORKERS, PURGE_BATCH, RECOVERY_WINDOW, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT,
     TIMED_OUT, TXN_COLUMNS, SafItem, SQLiteStore, TxnRow, id_at,
 )
 from .store import failure_reason as sqlite_failure_reason
@@ -55,6 +56,8 @@ T = TypeVar("T")
 
 # STANs are six digits, 000001..999999 (000000 is not used: docs/domain.md §2.1).
 STAN_MAX = 999_999
+# Id slots (``claim_slot``): the low 6 bits of every row id (store.MAX_WORKERS of them).
+MAX_SLOTS = MAX_WORKERS
 # Seconds a node's heartbeat row stays alive without renewal (``heartbeat``'s default).
 NODE_TTL = 15.0
 # pg_try_advisory_xact_lock key of the purge: one node purges at a time ("isogw" + "prg").
@@ -463,6 +466,31 @@ class PgStore:
             "INSERT INTO nodes (node, started, heartbeat, expires) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (node) DO UPDATE SET heartbeat=excluded.heartbeat, expires=excluded.expires",
             (node, now, now, now + ttl))
+
+    @staticmethod
+    def claim_slot(conn: Conn, node: str, now: float, ttl: float = NODE_TTL) -> int:
+        """The id slot (0..63, the low bits of ``store.new_id``: set ``store._worker_bits`` to it)
+        of ``node``, alive until ``now + ttl``: the one it holds, else the lowest that no live node
+        holds (a dead node's slot is reused). Claims are serialized by a lock on ``nodes``; raises
+        RuntimeError when 64 live nodes hold every slot."""
+        conn.execute("LOCK TABLE nodes IN SHARE ROW EXCLUSIVE MODE")
+        row = conn.execute("SELECT slot FROM nodes WHERE node=%s", (node,)).fetchone()
+        if row is not None and row[0] is not None:
+            slot = int(row[0])
+        else:
+            free = conn.execute(
+                "SELECT s FROM generate_series(0, %s) s WHERE s NOT IN"
+                " (SELECT slot FROM nodes WHERE slot IS NOT NULL AND expires>=%s) ORDER BY s LIMIT 1",
+                (MAX_SLOTS - 1, now)).fetchone()
+            if free is None:
+                raise RuntimeError(f"all {MAX_SLOTS} node slots are held by live nodes")
+            slot = int(free[0])
+            conn.execute("UPDATE nodes SET slot=NULL WHERE slot=%s", (slot,))  # a dead node's, reused
+        conn.execute(
+            "INSERT INTO nodes (node, started, heartbeat, expires, slot) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (node) DO UPDATE SET heartbeat=excluded.heartbeat, expires=excluded.expires,"
+            " slot=excluded.slot", (node, now, now, now + ttl, slot))
+        return slot
 
     @staticmethod
     def expired_nodes(conn: Conn, now: float) -> list[str]:
