@@ -78,11 +78,11 @@ _P_UPDATED, _P_STATE, _P_RESPONSE_CODE, _P_AUTH_CODE = 2, 17, 20, 21
 
 _INSERT_TXN_ARRAYS = (
     "INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
-    + ", ".join(f"%s::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ")")
+    + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ")")
 _UPDATE_TXN_ARRAYS = (
     "UPDATE txn SET state=u.state, updated=u.updated, response_code=COALESCE(u.rc, txn.response_code),"
     " auth_code=COALESCE(u.auth, txn.auth_code)"
-    " FROM unnest(%s::int8[], %s::text[], %s::float8[], %s::text[], %s::text[]) AS u(id, state, updated, rc, auth)"
+    " FROM unnest(%b::int8[], %b::text[], %b::float8[], %b::text[], %b::text[]) AS u(id, state, updated, rc, auth)"
     " WHERE txn.id=u.id")
 _SAF_COLUMNS = "id, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, message"
 _LIVE_SAF = (f"SELECT 1 FROM saf s WHERE s.txn_id=txn.id AND s.state NOT IN ('{SAF_ACKED}', '{SAF_CANCELLED}')")
