@@ -581,6 +581,23 @@ def test_a_lease_runs_out_unless_renewed_and_can_be_released(pg: PgBackend) -> N
     assert [i.id for i in pg.run(b.lease_due_saf, "node-b", NOW + 200, 30, 10, "cmi")] == [ids[0]]
 
 
+def test_an_operator_parks_and_retries_reversals_from_any_node(pg: PgBackend) -> None:
+    a, b = pg.store, PgStore(pg.store.vault, "node-b")
+    ids = queue(pg, 3)
+    pg.run(a.lease_due_saf, "node-a", NOW, 30, 10)
+    assert pg.run(b.park_saf, NOW, [ids[0]]) == 1  # from another node: parked, its lease dropped
+    assert [i.id for i in pg.run(a.lease_due_saf, "node-a", NOW + 1, 30, 10)] == ids[1:]
+    assert pg.run(b.park_saf, NOW + 2) == 2
+    assert pg.run(a.lease_due_saf, "node-a", NOW + 3, 30, 10) == []
+    pg.run(a.update_saf, ids[2], state=SAF_PARKED, attempts=5)
+    assert pg.run(b.retry_saf, NOW + 4, [ids[2]]) == 1
+    assert pg.run(b.retry_saf, NOW + 4, [ids[2]]) == 1  # a waiting one is made due again too
+    (item,) = pg.run(b.lease_due_saf, "node-b", NOW + 4, 30, 10)
+    assert (item.id, item.state, item.attempts, item.next_attempt) == (ids[2], SAF_PENDING, 1, NOW + 4)
+    assert pg.run(a.retry_saf, NOW + 5) == 3
+    assert sorted(r[0] for r in pg.sql("SELECT id FROM saf WHERE state='pending' AND leased_by IS NULL")) == ids
+
+
 def test_heartbeats_show_which_nodes_died_and_a_survivor_takes_over_their_work(pg: PgBackend) -> None:
     a, b = pg.store, PgStore(pg.store.vault, "node-b")
     pg.run(a.heartbeat, "node-a", NOW, 10)

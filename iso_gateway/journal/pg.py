@@ -457,6 +457,30 @@ class PgStore:
             " created, last_result FROM saf WHERE state = ANY(%s) ORDER BY created LIMIT %s",
             (list(states), limit)).fetchall()
 
+    # -- operator actions (``iso-gateway saf retry|park`` on the shared store, from any node)
+
+    @staticmethod
+    def retry_saf(conn: Conn, now: float, saf_ids: Sequence[int] | None = None) -> int:
+        """Parked or waiting reversals (these, or all) back in the queue, due ``now``; the next
+        attempt is a repeat (0421); any lease on them is dropped. Returns how many."""
+        where = "" if saf_ids is None else " AND id = ANY(%(ids)s)"
+        return conn.execute(
+            "UPDATE saf SET state=%(pending)s, next_attempt=%(now)s, attempts=LEAST(attempts, 1), updated=%(now)s,"
+            " last_result='retry by operator', leased_by=NULL, lease_until=NULL"
+            f" WHERE state IN (%(parked)s, %(pending)s, %(sent)s){where}",
+            {"pending": SAF_PENDING, "parked": SAF_PARKED, "sent": SAF_SENT, "now": now,
+             "ids": list(saf_ids or ())}).rowcount
+
+    @staticmethod
+    def park_saf(conn: Conn, now: float, saf_ids: Sequence[int] | None = None) -> int:
+        """Stop retrying waiting reversals (these, or all): they stay listed as parked."""
+        where = "" if saf_ids is None else " AND id = ANY(%(ids)s)"
+        return conn.execute(
+            "UPDATE saf SET state=%(parked)s, updated=%(now)s, last_result='parked by operator',"
+            f" leased_by=NULL, lease_until=NULL WHERE state IN (%(pending)s, %(sent)s){where}",
+            {"pending": SAF_PENDING, "parked": SAF_PARKED, "sent": SAF_SENT, "now": now,
+             "ids": list(saf_ids or ())}).rowcount
+
     # -- several nodes
 
     @staticmethod
