@@ -11,6 +11,7 @@ Nothing here assumes a server already running, and nothing outside the temporary
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
@@ -21,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 SKIP_ENV = "ISO_GATEWAY_PG_TESTS_SKIP"  # "1": skip the PostgreSQL tests when the binaries are missing
 SUPERUSER = "gateway_test"
@@ -83,12 +85,31 @@ class PgServer:
 
     # -- running the binaries
 
+    def _postgres_user(self) -> pwd.struct_passwd:
+        try:
+            return pwd.getpwnam("postgres")
+        except KeyError:
+            raise PgServerUnavailable(
+                "the tests run as root, and PostgreSQL refuses to: they run it as the 'postgres' user, "
+                "which does not exist (Debian's postgresql package creates it)") from None
+
     def _run(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bindir / args[0]), *args[1:]]
+        preexec: Callable[[], None] | None = None
         if self._as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root,
-                              env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"})
+            entry = self._postgres_user()
+            if shutil.which("runuser"):
+                cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            else:  # no util-linux: drop to the user in the child before exec
+
+                def preexec() -> None:
+                    os.setgroups([])
+                    os.setgid(entry.pw_gid)
+                    os.setuid(entry.pw_uid)
+
+        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root, env=env,
+                              preexec_fn=preexec)
         if done.returncode != 0:
             log = self.logfile.read_text(errors="replace")[-3000:] if self.logfile.exists() else ""
             raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stdout}{done.stderr}\n{log}")
@@ -100,7 +121,7 @@ class PgServer:
         pwfile.write_text(self.password + "\n")
         pwfile.chmod(0o600)
         if self._as_postgres:
-            entry = pwd.getpwnam("postgres")
+            entry = self._postgres_user()
             for path in (self.root, self.sockets, pwfile):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         self._run(["initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}", "--auth-local=trust",
@@ -124,6 +145,7 @@ class PgServer:
                 time.sleep(0.2)
                 continue
             self.running = True
+            atexit.register(self.destroy)  # a session cut short still stops its server
             return self
         raise AssertionError("unreachable")
 
@@ -139,10 +161,12 @@ class PgServer:
         self.running = True
 
     def destroy(self) -> None:
+        """Stop the server (if it runs) and remove its folder; safe to call twice."""
         try:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+            atexit.unregister(self.destroy)
 
     # -- connecting
 
