@@ -29,6 +29,9 @@ class Store(Protocol[C]):
 
     vault: PanVault
     worker: int
+    # What the operations raise when the store fails (``except store.errors as exc``): the
+    # caller then asks ``failure_reason`` and ``refused``.
+    errors: tuple[type[Exception], ...]
 
     # -- what a failure says (both are pure: they look at the exception only)
 

@@ -225,6 +225,9 @@ class PgStore:
 
     failure_reason = staticmethod(failure_reason)
     refused = staticmethod(refused)
+    # What its operations raise when the store fails (``except store.errors``): psycopg's errors
+    # on a connection of the caller's, ``StoreUnavailable`` through ``PgDatabase``.
+    errors: tuple[type[Exception], ...] = (psycopg.Error, StoreUnavailable)
 
     # -- writes
 

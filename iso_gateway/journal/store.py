@@ -218,6 +218,8 @@ class SQLiteStore:
     # store refused the work for now (SQLITE_FULL, _BUSY, _IOERR...: an OperationalError) rather
     # than the work being wrong (a constraint).
     failure_reason = staticmethod(failure_reason)
+    # What its operations raise when the store fails (``except store.errors``).
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
     @staticmethod
     def refused(exc: BaseException) -> bool:
