@@ -12,7 +12,9 @@ from typing import Callable
 
 import psycopg
 
-from . import migrate as runner
+from .migrate import MigrationError
+from .migrate import migrate as apply_migrations
+from .migrate import status as schema_status
 from .pg import failure_reason, redact, scrub
 
 Print = Callable[[str], None]
@@ -31,9 +33,9 @@ def migrate(dsn: str, out: Print = print) -> int:
     """Bring the schema up to date: 0 when it is (now or already), 1 when it could not be."""
     try:
         with _connect(dsn) as conn:
-            applied = runner.migrate(conn)
-            state = runner.status(conn)
-    except (psycopg.Error, runner.MigrationError) as exc:
+            applied = apply_migrations(conn)
+            state = schema_status(conn)
+    except (psycopg.Error, MigrationError) as exc:
         return _failed(dsn, "migration", exc, out)
     if applied:
         out(f"applied migrations {', '.join(str(v) for v in applied)} on {redact(dsn)}: "
@@ -48,7 +50,7 @@ def status(dsn: str, out: Print = print) -> int:
     database can't be read or is newer than this program."""
     try:
         with _connect(dsn) as conn:
-            state = runner.status(conn)
+            state = schema_status(conn)
     except psycopg.Error as exc:
         return _failed(dsn, "status", exc, out)
     out(f"database {redact(dsn)}: schema version {state.current}, this program's latest {state.latest}")
