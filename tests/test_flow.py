@@ -481,3 +481,15 @@ def test_every_request_gets_exactly_one_answer_with_its_own_stan_and_a_link_neve
     for front in fronts:
         assert sorted(answered[front.id]) == sorted(asked[front.id]), "one answer per request, with its own STAN"
     assert w.flow.in_flight == 0 and all(len(link.pending) == 0 for link in w.links)
+
+
+def test_a_request_another_node_journaled_first_is_never_sent_and_is_answered_as_a_duplicate():
+    from iso_gateway.core.errors import DuplicateRecorded
+    w = World(duplicate_window=60.0)
+    actions = w.request(w.front(), w.auth())
+    assert of(actions, F.RECORD)[0][2]["dup_key"].startswith("ecom|")
+    out = w.journaled(actions, DuplicateRecorded("05"))
+    assert not of(out, F.SEND) and w.answers(out)[0]["39"] == "05"
+    out = w.journaled(w.request(w.front(), w.auth()), DuplicateRecorded(None))  # still in flight there
+    assert not of(out, F.SEND) and w.answers(out)[0]["39"] == "94"
+    assert w.flow.in_flight == 0 and len(w.links[0].pending) == 0

@@ -46,7 +46,7 @@ from typing import Any, Callable, Protocol
 
 from .dialect import Dialect, check_field_type
 from .duplicates import DuplicateEntry, DuplicateTable
-from .errors import DecodeError, IsoGatewayError, MessageError
+from .errors import DecodeError, DuplicateRecorded, IsoGatewayError, MessageError
 from .framing import Framer
 from .masking import mask_pan
 from .matching import Key, PendingTable, StanAllocator, match_key
@@ -522,7 +522,9 @@ class Flow:
         txn.frame = frame
         txn.txn_id = self.new_id()
         row = {"id": txn.txn_id, "listener": front_identity(txn.front), "mti": txn.mti, "upstream": upstream.name,
-               "link": link.index, "upstream_stan": stan}
+               "link": link.index, "upstream_stan": stan,
+               # A store shared by several nodes refuses a second record with this key (DuplicateRecorded).
+               "dup_key": txn.duplicate.key if txn.duplicate is not None else ""}
         self.actions.append((RECORD, txn, row, txn.original))
 
     def _register(self, link: Link, entry: Any, out: bytes, key: Key, deadline: float, now: float) -> bytes:
@@ -552,11 +554,32 @@ class Flow:
                 txn.sent = True
                 txn.frame = b""
             return
-        self._log(ERROR, "journal write failed (%s): %s answered 96 without being sent", type(error).__name__, txn.mti)
         link = txn.link
         if txn.done or link is None or link.pending.pop(txn.key) is not txn:
             return
+        if isinstance(error, DuplicateRecorded):
+            self._recorded_elsewhere(txn, error, now)
+            return
+        self._log(ERROR, "journal write failed (%s): %s answered 96 without being sent", type(error).__name__, txn.mti)
         self._fail(txn, "96", "journal_failed", now)
+
+    def _recorded_elsewhere(self, txn: Txn, dup: DuplicateRecorded, now: float) -> None:
+        """Another node journaled the same request first: never sent twice. Answered as a duplicate is
+        here: the first one's answer, or 94 while it is still in flight there."""
+        txn.done = True
+        self.in_flight -= 1
+        upstream = txn.upstream
+        assert upstream is not None
+        self.metrics.in_flight(upstream.name).dec()
+        self.metrics.duplicates(txn.front.side.name).inc()
+        code = dup.rc or "94"
+        self._log(WARNING, "listener %s: the same request is journaled by another node; answered %s",
+                  txn.front.side.name, code)
+        txn.code, txn.reason = code, "duplicate"
+        txn.txn_id = None  # its row is the other node's
+        self._complete_duplicates(txn, code, dup.auth_code, None, now)
+        self.answer_locally(txn.front, txn.raw, txn.header, code, "duplicate", now, txn.received_at,
+                            auth_code=dup.auth_code)
 
     # ------------------------------------------------------------------ answers from a switch
 
