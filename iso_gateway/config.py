@@ -74,6 +74,24 @@ class WireConfig(_Model):
         return v
 
 
+class MacConfig(_Model):
+    """MACs on one hop (field 64, or 128 with a secondary bitmap): verified on what the gateway
+    receives there, generated on what it sends there. The key is a label in the security module."""
+
+    key: str = Field(min_length=1, description="label of the MAC key in the security module ([security])")
+    padding: Literal[1, 2] = Field(1, description="ISO 9797-1 padding method: 1 (zeros, usual for ISO 8583) or 2")
+    failure_code: str = Field("63", description="answer to a front end's request whose MAC is missing or wrong (listeners only)")
+
+
+class ClientConfig(_Model):
+    """One identified front end of a listener and the ids it may use (empty lists: any)."""
+
+    identity: str = Field(min_length=1, description='"cert:<name>" (TLS client certificate: CN, else the first DNS name) or "addr:<ip>"')
+    acquirers: list[str] = Field(default_factory=list, description="DE 32 values it may send")
+    merchants: list[str] = Field(default_factory=list, description="DE 42 values it may send")
+    terminals: list[str] = Field(default_factory=list, description="DE 41 values it may send")
+
+
 class ListenerConfig(WireConfig):
     """A front-end listener. Defaults: see each field."""
 
@@ -94,6 +112,9 @@ class ListenerConfig(WireConfig):
     idle_timeout: float = Field(300.0, gt=0, description="seconds without a frame before a connection is closed")
     partial_frame_timeout: float = Field(5.0, gt=0, description="seconds a frame may take to complete, from its first byte")
     send_timeout: float = Field(10.0, gt=0, description="seconds a send to a front end may block before it is dropped")
+    mac: MacConfig | None = Field(None, description="MACs with front ends ([listeners.mac]: key, padding, failure_code); none when absent")
+    clients: list[ClientConfig] = Field(default_factory=list, description="identified front ends ([[listeners.clients]]: identity, acquirers, merchants, terminals); when given, a request from any other identity, or for ids outside its own, is refused with client_refusal_code")
+    client_refusal_code: str = Field("58", description="answer to a request from an unknown front end, or for ids outside its own")
 
     @field_validator("host")
     @classmethod
@@ -144,6 +165,7 @@ class UpstreamConfig(WireConfig):
     saf_retry_max: float = Field(300.0, gt=0, description="longest wait between repeats, seconds")
     saf_budget: int = Field(6, ge=1, description="attempts before a reversal is parked for an operator (PayEx: 6)")
     saf_window: int = Field(16, ge=1, description="reversals in flight at once on this upstream")
+    mac: MacConfig | None = Field(None, description="MACs with this switch ([upstreams.mac]: key, padding); none when absent")
 
     @field_validator("hosts")
     @classmethod

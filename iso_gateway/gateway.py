@@ -23,13 +23,15 @@ from typing import Any, Callable, Sequence
 import trio
 
 from .clock import Clock
-from .config import Config, route_table
+from .config import Config, MacConfig, route_table
 from .core.errors import ConfigError
 from .core.flow import (
     ANSWER, ARM, CANCEL_SAF, LATE, LOG, LOOKUP, NET_DONE, RECORD, REVERSE, SAF_OUTCOME, SAVE_STAN, SEND, STAN_BLOCK,
     STATE, TAKE_OVER, Flow, FlowSettings, Txn,
 )
+from .core.dialect import Dialect
 from .core.framing import Frame
+from .core.macs import ClientScope, ClientTable, MacField, MacHop
 from .core.matching import StanAllocator
 from .journal import Journal, failure_reason, new_id
 from .logs import masked_exception
@@ -98,6 +100,7 @@ class Gateway:
                          config.gateway.duplicate_window)
         self.listeners = [Listener(lc, self, get_dialect(lc.dialect, dialect_dirs), load_rules(lc.rules, rule_dirs))
                           for lc in config.listeners]
+        self._apply_hops(self._hop_settings(config))
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self.draining = False
@@ -167,6 +170,7 @@ class Gateway:
             raise ConfigError(self.config_path or "config", "listeners/upstreams",
                               "addresses, hosts, dialects or framings changed: these need a restart")
         routes = route_table(config.routes, config.routing, source=self.config_path or "config")
+        hops = self._hop_settings(config)
         # Build every listener's new state before touching any, so a failure changes nothing.
         dialect_dirs, rule_dirs = tuple(config.dialect_dirs), tuple(config.rule_dirs)
         staged = []
@@ -178,6 +182,7 @@ class Gateway:
             staged.append((lst, lc, dialect, rules))
         for lst, lc, dialect, rules in staged:
             lst.apply(lc, dialect, rules)
+        self._apply_hops(hops)
         self.flow.routes = routes
         self.flow.settings = flow_settings(config)
         self.config = config
@@ -278,6 +283,45 @@ class Gateway:
             async with trio.open_nursery() as n:
                 for up in self.upstreams.values():
                     n.start_soon(up.sign_off)
+
+    def _hop_settings(self, config: Config) -> tuple[list[tuple[MacHop | None, ClientTable | None]], list[MacHop | None]]:
+        """Each listener's MAC and identified clients and each upstream's MAC, as the flow takes them;
+        ConfigError when a MAC has no security module, an unknown key or a dialect without 64/128."""
+        source = self.config_path or "config"
+        security = getattr(self, "security", None)  # the security module (set up with the journal's keys)
+
+        def hop(where: str, mac: MacConfig | None, dialect: Dialect) -> MacHop | None:
+            if mac is None:
+                return None
+            if security is None:
+                raise ConfigError(source, f"{where}.mac", "MACs need a security module ([security])")
+            try:
+                security.check_value(mac.key)
+            except Exception as exc:  # noqa: BLE001 - UnknownKey, or a token that can't tell: either way unusable
+                raise ConfigError(source, f"{where}.mac.key", f"the security module has no usable key {mac.key!r} "
+                                  f"({type(exc).__name__})") from None
+            return MacHop(mac.key, MacField(dialect), mac.padding, mac.failure_code)
+
+        fronts = []
+        for i, (lst, lc) in enumerate(zip(self.listeners, config.listeners, strict=True)):
+            clients = None
+            if lc.clients:
+                clients = ClientTable({c.identity: ClientScope(frozenset(a.lstrip("0") for a in c.acquirers),
+                                                               frozenset(m.rstrip(" ") for m in c.merchants),
+                                                               frozenset(t.rstrip(" ") for t in c.terminals))
+                                       for c in lc.clients}, lc.client_refusal_code)
+            fronts.append((hop(f"listeners.{i}", lc.mac, lst.side.dialect), clients))
+        ups = [hop(f"upstreams.{i}", uc.mac, up.dialect)
+               for i, (up, uc) in enumerate(zip(self.upstreams.values(), config.upstreams, strict=True))]
+        return fronts, ups
+
+    def _apply_hops(self, hops: tuple[list[tuple[MacHop | None, ClientTable | None]], list[MacHop | None]]) -> None:
+        fronts, ups = hops
+        for lst, (mac, clients) in zip(self.listeners, fronts, strict=True):
+            lst.side.mac, lst.side.clients = mac, clients
+        for up, up_mac in zip(self.upstreams.values(), ups, strict=True):
+            up.side.mac = up_mac
+        self.flow.security = getattr(self, "security", None)
 
     # ------------------------------------------------------------------ feeding the flow
 
