@@ -81,6 +81,8 @@ class MacConfig(_Model):
     key: str = Field(min_length=1, description="label of the MAC key in the security module ([security])")
     padding: Literal[1, 2] = Field(1, description="ISO 9797-1 padding method: 1 (zeros, usual for ISO 8583) or 2")
     failure_code: str = Field("63", description="answer to a front end's request whose MAC is missing or wrong (listeners only)")
+    zone_key: str = Field("", description="label of the zone key the switch sends new MAC keys under (upstreams only; the dialect's [key_change] says where); empty: key changes are refused")
+    algorithm: Literal["retail", "aes-cmac"] = Field("retail", description="algorithm of the MAC keys the switch sends (upstreams only)")
 
 
 class ClientConfig(_Model):
@@ -360,6 +362,8 @@ def reference_markdown() -> str:
         ("[metrics]", MetricsConfig),
         ("[[listeners]]", ListenerConfig),
         ("[[upstreams]]", UpstreamConfig),
+        ("[listeners.mac], [upstreams.mac]", MacConfig),
+        ("[[listeners.clients]]", ClientConfig),
         ("[[routes]]", RouteConfig),
         ("top level", Config),
     ]

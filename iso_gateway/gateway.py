@@ -26,8 +26,8 @@ from .clock import Clock
 from .config import Config, MacConfig, route_table
 from .core.errors import ConfigError
 from .core.flow import (
-    ANSWER, ARM, CANCEL_SAF, LATE, LOG, LOOKUP, NET_DONE, RECORD, REVERSE, SAF_OUTCOME, SAVE_STAN, SEND, STAN_BLOCK,
-    STATE, TAKE_OVER, Flow, FlowSettings, Txn,
+    ANSWER, ARM, CANCEL_SAF, INSTALL_KEY, LATE, LOG, LOOKUP, NET_DONE, RECORD, REVERSE, SAF_OUTCOME, SAVE_STAN, SEND, STAN_BLOCK,
+    STATE, TAKE_OVER, Flow, FlowSettings, Link, Txn,
 )
 from .core.dialect import Dialect
 from .core.framing import Frame
@@ -300,7 +300,7 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001 - UnknownKey, or a token that can't tell: either way unusable
                 raise ConfigError(source, f"{where}.mac.key", f"the security module has no usable key {mac.key!r} "
                                   f"({type(exc).__name__})") from None
-            return MacHop(mac.key, MacField(dialect), mac.padding, mac.failure_code)
+            return MacHop(mac.key, MacField(dialect), mac.padding, mac.failure_code, mac.zone_key, mac.algorithm)
 
         fronts = []
         for i, (lst, lc) in enumerate(zip(self.listeners, config.listeners, strict=True)):
@@ -447,8 +447,21 @@ class Gateway:
                 self.reversals.take_over(upstream, fields, original)
         elif op == SAVE_STAN:
             self._save_stan(action[1].io)
+        elif op == INSTALL_KEY:
+            self._install_key(*action[1:])
         else:
             raise AssertionError(f"unknown flow action {op!r}")
+
+    def _install_key(self, link: Link, request: dict[str, str], label: str, zone_key: str, wrapped: str,
+                     check_value: str, algorithm: str) -> None:
+        """A switch's new MAC key into the security module (INSTALL_KEY); the flow answers the switch."""
+        installed: str | None = None
+        try:
+            installed = self.flow.security.install_key(label, kek=zone_key, wrapped=bytes.fromhex(wrapped),
+                                                       check_value=check_value, algorithm=algorithm)
+        except Exception as exc:  # noqa: BLE001 - a bad key or check value: refused, counted, the old key stays
+            log.warning("upstream key change for %s refused: %s", label, type(exc).__name__)
+        self.flow.key_installed(link, request, installed)
 
     def _delivery(self, txn: Txn) -> Callable[[bool], None]:
         """What the front end's writer tells once the answer to ``txn`` is in the kernel (or never will be)."""

@@ -626,3 +626,44 @@ def test_an_identified_front_end_may_act_only_for_its_own_merchant_and_reverses_
     (lookup,) = of(w.request(a, sample_reversal(msg, now=NOW)), F.LOOKUP)
     assert lookup[2] == "ecom/cert:shop-a"
     assert w.metrics.rejections("ecom", "not_authorized", "58").get() == 3
+
+
+# ---------------------------------------------------------------------------------- a new MAC key from the switch
+
+from iso_gateway.security.keys import SecretKey, wrap_working_key  # noqa: E402
+from iso_gateway.security.mac import tdes_check_value  # noqa: E402
+
+ZONE_KEY = bytes.fromhex("C1D0F8FB4958670DBA40AB1F3752EF0D")
+NEW_SWITCH_KEY = bytes.fromhex("A1B2C3D4E5F60718293A4B5C6D7E8F90")
+
+
+def execute_install(w: World, actions: list[tuple]) -> list[tuple]:
+    """The shell's part of INSTALL_KEY: the security module installs the key, the flow answers."""
+    for a in of(actions, F.INSTALL_KEY):
+        _, link, request, label, zone, wrapped, check, algorithm = a
+        try:
+            kcv = w.flow.security.install_key(label, kek=zone, wrapped=bytes.fromhex(wrapped), check_value=check,
+                                              algorithm=algorithm)
+        except Exception:  # noqa: BLE001
+            kcv = None
+        w.flow.key_installed(link, request, kcv)
+    return w.flow.take_actions()
+
+
+@pytest.mark.parametrize("good_check", [True, False])
+def test_a_new_mac_key_from_the_switch_is_installed_only_if_its_check_value_matches(tmp_path, good_check):
+    w = mac_world(tmp_path, front=False)
+    w.flow.security.import_key("zone", ZONE_KEY, usage="kek", key_type="tdes")
+    w.up.mac.zone_key = "zone"
+    wrapped = wrap_working_key(SecretKey(ZONE_KEY, usage="kek", key_type="tdes"), NEW_SWITCH_KEY)
+    check = tdes_check_value(NEW_SWITCH_KEY).hex().upper()[:6] if good_check else "000000"
+    change = {"t": "0800", "7": "1127101010", "11": "000321", "70": "161", "96": wrapped.hex().upper(), "48": check}
+    actions = w.switch(change)
+    assert [a[0] for a in actions if a[0] != F.LOG] == [F.INSTALL_KEY]
+    assert all(wrapped.hex().upper() not in str(a[3]) for a in of(actions, F.LOG))
+    (send,) = of(execute_install(w, actions), F.SEND)
+    resp = w.switch_msg(send)
+    assert resp["t"] == "0810" and resp["39"] == ("00" if good_check else "96") and "96" not in resp
+    _, sent = w.forward(w.front(), w.auth())
+    key = NEW_SWITCH_KEY if good_check else SWITCH_KEY  # from the next message on: the new key, or still the old
+    assert mac_ok(w.up_dialect, encode(w.up_dialect, sent), key)

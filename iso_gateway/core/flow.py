@@ -121,6 +121,9 @@ SAF_OUTCOME = 10
 NET_DONE = 11
 # (SAVE_STAN, link): the link used another STAN_BLOCK STANs: save its counter.
 SAVE_STAN = 12
+# (INSTALL_KEY, link, request, label, zone_key, wrapped, check_value, algorithm): the switch sent a new
+# MAC key (wrapped under the zone key): install it if its check value matches; report ``key_installed``.
+INSTALL_KEY = 14
 # (LOG, level, message, args): a line for the log (an exception among ``args`` is logged masked,
 # with its traceback). The flow writes nothing itself.
 LOG = 13
@@ -1006,7 +1009,40 @@ class Flow:
             self._log(WARNING, "upstream %s: switch sent an unsupported %s; answered 12", up.name, mti)
             code = "12"
         else:
-            code = "00"
+            change = up.dialect.key_change
+            if change is not None and req.get("70") == change.code:
+                mac = up.mac
+                if mac is None or not mac.zone_key:
+                    self._log(WARNING, "upstream %s: the switch sent a new MAC key, but no zone key is configured "
+                              "for it ([upstreams.mac] zone_key); answered 96", up.name)
+                    code = "96"
+                else:
+                    self.actions.append((INSTALL_KEY, link, req, mac.key, mac.zone_key,
+                                         req.get(str(change.key_field), ""), req.get(str(change.check_field), ""),
+                                         mac.algorithm))
+                    return
+            else:
+                code = "00"
+        self._answer_switch(link, req, code)
+
+    def key_installed(self, link: Link, request: dict[str, str], check_value: str | None) -> None:
+        """The new MAC key a switch sent is in use from the next message (``check_value``: its own,
+        for the log), or could not be installed (None: a check value that does not match, a key that
+        does not unwrap): the switch hears 00 or 96."""
+        up = link.upstream
+        if check_value is None:
+            self.metrics.mac_failures("upstream", up.name, "key_change").inc()
+            self._log(ERROR, "upstream %s: the new MAC key was refused (check value or unwrap failed); "
+                      "the old key stays in use; answered 96", up.name)
+            self._answer_switch(link, request, "96")
+            return
+        self._log(INFO, "upstream %s: new MAC key installed (check value %s)", up.name, check_value)
+        self._answer_switch(link, request, "00")
+
+    def _answer_switch(self, link: Link, req: dict[str, str], code: str) -> None:
+        up = link.upstream
+        if not link.connected:
+            return
         answer = build_response(up.dialect, req, code)
         try:
             resp = encode(up.dialect, answer, check_types=False)

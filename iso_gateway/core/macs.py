@@ -73,15 +73,20 @@ class MacField:
 
 class MacHop:
     """One hop's MAC settings: the key's label in the security module, the padding (ISO 9797-1
-    method 1 or 2) and, on a listener, the answer to a request whose MAC is missing or wrong."""
+    method 1 or 2), on a listener the answer to a request whose MAC is missing or wrong, and on
+    a switch link the zone key new MAC keys come under (empty: the switch can't change keys)
+    with the algorithm of those keys."""
 
-    __slots__ = ("key", "padding", "code", "field")
+    __slots__ = ("key", "padding", "code", "field", "zone_key", "algorithm")
 
-    def __init__(self, key: str, field: MacField, padding: int = 1, code: str = "63") -> None:
+    def __init__(self, key: str, field: MacField, padding: int = 1, code: str = "63", zone_key: str = "",
+                 algorithm: str = "retail") -> None:
         self.key = key
         self.field = field
         self.padding = padding
         self.code = code
+        self.zone_key = zone_key
+        self.algorithm = algorithm
 
 
 class ClientScope:
