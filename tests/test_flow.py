@@ -519,8 +519,8 @@ def mac_world(tmp_path, *, front: bool = True, switch: bool = True, **kw: Any) -
 
 
 def signed(dialect: Any, msg: dict[str, str], key: bytes) -> bytes:
-    """``msg`` as an independent sender MACs it: field 64, the retail MAC of every byte before it."""
-    raw = encode(dialect, {**msg, "64": "0" * 16})
+    """``msg`` as an independent sender MACs it: field 64 (128 past 64), the retail MAC of every byte before it."""
+    raw = encode(dialect, {**msg, ("128" if any(k.isdigit() and int(k) > 64 for k in msg) else "64"): "0" * 16})
     width = MacField(dialect).width
     return raw[:-width] + MacField(dialect).wire(retail_mac(FRONT_KEY if key is FRONT_KEY else key, raw[:-width]))
 
@@ -667,3 +667,22 @@ def test_a_new_mac_key_from_the_switch_is_installed_only_if_its_check_value_matc
     _, sent = w.forward(w.front(), w.auth())
     key = NEW_SWITCH_KEY if good_check else SWITCH_KEY  # from the next message on: the new key, or still the old
     assert mac_ok(w.up_dialect, encode(w.up_dialect, sent), key)
+
+
+def test_a_reversal_acknowledged_with_a_bad_mac_stays_owed(tmp_path):
+    w = mac_world(tmp_path, front=False)
+    link = w.links[0]
+    message = {"2": "4761739001010119", "4": "000000015000", "7": "1127101010", "11": "000001", "37": "633100000001",
+               "41": "TERM0001", "42": "MERCHANT0000001", "49": "504", "90": "010000000111271010100000000000000000000000"}
+    attempt = w.flow.send_reversal(link, "owner", SimpleNamespace(attempts=0), 5, 6, message, "0420", "", w.t)
+    assert not isinstance(attempt, str)
+    (send,) = of(w.flow.take_actions(), F.SEND)
+    sent = w.switch_msg(send)
+    assert mac_ok(w.up_dialect, send[2][4:], SWITCH_KEY)
+    out = w.answer(sent, "00")  # echoes the request's MAC: wrong for the 0430
+    assert of(out, F.SAF_OUTCOME) == [(F.SAF_OUTCOME, attempt, "timeout", "")]
+    resp = {k: v for k, v in sent.items() if k not in ("t", "64", "128")}
+    good = signed(w.up_dialect, {**resp, "t": "0430", "39": "00"}, SWITCH_KEY)
+    w.flow.switch_frame(link, good, b"", w.t)  # a late, well-signed 0430 still completes it
+    (outcome,) = of(w.flow.take_actions(), F.SAF_OUTCOME)
+    assert outcome[2:] == ("late", "00")

@@ -963,7 +963,8 @@ class Flow:
         if entry is None:
             outstanding = up.outstanding.get(key)
             if outstanding is not None:  # an answer past its attempt's deadline that still counts
-                self.actions.append((SAF_OUTCOME, outstanding, "late", values.get(39, "")))
+                if up.mac is None or not self._mac_refused("upstream", up.name, up.mac, scan.bitmap, raw):
+                    self.actions.append((SAF_OUTCOME, outstanding, "late", values.get(39, "")))
                 return
             late = link.late.pop(key, None)
             self._unmatched(link, scan, late is not None, late[1] if late is not None else None)
@@ -975,7 +976,11 @@ class Flow:
             self._on_answer(entry, link, raw, scan, now)
         elif type(entry) is ReversalAttempt:
             entry.done = True
-            self.actions.append((SAF_OUTCOME, entry, "answer", values.get(39, "")))
+            if up.mac is not None and self._mac_refused("upstream", up.name, up.mac, scan.bitmap, raw):
+                # Not trusted: as if unanswered; the reversal stays outstanding and is repeated.
+                self.actions.append((SAF_OUTCOME, entry, "timeout", ""))
+            else:
+                self.actions.append((SAF_OUTCOME, entry, "answer", values.get(39, "")))
         else:
             entry.rc = values.get(39, "")
             entry.rtt = now - entry.sent_at
