@@ -42,7 +42,7 @@ from typing import Any, Final
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-from pkcs11.exceptions import MechanismInvalid, PinIncorrect, PKCS11Error
+from pkcs11.exceptions import MechanismInvalid, PinIncorrect, PKCS11Error, UserAlreadyLoggedIn
 from pkcs11.mechanisms import GCMParams
 
 from .keys import KeyType as IgKeyType
@@ -117,6 +117,10 @@ class Pkcs11SecurityModule:
             raise SecurityModuleError(f"PKCS#11 token {token_label!r}: not found ({type(exc).__name__})") from None
         try:
             self._session = token.open(rw=True, user_pin=pin)
+        except UserAlreadyLoggedIn:
+            # PKCS#11 logs in per process, not per session: another module of this process is logged
+            # in, and a new session shares its login (the PIN was checked when it logged in).
+            self._session = token.open(rw=True)
         except PinIncorrect:
             raise KekUnavailable(f"PKCS#11 token {token_label!r}: the PIN was refused") from None
         except PKCS11Error as exc:
