@@ -148,6 +148,8 @@ def open_security_module(config: Config, source: str = "config", *, create: bool
         return _open_pkcs11(config, sec, source)
     except SecurityModuleError as exc:  # its text names files, labels, key ids, check values: never keys
         raise ConfigError(source, f"security ({sec.module})", str(exc)) from None
+    except OSError as exc:  # a folder that can't be made, a file that can't be read or written
+        raise ConfigError(source, f"security ({sec.module})", f"{exc.filename}: {exc.strerror or exc}") from None
 
 
 def _open_software(config: Config, sec: SecurityConfig, source: str, create: bool) -> GatewayKeys:
@@ -165,10 +167,13 @@ def _open_software(config: Config, sec: SecurityConfig, source: str, create: boo
         _create_kek(kek_file)
     if not key_file.exists() and not create:
         raise ConfigError(source, "security.key_file", f"no key file at {key_file} (iso-gateway keys init)")
-    try:
-        kek = load_kek(state, None if os.environ.get(KEK_ENV) else kek_file)
-    except ConfigError as exc:  # load_kek names the file; say which key of the configuration it is
-        raise ConfigError(source, "security.kek_file", exc.reason) from None
+    if os.environ.get(KEK_ENV):
+        kek = load_kek(state, None)
+    else:
+        try:
+            kek = load_kek(state, kek_file)
+        except ConfigError as exc:  # load_kek names the file; say which key of the configuration it is
+            raise ConfigError(source, "security.kek_file", f"{kek_file}: {exc.reason}") from None
     existed = key_file.exists()
     module = SoftwareSecurityModule(key_file, kek, create=create)
     if not existed:

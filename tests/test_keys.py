@@ -384,3 +384,28 @@ async def test_a_running_daemon_takes_a_rotated_data_key_on_sighup_and_logs_no_k
     assert "key check values (start): current data key 1" in text
     assert reveals(text.encode(), keys) == [] and TEST_PAN not in text
     assert reveals(state_bytes(state), keys) == [] and TEST_PAN.encode() not in state_bytes(state)
+
+
+def test_the_kek_may_come_from_the_environment_and_a_kek_file_others_can_read_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state, kek_value = tmp_path / "var", os.urandom(32)
+    config = make_config(9583, state_dir=state, security={"kek_file": str(tmp_path / "etc" / "kek.hex")})
+    monkeypatch.setenv("ISO_GATEWAY_KEK", kek_value.hex())
+    module = open_security_module(config)
+    assert module.data_key_id == "1" and not (tmp_path / "etc" / "kek.hex").exists()  # no file made: the env has it
+    vault = module.pan_vault()
+    module.close()
+    monkeypatch.delenv("ISO_GATEWAY_KEK")
+    with pytest.raises(ConfigError, match="security.kek_file.*can't be opened") as exc:
+        open_security_module(config)  # the key file is there, its KEK is not: never a new one
+    assert not (tmp_path / "etc" / "kek.hex").exists()
+    lax = secret_file(tmp_path / "etc" / "kek.hex", kek_value.hex())
+    lax.chmod(0o644)
+    with pytest.raises(ConfigError, match="owner only") as exc2:
+        open_security_module(config)
+    lax.chmod(0o600)
+    module = open_security_module(config)  # the same KEK from a file: the same keys
+    assert module.pan_vault().key_id == vault.key_id
+    module.close()
+    keys = key_material(vault, lax)
+    assert reveals(str(exc.value).encode() + str(exc2.value).encode(), keys) == []
