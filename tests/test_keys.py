@@ -326,16 +326,19 @@ def test_the_keys_commands_set_up_show_rotate_and_import_keys_without_printing_o
     assert load_kek(state, kek).kcv  # the KEK file is usable as made (owner only, outside the state folder)
 
 
-async def test_a_running_daemon_takes_a_rotated_data_key_on_sighup_and_logs_no_key(nursery: trio.Nursery,
-                                                                                 tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["software", "pkcs11"])
+async def test_a_running_daemon_takes_a_rotated_data_key_on_sighup_and_logs_no_key(
+        nursery: trio.Nursery, tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
     from iso_gateway.sim.switch import SwitchSimulator
 
-    state, kek, log_file = tmp_path / "var", tmp_path / "etc" / "kek.hex", tmp_path / "gateway.log"
+    state, log_file = tmp_path / "var", tmp_path / "gateway.log"
+    section = security_section(kind, tmp_path, request)
+    kek = tmp_path / "secrets" / "kek.hex" if kind == "software" else None
     sim = SwitchSimulator()
     switch_port = await nursery.start(sim.serve, "127.0.0.1", 0)
     port = free_port()
     cfg = write_daemon_config(tmp_path / "gw.toml", switch_port, port=port, log_file=log_file, state_dir=state,
-                              security={"kek_file": str(kek)})
+                              security=section)
     proc = await trio.lowlevel.open_process([sys.executable, "-m", "iso_gateway", "run", "--config", str(cfg)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -382,6 +385,7 @@ async def test_a_running_daemon_takes_a_rotated_data_key_on_sighup_and_logs_no_k
     keys = key_material(vault, kek)
     text = log_file.read_text()
     assert "key check values (start): current data key 1" in text
+    assert (state / "keys.bin").exists() == (kind == "software")  # a token's keys are in the token
     assert reveals(text.encode(), keys) == [] and TEST_PAN not in text
     assert reveals(state_bytes(state), keys) == [] and TEST_PAN.encode() not in state_bytes(state)
 
@@ -409,3 +413,20 @@ def test_the_kek_may_come_from_the_environment_and_a_kek_file_others_can_read_is
     module.close()
     keys = key_material(vault, lax)
     assert reveals(str(exc.value).encode() + str(exc2.value).encode(), keys) == []
+
+
+def test_the_keys_commands_drive_a_pkcs11_token_too(tmp_path: Path, request: pytest.FixtureRequest,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    section = security_section("pkcs11", tmp_path, request)
+    cfg = write_daemon_config(tmp_path / "gw.toml", 9583, port=free_port(), state_dir=tmp_path / "var",
+                              security=section)
+    assert main(["keys", "check-values", "--config", str(cfg)]) == 0
+    assert "current data key: 1" in capsys.readouterr().out  # made in the token at first open
+    assert main(["keys", "rotate-data-key", "--config", str(cfg)]) == 0
+    assert "data key 2 is current" in capsys.readouterr().out
+    assert main(["keys", "init", "--config", str(cfg)]) == 1
+    assert "software module" in capsys.readouterr().err
+    assert main(["keys", "check-values", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "current data key: 2" in out and "data/1" in out and "data/2" in out
+    assert not (tmp_path / "var").exists()  # nothing of the keys in the state folder
