@@ -237,7 +237,10 @@ class JournalConfig(_Model):
     enabled: bool = Field(True, description="journal every transaction before it is sent; false keeps reversals in memory only (for measurement)")
     path: str = Field("var/journal.sqlite3", description="SQLite file (WAL mode), created when missing")
     synchronous: Literal["NORMAL", "FULL"] = Field("NORMAL", description="NORMAL survives a process crash; FULL also a power loss")
-    key_file: str = Field("var/pan.key", description="master key for PANs at rest (created when missing); ISO_GATEWAY_PAN_KEY overrides")
+    key_file: str = Field(
+        "var/pan.key", description="an older version's PAN key file (or ISO_GATEWAY_PAN_KEY): when present, imported "
+        "once into the security module as a retired data key, so what it sealed stays readable; never created "
+        "(keys are in [security])")
     max_batch: int = Field(1000, ge=1, description="operations committed together at most")
     indexer: Literal["process", "thread"] = Field(
         "process", description="where the write-ahead log is written into SQLite: a child process (off the "
@@ -259,6 +262,25 @@ class JournalConfig(_Model):
     retention: float = Field(
         90.0, gt=0, description="days a journal row (transaction or finished reversal) is kept; older ones are "
         "deleted by a purge that runs every ten minutes, except those a reversal still owes")
+
+
+class SecurityConfig(_Model):
+    """The security module that holds the gateway's keys (docs/security.md)."""
+
+    module: Literal["software", "pkcs11"] = Field(
+        "software", description="software: a key file wrapped under a key-encrypting key (KEK); pkcs11: a PKCS#11 "
+        "token (an HSM; SoftHSM2 for development)")
+    key_file: str = Field("", description="software: the wrapped key file; empty: keys.bin in the state directory "
+                          "(the journal's folder)")
+    kek_file: str = Field(
+        "", description="software: file holding the KEK (64 hex digits, owner-only), outside the state directory; "
+        "ISO_GATEWAY_KEK overrides; empty: $XDG_CONFIG_HOME/iso-gateway/kek.hex (~/.config/...), for development")
+    create: bool = Field(True, description="software: when the key file is missing, create it (and a missing KEK "
+                         "file with it); false for production, where both must exist (iso-gateway keys init)")
+    library: str = Field("", description="pkcs11: the PKCS#11 library; empty: SoftHSM2's, when installed (development)")
+    token_label: str = Field("iso-gateway", description="pkcs11: the token's label")
+    pin_file: str = Field("", description="pkcs11: file holding the user PIN (owner-only, outside the state "
+                          "directory); ISO_GATEWAY_PKCS11_PIN overrides")
 
 
 class LogConfig(_Model):
@@ -294,6 +316,7 @@ class Config(_Model):
     gateway: GatewayConfig = GatewayConfig()
     routing: RoutingConfig = RoutingConfig()
     journal: JournalConfig = JournalConfig()
+    security: SecurityConfig = SecurityConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     listeners: list[ListenerConfig] = Field(min_length=1)
@@ -358,6 +381,7 @@ def reference_markdown() -> str:
         ("[gateway]", GatewayConfig),
         ("[routing]", RoutingConfig),
         ("[journal]", JournalConfig),
+        ("[security]", SecurityConfig),
         ("[log]", LogConfig),
         ("[metrics]", MetricsConfig),
         ("[[listeners]]", ListenerConfig),

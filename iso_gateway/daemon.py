@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT: graceful stop (stop accepting, drain, answer the rest, sign
 off, exit 0). SIGHUP: reload routes, rules and limits from the same file; a bad
-file is refused with a log line and the running configuration stays.
+file is refused with a log line and the running configuration stays. SIGHUP also
+reads the security module's keys again (a data key rotated by ``iso-gateway keys``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ async def _signals(gateway: Gateway, config_path: str | None) -> None:
                     gateway.reload(load_config(config_path))
                 except ConfigError as exc:
                     log.error("reload refused, the running configuration stays: %s", exc)
+                if gateway.keys is not None:  # a data key rotated or a key loaded by another process
+                    gateway.keys.reload()
             else:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 gateway.stop()

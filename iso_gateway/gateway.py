@@ -41,7 +41,9 @@ from .net.links import Upstream, UpstreamConnection
 from .net.poller import Poller
 from .net.writer import FrameWriter
 from .reversals import DurableReversals, ReversalSender
-from .security.pan import PanVault, load_master_key
+from .keys import JournalKeys, open_gateway_keys
+from .security.module import SecurityModule
+from .security.pan import PanVault
 from .specfiles import get_dialect, load_rules
 
 log = logging.getLogger("iso_gateway.gateway")
@@ -76,8 +78,17 @@ class Gateway:
         # The one clock of the shell (clock.py): started by run, read by everything that
         # schedules or stamps, so trio's MockClock moves them all.
         self.clock = Clock()
+        # The keys (keys.py): the security module of [security], the journal's vault from its data
+        # keys. ``security`` is what MACs and key exchanges use; None when no key is needed (the
+        # journal disabled and no [security] section).
+        self.keys: JournalKeys | None = None
+        self.security: SecurityModule | None = None
+        if journal_cfg.enabled or "security" in config.model_fields_set:
+            self.keys = open_gateway_keys(config, config_path or "config")
+            self.security = self.keys.module
         if journal_cfg.enabled:
-            vault = PanVault(load_master_key(journal_cfg.key_file))
+            assert self.keys is not None
+            vault = self.keys.vault
             self.journal = Journal(journal_cfg.path, vault, synchronous=journal_cfg.synchronous, max_batch=journal_cfg.max_batch,
                                    metrics=self.metrics, worker=worker or 0, replay_all=worker is None,
                                    indexer=journal_cfg.indexer, max_log_segments=journal_cfg.max_log_segments,
@@ -86,6 +97,8 @@ class Gateway:
             log.warning("journal disabled: transactions are not journaled and reversals are lost on restart")
             self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=journal_cfg.max_batch,
                                    metrics=self.metrics)
+        if self.keys is not None:
+            self.keys.attach(self.journal)
         self.journal.wall = self.clock.wall
         self.reversals = DurableReversals(self, self.journal, self.clock)
         dialect_dirs = tuple(config.dialect_dirs)
