@@ -301,7 +301,7 @@ class Gateway:
         """Each listener's MAC and identified clients and each upstream's MAC, as the flow takes them;
         ConfigError when a MAC has no security module, an unknown key or a dialect without 64/128."""
         source = self.config_path or "config"
-        security = getattr(self, "security", None)  # the security module (set up with the journal's keys)
+        security = self.security  # the security module (keys.py: set up with the journal's keys)
 
         def hop(where: str, mac: MacConfig | None, dialect: Dialect) -> MacHop | None:
             if mac is None:
@@ -334,7 +334,7 @@ class Gateway:
             lst.side.mac, lst.side.clients = mac, clients
         for up, up_mac in zip(self.upstreams.values(), ups, strict=True):
             up.side.mac = up_mac
-        self.flow.security = getattr(self, "security", None)
+        self.flow.security = self.security
 
     # ------------------------------------------------------------------ feeding the flow
 
