@@ -61,6 +61,7 @@ def flow_settings(config: Config) -> FlowSettings:
                         local_network_management=g.local_network_management,
                         duplicate_in_flight=g.duplicate_in_flight, journaling=config.journal.enabled)
 
+
 class Gateway:
     """Listeners, upstreams and routes wired together; ``run`` serves until ``stop``."""
 
@@ -267,6 +268,8 @@ class Gateway:
             journal_scope.cancel()
             poller_scope.cancel()
         self.journal.close()
+        if self.security is not None:
+            self.security.close()
         self._stopped.set()
 
     async def _flush_metrics(self) -> None:
