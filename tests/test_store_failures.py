@@ -283,7 +283,8 @@ async def test_a_recovery_the_store_could_not_read_at_start_is_done_by_the_saf_w
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
         nursery.start_soon(ReversalSender(reversals, upstream).run)
-        await trio.sleep(0.3)  # the reversal sender's rounds fail meanwhile, and it carries on
+        # The reversal sender's rounds fail, and it carries on: a second failed round.
+        await wait_for(lambda: metrics.journal_errors("saf", "other")._value.get() >= 2, 10, "two failed rounds")
         assert saf_rows(path) == [] and reversals.recovery_owed
         monkeypatch.setattr(type(journal.store), "in_doubt", real)
         await wait_for(lambda: len(saf_rows(path)) == 1, 10, "the reversal the recovery owed")
