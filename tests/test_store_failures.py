@@ -150,7 +150,7 @@ async def test_a_store_that_fails_every_call_does_not_stop_the_saf_worker_which_
     worker = ReversalSender(reversals, upstream)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.run)
-        await trio.sleep(60)
+        await trio.sleep(60)  # virtual (autojump): a minute of failing rounds
         failing = [t for t, _ in journal.calls]
         gaps = [round(b - a, 6) for a, b in zip(failing, failing[1:], strict=False)]
         assert len(failing) >= 10 and gaps == sorted(gaps)  # asked again, less and less often...
@@ -158,7 +158,7 @@ async def test_a_store_that_fails_every_call_does_not_stop_the_saf_worker_which_
         assert max(gaps) == pytest.approx(journal_module.STORE_RETRY_MAX)  # ...up to the bound
         assert metrics.journal_errors("saf", "disk_full")._value.get() == len(failing)
         journal.works = True
-        await trio.sleep(10)
+        await trio.sleep(10)  # virtual: ten seconds of working rounds
         assert len(journal.calls) > len(failing) + 5  # polling again, every SAF_POLL
         assert metrics.journal_errors("saf", "disk_full")._value.get() == len(failing)
         nursery.cancel_scope.cancel()
