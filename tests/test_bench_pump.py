@@ -10,19 +10,24 @@ import time
 from pathlib import Path
 
 from iso_gateway.sim.integrity import free_port
+from realtime import poll_real_sync
 
 PUMP = Path(__file__).resolve().parent.parent / "bench" / "pump.py"
 
 
 def _connect(port: int) -> socket.socket:
-    deadline = time.monotonic() + 10
-    while True:
+    """A connection to the pump (a process of its own) once it listens."""
+    got: list[socket.socket] = []
+
+    def connected() -> bool:
         try:
-            return socket.create_connection(("127.0.0.1", port), timeout=5)
+            got.append(socket.create_connection(("127.0.0.1", port), timeout=5))
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+            return False
+        return True
+
+    assert poll_real_sync(connected, 10), f"the pump did not listen on {port} within 10 s"
+    return got[0]
 
 
 def _frame(body: bytes) -> bytes:
@@ -81,7 +86,7 @@ def test_the_pump_cuts_frames_multiplexes_fronts_onto_one_switch_link_and_answer
         a.sendall(_frame(b"a1") + _frame(b"a2" * 300))
         first = _frame(b"b1" + bytes(range(256)))
         b.sendall(first[:7])
-        time.sleep(0.1)
+        time.sleep(0.1)  # real time on purpose: the pump is a process; a moment to read the first piece alone
         b.sendall(first[7:])
         assert [_read_frame(a), _read_frame(a)] == [b"ok:a1", b"ok:" + b"a2" * 300]
         assert _read_frame(b) == b"ok:b1" + bytes(range(256))

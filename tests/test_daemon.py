@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from iso_gateway.core.framing import framer_from_config
 from iso_gateway.sim.client import FrontEndClient, sample_auth
 from iso_gateway.sim.integrity import free_port
 from iso_gateway.sim.switch import SwitchSimulator
+from realtime import poll_real
 
 
 def write_config(path: Path, *, port: int, switch_port: int, log_file: Path | None = None, timeout: float = 3.0,
@@ -34,20 +36,20 @@ async def start_daemon(config: Path, port: int) -> trio.Process:
             return False
         await s.aclose()
         return True
-    with trio.move_on_after(15):
-        while not await connectable():
-            await trio.sleep(0.05)
+    await poll_real(connectable, bool, 15, look_every=0.05)  # a process of its own: on the machine's clock
     return proc
 
 
 async def ready_client(port: int) -> FrontEndClient:
     """A client once the daemon's link is signed on (it answers 91 before that)."""
     client = await FrontEndClient.connect("127.0.0.1", port, "iso87ascii", "ascii4")
-    for stan in range(900001, 900200):
-        if (await client.request(sample_auth(stan, 10000, terminal="WARMUP00"), timeout=3))["39"] == "00":
-            return client
-        await trio.sleep(0.05)
-    raise AssertionError("the daemon never became ready")
+    stans = itertools.count(900001)
+
+    async def approved() -> bool:
+        return (await client.request(sample_auth(next(stans), 10000, terminal="WARMUP00"), timeout=3))["39"] == "00"
+
+    assert await poll_real(approved, bool, 15, look_every=0.05), "the daemon never became ready"
+    return client
 
 
 async def test_sigterm_lets_requests_in_flight_finish_then_exits_0(nursery, tmp_path):
@@ -62,21 +64,28 @@ async def test_sigterm_lets_requests_in_flight_finish_then_exits_0(nursery, tmp_
         got = {}
 
         async def slow():
-            got["resp"] = await client.request(sample_auth(1, 10899), timeout=5)  # answered after 0.8 s
+            got["resp"] = await client.request(sample_auth(1, 11599), timeout=5)  # answered after 1.5 s
+
+        async def refused() -> bool:
+            try:
+                s = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                return True
+            await s.aclose()
+            return False
 
         async with trio.open_nursery() as n:
             n.start_soon(slow)
+            # Real time on purpose: the daemon is another process, and the simulator shows no request
+            # before it answers it; a moment for the request to reach the daemon before the signal.
             await trio.sleep(0.2)
             proc.send_signal(signal.SIGTERM)
-            await trio.sleep(0.2)
-            try:  # no new connections once draining
-                s = await trio.open_tcp_stream("127.0.0.1", port)
-                await s.aclose()
-                refused = False
-            except OSError:
-                refused = True
+            # No new connections once draining: refused while the slow request is still in flight
+            # (a daemon that exited at once, or that accepted until it exited, fails one of these).
+            was_refused = await poll_real(refused, bool, 5, look_every=0.05)
+            in_flight = "resp" not in got
         assert got["resp"]["39"] == "00"
-        assert refused
+        assert was_refused and in_flight, (was_refused, in_flight)
         with trio.fail_after(10):
             assert await proc.wait() == 0
         log = (tmp_path / "gw.log").read_text()

@@ -175,7 +175,7 @@ async def test_a_full_listener_makes_room_by_closing_the_longest_idle_connection
     for _ in range(4):  # the flood: idle sockets from one address fill the listener
         flood.append(await client_from("127.0.0.2", harness.port))
         await wait_for(lambda: len(lst.connections) == len(flood), 2, "accepted")
-        await trio.sleep(0.01)  # distinct accept times: the order of idleness is known
+        await trio.sleep(0.01)  # virtual: distinct accept times, so the order of idleness is known
     harness.clients.extend(flood)
     # The newest flood connection talks: it is no longer the longest idle.
     assert (await flood[0].request(harness.auth(), timeout=3))["39"] == "00"
@@ -193,13 +193,13 @@ async def test_a_full_listener_makes_room_by_closing_the_longest_idle_connection
     assert len(lst.connections) == 4
 
 
-async def test_a_burst_of_fresh_idle_connections_never_pushes_out_a_front_end_between_payments(harness):
+async def test_a_burst_of_fresh_idle_connections_never_pushes_out_a_front_end_between_payments(harness, autojump_clock):
     await harness.start_switch()
     gw = await harness.start_gateway(listener={"max_connections": 4, "max_connections_per_source": 4})
     lst = gw.listeners[0]
     honest = await harness.client()
     assert (await honest.request(harness.auth(), timeout=3))["39"] == "00"
-    await trio.sleep(0.05)  # it is now idle longer than anything the burst opens
+    await trio.sleep(0.05)  # virtual: it is now idle longer than anything the burst opens
     burst = []
     for i in range(8):  # more fresh sockets than the listener holds, none of which ever sends
         c = await client_from(f"127.0.0.{2 + i % 4}", harness.port)
@@ -272,7 +272,7 @@ def test_room_is_made_by_closing_a_never_used_then_the_longest_idle_connection_n
         conns = [_FakeConnection(i, lst) for i in range(20)]
         lst.connections = set(conns)
         for op, i in ops:
-            await trio.sleep(pause)  # 1.5 s: every eviction looks afresh; 1 ms: within one batch
+            await trio.sleep(pause)  # virtual; 1.5 s: every eviction looks afresh; 1 ms: within one batch
             now, c = trio.current_time(), conns[i]
             if op == "read" and not c.closed:
                 c.last_read = now

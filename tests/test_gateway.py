@@ -181,7 +181,7 @@ async def test_two_front_ends_with_the_same_stans_in_flight_each_get_their_own_a
 
 async def test_answers_come_in_completion_order_on_one_connection(harness, autojump_clock):
     await harness.start_switch()
-    await harness.start_gateway(routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
+    gw = await harness.start_gateway(routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
     client = await harness.client()
     order = []
 
@@ -191,7 +191,7 @@ async def test_answers_come_in_completion_order_on_one_connection(harness, autoj
 
     async with trio.open_nursery() as n:
         n.start_soon(one, 10599, "slow")  # 0.5 s
-        await trio.sleep(0.05)
+        await wait_for(lambda: gw.upstreams["cmi"].in_flight() == 1, 3, "the slow one sent first")
         n.start_soon(one, 15000, "fast")
     assert order == ["fast", "slow"]
 
@@ -272,7 +272,7 @@ async def test_a_front_end_that_stops_reading_is_dropped_and_holds_no_one_else_u
             # reader that held the gateway would let this answer through only after its close.
             assert (await good.request(harness.auth(), timeout=60.0))["39"] == "00"
             served_while_deaf_open += closed.get() == 0
-            await trio.sleep(0.5)  # idle: the clock moves towards the deaf connection's send timeout
+            await trio.sleep(0.5)  # virtual, idle: the clock moves towards the deaf connection's send timeout
     assert served_while_deaf_open >= 1 and len(gw.listeners[0].connections) == 1
     assert (await good.request(harness.auth(), timeout=60.0))["39"] == "00"
     await stream.aclose()
@@ -284,7 +284,7 @@ async def test_a_switch_that_loses_framing_is_counted_and_reconnected(harness, a
     async def garbage_switch(stream):
         connections.append(stream)
         await stream.send_all(b"00X1")  # not a length: framing lost at once
-        await trio.sleep(2)
+        await trio.sleep_forever()  # and holds the connection: the gateway is the one to close it
 
     listeners = await harness.nursery.start(partial(trio.serve_tcp, garbage_switch, 0, host="127.0.0.1"))
     harness.switch_port = listeners[0].socket.getsockname()[1]

@@ -36,7 +36,6 @@ import random
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DAEMON_LOG_FILES, pans_in
+from realtime import poll_real, poll_real_sync
 from iso_gateway.config import ListenerConfig, MetricsConfig
 from iso_gateway.core.framing import framer_from_config
 from iso_gateway.core.message import encode, is_request, is_valid_mti
@@ -214,11 +214,12 @@ timeout = {ROUTE_TIMEOUT}
                 [sys.executable, "-m", "iso_gateway", "sim-switch", "--port", str(self.switch_port),
                  "--record", str(self.switch_record)],
                 stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + 30
-        while not _connectable(self.switch_port):
+
+        def listening() -> bool:
             assert self.switch.poll() is None, "the switch simulator did not start"
-            assert time.monotonic() < deadline, "the switch simulator did not listen within 30 s"
-            time.sleep(0.05)
+            return _connectable(self.switch_port)
+
+        assert poll_real_sync(listening, 30), "the switch simulator did not listen within 30 s"
 
     def start(self) -> None:
         """Start the daemon and wait until it is ready (its link to the switch signed on)."""
@@ -229,26 +230,32 @@ timeout = {ROUTE_TIMEOUT}
         with stderr_file.open("ab") as stderr:
             self.proc = subprocess.Popen([sys.executable, "-m", "iso_gateway", "run", "--config", str(config)],
                                          stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def ready() -> bool:
             assert self.proc.poll() is None, f"the daemon exited with {self.proc.returncode} on start"
             try:
-                if _http_get(self.url + "/readyz", timeout=2)[0] == 200:
-                    break
+                return _http_get(self.url + "/readyz", timeout=2)[0] == 200
             except OSError:
-                pass
-            assert time.monotonic() < deadline, "the daemon was not ready within 30 s"
-            time.sleep(0.05)
+                return False
+
+        assert poll_real_sync(ready, 30), "the daemon was not ready within 30 s"
         # Warm up (imports, first journal writes) before the baseline is taken.
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             for _ in range(20):
                 s.sendall(FRAMER.encode(encode(DIALECT, sample_auth(next(STANS), APPROVED_AMOUNT,
                                                                     terminal="WARMUP01"))))
                 _read_one_frame(s)
-        time.sleep(0.5)
+        # The baseline is taken once the daemon has seen the warm-up connection close (its socket
+        # is then no longer among its open files), not after a pause a loaded machine may outlast.
+        assert poll_real_sync(lambda: self._closed_connections() >= 1, 30), "the warm-up close was not counted"
         self.baseline_rss = rss_bytes(self.proc.pid)
         self.baseline_threads = thread_count(self.proc.pid)
         self.baseline_fds = open_fds(self.proc.pid)
+
+    def _closed_connections(self) -> float:
+        body = _http_get(self.url + "/metrics", timeout=5)[1]
+        return sum(s.value for family in text_string_to_metric_families(body) for s in family.samples
+                   if s.name == "iso_gateway_front_connections_closed_total")
 
     @property
     def alive(self) -> bool:
@@ -319,7 +326,8 @@ def daemon(tmp_path_factory) -> Iterator[Daemon]:
 def gw(daemon: Daemon, request) -> Iterator[Daemon]:
     """The module's daemon, restarted first if an earlier attack killed it (or left it deaf)."""
     if not daemon.healthy():
-        time.sleep(1.0)  # a process on its way out
+        # A daemon busy for a moment gets a second chance; one that is on its way out is awaited.
+        poll_real_sync(lambda: not daemon.alive or daemon.healthy(), 2.0, look_every=0.1)
         if not daemon.healthy():
             daemon.deaths.append(f"before {request.node.name} (exit code {daemon.proc.poll()})")
             daemon.stop_gateway()
@@ -352,14 +360,11 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 async def wait_for_metric(gw: Daemon, name: str, at_least: float, timeout: float = 10.0, **labels: str) -> float:
     """Scrape until ``name`` (summed over ``labels``) reaches ``at_least``; the last value read."""
-    value = 0.0
-    with trio.move_on_after(timeout):
-        while True:
-            value = total(await scrape(gw), name, **labels)
-            if value >= at_least:
-                return value
-            await trio.sleep(0.1)
-    return value
+
+    async def value() -> float:
+        return total(await scrape(gw), name, **labels)
+
+    return await poll_real(value, lambda v: v >= at_least, timeout)
 
 
 async def assert_alive(gw: Daemon) -> None:
@@ -419,6 +424,8 @@ class HonestClient:
                         self.answers += 1
                 if last:
                     return
+                # Real time on purpose: the daemon is another process, and this is the honest
+                # client's pace (a request every few tens of milliseconds), not a wait for anything.
                 await trio.sleep(0.05)
         finally:
             with trio.CancelScope(shield=True):
@@ -457,7 +464,7 @@ async def expect_answer(gw: Daemon, client: FrontEndClient) -> dict[str, str]:
     try:
         return await client.receive_message(ANSWER_WITHIN)
     except ConnectionClosed:
-        await trio.sleep(0.5)
+        await poll_real(lambda: gw.alive, lambda alive: not alive, 1.0)  # a daemon that is dying: let it exit
         state = "is still running" if gw.alive else f"exited with code {gw.proc.returncode}"
         pytest.fail(f"the connection was closed instead of answered (the daemon {state})")
     except RequestTimeout:
@@ -677,10 +684,12 @@ async def test_a_broken_length_header_closes_only_that_connection_and_is_counted
         assert await closed_by_peer(stream, 5.0), "the daemon kept a connection whose framing is lost"
     finally:
         await stream.aclose()
-    with trio.move_on_after(10):
-        while reason_total(await scrape(gw)) < before + 1:
-            await trio.sleep(0.1)
-    assert reason_total(await scrape(gw)) >= before + 1, f"the close was not counted under {reasons}"
+
+    async def counted() -> float:
+        return reason_total(await scrape(gw))
+
+    assert await poll_real(counted, lambda v: v >= before + 1, 10) >= before + 1, (
+        f"the close was not counted under {reasons}")
     await honest.finish()
     await assert_alive(gw)
 
@@ -812,10 +821,7 @@ async def _served_from_127_0_0_1(gw: Daemon, terminal: str) -> str:
 
 async def _count_open(streams: list[trio.SocketStream], at_most: int, timeout: float = 5.0) -> int:
     """Connections of ``streams`` still open, once it is at most ``at_most`` (or after ``timeout``)."""
-    with trio.move_on_after(timeout):
-        while sum(still_open(s) for s in streams) > at_most:
-            await trio.sleep(0.1)
-    return sum(still_open(s) for s in streams)
+    return await poll_real(lambda: sum(still_open(s) for s in streams), lambda n: n <= at_most, timeout)
 
 
 async def test_finding_5_one_address_holding_idle_connections_meets_its_per_source_limit(gw, nursery):
@@ -858,7 +864,9 @@ async def test_finding_5_a_full_listener_makes_room_for_a_new_front_end_by_closi
         for source in ("127.0.0.4", "127.0.0.5", "127.0.0.6"):
             idle += await _hold(gw, source, PER_SOURCE)
         idle += await _hold(gw, "127.0.0.7", MAX_CONNECTIONS - 1 - len(idle))  # full with the honest one
-        await trio.sleep(0.5)  # all of them now idle longer than the honest client ever is
+        # Real time on purpose (the daemon's clock is the machine's): all of them now idle longer
+        # than the honest client ever is, so the connections opened next are the younger ones.
+        await trio.sleep(0.5)
         more = PER_SOURCE - (MAX_CONNECTIONS - 1 - 3 * PER_SOURCE)
         idle += await _hold(gw, "127.0.0.7", more)  # each takes an older one's place
         for n in range(3):  # the first takes an idle one's place, the next ones the place it left
@@ -983,7 +991,9 @@ async def test_finding_8_slow_and_concurrent_http_connections_stay_bounded_and_h
             for _ in range(SLOW_HTTP):
                 n.start_soon(open_slow)
         threads = 0
-        for _ in range(10):  # the most threads seen over a second, while the server accepts them
+        # Real time on purpose: the most threads the daemon process shows over a second, while
+        # its server accepts them (a sample over a window, not a wait for a condition).
+        for _ in range(10):
             threads = max(threads, thread_count(gw.proc.pid))
             await trio.sleep(0.1)
         assert threads < gw.baseline_threads + 100, (
@@ -1141,7 +1151,7 @@ class _FuzzConnection:
                 await self.client.send_raw(b"".join(frame(f) for f in self.frames[i:i + 10]))
             except ConnectionClosed:
                 return
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # real time on purpose: the fuzz's pace, ten frames at a time
 
 
 async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_reads_and_the_daemon_lives(gw, nursery):
@@ -1165,10 +1175,12 @@ async def test_seeded_fuzz_frames_get_exactly_one_answer_each_when_their_mti_rea
             async with trio.open_nursery() as senders:
                 for c in conns:
                     senders.start_soon(c.send_frames)
-            with trio.move_on_after(ROUTE_TIMEOUT + 10):  # the last 91s come after the route timeout
-                while any(c.answers < c.expected and c.lost is None for c in conns):
-                    await trio.sleep(0.1)
-            await trio.sleep(ROUTE_TIMEOUT + 0.5)  # room for a second answer that should not come
+            # The last 91s come after the route timeout.
+            await poll_real(lambda: any(c.answers < c.expected and c.lost is None for c in conns),
+                            lambda waiting: not waiting, ROUTE_TIMEOUT + 10)
+            # Real time on purpose (the daemon's route timeout runs on the machine's clock): room
+            # for a second answer that should not come.
+            await trio.sleep(ROUTE_TIMEOUT + 0.5)
             n.cancel_scope.cancel()
     finally:
         for c in conns:
@@ -1207,9 +1219,9 @@ async def test_memory_threads_and_open_files_stay_bounded_across_the_battery(gw,
     assert not gw.deaths, f"the daemon died during the battery (found dead {', '.join(gw.deaths)})"
     rss = rss_bytes(pid)
     assert rss < gw.baseline_rss + 64 * 2**20, f"RSS {rss >> 20} MB, {gw.baseline_rss >> 20} MB at start"
-    with trio.move_on_after(10):  # closes are counted on the daemon's next turn: let it catch up
-        while open_fds(pid) > gw.baseline_fds + 16 or thread_count(pid) > gw.baseline_threads + 8:
-            await trio.sleep(0.2)
+    # Closes are handled on the daemon's next turn: let it catch up.
+    await poll_real(lambda: open_fds(pid) <= gw.baseline_fds + 16 and thread_count(pid) <= gw.baseline_threads + 8,
+                    bool, 10, look_every=0.2)
     assert open_fds(pid) <= gw.baseline_fds + 16, f"{open_fds(pid)} open files, {gw.baseline_fds} at start"
     assert thread_count(pid) <= gw.baseline_threads + 8, (
         f"{thread_count(pid)} threads, {gw.baseline_threads} at start")

@@ -16,6 +16,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import wait_for
 from iso_gateway.net.http import MAX_HEADER_BYTES, Limits, ObservabilityApp, serve_connection, start_server
 from iso_gateway.metrics import Metrics
 
@@ -106,16 +107,17 @@ async def test_a_silent_a_half_sent_and_a_dribbling_request_are_all_closed_after
                     await dribble.send_all(bytes([byte]))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
-                await trio.sleep(0.1)  # 54 bytes: 5.4 s if it were never cut off
+                # Real time on purpose: the server runs on its own thread and clock. A byte every
+                # 0.1 s, 54 bytes: 5.4 s if it were never cut off.
+                await trio.sleep(0.1)
 
         with trio.fail_after(4):
             async with trio.open_nursery() as n:
                 n.start_soon(dribbling)
-                for name, stream in (("silent", silent), ("half", half), ("dribble", dribble)):
-                    n.start_soon(wait_closed, name, stream)
-                while len(closed) < 3:
-                    await trio.sleep(0.05)
-                n.cancel_scope.cancel()
+                async with trio.open_nursery() as closing:
+                    for name, stream in (("silent", silent), ("half", half), ("dribble", dribble)):
+                        closing.start_soon(wait_closed, name, stream)
+                n.cancel_scope.cancel()  # all three closed: the dribbler stops
         assert set(closed) == {"silent", "half", "dribble"} and max(closed.values()) < 3, closed
         assert server.stats["closed_header_timeout"] == 3
         for s in (silent, half, dribble):
@@ -220,7 +222,7 @@ def test_however_a_request_dribbles_in_it_is_cut_off_header_timeout_after_the_co
 
         async def dribble() -> None:
             for i, gap in enumerate(gaps[:len(request)]):
-                await trio.sleep(gap)
+                await trio.sleep(gap)  # virtual (MockClock): the gaps are the input
                 try:
                     await client.send_all(request[i:i + 1])
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -277,9 +279,7 @@ async def test_a_scraper_that_never_reads_its_answers_is_closed_after_the_send_t
         deaf = trio.SocketStream(sock)
         # Kept-alive scrapes, pipelined, and not one byte read: tens of megabytes the kernel can't hold.
         await deaf.send_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n" * 100)
-        with trio.fail_after(30):
-            while server.stats["closed_send_timeout"] == 0:
-                await trio.sleep(0.05)
+        await wait_for(lambda: server.stats["closed_send_timeout"] > 0, 30, "the deaf scraper closed")
         assert server.stats["closed_send_timeout"] == 1
         # The endpoint serves others all along, and afterwards.
         assert (await _exchange(server.port, SCRAPE)).startswith(b"HTTP/1.1 200 ")

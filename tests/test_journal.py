@@ -275,8 +275,8 @@ async def test_a_full_disk_at_rotation_keeps_the_gateway_up_and_its_segment_is_w
 
     with monkeypatch.context() as m:
         m.setattr(txlog, "_write", full)
-        await trio.sleep(0.5)  # virtual: rotations (from the loop) fail meanwhile
-        assert "No space left" in gw.readiness()[1]
+        # A rotation (from the loop) fails, and /readyz says so.
+        await wait_for(lambda: "No space left" in gw.readiness()[1], 5, "the failed rotation shown")
     assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
     # By the indexer, in real time.
     await wait_real(lambda: [r[1] for r in rows(db)] == [ANSWERED, ANSWERED], 10, "both rows, answered")
@@ -287,9 +287,10 @@ async def test_the_indexer_backlog_is_a_gauge_that_returns_to_zero(harness, jour
     child = gw.journal._indexer._proc
     os.kill(child.pid, signal.SIGSTOP)  # an indexer that falls behind
     try:
-        for _ in range(2):
+        for waiting in (1, 2):
             assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
-            await trio.sleep(0.3)  # virtual: a rotation each (from the loop): a segment that waits
+            # A rotation each (from the loop): a segment that waits.
+            await wait_for(lambda n=waiting: gw.metrics.journal_log_segments().get() >= n, 5, f"{waiting} segments")
         assert gw.metrics.journal_log_segments().get() >= 2
     finally:
         os.kill(child.pid, signal.SIGCONT)

@@ -24,6 +24,7 @@ import trio
 import yaml
 
 from conftest import wait_for
+from realtime import poll_real
 from iso_gateway.metrics import Metrics
 from test_observability import endpoint, fetch, free_port, get
 
@@ -299,15 +300,15 @@ async def prometheus_server(folder: Path, target_port: int, rules: Path) -> Asyn
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
+    # Prometheus and its scrapes (every second) run on the machine's clock: looked at until they show.
+    async def ready() -> bool:
+        try:
+            return (await get(url + "/-/ready"))[0] == 200
+        except OSError:
+            return False
+
     try:
-        with trio.move_on_after(30):
-            while proc.returncode is None:
-                try:
-                    if (await get(url + "/-/ready"))[0] == 200:
-                        break
-                except OSError:
-                    pass
-                await trio.sleep(0.1)
+        await poll_real(lambda: proc.returncode is not None or ready(), lambda up: up is True, 30)
         assert proc.returncode is None and (await get(url + "/-/ready"))[0] == 200, \
             (folder / "prometheus.log").read_text(errors="replace")[-2000:]
         yield url
@@ -337,17 +338,9 @@ def scalar(url: str, promql: str) -> float | None:
 
 async def until(url: str, promql: str, expected: float, what: str, timeout: float = 30) -> None:
     """Wait (bounded) until the query's single value equals ``expected``."""
-    seen: list[float | None] = [None]
-
-    async def check() -> bool:
-        seen[0] = await trio.to_thread.run_sync(scalar, url, promql)
-        return seen[0] == expected
-
-    with trio.move_on_after(timeout):
-        while not await check():
-            await trio.sleep(0.2)
-        return
-    raise AssertionError(f"{what}: {promql} = {seen[0]}, expected {expected} (waited {timeout} s)")
+    seen = await poll_real(lambda: trio.to_thread.run_sync(scalar, url, promql), lambda v: v == expected, timeout,
+                           look_every=0.2)
+    assert seen == expected, f"{what}: {promql} = {seen}, expected {expected} (waited {timeout} s)"
 
 
 def firing(url: str, alert: str) -> list[dict[str, Any]]:
@@ -405,11 +398,8 @@ async def test_a_real_prometheus_scrapes_the_gateway_and_fires_an_alert_when_the
 
             harness.stop_switch()
             await wait_for(lambda: not gw.upstreams["cmi"].ready, 5, "link down")
-            alerts: list[dict[str, Any]] = []
-            with trio.move_on_after(30):
-                while not alerts:
-                    alerts = await trio.to_thread.run_sync(firing, prom, "IsoGatewayNoUpstreamReady")
-                    await trio.sleep(0.2)
+            alerts = await poll_real(lambda: trio.to_thread.run_sync(firing, prom, "IsoGatewayNoUpstreamReady"), bool, 30,
+                                     look_every=0.2)
             assert alerts, "IsoGatewayNoUpstreamReady never fired"
             assert alerts[0]["labels"]["severity"] == "critical"
             assert alerts[0]["annotations"]["summary"] == f"iso-gateway 127.0.0.1:{port} has no upstream link ready"

@@ -154,7 +154,7 @@ async def test_a_repeated_request_is_answered_from_the_first_and_never_sent_twic
 
 async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harness, autojump_clock):
     sim = await harness.start_switch()
-    await harness.start_gateway(routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
+    gw = await harness.start_gateway(routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
     a, b = await harness.client(), await harness.client()
     req = harness.auth(10399)  # answered after 0.3 s
     answers = []
@@ -164,7 +164,7 @@ async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harn
 
     async with trio.open_nursery() as n:
         n.start_soon(send, a)
-        await trio.sleep(0.05)
+        await wait_for(lambda: gw.upstreams["cmi"].in_flight() == 1, 3, "the first one in flight")
         n.start_soon(send, b)
     assert [r["39"] for r in answers] == ["00", "00"] and answers[0]["38"] == answers[1]["38"]
     assert sim.count("0100") == 1
@@ -172,8 +172,8 @@ async def test_a_duplicate_of_a_request_in_flight_waits_for_the_same_answer(harn
 
 async def test_duplicates_in_flight_can_be_answered_94(harness, autojump_clock):
     await harness.start_switch()
-    await harness.start_gateway(gateway={"duplicate_in_flight": "94"},
-                                routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
+    gw = await harness.start_gateway(gateway={"duplicate_in_flight": "94"},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
     a, b = await harness.client(), await harness.client()
     req = harness.auth(10399)
     answers = {}
@@ -183,7 +183,7 @@ async def test_duplicates_in_flight_can_be_answered_94(harness, autojump_clock):
 
     async with trio.open_nursery() as n:
         n.start_soon(send, "first", a)
-        await trio.sleep(0.05)
+        await wait_for(lambda: gw.upstreams["cmi"].in_flight() == 1, 3, "the first one in flight")
         n.start_soon(send, "second", b)
     assert answers == {"first": "00", "second": "94"}
 
@@ -469,7 +469,7 @@ async def test_reversals_are_due_and_stamped_by_the_gateways_clock_so_a_mock_clo
     client = await harness.client()
     assert (await client.request(harness.auth(10097), timeout=30))["39"] == "91"  # never answered, nor its reversals
     await wait_real(lambda: len(saf_rows(harness)) == 1, 10, "the reversal stored")
-    await trio.sleep(5)
+    await trio.sleep(5)  # virtual: nothing is sent within 5 s
     assert sim.count("0420") == 0  # due in an hour
     journal_clock.jump(3600)
     await wait_real(lambda: sim.count("0420") == 1, 10, "the reversal, an hour later by the clock")

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import pytest
 import trio
 
+from conftest import wait_for
 from iso_gateway.core.errors import ConfigError
 from iso_gateway.sim import (
     ConnectionClosed,
@@ -61,9 +62,7 @@ async def connect(sim: SwitchSimulator) -> FrontEndClient:
 
 
 async def eventually(predicate, timeout: float = TIMEOUT) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
+    await wait_for(predicate, timeout)
 
 
 # --------------------------------------------------------------------------- the table, without sockets
@@ -187,7 +186,7 @@ async def test_pipelined_requests_are_answered_out_of_order_so_a_slow_one_does_n
         started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask, 1, 10599)  # 0.5 s
-            await trio.sleep(0.02)  # so the slow one is surely sent first
+            await trio.sleep(0.02)  # virtual: every task idle meanwhile, so the slow one is surely in first
             for stan in range(2, 12):
                 nursery.start_soon(ask, stan, 10000 + stan)
         elapsed = trio.current_time() - started
@@ -290,7 +289,7 @@ async def test_a_frame_split_across_writes_is_answered_once_complete(switch, aut
     async with await connect(switch) as client:
         data = client.frame(sample_auth(1, 10000))
         await client.send_raw(data[:7])
-        await trio.sleep(0.05)
+        await trio.sleep(0.05)  # virtual: every task idle meanwhile, so the switch has read the first piece alone
         await client.send_raw(data[7:])
         response = await client.receive_message(TIMEOUT)
     assert response["t"] == "0110" and response["39"] == "00"

@@ -150,7 +150,7 @@ async def test_a_store_that_fails_every_call_does_not_stop_the_saf_worker_which_
     worker = ReversalSender(reversals, upstream)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.run)
-        await trio.sleep(60)
+        await trio.sleep(60)  # virtual (autojump): a minute of failing rounds
         failing = [t for t, _ in journal.calls]
         gaps = [round(b - a, 6) for a, b in zip(failing, failing[1:], strict=False)]
         assert len(failing) >= 10 and gaps == sorted(gaps)  # asked again, less and less often...
@@ -158,7 +158,7 @@ async def test_a_store_that_fails_every_call_does_not_stop_the_saf_worker_which_
         assert max(gaps) == pytest.approx(journal_module.STORE_RETRY_MAX)  # ...up to the bound
         assert metrics.journal_errors("saf", "disk_full")._value.get() == len(failing)
         journal.works = True
-        await trio.sleep(10)
+        await trio.sleep(10)  # virtual: ten seconds of working rounds
         assert len(journal.calls) > len(failing) + 5  # polling again, every SAF_POLL
         assert metrics.journal_errors("saf", "disk_full")._value.get() == len(failing)
         nursery.cancel_scope.cancel()
@@ -283,7 +283,8 @@ async def test_a_recovery_the_store_could_not_read_at_start_is_done_by_the_saf_w
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
         nursery.start_soon(ReversalSender(reversals, upstream).run)
-        await trio.sleep(0.3)  # the reversal sender's rounds fail meanwhile, and it carries on
+        # The reversal sender's rounds fail, and it carries on: a second failed round.
+        await wait_for(lambda: metrics.journal_errors("saf", "other")._value.get() >= 2, 10, "two failed rounds")
         assert saf_rows(path) == [] and reversals.recovery_owed
         monkeypatch.setattr(type(journal.store), "in_doubt", real)
         await wait_for(lambda: len(saf_rows(path)) == 1, 10, "the reversal the recovery owed")

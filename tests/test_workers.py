@@ -12,6 +12,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from iso_gateway.load import LoadOptions, run_load
+from realtime import poll_real
 from iso_gateway.sim.switch import SwitchSimulator
 from test_daemon import free_port
 
@@ -62,22 +63,22 @@ upstream = "cmi"
         [sys.executable, "-m", "iso_gateway", "run", "--config", str(cfg), "--workers", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # The workers are processes of their own, on the machine's clock: their state is looked at
+        # until it shows, within bounds in real seconds.
         async def ready() -> bool:
-            return await trio.to_thread.run_sync(lambda: status(metrics_port, "/readyz") == 200)
-        with trio.fail_after(20):
-            while True:
-                try:
-                    if await ready():
-                        break
-                except OSError:
-                    pass
-                await trio.sleep(0.1)
+            try:
+                return await trio.to_thread.run_sync(lambda: status(metrics_port, "/readyz") == 200)
+            except OSError:
+                return False
+
+        def scraped():
+            return trio.to_thread.run_sync(scrape, metrics_port)
+
+        assert await poll_real(ready, bool, 20), "the workers were not ready within 20 s"
         ready_key = "iso_gateway_link_state|host=127.0.0.1:%d|state=ready|upstream=cmi" % switch_port
-        with trio.move_on_after(5):  # each worker hands its gauges over every second
-            while (await trio.to_thread.run_sync(scrape, metrics_port)).get(ready_key) != 2:
-                await trio.sleep(0.2)
-        metrics = await trio.to_thread.run_sync(scrape, metrics_port)
-        assert metrics[ready_key] == 2  # one link per worker
+        # Each worker hands its gauges over every second.
+        metrics = await poll_real(scraped, lambda m: m.get(ready_key) == 2, 5, look_every=0.2)
+        assert metrics.get(ready_key) == 2  # one link per worker
         # 32 connections: the kernel spreads them over the two workers by a hash, so all of them
         # landing on one worker (a chance of 2 in 2**32) can't make this test fail.
         result = await run_load(LoadOptions(host="127.0.0.1", port=port, mix="bench", connections=32, in_flight=1,
@@ -85,11 +86,8 @@ upstream = "cmi"
         assert result.answered == 2000 and result.codes == {"00": 2000}
         # Workers hand their counters to the shared files every second.
         key = "iso_gateway_front_messages_received_total|listener=ecom|mti=0100"
-        with trio.move_on_after(5):
-            while (await trio.to_thread.run_sync(scrape, metrics_port)).get(key) != 2000:
-                await trio.sleep(0.2)
-        metrics = await trio.to_thread.run_sync(scrape, metrics_port)
-        assert metrics[key] == 2000
+        metrics = await poll_real(scraped, lambda m: m.get(key) == 2000, 5, look_every=0.2)
+        assert metrics.get(key) == 2000
         assert sim.count("0100") == 2000
         def rows_per_worker() -> dict[int, int]:
             db = sqlite3.connect(tmp_path / "journal.sqlite3")
@@ -100,10 +98,8 @@ upstream = "cmi"
 
         # Each worker's indexer writes its log segments into SQLite a moment after they close:
         # wait for the rows (bounded) rather than for a machine fast enough to have them already.
-        with trio.move_on_after(20):
-            while sum((await trio.to_thread.run_sync(rows_per_worker)).values()) < 2000:
-                await trio.sleep(0.2)
-        per_worker = await trio.to_thread.run_sync(rows_per_worker)
+        per_worker = await poll_real(lambda: trio.to_thread.run_sync(rows_per_worker),
+                                     lambda rows: sum(rows.values()) >= 2000, 20, look_every=0.2)
         assert set(per_worker) == {0, 1} and sum(per_worker.values()) == 2000  # both took connections
         assert await trio.to_thread.run_sync(status, metrics_port, "/healthz") == 200
     finally:
