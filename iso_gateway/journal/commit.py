@@ -819,6 +819,11 @@ class LogIndexer:
         self._work = trio.Event()  # set when there is a segment to write
         self._closing = False
         self._key_pending = False  # the vault changed: send the child the new key before the next segment
+        # One writer at a time on the child's stdin: the periodic rotation and a reversal's ``sync``
+        # both send segments, and two writes at once on a full pipe would raise BusyResourceError
+        # (ending the journal). trio's Lock is fair, so lines go in the order segments were queued.
+        self._stdin_lock = trio.Lock()
+        self._given: set[Path] = set()  # segments the running child was sent (each goes to a child once)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start a child when there is work, until ``close``. A child that exits after
@@ -856,10 +861,13 @@ class LogIndexer:
                      "worker": j.store.worker, "idle_exit": INDEXER_IDLE_EXIT,
                      "retry_initial": STORE_RETRY_INITIAL, "retry_max": STORE_RETRY_MAX}
             assert proc.stdin is not None and proc.stdout is not None
-            await proc.stdin.send_all(json.dumps(hello).encode() + b"\n")
-            for path in list(self.unacked):  # what it has to do (a dead child had not finished)
-                await proc.stdin.send_all(f"apply {path}\n".encode())
-            self._ready.set()
+            async with self._stdin_lock:
+                self._given = set()
+                await proc.stdin.send_all(json.dumps(hello).encode() + b"\n")
+                for path in list(self.unacked):  # what it has to do (a dead child had not finished)
+                    await proc.stdin.send_all(f"apply {path}\n".encode())
+                    self._given.add(path)
+                self._ready.set()
             if j._failures.get("indexer", "").endswith("exited"):  # it runs again
                 j.clear_failure("indexer")
             await self._read(proc)
@@ -889,6 +897,7 @@ class LogIndexer:
                 done = kind == "done"
                 if done and self.unacked and self.unacked[0] == path:
                     self.unacked.popleft()
+                    self._given.discard(path)
                 self.on_done(path, done, detail)
 
     def new_key(self) -> None:
@@ -900,25 +909,26 @@ class LogIndexer:
         self._key_pending = True
 
     async def send(self, path: Path) -> None:
-        if self._key_pending:  # before this segment, which may be sealed under the new key
-            self._key_pending = False
+        self.unacked.append(path)
+        self._work.set()
+        async with self._stdin_lock:
             proc = self._proc
-            if proc is not None and proc.stdin is not None and self._ready.is_set():
+            if proc is None or proc.stdin is None or not self._ready.is_set():
+                return  # sent when the (re)started child comes up (its hello has the key)
+            if self._key_pending:  # before this segment, which may be sealed under the new key
+                self._key_pending = False
                 line = f"key {self.journal.store.vault.export_key().hex()}\n".encode()
                 try:
                     await proc.stdin.send_all(line)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the child is gone: the next one gets the key in its hello
-        self.unacked.append(path)
-        self._work.set()
-        proc = self._proc
-        if proc is None or not self._ready.is_set():
-            return  # sent when the (re)started child comes up
-        assert proc.stdin is not None
-        try:
-            await proc.stdin.send_all(f"apply {path}\n".encode())
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the child is gone: sent again to the next one
+                    return  # the child is gone: the next one gets the key in its hello, and this segment
+            if path in self._given:
+                return  # the child had it with what it started with
+            try:
+                await proc.stdin.send_all(f"apply {path}\n".encode())
+                self._given.add(path)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the child is gone: sent again to the next one
 
     async def close(self, timeout: float) -> None:
         """Let the child finish what it was sent, then stop it (after ``timeout`` it is killed;
@@ -929,7 +939,8 @@ class LogIndexer:
             return
         with trio.move_on_after(timeout):
             if proc.stdin is not None:
-                await proc.stdin.aclose()
+                async with self._stdin_lock:  # after what is being written
+                    await proc.stdin.aclose()
             await proc.wait()
         if proc.returncode is None:
             proc.kill()
