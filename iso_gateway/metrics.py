@@ -160,7 +160,7 @@ class Metrics:
         self.duplicates = counter("duplicates_total", "Repeated front-end requests recognised as duplicates.", ("listener",))
         self.connections_open = gauge("front_connections_open", "Front-end connections open.", ("listener",), "livesum")
         self.connections_total = counter("front_connections_total", "Front-end connections by outcome (accepted; refused: the listener full and every connection waiting for an answer; refused_per_source: max_connections_per_source open from that address).", ("listener", "outcome"))
-        self.connections_closed = counter("front_connections_closed_total", "Front-end connections closed, by reason (peer_closed, idle_timeout, stalled_partial_frame, stalled_reader, frame_too_large, framing_lost, reset, shutdown, internal_error, evicted_idle: closed to make room when the listener was full).", ("listener", "reason"))
+        self.connections_closed = counter("front_connections_closed_total", "Front-end connections closed, by reason (peer_closed, idle_timeout, stalled_partial_frame, stalled_reader, frame_too_large, framing_lost, reset, shutdown, internal_error, evicted_idle: closed to make room when the listener was full; TLS listeners: tls_handshake_failed, tls_error).", ("listener", "reason"))
         self.frames_too_large = counter("frames_too_large_total", "Frames over the size limit (max_frame), by side and listener or upstream name.", ("side", "name"))
         self.request_latency = histogram("request_duration_seconds", "From a front-end request received to its answer sent (timeouts and dropped links included).", ("upstream", "mti"), LATENCY_BUCKETS)
         # upstream

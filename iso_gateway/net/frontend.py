@@ -52,7 +52,7 @@ from ..core.scanner import Scanner
 from ..core.validation import RuleSet
 from .sockio import SocketIO, TlsSocketIO
 from .tls import (
-    CLOSED, FAILED, HANDSHAKING, ExpiryGauge, TlsConfigError, TlsEndpoint, TlsListenerSettings, TlsSession,
+    CLOSED, FAILED, HANDSHAKING, TRUNCATED, ExpiryGauge, TlsConfigError, TlsEndpoint, TlsListenerSettings, TlsSession,
     listener_endpoint,
 )
 from .writer import FrameWriter
@@ -555,6 +555,12 @@ class TlsFrontConnection(FrontConnection):
                 if self.closed:
                     return
         if not session.established:  # close_notify came, or a record did not decrypt
+            if session.state is FAILED and not self.used and session.reason != TRUNCATED:
+                # Before any frame: the end of a handshake (with TLS 1.3 a client certificate can be
+                # judged after the server's side of the handshake has ended).
+                listener.tls_failed(session, self.id)
+                self.close("tls_handshake_failed")
+                return
             if session.state is FAILED:
                 log.warning("listener %s connection %d: TLS failed: %s (%s)", listener.name, self.id, session.reason,
                             session.detail)
