@@ -9,28 +9,33 @@ subprocess (openssl, a daemon) run on real time and wait for conditions, every w
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import ssl
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 import trio
+from prometheus_client import generate_latest
 
-from conftest import wait_for
+from conftest import config_dict, merge, wait_for
 from iso_gateway.config import Config
 from iso_gateway.core.errors import ConfigError
 from iso_gateway.core.framing import framer_from_config
-from iso_gateway.core.message import decode, encode
+from iso_gateway.core.message import build_response, decode, encode
 from iso_gateway.gateway import Gateway
 from iso_gateway.metrics import Metrics
 from iso_gateway.net.frontend import TlsFrontConnection
 from iso_gateway.sim.client import ConnectionClosed, FrontEndClient, RequestTimeout, sample_auth
 from iso_gateway.sim.tlsctx import TlsHandshakeFailed, client_context, server_context
 from iso_gateway.specfiles import get_dialect
-from pki import Issued, Pki, make_pki
+from pki import DAY, NOW, Issued, Pki, make_pki
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
@@ -76,6 +81,11 @@ def front_tls(pki: Pki, client: Issued | None) -> ssl.SSLContext:
 async def tls_client(port: int, pki: Pki, client: Issued | None) -> FrontEndClient:
     return await FrontEndClient.connect("127.0.0.1", port, "iso87ascii", "ascii4", tls=front_tls(pki, client),
                                         server_name="switch.test")
+
+
+def config_dict_of(harness: Any, **options: Any) -> dict[str, Any]:
+    """The raw configuration of the harness's gateway (its switch port), without a journal on disk."""
+    return config_dict(harness.switch_port, state_dir=harness.state_dir, journal={"enabled": False}, **options)
 
 
 def failures(gw: Gateway, side: str, name: str, reason: str) -> float:
@@ -215,3 +225,332 @@ async def test_a_tls_garbage_flood_leaves_honest_front_ends_served(harness, pki,
     assert switch.count("0100") == served + 3
     for s in flood:
         await s.aclose()
+
+
+# --------------------------------------------------------------------------------------------- switch links
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("pin", "pin_mismatch"),
+    ("name", "bad_name"),
+    ("expired", "expired"),
+    ("other_ca", "unknown_ca"),
+    ("no_client_cert", "alert_certificate_required"),
+])
+async def test_a_switch_link_whose_handshake_fails_is_not_ready_and_counted_by_reason(harness, pki, case, reason,
+                                                                                       autojump_clock):
+    server = {"expired": pki.server_expired, "other_ca": pki.server_other_ca}.get(case, pki.server)
+    ctx = server_context(str(server.cert_path), str(server.key_path), client_ca=(str(pki.ca.cert_path),),
+                         require_client_cert=True)
+    switch = await harness.start_switch(tls=ctx)
+    tls = upstream_tls(pki, client=None if case == "no_client_cert" else pki.client)
+    if case == "pin":
+        tls = {"pin_sha256": pki.server_other_ca.sha256, "cert_chain": str(pki.client.cert_path),
+               "key": str(pki.client.key_path)}
+    elif case == "name":
+        tls["server_name"] = "elsewhere.test"
+    gw = await harness.start_gateway(upstream={"tls": tls}, wait_ready=False)
+    with trio.fail_after(LIMIT):
+        await wait_for(lambda: failures(gw, "upstream", "cmi", reason) >= 2, LIMIT, f"{reason} twice (it reconnects)")
+    assert not gw.upstreams["cmi"].ready and not gw.readiness()[0]
+    assert switch.count("0800") == 0  # no sign-on ever left on a link that failed its handshake
+    client = await harness.client()
+    assert (await client.request(harness.auth(), timeout=5))["39"] == "91"
+
+
+async def test_a_pinned_switch_certificate_is_trusted_whatever_signed_it_and_its_expiry_is_shown(harness, pki):
+    server = pki.server_other_ca  # signed by a CA the gateway does not know: the pin is the whole of the trust
+    await harness.start_switch(tls=server_context(str(server.cert_path), str(server.key_path)))
+    gw = await harness.start_gateway(upstream={"tls": {"pin_sha256": ":".join(
+        pki.server_other_ca.sha256[i:i + 2] for i in range(0, 64, 2)).upper()}})
+    client = await harness.client()
+    assert (await client.request(harness.auth(), timeout=5))["39"] == "00"
+    subject = server.cert.subject.rfc4514_string()
+    gw.metrics.flush()
+    assert 364 < gw.metrics.tls_days_left("upstream", "cmi", subject).get() <= 365
+
+
+async def test_a_switch_that_never_finishes_the_handshake_is_given_up_at_the_deadline(harness, pki, nursery,
+                                                                                       autojump_clock):
+    accepted: list[trio.SocketStream] = []
+
+    async def mute(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, mute, listeners)
+    harness.switch_port = port
+    gw = await harness.start_gateway(upstream={"tls": upstream_tls(pki, handshake_timeout=4.0),
+                                               "reconnect_initial": 30.0, "reconnect_max": 30.0}, wait_ready=False)
+    start = trio.current_time()
+    with trio.fail_after(LIMIT):
+        await wait_for(lambda: failures(gw, "upstream", "cmi", "timeout") == 1, LIMIT, "a handshake timeout")
+    assert 4.0 <= trio.current_time() - start < 5.0
+    assert not gw.upstreams["cmi"].ready and len(accepted) == 1
+
+
+async def test_a_reversal_sent_alone_goes_over_tls_too(harness, pki):
+    from iso_gateway.net.links import SoloConnection
+
+    switch = await harness.start_switch(tls=switch_tls(pki))
+    gw = await harness.start_gateway(upstream={"tls": upstream_tls(pki, client=pki.client)})
+    up = gw.upstreams["cmi"]
+    solo = SoloConnection(up)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as n:
+            n.start_soon(solo.run)
+            await solo.settled.wait()
+            assert solo.ready and solo._tls is not None and solo._tls.established
+            solo.closing = True
+            solo.drop()
+    assert switch.tls_handshakes == 2 and switch.count("0800") == 2  # its own handshake and sign-on
+
+
+# --------------------------------------------------------------------------------------------- openssl peers
+
+
+@asynccontextmanager
+async def openssl(tmp_path: Path, *args: str) -> AsyncIterator[trio.Process]:
+    """An ``openssl`` subprocess (stdin and stdout piped, stderr to a file); killed at the end."""
+    assert OPENSSL is not None
+    err = (tmp_path / f"openssl-{args[0]}.err").open("wb")
+    proc = await trio.lowlevel.open_process([OPENSSL, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=err)
+    try:
+        yield proc
+    finally:
+        with trio.CancelScope(shield=True):
+            proc.kill()
+            await proc.wait()
+            err.close()
+
+
+async def read_frame(proc: trio.Process, mti: bytes, buf: bytearray) -> bytes:
+    """From a subprocess's stdout (after whatever it prints first), the first ascii4 frame whose
+    message starts with ``mti``: the message."""
+    assert proc.stdout is not None
+    while True:
+        match = re.search(rb"(\d{4})" + mti, bytes(buf))
+        if match is not None:
+            size = int(match.group(1))
+            end = match.start() + 4 + size
+            if len(buf) >= end:
+                return bytes(buf[match.start() + 4:end])
+        chunk = await proc.stdout.receive_some(65536)
+        if not chunk:
+            raise AssertionError(f"no {mti!r} frame in {bytes(buf)[-300:]!r}")
+        buf += chunk
+
+
+ASCII4 = framer_from_config("ascii4")
+
+
+@needs_openssl
+@pytest.mark.parametrize(("client_attr", "reason"), [("client", None), ("client_other_ca", "unknown_ca")])
+async def test_openssl_s_client_as_a_front_end_is_served_or_refused_by_reason(harness, pki, tmp_path, client_attr,
+                                                                               reason):
+    await harness.start_switch()
+    gw = await harness.start_gateway(listener={"tls": listener_tls(pki, client_names=["front-1"])})
+    client: Issued = getattr(pki, client_attr)
+    dialect = get_dialect("iso87ascii")
+    args = ["s_client", "-connect", f"127.0.0.1:{harness.port}", "-servername", "switch.test", "-CAfile",
+            str(pki.ca.cert_path), "-verify_return_error", "-quiet", "-cert", str(client.cert_path), "-key",
+            str(client.key_path)]
+    with trio.fail_after(LIMIT):
+        async with openssl(tmp_path, *args) as proc:
+            assert proc.stdin is not None
+            request = harness.auth()
+            await proc.stdin.send_all(ASCII4.encode(encode(dialect, request)))
+            if reason is None:
+                answer = decode(dialect, await read_frame(proc, b"0110", bytearray()))
+                assert answer["39"] == "00" and answer["11"] == request["11"]
+                (conn,) = front_connections(gw)
+                assert conn.identity == "cert:front-1"
+            else:
+                await wait_for(lambda: failures(gw, "listener", "ecom", reason) == 1, LIMIT, f"a {reason} failure")
+                assert proc.stdout is not None
+                assert b"0110" not in await proc.stdout.receive_some(65536)  # closed without an answer
+                await wait_for(lambda: not gw.listeners[0].connections, LIMIT, "the refused connection closed")
+
+
+@needs_openssl
+async def test_openssl_s_server_as_the_switch_gets_the_request_over_mutual_tls_and_its_answer_comes_back(
+        harness, pki, tmp_path):
+    dialect = get_dialect("iso87ascii")
+    args = ["s_server", "-accept", "127.0.0.1:0", "-cert", str(pki.server.cert_path), "-key",
+            str(pki.server.key_path), "-Verify", "1", "-verify_return_error", "-CAfile", str(pki.ca.cert_path),
+            "-naccept", "1"]
+    with trio.fail_after(LIMIT):
+        async with openssl(tmp_path, *args) as proc:
+            out = bytearray()
+            assert proc.stdout is not None and proc.stdin is not None
+            while not re.search(rb"ACCEPT .*:(\d+)\n", bytes(out)):
+                out += await proc.stdout.receive_some(65536)
+            harness.switch_port = int(re.search(rb"ACCEPT .*:(\d+)\n", bytes(out)).group(1))  # type: ignore[union-attr]
+            gw = await harness.start_gateway(upstream={"tls": upstream_tls(pki, client=pki.client), "sign_on": False})
+            front = await harness.client()
+            request = harness.auth()
+            async with trio.open_nursery() as n:
+                got: dict[str, Any] = {}
+
+                async def ask() -> None:
+                    got["answer"] = await front.request(request, timeout=LIMIT)
+
+                n.start_soon(ask)
+                forwarded = decode(dialect, await read_frame(proc, b"0100", out))
+                assert forwarded["4"] == request["4"] and "11" in forwarded  # the gateway's own STAN
+                answer = build_response(dialect, forwarded, "00", auth_code="OPENSL")
+                await proc.stdin.send_all(ASCII4.encode(encode(dialect, answer)))
+            assert got["answer"]["39"] == "00" and got["answer"]["11"] == request["11"]
+            assert got["answer"]["38"] == "OPENSL"
+            assert gw.metrics.tls_handshakes("upstream", "cmi").get() == 1
+
+
+# --------------------------------------------------------------------------------------------- reload, expiry, config
+
+
+def own_copy(issued: Issued, folder: Path) -> tuple[Path, Path]:
+    """The listener's certificate and key as files of the test's own (a reload rewrites them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "listener.crt", folder / "listener.key"
+    cert.write_bytes(issued.cert_path.read_bytes())
+    key.write_bytes(issued.key_path.read_bytes())
+    return cert, key
+
+
+def peer_serial(client: FrontEndClient) -> int:
+    from cryptography import x509
+
+    der = client.stream.getpeercert(binary_form=True)  # type: ignore[attr-defined]  # an SSLStream
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def test_sighup_swaps_the_certificate_for_new_connections_and_keeps_established_ones(nursery, pki, tmp_path):
+    from test_daemon import start_daemon, write_config
+
+    from iso_gateway.sim.integrity import free_port
+    from iso_gateway.sim.switch import SwitchSimulator
+
+    switch_port = await nursery.start(SwitchSimulator().serve, "127.0.0.1", 0)
+    cert, key = own_copy(pki.server, tmp_path / "tls")
+    renewed = pki.ca.issue("renewed", "switch.test renewed", dns=("switch.test",), server=True)
+    port = free_port()
+    cfg, log_file = tmp_path / "gw.toml", tmp_path / "gw.log"
+    tls = {"cert_chain": str(cert), "key": str(key), "client_certs": "required", "client_ca": [str(pki.ca.cert_path)]}
+    write_config(cfg, port=port, switch_port=switch_port, log_file=log_file, listener={"tls": tls})
+    proc = await start_daemon(cfg, port)
+    try:
+        with trio.fail_after(LIMIT):
+            old = await tls_client(port, pki, pki.client)
+            stan = 900000
+            while (await old.request(sample_auth(stan, 10000), timeout=5))["39"] != "00":  # until signed on
+                stan += 1
+                await trio.sleep(0.05)
+            assert peer_serial(old) == pki.server.cert.serial_number
+            cert.write_bytes(renewed.cert_path.read_bytes())
+            key.write_bytes(renewed.key_path.read_bytes())
+            proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: "TLS files read again" in log_file.read_text(), LIMIT, "the reload")
+            new = await tls_client(port, pki, pki.client)
+            assert peer_serial(new) == renewed.cert.serial_number  # new connections: the new certificate
+            assert (await new.request(sample_auth(stan + 1, 10000), timeout=5))["39"] == "00"
+            assert (await old.request(sample_auth(stan + 2, 10000), timeout=5))["39"] == "00"  # not dropped
+            cert.write_text("not a certificate\n")  # a bad file: the running certificate stays
+            proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: "keeps its TLS certificate" in log_file.read_text(), LIMIT, "the refusal")
+            assert "listeners.ecom.tls" in log_file.read_text()
+            third = await tls_client(port, pki, pki.client)
+            assert peer_serial(third) == renewed.cert.serial_number
+            for i, client in enumerate((old, new, third)):
+                assert (await client.request(sample_auth(stan + 3 + i, 10000), timeout=5))["39"] == "00"
+                await client.aclose()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(LIMIT):
+            await proc.wait()
+
+
+async def test_days_to_expiry_of_each_certificate_and_a_reload_that_renews_one(harness, pki, tmp_path):
+    await harness.start_switch(tls=switch_tls(pki))
+    cert, key = own_copy(pki.server, tmp_path / "tls")
+    listener = {"tls": listener_tls(pki) | {"cert_chain": str(cert), "key": str(key)}}
+    upstream = {"tls": upstream_tls(pki, client=pki.client)}
+    gw = await harness.start_gateway(listener=listener, upstream=upstream)
+    await wait_for(lambda: gw.listeners[0].expiry.shown != {}, LIMIT, "the gauge")
+    m = gw.metrics
+    server_subject = pki.server.cert.subject.rfc4514_string()
+    ca_subject = pki.ca.cert.subject.rfc4514_string()
+    assert 363 < m.tls_days_left("listener", "ecom", server_subject).get() <= 365
+    assert 3600 < m.tls_days_left("listener", "ecom", ca_subject).get() <= 3650
+    assert 363 < m.tls_days_left("upstream", "cmi", pki.client.cert.subject.rfc4514_string()).get() <= 365
+    soon = pki.ca.issue("soon", "switch.test soon", dns=("switch.test",), server=True, not_after=NOW + 5 * DAY)
+    cert.write_bytes(soon.cert_path.read_bytes())
+    key.write_bytes(soon.key_path.read_bytes())
+    gw.reload(Config.model_validate(config_dict_of(harness, listener=listener, upstream=upstream)))
+    assert gw.listeners[0].expiry.shown.keys() == {soon.cert.subject.rfc4514_string(), ca_subject}
+    assert 4 < m.tls_days_left("listener", "ecom", soon.cert.subject.rfc4514_string()).get() <= 5
+    m.flush()
+    exported = [line for line in generate_latest(m.registry).decode().splitlines()
+                if line.startswith("iso_gateway_tls_certificate_days_left{") and 'side="listener"' in line]
+    assert len(exported) == 2 and not any(f'subject="{server_subject}"' in line for line in exported)
+
+
+def test_a_certificate_file_that_does_not_load_refuses_the_start_naming_the_key(pki, tmp_path):
+    def config(**options: Any) -> Config:
+        return Config.model_validate(config_dict(9, state_dir=tmp_path, journal={"enabled": False}, **options))
+
+    bad = tmp_path / "bad.crt"
+    bad.write_text("not a certificate\n")
+    for listener_extra, where in (
+        ({"cert_chain": str(tmp_path / "missing.crt")}, "listeners.ecom.tls.cert_chain"),
+        ({"key": str(pki.client.key_path)}, "listeners.ecom.tls.key"),  # not the certificate's key
+        ({"client_ca": [str(bad)]}, "listeners.ecom.tls.client_ca"),
+    ):
+        raw = {"tls": listener_tls(pki) | listener_extra}
+        with pytest.raises(ConfigError) as caught:
+            Gateway(config(listener=raw), metrics=Metrics(process=False))
+        assert caught.value.where == where, caught.value
+    with pytest.raises(ConfigError) as caught:
+        Gateway(config(upstream={"tls": upstream_tls(pki) | {"ca": [str(bad)]}}), metrics=Metrics(process=False))
+    assert caught.value.where == "upstreams.cmi.tls.ca"
+
+
+@pytest.mark.parametrize(("tls", "message"), [
+    ({"cert_chain": "a", "key": "b", "client_certs": "required"}, 'client_ca is required when client_certs is "required"'),
+    ({"cert_chain": "a", "key": "b", "client_names": ["x"]}, 'client_names needs client_certs = "required"'),
+    ({"cert_chain": "a", "key": "b", "handshake_timeout": float("inf")}, "handshake_timeout"),
+    ({"cert_chain": "a", "key": "b", "client_certs": "sometimes"}, "client_certs"),
+    ({"cert_chain": "a"}, "key"),
+])
+def test_listener_tls_settings_are_checked_at_load_with_the_key_and_the_reason(tls, message):
+    from iso_gateway.config import parse_config
+
+    text = tomli_w.dumps(config_dict(9, listener={"tls": tls}))
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "gw.toml")
+    assert caught.value.source == "gw.toml" and caught.value.where.startswith("listeners.0.tls")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("tls", "message"), [
+    ({}, "a CA bundle (ca) or a pinned certificate (pin_sha256) is required"),
+    ({"ca": "ca.crt"}, "server_name is required with ca"),
+    ({"pin_sha256": "ab:cd"}, "must be 32 bytes"),
+    ({"pin_sha256": "zz" * 32}, "not hexadecimal"),
+    ({"pin_sha256": "ab" * 32, "cert_chain": "c.crt"}, "cert_chain and key go together"),
+])
+def test_upstream_tls_settings_are_checked_at_load_with_the_key_and_the_reason(tls, message):
+    from iso_gateway.config import parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tomli_w.dumps(config_dict(9, upstream={"tls": tls})), "gw.toml")
+    assert caught.value.where.startswith("upstreams.0.tls") and message in str(caught.value)
+
+
+def test_a_reload_cannot_turn_tls_on_or_off(pki, tmp_path):
+    raw = config_dict(9, state_dir=tmp_path, journal={"enabled": False})
+    gw = Gateway(Config.model_validate(raw), metrics=Metrics(process=False))
+    with pytest.raises(ConfigError, match="TLS turned on or off"):
+        gw.reload(Config.model_validate(merge(raw, {"listeners": [raw["listeners"][0] | {"tls": listener_tls(pki)}]})))

@@ -67,6 +67,15 @@ async def handshake(stream: trio.abc.Stream, context: ssl.SSLContext, *, server_
         await trio.aclose_forcefully(stream)
         raise TlsHandshakeFailed(TIMEOUT) from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        # The alert OpenSSL made for the peer is left in the SSLStream's outgoing buffer (a private
+        # one: read only if it is there), so that the peer hears why, as from any TLS server.
+        outgoing = getattr(tls, "_outgoing", None)
+        if isinstance(outgoing, ssl.MemoryBIO) and outgoing.pending:
+            with trio.move_on_after(1.0):
+                try:
+                    await stream.send_all(outgoing.read())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
         await trio.aclose_forcefully(stream)
         cause = exc.__cause__ if exc.__cause__ is not None else exc
         raise TlsHandshakeFailed(classify_error(cause, hello_seen=True), str(cause)) from None
