@@ -379,7 +379,7 @@ class UpstreamConnection:
         if session.state is FAILED and (handshaking or (not self._tls_heard and session.reason != TRUNCATED)):
             # With TLS 1.3 a switch refusing our certificate says so just after our handshake ended.
             self._tls_failed(session)
-        elif session.state is FAILED:
+        elif session.state is FAILED and session.reason != TRUNCATED:
             log.warning("upstream %s connection %d: TLS failed: %s (%s)", cfg.name, self.index, session.reason,
                         session.detail)
         elif not handshaking or not data:
