@@ -122,7 +122,7 @@ class TlsSocketIO:
     to the handshake deadline).
     """
 
-    __slots__ = ("sock", "session", "_carry", "_ahead", "_closed")
+    __slots__ = ("sock", "session", "_carry", "_ahead", "_closed", "partial_sends")
 
     def __init__(self, sock: socket.socket, session: "TlsSession") -> None:
         sock.setblocking(False)
@@ -131,6 +131,7 @@ class TlsSocketIO:
         self._carry = b""
         self._ahead = 0
         self._closed = False
+        self.partial_sends = 0  # sends the kernel did not take whole (ciphertext carried)
 
     def _push(self) -> bool:
         """Write carried ciphertext; True when none is left."""
@@ -159,6 +160,7 @@ class TlsSocketIO:
             self._carry = self.session.send(bytes(data[skip:]) if skip or not isinstance(data, bytes) else data)
             if not self._push():
                 self._ahead = 1
+                self.partial_sends += 1
                 return len(data) - 1
         return len(data)
 
