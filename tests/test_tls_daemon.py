@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from iso_gateway.core.message import build_response, decode, encode
 from iso_gateway.gateway import Gateway
 from iso_gateway.metrics import Metrics
 from iso_gateway.net.frontend import TlsFrontConnection
+from iso_gateway.net.tls import HANDSHAKING, TlsSession, TlsUpstreamSettings, upstream_endpoint
 from iso_gateway.sim.client import ConnectionClosed, FrontEndClient, RequestTimeout, sample_auth
 from iso_gateway.sim.tlsctx import TlsHandshakeFailed, client_context, server_context
 from iso_gateway.specfiles import get_dialect
@@ -554,3 +556,124 @@ def test_a_reload_cannot_turn_tls_on_or_off(pki, tmp_path):
     gw = Gateway(Config.model_validate(raw), metrics=Metrics(process=False))
     with pytest.raises(ConfigError, match="TLS turned on or off"):
         gw.reload(Config.model_validate(merge(raw, {"listeners": [raw["listeners"][0] | {"tls": listener_tls(pki)}]})))
+
+
+# --------------------------------------------------------------------------------------------- the plaintext limits, in TLS
+
+
+async def raw_tls(port: int, pki: Pki, *, rcvbuf: int | None = None) -> tuple[trio.SocketStream, TlsSession]:
+    """A TLS front end driven by hand (the engine as a client, over a raw socket): the test decides
+    how its records reach the wire. Returns the stream and the established session."""
+    sock = trio.socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    session = upstream_endpoint(TlsUpstreamSettings(
+        ca=(str(pki.ca.cert_path),), server_name="switch.test", cert_chain=str(pki.client.cert_path),
+        key=str(pki.client.key_path))).new_session()
+    await stream.send_all(session.data_to_send())
+    while session.state is HANDSHAKING:
+        data = await stream.receive_some(65536)
+        if data:
+            session.receive_data(data)
+        else:
+            session.receive_eof()
+        if session.wants_write:
+            await stream.send_all(session.data_to_send())
+    assert session.established, session.detail
+    return stream, session
+
+
+async def closed_by_gateway(stream: trio.SocketStream, within: float) -> bool:
+    with trio.move_on_after(within):
+        try:
+            while await stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+    return False
+
+
+@pytest.mark.parametrize("how", ["bytes of one record", "records of one byte"])
+async def test_a_tls_front_end_dribbling_a_frame_is_dropped_partial_frame_timeout_after_its_first_byte(
+        harness, pki, autojump_clock, how):
+    await harness.start_switch()
+    gw = await harness.start_gateway(listener={"tls": listener_tls(pki), "partial_frame_timeout": 1.0})
+    good = await tls_client(harness.port, pki, pki.client)
+    harness.clients.append(good)
+    stream, session = await raw_tls(harness.port, pki)
+    frame = ASCII4.encode(encode(get_dialect("iso87ascii"), harness.auth()))
+    if how == "bytes of one record":
+        pieces = [bytes([b]) for b in session.send(frame)]  # one record, a byte at a time
+    else:
+        pieces = [session.send(frame[i:i + 1]) for i in range(len(frame))]  # each byte a record of its own
+    started = trio.current_time()
+    closed_at = None
+    with trio.fail_after(30):
+        for piece in pieces:
+            try:
+                await stream.send_all(piece)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                closed_at = trio.current_time()
+                break
+            if await closed_by_gateway(stream, 0.3):
+                closed_at = trio.current_time()
+                break
+    assert closed_at is not None, "the dribbling client was never dropped"
+    assert closed_at - started == pytest.approx(1.0, abs=0.31)  # its deadline ran from the first byte
+    assert gw.metrics.connections_closed("ecom", "stalled_partial_frame").get() == 1
+    assert (await good.request(harness.auth(), timeout=3))["39"] == "00"
+    await stream.aclose()
+
+
+async def test_tls_front_ends_keep_the_idle_timeout_per_source_limit_and_backpressure(harness, pki, autojump_clock):
+    await harness.start_switch()
+    gw = await harness.start_gateway(listener={"tls": listener_tls(pki), "idle_timeout": 20.0, "max_in_flight": 2,
+                                               "max_connections_per_source": 2},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 3.0}])
+    first = await tls_client(harness.port, pki, pki.client)
+    harness.clients.append(first)
+    codes: list[str] = []
+
+    async def one() -> None:
+        codes.append((await first.request(harness.auth(10199), timeout=5))["39"])  # answered after 0.1 s
+
+    async with trio.open_nursery() as n:  # 10 in flight against a limit of 2: reading pauses, all answered
+        for _ in range(10):
+            n.start_soon(one)
+    assert codes == ["00"] * 10
+    second = await tls_client(harness.port, pki, pki.client)
+    harness.clients.append(second)
+    third = await trio.open_tcp_stream("127.0.0.1", harness.port)  # a third from the same address
+    assert await closed_by_gateway(third, 5)
+    assert gw.metrics.connections_total("ecom", "refused_per_source").get() == 1
+    start = trio.current_time()
+    await second.wait_closed(30)  # nothing for idle_timeout: closed
+    assert trio.current_time() - start == pytest.approx(20.0, abs=0.5)
+    assert gw.metrics.connections_closed("ecom", "idle_timeout").get() == 2  # and the first, as idle
+    await third.aclose()
+
+
+async def test_a_tls_front_end_that_stops_reading_is_dropped_and_holds_no_one_else_up(harness, pki, autojump_clock):
+    await harness.start_switch()
+    gw = await harness.start_gateway(listener={"tls": listener_tls(pki), "send_timeout": 5.0,
+                                               "max_in_flight": 100_000},
+                                     upstream={"max_in_flight": 10_000},
+                                     routes=[{"name": "all", "upstream": "cmi", "timeout": 60.0}])
+    good = await tls_client(harness.port, pki, pki.client)
+    harness.clients.append(good)
+    deaf, session = await raw_tls(harness.port, pki, rcvbuf=4096)
+    dialect = get_dialect("iso87ascii")
+    await deaf.send_all(session.send(b"".join(ASCII4.encode(encode(dialect, harness.auth())) for _ in range(3000))))
+    closed = gw.metrics.connections_closed("ecom", "stalled_reader")
+    served_while_deaf_open = 0
+    with trio.fail_after(120):
+        while closed.get() == 0:
+            assert (await good.request(harness.auth(), timeout=60.0))["39"] == "00"
+            served_while_deaf_open += closed.get() == 0
+            await trio.sleep(0.5)
+    assert served_while_deaf_open >= 1 and len(gw.listeners[0].connections) == 1
+    assert (await good.request(harness.auth(), timeout=60.0))["39"] == "00"
+    await deaf.aclose()
