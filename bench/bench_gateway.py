@@ -239,10 +239,21 @@ def rss_mb(pid: int) -> float:
     return total
 
 
-def open_loop(port: int, rate: float, seconds: float) -> dict:
+def open_loop(port: int, rate: float, seconds: float, connections: int = 4, tls: Path | None = None) -> dict:
     argv = [sys.executable, "-m", "iso_gateway", "load", "--target", f"127.0.0.1:{port}", "--mix", "bench",
-            "--connections", "4", "--rate", str(rate), "--duration", str(seconds), "--quiet", "--json"]
+            "--connections", str(connections), "--rate", str(rate), "--duration", str(seconds), "--quiet", "--json",
+            *tls_load_args(tls)]
     return json.loads(subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout)
+
+
+def at_rate(port: int, pid: int, rate: float, tls: Path | None) -> float:
+    """The gateway's CPU per transaction under the same open-loop load (``rate`` tx/s over 16
+    connections for 10 s): the same arrivals whatever the load generator's own speed, so a plaintext
+    and a TLS gateway are compared on equal terms."""
+    open_loop(port, rate, 2, 16, tls)  # warm up (and the handshakes)
+    before = cpu_seconds(pid)
+    report = open_loop(port, rate, 10, 16, tls)
+    return (cpu_seconds(pid) - before) / max(1, report["answered"]) * 1e6
 
 
 def journal_share(state: Path, switch_port: int, loads: list[str], count: int, rounds: int) -> list[str]:
@@ -362,6 +373,9 @@ def main() -> int:
     ap.add_argument("--tls", action="store_true",
                     help="also each configuration with TLS on both legs (mutual TLS from the load generator, TLS to a "
                          "TLS instant responder), in the same run, and the TLS / plaintext CPU ratio")
+    ap.add_argument("--tls-rate", type=float, default=4000.0, metavar="R",
+                    help="with --tls: also compare plaintext and TLS at this fixed rate (open loop, 16 connections; "
+                         "0: not)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--extras", action="store_true",
                     help="also: linear cost, latency at half the maximum, a 100,000-item SAF backlog, idle connections")
@@ -392,6 +406,7 @@ def main() -> int:
                            "--tls-cert", str(tls_dir / "server.crt"), "--tls-key", str(tls_dir / "server.key")],
                           tls_switch_port)
     results: list[Result] = []
+    rate_cpu: dict[tuple[str, bool], float] = {}  # (config, tls) -> µs/tx at --tls-rate
     try:
         for load in loads:
             results.append(measure("direct", load, switch_port, None, count))
@@ -416,6 +431,8 @@ def main() -> int:
                 wait_ready(port)
                 for load in loads:
                     results.append(measure(name, load, port, gw.proc.pid, count))
+                if tls_dir is not None and args.tls_rate:
+                    rate_cpu[name, False] = at_rate(port, gw.proc.pid, args.tls_rate, None)
             finally:
                 gw.stop()
             if tls_dir is None:
@@ -431,6 +448,8 @@ def main() -> int:
                 wait_ready(port, tls_dir)
                 for load in loads:
                     results.append(measure(f"{name}+tls", load, port, gw.proc.pid, count, tls_dir))
+                if args.tls_rate:
+                    rate_cpu[name, True] = at_rate(port, gw.proc.pid, args.tls_rate, tls_dir)
             finally:
                 gw.stop()
         share_lines = journal_share(state, switch_port, loads, count, args.ab_rounds) if args.ab_rounds else []
@@ -453,7 +472,9 @@ def main() -> int:
         if tls_switch is not None:
             tls_switch.stop()
     if args.json:
-        print(json.dumps({"rows": [r.__dict__ for r in results], "extras": extra_lines}, indent=1))
+        print(json.dumps({"rows": [r.__dict__ for r in results], "extras": extra_lines,
+                          "tls_rate_cpu_us": {f"{n}{'+tls' if t else ''}": v for (n, t), v in rate_cpu.items()}},
+                         indent=1))
         return 0
     print(f"iso-gateway benchmark: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"switch={args.switch}, {count} transactions per row (16-field 0100, ascii4, loopback)")
@@ -477,6 +498,11 @@ def main() -> int:
             assert r.cpu_us is not None and plain.cpu_us is not None
             print(f"  {plain.config:<10} {r.load:<6} {plain.cpu_us:6.1f} -> {r.cpu_us:6.1f} µs/tx  "
                   f"{r.cpu_us / plain.cpu_us:.2f}x")
+        for name in configs:
+            if (name, False) in rate_cpu and (name, True) in rate_cpu:
+                plain_us, tls_us = rate_cpu[name, False], rate_cpu[name, True]
+                print(f"  {name:<10} {args.tls_rate:.0f}/s  {plain_us:6.1f} -> {tls_us:6.1f} µs/tx  {tls_us / plain_us:.2f}x"
+                      "   (fixed rate, open loop, 16 connections: the same arrivals both ways)")
     for line in extra_lines:
         print(line)
     by = {(r.config, r.load): r for r in results}
