@@ -105,6 +105,14 @@ async def test_good_certificates_on_both_legs_carry_authorizations_and_name_the_
     switch = await harness.start_switch(tls=switch_tls(pki))
     gw = await harness.start_gateway(listener={"tls": listener_tls(pki, client_names=["front-1"])},
                                      upstream={"tls": upstream_tls(pki, client=pki.client)})
+    seen: list[str] = []  # the identity of each connection whose frames reach the gateway, as they do
+    on_front_frames = gw.on_front_frames
+
+    def spy(front: Any, *args: Any) -> None:
+        seen.append(front.identity)
+        on_front_frames(front, *args)
+
+    gw.on_front_frames = spy  # type: ignore[method-assign]
     with trio.fail_after(LIMIT):
         client = await tls_client(harness.port, pki, pki.client)
         harness.clients.append(client)
@@ -112,7 +120,7 @@ async def test_good_certificates_on_both_legs_carry_authorizations_and_name_the_
             resp = await client.request(harness.auth(), timeout=5)
             assert resp["39"] == "00"
         (conn,) = front_connections(gw)
-        assert conn.identity == "cert:front-1"
+        assert conn.identity == "cert:front-1" and seen == ["cert:front-1"] * 3  # known before the first frame
         assert conn.tls.version in ("TLSv1.3", "TLSv1.2")
     assert switch.tls_handshakes == 1 and switch.tls_clients == ["front-1"]  # the gateway's client certificate
     assert switch.count("0100") == 3
