@@ -187,6 +187,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         get_dialect(uc.dialect, dialect_dirs)
         framer_from_config(uc.framing, source=args.config, where=f"upstreams[{i}].framing")
     route_table(cfg.routes, cfg.routing, source=args.config)
+    from .keys import check_security_config
+
+    check_security_config(cfg, args.config)  # a KEK or PIN file in the state directory is refused
     print(f"{args.config}: OK ({len(cfg.listeners)} listeners, {len(cfg.upstreams)} upstreams, {len(cfg.routes)} routes)")
     return EXIT_OK
 
@@ -255,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .operator import add_parsers
 
     add_parsers(sub)
+    from .keys import add_parsers as add_keys_parsers
+
+    add_keys_parsers(sub)
 
     p = sub.add_parser("demo", help="run the simulator and the gateway on loopback and show a burst of traffic")
     p.set_defaults(handler=cmd_demo)

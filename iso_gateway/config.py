@@ -162,6 +162,26 @@ class UpstreamTlsConfig(_Model):
         return self
 
 
+class MacConfig(_Model):
+    """MACs on one hop (field 64, or 128 with a secondary bitmap): verified on what the gateway
+    receives there, generated on what it sends there. The key is a label in the security module."""
+
+    key: str = Field(min_length=1, description="label of the MAC key in the security module ([security])")
+    padding: Literal[1, 2] = Field(1, description="ISO 9797-1 padding method: 1 (zeros, usual for ISO 8583) or 2")
+    failure_code: str = Field("63", description="answer to a front end's request whose MAC is missing or wrong (listeners only)")
+    zone_key: str = Field("", description="label of the zone key the switch sends new MAC keys under (upstreams only; the dialect's [key_change] says where); empty: key changes are refused")
+    algorithm: Literal["retail", "aes-cmac"] = Field("retail", description="algorithm of the MAC keys the switch sends (upstreams only)")
+
+
+class ClientConfig(_Model):
+    """One identified front end of a listener and the ids it may use (empty lists: any)."""
+
+    identity: str = Field(min_length=1, description='"cert:<name>" (TLS client certificate: CN, else the first DNS name) or "addr:<ip>"')
+    acquirers: list[str] = Field(default_factory=list, description="DE 32 values it may send")
+    merchants: list[str] = Field(default_factory=list, description="DE 42 values it may send")
+    terminals: list[str] = Field(default_factory=list, description="DE 41 values it may send")
+
+
 class ListenerConfig(WireConfig):
     """A front-end listener. Defaults: see each field."""
 
@@ -183,6 +203,9 @@ class ListenerConfig(WireConfig):
     partial_frame_timeout: float = Field(5.0, gt=0, description="seconds a frame may take to complete, from its first byte")
     send_timeout: float = Field(10.0, gt=0, description="seconds a send to a front end may block before it is dropped")
     tls: ListenerTlsConfig | None = Field(None, description="TLS on this listener: the [listeners.tls] keys below; absent: plaintext")
+    mac: MacConfig | None = Field(None, description="MACs with front ends ([listeners.mac]: key, padding, failure_code); none when absent")
+    clients: list[ClientConfig] = Field(default_factory=list, description="identified front ends ([[listeners.clients]]: identity, acquirers, merchants, terminals); when given, a request from any other identity, or for ids outside its own, is refused with client_refusal_code")
+    client_refusal_code: str = Field("58", description="answer to a request from an unknown front end, or for ids outside its own")
 
     @field_validator("host")
     @classmethod
@@ -234,6 +257,7 @@ class UpstreamConfig(WireConfig):
     saf_budget: int = Field(6, ge=1, description="attempts before a reversal is parked for an operator (PayEx: 6)")
     saf_window: int = Field(16, ge=1, description="reversals in flight at once on this upstream")
     tls: UpstreamTlsConfig | None = Field(None, description="TLS on the links: the [upstreams.tls] keys below; absent: plaintext")
+    mac: MacConfig | None = Field(None, description="MACs with this switch ([upstreams.mac]: key, padding); none when absent")
 
     @field_validator("hosts")
     @classmethod
@@ -303,7 +327,10 @@ class JournalConfig(_Model):
     enabled: bool = Field(True, description="journal every transaction before it is sent; false keeps reversals in memory only (for measurement)")
     path: str = Field("var/journal.sqlite3", description="SQLite file (WAL mode), created when missing")
     synchronous: Literal["NORMAL", "FULL"] = Field("NORMAL", description="NORMAL survives a process crash; FULL also a power loss")
-    key_file: str = Field("var/pan.key", description="master key for PANs at rest (created when missing); ISO_GATEWAY_PAN_KEY overrides")
+    key_file: str = Field(
+        "var/pan.key", description="an older version's PAN key file (or ISO_GATEWAY_PAN_KEY): when present, imported "
+        "once into the security module as a retired data key, so what it sealed stays readable; never created "
+        "(keys are in [security])")
     max_batch: int = Field(1000, ge=1, description="operations committed together at most")
     indexer: Literal["process", "thread"] = Field(
         "process", description="where the write-ahead log is written into SQLite: a child process (off the "
@@ -325,6 +352,25 @@ class JournalConfig(_Model):
     retention: float = Field(
         90.0, gt=0, description="days a journal row (transaction or finished reversal) is kept; older ones are "
         "deleted by a purge that runs every ten minutes, except those a reversal still owes")
+
+
+class SecurityConfig(_Model):
+    """The security module that holds the gateway's keys (docs/security.md)."""
+
+    module: Literal["software", "pkcs11"] = Field(
+        "software", description="software: a key file wrapped under a key-encrypting key (KEK); pkcs11: a PKCS#11 "
+        "token (an HSM; SoftHSM2 for development)")
+    key_file: str = Field("", description="software: the wrapped key file; empty: keys.bin in the state directory "
+                          "(the journal's folder)")
+    kek_file: str = Field(
+        "", description="software: file holding the KEK (64 hex digits, owner-only), outside the state directory; "
+        "ISO_GATEWAY_KEK overrides; empty: $XDG_CONFIG_HOME/iso-gateway/kek.hex (~/.config/...), for development")
+    create: bool = Field(True, description="software: when the key file is missing, create it (and a missing KEK "
+                         "file with it); false for production, where both must exist (iso-gateway keys init)")
+    library: str = Field("", description="pkcs11: the PKCS#11 library; empty: SoftHSM2's, when installed (development)")
+    token_label: str = Field("iso-gateway", description="pkcs11: the token's label")
+    pin_file: str = Field("", description="pkcs11: file holding the user PIN (owner-only, outside the state "
+                          "directory); ISO_GATEWAY_PKCS11_PIN overrides")
 
 
 class LogConfig(_Model):
@@ -360,6 +406,7 @@ class Config(_Model):
     gateway: GatewayConfig = GatewayConfig()
     routing: RoutingConfig = RoutingConfig()
     journal: JournalConfig = JournalConfig()
+    security: SecurityConfig = SecurityConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     listeners: list[ListenerConfig] = Field(min_length=1)
@@ -426,12 +473,15 @@ def reference_markdown() -> str:
         ("[gateway]", GatewayConfig),
         ("[routing]", RoutingConfig),
         ("[journal]", JournalConfig),
+        ("[security]", SecurityConfig),
         ("[log]", LogConfig),
         ("[metrics]", MetricsConfig),
         ("[[listeners]]", ListenerConfig),
         ("[listeners.tls]", ListenerTlsConfig),
         ("[[upstreams]]", UpstreamConfig),
         ("[upstreams.tls]", UpstreamTlsConfig),
+        ("[listeners.mac], [upstreams.mac]", MacConfig),
+        ("[[listeners.clients]]", ClientConfig),
         ("[[routes]]", RouteConfig),
         ("top level", Config),
     ]

@@ -1,11 +1,11 @@
 """The daemon process: configuration, signals, the gateway and its observability endpoint.
 
 SIGTERM/SIGINT: graceful stop (stop accepting, drain, answer the rest, sign
-off, exit 0). SIGHUP: reload routes, rules and limits from the same file, and read
+off, exit 0). SIGHUP: reload routes, rules and limits from the same file, read
 every TLS certificate, key and CA file again (new connections get them, established
-ones keep theirs; a TLS file that does not load keeps the old one, with a log line);
-a bad configuration file is refused with a log line and the running configuration
-stays.
+ones keep theirs; a TLS file that does not load keeps the old one, with a log line)
+and the security module's keys (a data key rotated by ``iso-gateway keys``); a bad
+configuration file is refused with a log line and the running configuration stays.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ async def _signals(gateway: Gateway, config_path: str | None) -> None:
                     gateway.reload(load_config(config_path))
                 except ConfigError as exc:
                     log.error("reload refused, the running configuration stays: %s", exc)
+                if gateway.keys is not None:  # a data key rotated or a key loaded by another process
+                    gateway.keys.reload()
             else:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 gateway.stop()

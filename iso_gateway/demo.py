@@ -10,6 +10,7 @@ prints what happened in words a newcomer can follow.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -50,10 +51,15 @@ def example_config_path() -> Path:
     raise FileNotFoundError("deploy/gateway.toml (the example configuration) was not found")
 
 
-def demo_config(base: Config, switch_port: int, state_dir: str) -> Config:
+def demo_config(base: Config, switch_port: int, state_dir: str, kek_dir: str | None = None) -> Config:
+    """The example configuration on free ports, its state in ``state_dir``; the software security
+    module's KEK file (created with its key file) in ``kek_dir``, outside the state directory."""
     raw = base.model_dump()
     raw["journal"]["path"] = f"{state_dir}/journal.sqlite3"
-    raw["journal"]["key_file"] = f"{state_dir}/pan.key"
+    raw["journal"]["key_file"] = f"{state_dir}/pan.key"  # an old version's key: never there, never created
+    raw["security"] = {**raw["security"], "module": "software", "key_file": f"{state_dir}/keys.bin", "create": True}
+    if kek_dir is not None:
+        raw["security"]["kek_file"] = f"{kek_dir}/kek.hex"
     for lst in raw["listeners"]:
         lst["port"] = 0
     for up in raw["upstreams"]:
@@ -116,7 +122,8 @@ async def _main(connections: int) -> int:
     async with trio.open_nursery() as nursery:
         switch_port = await nursery.start(sim.serve, "127.0.0.1", 0)
         state_dir = tempfile.mkdtemp(prefix="iso-gateway-demo-")
-        config = demo_config(base, switch_port, state_dir)
+        kek_dir = tempfile.mkdtemp(prefix="iso-gateway-demo-kek-")  # the KEK: never beside what it protects
+        config = demo_config(base, switch_port, state_dir, kek_dir)
         gateway = Gateway(config, metrics=Metrics(), config_path=str(base_path))
         from .daemon import start_metrics_server
 
@@ -128,6 +135,13 @@ async def _main(connections: int) -> int:
         print(f"switch simulator on 127.0.0.1:{switch_port}; gateway listening on 127.0.0.1:{gateway.ports[0]}"
               f" (config {base_path}, route timeouts {DEMO_TIMEOUT:g} s for the demo)")
         print(f"journal (SQLite): {config.journal.path}")
+        if gateway.security is not None:
+            kcvs = gateway.security.check_values()
+            kid = gateway.security.data_key_id
+            kek = "ISO_GATEWAY_KEK" if os.environ.get("ISO_GATEWAY_KEK") else config.security.kek_file
+            print(f"keys: software security module, {config.security.key_file} sealed under the KEK in "
+                  f"{kek} (outside the state folder); card data sealed under data key {kid} "
+                  f"(check value {kcvs.get(f'data/{kid}', '?')})")
         print(f"sending {sum(s[2] for s in SCENARIOS)} e-commerce authorizations (MAD) over {connections} connections...")
         outcomes, unexpected, codes, hist, elapsed = await _drive(gateway.ports[0], connections)
         total = sum(outcomes.values())

@@ -23,13 +23,15 @@ from typing import Any, Callable, Sequence
 import trio
 
 from .clock import Clock
-from .config import Config, route_table
+from .config import Config, MacConfig, route_table
 from .core.errors import ConfigError
 from .core.flow import (
-    ANSWER, ARM, CANCEL_SAF, LATE, LOG, LOOKUP, NET_DONE, RECORD, REVERSE, SAF_OUTCOME, SAVE_STAN, SEND, STAN_BLOCK,
-    STATE, TAKE_OVER, Flow, FlowSettings, Txn,
+    ANSWER, ARM, CANCEL_SAF, INSTALL_KEY, LATE, LOG, LOOKUP, NET_DONE, RECORD, REVERSE, SAF_OUTCOME, SAVE_STAN, SEND, STAN_BLOCK,
+    STATE, TAKE_OVER, Flow, FlowSettings, Link, Txn,
 )
+from .core.dialect import Dialect
 from .core.framing import Frame
+from .core.macs import ClientScope, ClientTable, MacField, MacHop
 from .core.matching import StanAllocator
 from .journal import Journal, failure_reason, new_id
 from .logs import masked_exception
@@ -39,7 +41,9 @@ from .net.links import Upstream, UpstreamConnection
 from .net.poller import Poller
 from .net.writer import FrameWriter
 from .reversals import DurableReversals, ReversalSender
-from .security.pan import PanVault, load_master_key
+from .keys import JournalKeys, open_gateway_keys
+from .security.module import SecurityModule
+from .security.pan import PanVault
 from .specfiles import get_dialect, load_rules
 
 log = logging.getLogger("iso_gateway.gateway")
@@ -56,6 +60,7 @@ def flow_settings(config: Config) -> FlowSettings:
                         unknown_original_code=g.unknown_original_code, amount_mismatch_code=g.amount_mismatch_code,
                         local_network_management=g.local_network_management,
                         duplicate_in_flight=g.duplicate_in_flight, journaling=config.journal.enabled)
+
 
 class Gateway:
     """Listeners, upstreams and routes wired together; ``run`` serves until ``stop``."""
@@ -74,8 +79,17 @@ class Gateway:
         # The one clock of the shell (clock.py): started by run, read by everything that
         # schedules or stamps, so trio's MockClock moves them all.
         self.clock = Clock()
+        # The keys (keys.py): the security module of [security], the journal's vault from its data
+        # keys. ``security`` is what MACs and key exchanges use; None when no key is needed (the
+        # journal disabled and no [security] section).
+        self.keys: JournalKeys | None = None
+        self.security: SecurityModule | None = None
+        if journal_cfg.enabled or "security" in config.model_fields_set:
+            self.keys = open_gateway_keys(config, config_path or "config")
+            self.security = self.keys.module
         if journal_cfg.enabled:
-            vault = PanVault(load_master_key(journal_cfg.key_file))
+            assert self.keys is not None
+            vault = self.keys.vault
             self.journal = Journal(journal_cfg.path, vault, synchronous=journal_cfg.synchronous, max_batch=journal_cfg.max_batch,
                                    metrics=self.metrics, worker=worker or 0, replay_all=worker is None,
                                    indexer=journal_cfg.indexer, max_log_segments=journal_cfg.max_log_segments,
@@ -84,6 +98,8 @@ class Gateway:
             log.warning("journal disabled: transactions are not journaled and reversals are lost on restart")
             self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=journal_cfg.max_batch,
                                    metrics=self.metrics)
+        if self.keys is not None:
+            self.keys.attach(self.journal)
         self.journal.wall = self.clock.wall
         self.reversals = DurableReversals(self, self.journal, self.clock)
         dialect_dirs = tuple(config.dialect_dirs)
@@ -98,6 +114,7 @@ class Gateway:
                          config.gateway.duplicate_window)
         self.listeners = [Listener(lc, self, get_dialect(lc.dialect, dialect_dirs), load_rules(lc.rules, rule_dirs))
                           for lc in config.listeners]
+        self._apply_hops(self._hop_settings(config))
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self.draining = False
@@ -172,6 +189,7 @@ class Gateway:
             raise ConfigError(self.config_path or "config", "listeners/upstreams",
                               "TLS turned on or off: this needs a restart")
         routes = route_table(config.routes, config.routing, source=self.config_path or "config")
+        hops = self._hop_settings(config)
         # Build every listener's new state before touching any, so a failure changes nothing.
         dialect_dirs, rule_dirs = tuple(config.dialect_dirs), tuple(config.rule_dirs)
         staged = []
@@ -183,6 +201,7 @@ class Gateway:
             staged.append((lst, lc, dialect, rules))
         for lst, lc, dialect, rules in staged:
             lst.apply(lc, dialect, rules)
+        self._apply_hops(hops)
         self.flow.routes = routes
         self.flow.settings = flow_settings(config)
         self.config = config
@@ -273,6 +292,8 @@ class Gateway:
             journal_scope.cancel()
             poller_scope.cancel()
         self.journal.close()
+        if self.security is not None:
+            self.security.close()
         self._stopped.set()
 
     async def _flush_metrics(self) -> None:
@@ -302,6 +323,45 @@ class Gateway:
             async with trio.open_nursery() as n:
                 for up in self.upstreams.values():
                     n.start_soon(up.sign_off)
+
+    def _hop_settings(self, config: Config) -> tuple[list[tuple[MacHop | None, ClientTable | None]], list[MacHop | None]]:
+        """Each listener's MAC and identified clients and each upstream's MAC, as the flow takes them;
+        ConfigError when a MAC has no security module, an unknown key or a dialect without 64/128."""
+        source = self.config_path or "config"
+        security = self.security  # the security module (keys.py: set up with the journal's keys)
+
+        def hop(where: str, mac: MacConfig | None, dialect: Dialect) -> MacHop | None:
+            if mac is None:
+                return None
+            if security is None:
+                raise ConfigError(source, f"{where}.mac", "MACs need a security module ([security])")
+            try:
+                security.check_value(mac.key)
+            except Exception as exc:  # noqa: BLE001 - UnknownKey, or a token that can't tell: either way unusable
+                raise ConfigError(source, f"{where}.mac.key", f"the security module has no usable key {mac.key!r} "
+                                  f"({type(exc).__name__})") from None
+            return MacHop(mac.key, MacField(dialect), mac.padding, mac.failure_code, mac.zone_key, mac.algorithm)
+
+        fronts = []
+        for i, (lst, lc) in enumerate(zip(self.listeners, config.listeners, strict=True)):
+            clients = None
+            if lc.clients:
+                clients = ClientTable({c.identity: ClientScope(frozenset(a.lstrip("0") for a in c.acquirers),
+                                                               frozenset(m.rstrip(" ") for m in c.merchants),
+                                                               frozenset(t.rstrip(" ") for t in c.terminals))
+                                       for c in lc.clients}, lc.client_refusal_code)
+            fronts.append((hop(f"listeners.{i}", lc.mac, lst.side.dialect), clients))
+        ups = [hop(f"upstreams.{i}", uc.mac, up.dialect)
+               for i, (up, uc) in enumerate(zip(self.upstreams.values(), config.upstreams, strict=True))]
+        return fronts, ups
+
+    def _apply_hops(self, hops: tuple[list[tuple[MacHop | None, ClientTable | None]], list[MacHop | None]]) -> None:
+        fronts, ups = hops
+        for lst, (mac, clients) in zip(self.listeners, fronts, strict=True):
+            lst.side.mac, lst.side.clients = mac, clients
+        for up, up_mac in zip(self.upstreams.values(), ups, strict=True):
+            up.side.mac = up_mac
+        self.flow.security = self.security
 
     # ------------------------------------------------------------------ feeding the flow
 
@@ -427,8 +487,21 @@ class Gateway:
                 self.reversals.take_over(upstream, fields, original)
         elif op == SAVE_STAN:
             self._save_stan(action[1].io)
+        elif op == INSTALL_KEY:
+            self._install_key(*action[1:])
         else:
             raise AssertionError(f"unknown flow action {op!r}")
+
+    def _install_key(self, link: Link, request: dict[str, str], label: str, zone_key: str, wrapped: str,
+                     check_value: str, algorithm: str) -> None:
+        """A switch's new MAC key into the security module (INSTALL_KEY); the flow answers the switch."""
+        installed: str | None = None
+        try:
+            installed = self.flow.security.install_key(label, kek=zone_key, wrapped=bytes.fromhex(wrapped),
+                                                       check_value=check_value, algorithm=algorithm)
+        except Exception as exc:  # noqa: BLE001 - a bad key or check value: refused, counted, the old key stays
+            log.warning("upstream key change for %s refused: %s", label, type(exc).__name__)
+        self.flow.key_installed(link, request, installed)
 
     def _delivery(self, txn: Txn) -> Callable[[bool], None]:
         """What the front end's writer tells once the answer to ``txn`` is in the kernel (or never will be)."""

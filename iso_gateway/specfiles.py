@@ -95,6 +95,14 @@ class _ResponseFile(_Strict):
     echo: list[int]
 
 
+class _KeyChangeFile(_Strict):
+    """How a switch sends a new MAC key in an 0800 (the gateway installs it after checking its check value)."""
+
+    code: str = "161"  # DE 70 of the 0800 that carries a new key
+    key_field: int = 96  # the new key, wrapped under the zone key (hex)
+    check_field: int = 48  # its key check value (hex, 6 characters at least)
+
+
 class _DialectFile(_Strict):
     name: str
     title: str
@@ -103,6 +111,7 @@ class _DialectFile(_Strict):
     card_data: _CardDataFile = _CardDataFile()
     response: _ResponseFile
     fields: dict[str, _FieldFile]
+    key_change: _KeyChangeFile | None = None
 
     @field_validator("name")
     @classmethod

@@ -43,18 +43,19 @@ def supervise(config_path: str, workers: int) -> int:
     from .core.errors import ConfigError
     from .journal import MAX_WORKERS, SQLiteStore, replay_segments
     from .logs import setup_logging
-    from .security.pan import PanVault, load_master_key
+    from .keys import open_gateway_keys
 
     config = load_config(config_path)
     setup_logging(config.log.level, config.log.format, config.log.file, config.gateway.name)
     if workers > MAX_WORKERS:
         raise ConfigError("--workers", "", f"at most {MAX_WORKERS} workers")
-    if config.journal.enabled:  # create the shared file and key once, before the workers race to
-        vault = PanVault(load_master_key(config.journal.key_file))
+    if config.journal.enabled:  # create the shared file and keys once (and migrate an old key), before the workers race to
+        keys = open_gateway_keys(config, config_path)
         conn = SQLiteStore.connect(config.journal.path, config.journal.synchronous)
         # What any worker logged before a crash of the whole group (a restarted worker replays its own).
-        replay_segments(conn, SQLiteStore(vault), None)
+        replay_segments(conn, SQLiteStore(keys.vault), None)
         conn.close()
+        keys.module.close()  # each worker opens its own
     try:
         return trio.run(_supervise, config_path, workers, mp_dir)
     finally:

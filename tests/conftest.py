@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import resource
 import tempfile
 from pathlib import Path
@@ -24,6 +25,10 @@ import tomli_w
 import trio
 
 from iso_gateway.config import Config
+
+# The development KEK ([security] kek_file empty: $XDG_CONFIG_HOME/iso-gateway/kek.hex) of every
+# gateway and daemon the tests start lives in a folder of this test run, never in the user's home.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="iso-gateway-tests-config-")
 from iso_gateway.gateway import Gateway
 from iso_gateway.metrics import Metrics
 from iso_gateway.sim.client import FrontEndClient, sample_auth

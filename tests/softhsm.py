@@ -35,12 +35,19 @@ def softhsm_missing() -> str | None:
     return None
 
 
+_made: dict[str, Token] = {}
+
+
 def make_token(directory: Path, label: str = "iso-gateway-test") -> Token:
     """Initialise a fresh token under ``directory`` and point SOFTHSM2_CONF at its config.
 
     SoftHSM2 reads SOFTHSM2_CONF when its library is first loaded in a process; tokens made later
     by softhsm2-util in other directories are not seen by a library already loaded with another
-    config. So the tests keep one config (and token directory) per process, see tests' fixtures."""
+    config. So there is one config (and token directory) per process: a second call (another test
+    module's session fixture) gets the token the first one made, and its ``directory`` is unused.
+    Daemon processes the tests start inherit SOFTHSM2_CONF, and see the same token."""
+    if label in _made:
+        return _made[label]
     tokens = directory / "tokens"
     tokens.mkdir(parents=True, exist_ok=True)
     conf = directory / "softhsm2.conf"
@@ -51,7 +58,8 @@ def make_token(directory: Path, label: str = "iso-gateway-test") -> Token:
         check=True, capture_output=True, env={**os.environ, "SOFTHSM2_CONF": str(conf)}, timeout=60)
     library = find_softhsm2()
     assert library is not None
-    return Token(library, label, PIN, conf)
+    _made[label] = Token(library, label, PIN, conf)
+    return _made[label]
 
 
 def wipe(token: Token) -> None:

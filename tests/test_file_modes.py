@@ -68,9 +68,9 @@ async def test_a_fresh_daemon_creates_its_state_folder_0700_and_every_file_0600(
 
         def everything_there() -> bool:
             names.update(modes(state))
-            return {"journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm", "pan.key", "gw.log"} <= names
+            return {"journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm", "keys.bin", "gw.log"} <= names
 
-        await wait_for(everything_there, 10, "the journal, its -wal and -shm, the key and the log")
+        await wait_for(everything_there, 10, "the journal, its -wal and -shm, the key file and the log")
         assert_private(modes(state), state)
         await client.aclose()
     finally:

@@ -481,3 +481,208 @@ def test_every_request_gets_exactly_one_answer_with_its_own_stan_and_a_link_neve
     for front in fronts:
         assert sorted(answered[front.id]) == sorted(asked[front.id]), "one answer per request, with its own STAN"
     assert w.flow.in_flight == 0 and all(len(link.pending) == 0 for link in w.links)
+
+
+def test_a_request_another_node_journaled_first_is_never_sent_and_is_answered_as_a_duplicate():
+    from iso_gateway.core.errors import DuplicateRecorded
+    w = World(duplicate_window=60.0)
+    actions = w.request(w.front(), w.auth())
+    assert of(actions, F.RECORD)[0][2]["dup_key"].startswith("ecom|")
+    out = w.journaled(actions, DuplicateRecorded("05"))
+    assert not of(out, F.SEND) and w.answers(out)[0]["39"] == "05"
+    out = w.journaled(w.request(w.front(), w.auth()), DuplicateRecorded(None))  # still in flight there
+    assert not of(out, F.SEND) and w.answers(out)[0]["39"] == "94"
+    assert w.flow.in_flight == 0 and len(w.links[0].pending) == 0
+
+
+# ---------------------------------------------------------------------------------- MACs per hop
+
+from iso_gateway.core.macs import ClientScope, ClientTable, MacField, MacHop  # noqa: E402
+from iso_gateway.security.mac import retail_mac  # noqa: E402
+from iso_gateway.security.software import Kek, SoftwareSecurityModule  # noqa: E402
+
+FRONT_KEY = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
+SWITCH_KEY = bytes.fromhex("89ABCDEF0123456776543210FEDCBA98")
+
+
+def mac_world(tmp_path, *, front: bool = True, switch: bool = True, **kw: Any) -> World:
+    w = World(**kw)
+    module = SoftwareSecurityModule(tmp_path / "keys.bin", Kek(bytes(range(32)), "test"), create=True)
+    module.import_key("front.mac", FRONT_KEY, usage="mac", algorithm="retail")
+    module.import_key("switch.mac", SWITCH_KEY, usage="mac", algorithm="retail")
+    w.flow.security = module
+    if front:
+        w.side.mac = MacHop("front.mac", MacField(w.dialect))
+    if switch:
+        w.up.mac = MacHop("switch.mac", MacField(w.up_dialect))
+    return w
+
+
+def signed(dialect: Any, msg: dict[str, str], key: bytes) -> bytes:
+    """``msg`` as an independent sender MACs it: field 64 (128 past 64), the retail MAC of every byte before it."""
+    raw = encode(dialect, {**msg, ("128" if any(k.isdigit() and int(k) > 64 for k in msg) else "64"): "0" * 16})
+    width = MacField(dialect).width
+    return raw[:-width] + MacField(dialect).wire(retail_mac(FRONT_KEY if key is FRONT_KEY else key, raw[:-width]))
+
+
+def mac_ok(dialect: Any, raw: bytes, key: bytes) -> bool:
+    field = MacField(dialect)
+    return field.value(raw) == retail_mac(key, raw[:-field.width])[:8]
+
+
+def test_a_request_with_a_good_mac_is_resigned_for_the_switch_after_the_stan_is_spliced(tmp_path):
+    w = mac_world(tmp_path)
+    front = w.front()
+    msg = w.auth()
+    w.flow.front_frame(front, signed(w.dialect, msg, FRONT_KEY), b"", w.t)
+    actions = w.flow.take_actions()
+    (send,) = of(w.journaled(actions), F.SEND)
+    wire = send[2][4:]
+    assert mac_ok(w.up_dialect, wire, SWITCH_KEY) and not mac_ok(w.up_dialect, wire, FRONT_KEY)
+    sent = decode(w.up_dialect, wire)
+    resp = {k: v for k, v in sent.items() if k not in ("t", "2", "14", "22", "25", "26", "64")}
+    resp.update({"t": "0110", "39": "00"})
+    w.flow.switch_frame(w.links[0], signed(w.up_dialect, resp, SWITCH_KEY), b"", w.t)
+    out = w.flow.take_actions()
+    (answer,) = of(out, F.ANSWER)
+    assert mac_ok(w.dialect, answer[2][4:], FRONT_KEY) and decode(w.dialect, answer[2][4:])["11"] == msg["11"]
+
+
+@pytest.mark.parametrize("tamper", ["flip", "missing"])
+def test_a_request_with_a_bad_or_missing_mac_is_answered_63_signed_and_never_forwarded(tmp_path, tamper):
+    w = mac_world(tmp_path)
+    raw = signed(w.dialect, w.auth(), FRONT_KEY)
+    if tamper == "flip":
+        raw = raw[:30] + bytes([raw[30] ^ 1]) + raw[31:]
+    else:
+        raw = encode(w.dialect, w.auth())
+    w.flow.front_frame(w.front(), raw, b"", w.t)
+    out = w.flow.take_actions()
+    assert not of(out, F.RECORD) and not of(out, F.SEND)
+    (answer,) = of(out, F.ANSWER)
+    rc = decode(w.dialect, answer[2][4:])["39"]
+    assert mac_ok(w.dialect, answer[2][4:], FRONT_KEY)  # the gateway's own answer is signed too
+    if tamper == "missing":
+        assert rc == "63" and w.metrics.mac_failures("front", "ecom", "missing").get() == 1
+    else:  # the flipped byte broke the format (30) or the MAC (63)
+        assert rc in ("63", "30")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_a_tampered_byte_anywhere_in_a_macd_request_means_63_and_nothing_forwarded(tmp_path_factory, data):
+    w = mac_world(tmp_path_factory.mktemp("k"))
+    raw = signed(w.dialect, w.auth(), FRONT_KEY)
+    at = data.draw(st.integers(0, len(raw) - 1))
+    flip = data.draw(st.integers(1, 255))
+    tampered = raw[:at] + bytes([raw[at] ^ flip]) + raw[at + 1:]
+    w.flow.front_frame(w.front(), tampered, b"", w.t)
+    out = w.flow.take_actions()
+    assert not of(out, F.RECORD) and not of(out, F.SEND)
+    assert len(of(out, F.ANSWER)) == 1
+
+
+def test_an_answer_with_a_bad_mac_from_the_switch_is_not_trusted_the_front_end_hears_91_and_it_is_reversed(tmp_path):
+    w = mac_world(tmp_path, front=False)
+    txn, sent = w.forward(w.front(), w.auth())
+    out = w.answer(sent, "00")  # it echoes the request's MAC field: wrong for an answer
+    assert of(out, F.REVERSE)[0][1:3] == (txn, "bad_mac") and not of(out, F.ANSWER)
+    w.flow.reversal_stored(txn, w.t)
+    assert w.answers(w.flow.take_actions())[0]["39"] == "91"
+    assert w.metrics.mac_failures("upstream", "cmi", "bad").get() == 1
+
+
+def test_macs_on_one_hop_only_are_added_or_dropped_by_reencoding(tmp_path):
+    w = mac_world(tmp_path, front=False)  # the front end sends no MAC; the switch wants one
+    _, sent = w.forward(w.front(), w.auth())
+    assert "64" in sent
+    w = mac_world(tmp_path / "b", switch=False)  # the front end MACs; the switch knows nothing of it
+    front = w.front()
+    w.flow.front_frame(front, signed(w.dialect, w.auth(), FRONT_KEY), b"", w.t)
+    (send,) = of(w.journaled(w.flow.take_actions()), F.SEND)
+    sent = w.switch_msg(send)
+    assert "64" not in sent
+    (answer,) = of(w.answer(sent, "00"), F.ANSWER)
+    assert mac_ok(w.dialect, answer[2][4:], FRONT_KEY)
+
+
+# ---------------------------------------------------------------------------------- identified front ends
+
+
+def test_an_identified_front_end_may_act_only_for_its_own_merchant_and_reverses_only_its_own():
+    w = World()
+    w.side.clients = ClientTable({"cert:shop-a": ClientScope(merchants=frozenset({"MERCHANT0000001"}))}, code="58")
+    a = SimpleNamespace(side=w.side, closed=False, id=1, identity="cert:shop-a")
+    b = SimpleNamespace(side=w.side, closed=False, id=2, identity="cert:shop-b")
+    msg = w.auth()
+    assert msg["42"].rstrip() == "MERCHANT0000001"
+    actions = w.request(a, msg)
+    assert of(actions, F.RECORD)[0][2]["listener"] == "ecom/cert:shop-a"  # its reversals match within it
+    assert w.answers(w.request(b, w.auth()))[0]["39"] == "58"  # unknown identity
+    other = {**w.auth(), "42": "MERCHANT0000002"}
+    assert w.answers(w.request(a, other))[0]["39"] == "58"  # another merchant
+    reversal = sample_reversal({**msg, "42": "MERCHANT0000002"}, now=NOW)
+    assert w.answers(w.request(a, reversal))[0]["39"] == "58"  # nor reverse for it
+    (lookup,) = of(w.request(a, sample_reversal(msg, now=NOW)), F.LOOKUP)
+    assert lookup[2] == "ecom/cert:shop-a"
+    assert w.metrics.rejections("ecom", "not_authorized", "58").get() == 3
+
+
+# ---------------------------------------------------------------------------------- a new MAC key from the switch
+
+from iso_gateway.security.keys import SecretKey, wrap_working_key  # noqa: E402
+from iso_gateway.security.mac import tdes_check_value  # noqa: E402
+
+ZONE_KEY = bytes.fromhex("C1D0F8FB4958670DBA40AB1F3752EF0D")
+NEW_SWITCH_KEY = bytes.fromhex("A1B2C3D4E5F60718293A4B5C6D7E8F90")
+
+
+def execute_install(w: World, actions: list[tuple]) -> list[tuple]:
+    """The shell's part of INSTALL_KEY: the security module installs the key, the flow answers."""
+    for a in of(actions, F.INSTALL_KEY):
+        _, link, request, label, zone, wrapped, check, algorithm = a
+        try:
+            kcv = w.flow.security.install_key(label, kek=zone, wrapped=bytes.fromhex(wrapped), check_value=check,
+                                              algorithm=algorithm)
+        except Exception:  # noqa: BLE001
+            kcv = None
+        w.flow.key_installed(link, request, kcv)
+    return w.flow.take_actions()
+
+
+@pytest.mark.parametrize("good_check", [True, False])
+def test_a_new_mac_key_from_the_switch_is_installed_only_if_its_check_value_matches(tmp_path, good_check):
+    w = mac_world(tmp_path, front=False)
+    w.flow.security.import_key("zone", ZONE_KEY, usage="kek", key_type="tdes")
+    w.up.mac.zone_key = "zone"
+    wrapped = wrap_working_key(SecretKey(ZONE_KEY, usage="kek", key_type="tdes"), NEW_SWITCH_KEY)
+    check = tdes_check_value(NEW_SWITCH_KEY).hex().upper()[:6] if good_check else "000000"
+    change = {"t": "0800", "7": "1127101010", "11": "000321", "70": "161", "96": wrapped.hex().upper(), "48": check}
+    actions = w.switch(change)
+    assert [a[0] for a in actions if a[0] != F.LOG] == [F.INSTALL_KEY]
+    assert all(wrapped.hex().upper() not in str(a[3]) for a in of(actions, F.LOG))
+    (send,) = of(execute_install(w, actions), F.SEND)
+    resp = w.switch_msg(send)
+    assert resp["t"] == "0810" and resp["39"] == ("00" if good_check else "96") and "96" not in resp
+    _, sent = w.forward(w.front(), w.auth())
+    key = NEW_SWITCH_KEY if good_check else SWITCH_KEY  # from the next message on: the new key, or still the old
+    assert mac_ok(w.up_dialect, encode(w.up_dialect, sent), key)
+
+
+def test_a_reversal_acknowledged_with_a_bad_mac_stays_owed(tmp_path):
+    w = mac_world(tmp_path, front=False)
+    link = w.links[0]
+    message = {"2": "4761739001010119", "4": "000000015000", "7": "1127101010", "11": "000001", "37": "633100000001",
+               "41": "TERM0001", "42": "MERCHANT0000001", "49": "504", "90": "010000000111271010100000000000000000000000"}
+    attempt = w.flow.send_reversal(link, "owner", SimpleNamespace(attempts=0), 5, 6, message, "0420", "", w.t)
+    assert not isinstance(attempt, str)
+    (send,) = of(w.flow.take_actions(), F.SEND)
+    sent = w.switch_msg(send)
+    assert mac_ok(w.up_dialect, send[2][4:], SWITCH_KEY)
+    out = w.answer(sent, "00")  # echoes the request's MAC: wrong for the 0430
+    assert of(out, F.SAF_OUTCOME) == [(F.SAF_OUTCOME, attempt, "timeout", "")]
+    resp = {k: v for k, v in sent.items() if k not in ("t", "64", "128")}
+    good = signed(w.up_dialect, {**resp, "t": "0430", "39": "00"}, SWITCH_KEY)
+    w.flow.switch_frame(link, good, b"", w.t)  # a late, well-signed 0430 still completes it
+    (outcome,) = of(w.flow.take_actions(), F.SAF_OUTCOME)
+    assert outcome[2:] == ("late", "00")

@@ -11,7 +11,8 @@ import trio
 from conftest import TEST_PAN, wait_for, write_daemon_config
 from iso_gateway.journal import txlog
 from iso_gateway.journal import SQLiteStore
-from iso_gateway.security.pan import PanVault, load_master_key
+from iso_gateway.config import load_config
+from iso_gateway.keys import open_security_module
 from iso_gateway.core.message import OriginalData
 from iso_gateway.sim.client import FrontEndClient, sample_auth
 from iso_gateway.sim.integrity import GatewayProcess, free_port, run_check
@@ -59,7 +60,7 @@ async def test_a_transaction_in_flight_when_the_gateway_is_killed_is_reversed_af
         db = sqlite3.connect(db_path)
         in_db = db.execute("SELECT state FROM txn WHERE rrn='000000004242'").fetchall()
         db.close()
-        store = SQLiteStore(PanVault(load_master_key(tmp_path / "pan.key")))
+        store = SQLiteStore(open_security_module(load_config(cfg)).pan_vault())  # the daemon's data keys
         logged = [store.logged_params(r) for seg in txlog.segments(str(db_path))
                   for r in txlog.read(seg, store.vault.open_bytes)[0] if r[0] == "T"]
         logged = [row for row in logged if row[12] == "000000004242"]  # the rrn column

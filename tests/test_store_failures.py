@@ -374,11 +374,12 @@ async def test_a_gateway_stops_promptly_while_its_indexer_retries_and_the_next_s
 
 async def test_a_log_left_by_a_crash_that_the_full_store_refused_at_start_is_written_and_recovered_later(harness):
     """Recovery waits for the last run's log: once the store takes it, the in-doubt transaction is reversed."""
-    from iso_gateway.security.pan import load_master_key
+    from conftest import make_config
+    from iso_gateway.keys import open_security_module
 
     sim = await harness.start_switch()
     db = harness.state_dir / "journal.sqlite3"
-    crashed = Journal(str(db), PanVault(load_master_key(str(harness.state_dir / "pan.key"))))
+    crashed = Journal(str(db), open_security_module(make_config(1, state_dir=harness.state_dir)).pan_vault())
     in_flight = new_id()
     crashed.record_txn({"id": in_flight, "listener": "ecom", "mti": "0100", "upstream": "cmi", "link": 0,
                         "upstream_stan": "400001"},

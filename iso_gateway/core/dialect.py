@@ -71,6 +71,13 @@ class FieldDef:
 
 
 @dataclass(frozen=True)
+class KeyChange:
+    code: str
+    key_field: int
+    check_field: int
+
+
+@dataclass(frozen=True)
 class Dialect:
     name: str
     title: str
@@ -85,6 +92,9 @@ class Dialect:
     presence_fields: frozenset[int]
     source: str
     spec: dict[str, Any] = field(repr=False, compare=False, hash=False)
+    # How the switch sends a new MAC key (an 0800 whose DE 70 is ``code``: the key wrapped under the
+    # zone key in ``key_field``, its check value in ``check_field``), or None: it never does.
+    key_change: KeyChange | None = None
 
     @cached_property
     def bcd_track_fields(self) -> tuple[int, ...]:
@@ -205,6 +215,7 @@ def build_dialect(d: Mapping[str, Any], source: str) -> Dialect:
         ("card_data.mask", card["mask"]),
         ("card_data.remove", card["remove"]),
         ("card_data.presence", card["presence"]),
+        ("key_change", [d["key_change"]["key_field"], d["key_change"]["check_field"]] if d.get("key_change") else []),
     ):
         for n in nums:
             if n not in fields:
@@ -223,6 +234,7 @@ def build_dialect(d: Mapping[str, Any], source: str) -> Dialect:
         presence_fields=frozenset(card["presence"]),
         source=source,
         spec=_build_spec(wire, fields),
+        key_change=KeyChange(**d["key_change"]) if d.get("key_change") else None,
     )
 
 

@@ -90,3 +90,14 @@ class FieldTypeError(MessageError):
 
 def field_label(field: str) -> str:
     return {"t": "MTI", "p": "bitmap", "1": "secondary bitmap", "h": "header"}.get(field, field)
+
+
+class DuplicateRecorded(IsoGatewayError):
+    """The journal already holds a request with the same duplicate key (another node of a pair took
+    it first: the shared store refused the second record). ``rc`` and ``auth_code`` are the first
+    one's answer when it has one; ``rc`` None means the first is still in flight."""
+
+    def __init__(self, rc: str | None, auth_code: str | None = None) -> None:
+        super().__init__("a request with this duplicate key is already journaled")
+        self.rc = rc
+        self.auth_code = auth_code

@@ -46,8 +46,9 @@ from typing import Any, Callable, Protocol
 
 from .dialect import Dialect, check_field_type
 from .duplicates import DuplicateEntry, DuplicateTable
-from .errors import DecodeError, IsoGatewayError, MessageError
+from .errors import DecodeError, DuplicateRecorded, IsoGatewayError, MessageError
 from .framing import Framer
+from .macs import ClientTable, MacField, MacHop
 from .masking import mask_pan
 from .matching import Key, PendingTable, StanAllocator, match_key
 from .message import (
@@ -120,6 +121,9 @@ SAF_OUTCOME = 10
 NET_DONE = 11
 # (SAVE_STAN, link): the link used another STAN_BLOCK STANs: save its counter.
 SAVE_STAN = 12
+# (INSTALL_KEY, link, request, label, zone_key, wrapped, check_value, algorithm): the switch sent a new
+# MAC key (wrapped under the zone key): install it if its check value matches; report ``key_installed``.
+INSTALL_KEY = 14
 # (LOG, level, message, args): a line for the log (an exception among ``args`` is logged masked,
 # with its traceback). The flow writes nothing itself.
 LOG = 13
@@ -128,14 +132,17 @@ LOG = 13
 class FrontSide:
     """What the flow knows of a listener: its name, codec, rules and framing (plain values)."""
 
-    __slots__ = ("name", "dialect", "rules", "framer", "scanner")
+    __slots__ = ("name", "dialect", "rules", "framer", "scanner", "mac", "clients")
 
-    def __init__(self, name: str, dialect: Dialect, rules: RuleSet, framer: Framer, scanner: Scanner) -> None:
+    def __init__(self, name: str, dialect: Dialect, rules: RuleSet, framer: Framer, scanner: Scanner,
+                 mac: MacHop | None = None, clients: ClientTable | None = None) -> None:
         self.name = name
         self.dialect = dialect
         self.rules = rules
         self.framer = framer
         self.scanner = scanner
+        self.mac = mac  # MACs on this hop: verified on requests, generated on answers
+        self.clients = clients  # front ends must be identified and stay within their ids
 
 
 class FrontRef(Protocol):
@@ -160,6 +167,7 @@ class UpstreamSide:
         self.max_in_flight = max_in_flight
         self.reversal_timeout = reversal_timeout
         self.institution_id = institution_id
+        self.mac: MacHop | None = None  # MACs on this hop: generated on requests, verified on answers
         self.scanner = Scanner(dialect, {11, 38, 39, 41, 70, *self.match_fields})
         self.links: list[Link] = []
         # Reversals whose answer still counts after their attempt's deadline, on any of this
@@ -376,9 +384,13 @@ def front_identity(front: FrontRef) -> str:
     """Who sent a request, as the journal records it (``txn.listener``) and as a front-end reversal
     must match it to find its original: today the listener it came through, so any client of a
     listener may reverse what another client of the same listener sent (with the same acquirer,
-    terminal and merchant). When listeners authenticate their clients (a TLS client certificate,
-    a sign-on), this is the one place to return the authenticated identity instead."""
-    return front.side.name
+    terminal and merchant). A listener that identifies its clients (``FrontSide.clients``: by TLS
+    client certificate or source address) adds the client's identity, so a front end can find and
+    reverse only what it sent itself."""
+    side = front.side
+    if side.clients is None:
+        return side.name
+    return f"{side.name}/{getattr(front, 'identity', '')}"
 
 
 class Flow:
@@ -393,6 +405,9 @@ class Flow:
         self.new_id = new_id
         self.duplicates = DuplicateTable(duplicate_window)
         self.actions: list[tuple[Any, ...]] = []
+        # The security module that computes and checks MACs (mac, verify_mac): the shell's, set
+        # when a hop has MACs. Only key labels cross; keys stay in the module.
+        self.security: Any = None
         self.draining = False  # shutting down: nothing new goes to a switch
         self.in_flight = 0  # front-end requests at a switch (drain waits for 0)
         # The wall clock of the current round (``begin_round``): validation's "now" for DE 7.
@@ -438,6 +453,12 @@ class Flow:
             self.answer_locally(front, raw, header, "00", "network_management", now)
             return
         values = scan.values
+        if side.mac is not None and self._mac_refused("front", side.name, side.mac, scan.bitmap, raw):
+            self.answer_locally(front, raw, header, side.mac.code, "bad_mac", now)
+            return
+        if side.clients is not None and self._client_refused(front, side.clients, mti, values):
+            self.answer_locally(front, raw, header, side.clients.code, "not_authorized", now)
+            return
         rejection = side.rules.validate(side.dialect, mti, scan.bitmap, values, self._now_utc)
         if rejection is not None:
             m.rejections(side.name, rejection.reason, rejection.code).inc()
@@ -474,9 +495,11 @@ class Flow:
         txn.timeout = route.timeout
         if dup_key is not None:
             txn.duplicate = self.duplicates.start(dup_key, txn, now)
-        if side.dialect is upstream.dialect:
+        if side.dialect is upstream.dialect and _mac_splices(scan.bitmap, upstream.mac):
             stan = self._allocate_stan(link)
             out = side.scanner.splice(raw, scan, 11, stan)
+            if upstream.mac is not None:
+                out = self._sign(upstream.mac, out)
             self._dispatch(txn, link, stan, out, values, now)
         else:
             msg = decode(side.dialect, raw, check_types=False)
@@ -493,11 +516,14 @@ class Flow:
 
     def _dispatch_message(self, txn: Txn, link: Link, msg: dict[str, str], values: dict[int, str],
                           now: float) -> None:
-        """Send a decoded message (another dialect, or a reversal the gateway rewrote) on ``link``."""
+        """Send a decoded message (another dialect, a MAC to add or drop, or a reversal the gateway
+        rewrote) on ``link``."""
         stan = self._allocate_stan(link)
         msg["11"] = stan
         txn.translate = True
-        self._dispatch(txn, link, stan, encode(link.upstream.dialect, msg, check_types=False), values, now)
+        if txn.kind == "reversal":
+            txn.original = {k: msg[k] for k in REVERSAL_FIELDS if k in msg}
+        self._dispatch(txn, link, stan, self._encode(link.upstream.dialect, link.upstream.mac, msg), values, now)
 
     def _dispatch(self, txn: Txn, link: Link, stan: str, out: bytes, values: dict[int, str], now: float) -> None:
         """``txn`` goes to the switch on ``link`` as ``out`` (its STAN already ``stan``): pending
@@ -522,7 +548,9 @@ class Flow:
         txn.frame = frame
         txn.txn_id = self.new_id()
         row = {"id": txn.txn_id, "listener": front_identity(txn.front), "mti": txn.mti, "upstream": upstream.name,
-               "link": link.index, "upstream_stan": stan}
+               "link": link.index, "upstream_stan": stan,
+               # A store shared by several nodes refuses a second record with this key (DuplicateRecorded).
+               "dup_key": txn.duplicate.key if txn.duplicate is not None else ""}
         self.actions.append((RECORD, txn, row, txn.original))
 
     def _register(self, link: Link, entry: Any, out: bytes, key: Key, deadline: float, now: float) -> bytes:
@@ -552,19 +580,44 @@ class Flow:
                 txn.sent = True
                 txn.frame = b""
             return
-        self._log(ERROR, "journal write failed (%s): %s answered 96 without being sent", type(error).__name__, txn.mti)
         link = txn.link
         if txn.done or link is None or link.pending.pop(txn.key) is not txn:
             return
+        if isinstance(error, DuplicateRecorded):
+            self._recorded_elsewhere(txn, error, now)
+            return
+        self._log(ERROR, "journal write failed (%s): %s answered 96 without being sent", type(error).__name__, txn.mti)
         self._fail(txn, "96", "journal_failed", now)
+
+    def _recorded_elsewhere(self, txn: Txn, dup: DuplicateRecorded, now: float) -> None:
+        """Another node journaled the same request first: never sent twice. Answered as a duplicate is
+        here: the first one's answer, or 94 while it is still in flight there."""
+        txn.done = True
+        self.in_flight -= 1
+        upstream = txn.upstream
+        assert upstream is not None
+        self.metrics.in_flight(upstream.name).dec()
+        self.metrics.duplicates(txn.front.side.name).inc()
+        code = dup.rc or "94"
+        self._log(WARNING, "listener %s: the same request is journaled by another node; answered %s",
+                  txn.front.side.name, code)
+        txn.code, txn.reason = code, "duplicate"
+        txn.txn_id = None  # its row is the other node's
+        self._complete_duplicates(txn, code, dup.auth_code, None, now)
+        self.answer_locally(txn.front, txn.raw, txn.header, code, "duplicate", now, txn.received_at,
+                            auth_code=dup.auth_code)
 
     # ------------------------------------------------------------------ answers from a switch
 
     def _on_answer(self, txn: Txn, link: Link, raw: bytes, scan: Scan, now: float) -> None:
+        upstream = link.upstream
+        if upstream.mac is not None and self._mac_refused("upstream", upstream.name, upstream.mac, scan.bitmap, raw):
+            # Not trusted: the front end hears the timeout code and what was sent is reversed.
+            self._fail(txn, self.settings.timeout_code, "bad_mac", now)
+            return
         txn.done = True
         self.in_flight -= 1
         m = self.metrics
-        upstream = link.upstream
         values = scan.values
         rc = txn.rc = values.get(39, "")
         auth = txn.auth = values.get(38)
@@ -582,15 +635,15 @@ class Flow:
             return
         side = front.side
         try:
-            if txn.translate or txn.restore:
+            if txn.translate or txn.restore or not _mac_splices(scan.bitmap, side.mac):
                 msg = decode(upstream.dialect, raw, check_types=False)
                 msg["11"] = txn.front_stan
                 msg.update(txn.restore or {})
-                out = encode(side.dialect, msg, check_types=False)
-            elif 11 in scan.spans:
-                out = upstream.scanner.splice(raw, scan, 11, txn.front_stan)
+                out = self._encode(side.dialect, side.mac, msg)
             else:
-                out = raw
+                out = upstream.scanner.splice(raw, scan, 11, txn.front_stan) if 11 in scan.spans else raw
+                if side.mac is not None:
+                    out = self._sign(side.mac, out)
         except IsoGatewayError as exc:
             self._log(WARNING, "response from %s can't be returned to the front end (%s); answering 96", upstream.name, exc)
             txn.rc, txn.auth = "96", None
@@ -767,11 +820,7 @@ class Flow:
         txn.reversal_of = (original, fields)
         txn.timeout = upstream.reversal_timeout
         txn.values = {}
-        stan = self._allocate_stan(link)
-        msg["11"] = stan
-        txn.translate = True
-        txn.original = {k: msg[k] for k in REVERSAL_FIELDS if k in msg}
-        self._dispatch(txn, link, stan, encode(upstream.dialect, msg, check_types=False), values, now)
+        self._dispatch_message(txn, link, msg, values, now)
 
     def _reversal_answered(self, front: FrontRef, raw: bytes, header: bytes, mti: str, code: str, reason: str,
                            at: float) -> None:
@@ -808,7 +857,10 @@ class Flow:
                     values = found
             if mti is None:
                 mti = peek_mti(side.dialect, raw)
-            out = self._local_response(side.dialect, mti, values, code, auth_code)
+            mac = side.mac if mti is not None and mti[1:2] != "8" else None
+            out = self._local_response(side.dialect, mti, values, code, auth_code, mac is not None)
+            if out is not None and mac is not None:
+                out = self._sign(mac, out)
             if out is None:
                 self.metrics.request_errors(side.name, "no_answer").inc()
                 self._log(WARNING, "listener %s: no %s answer (%s) can be built for %s", side.name, code, reason,
@@ -832,22 +884,21 @@ class Flow:
 
     @staticmethod
     def _local_response(dialect: Dialect, mti: str | None, values: dict[int, str], code: str,
-                        auth_code: str | None) -> bytes | None:
+                        auth_code: str | None, mac: bool = False) -> bytes | None:
         """The encoded response to a request of ``mti`` whose echo fields are in ``values``; None when
         ``mti`` has no response or not even the minimal one encodes. In order: every echo field; the
-        echo fields whose value fits its ISO type; the response MTI and DE 39 alone."""
+        echo fields whose value fits its ISO type; the response MTI and DE 39 alone. With ``mac``,
+        each ends with an empty MAC field, for the caller to sign."""
         if mti is None or not is_valid_mti(mti) or not is_request(mti):
             return None
-        request = {str(k): v for k, v in values.items()}
+        request = {str(k): v for k, v in values.items() if k not in (64, 128)}
         request["t"] = mti
         resp = build_response(dialect, request, code, auth_code=auth_code)
-        try:
-            return encode(dialect, resp, check_types=False)
-        except MessageError:
-            pass
         fitting = {k: v for k, v in resp.items()
                    if k in ("t", "39") or (int(k) in dialect.fields and check_field_type(dialect.fields[int(k)], v) is None)}
-        for attempt in (fitting, {"t": resp["t"], "39": code}):
+        for attempt in (resp, fitting, {"t": resp["t"], "39": code}):
+            if mac:
+                attempt[MacField.field_for(attempt)] = "0" * 16
             try:
                 return encode(dialect, attempt, check_types=False)
             except MessageError:
@@ -912,7 +963,8 @@ class Flow:
         if entry is None:
             outstanding = up.outstanding.get(key)
             if outstanding is not None:  # an answer past its attempt's deadline that still counts
-                self.actions.append((SAF_OUTCOME, outstanding, "late", values.get(39, "")))
+                if up.mac is None or not self._mac_refused("upstream", up.name, up.mac, scan.bitmap, raw):
+                    self.actions.append((SAF_OUTCOME, outstanding, "late", values.get(39, "")))
                 return
             late = link.late.pop(key, None)
             self._unmatched(link, scan, late is not None, late[1] if late is not None else None)
@@ -924,7 +976,11 @@ class Flow:
             self._on_answer(entry, link, raw, scan, now)
         elif type(entry) is ReversalAttempt:
             entry.done = True
-            self.actions.append((SAF_OUTCOME, entry, "answer", values.get(39, "")))
+            if up.mac is not None and self._mac_refused("upstream", up.name, up.mac, scan.bitmap, raw):
+                # Not trusted: as if unanswered; the reversal stays outstanding and is repeated.
+                self.actions.append((SAF_OUTCOME, entry, "timeout", ""))
+            else:
+                self.actions.append((SAF_OUTCOME, entry, "answer", values.get(39, "")))
         else:
             entry.rc = values.get(39, "")
             entry.rtt = now - entry.sent_at
@@ -958,7 +1014,40 @@ class Flow:
             self._log(WARNING, "upstream %s: switch sent an unsupported %s; answered 12", up.name, mti)
             code = "12"
         else:
-            code = "00"
+            change = up.dialect.key_change
+            if change is not None and req.get("70") == change.code:
+                mac = up.mac
+                if mac is None or not mac.zone_key:
+                    self._log(WARNING, "upstream %s: the switch sent a new MAC key, but no zone key is configured "
+                              "for it ([upstreams.mac] zone_key); answered 96", up.name)
+                    code = "96"
+                else:
+                    self.actions.append((INSTALL_KEY, link, req, mac.key, mac.zone_key,
+                                         req.get(str(change.key_field), ""), req.get(str(change.check_field), ""),
+                                         mac.algorithm))
+                    return
+            else:
+                code = "00"
+        self._answer_switch(link, req, code)
+
+    def key_installed(self, link: Link, request: dict[str, str], check_value: str | None) -> None:
+        """The new MAC key a switch sent is in use from the next message (``check_value``: its own,
+        for the log), or could not be installed (None: a check value that does not match, a key that
+        does not unwrap): the switch hears 00 or 96."""
+        up = link.upstream
+        if check_value is None:
+            self.metrics.mac_failures("upstream", up.name, "key_change").inc()
+            self._log(ERROR, "upstream %s: the new MAC key was refused (check value or unwrap failed); "
+                      "the old key stays in use; answered 96", up.name)
+            self._answer_switch(link, request, "96")
+            return
+        self._log(INFO, "upstream %s: new MAC key installed (check value %s)", up.name, check_value)
+        self._answer_switch(link, request, "00")
+
+    def _answer_switch(self, link: Link, req: dict[str, str], code: str) -> None:
+        up = link.upstream
+        if not link.connected:
+            return
         answer = build_response(up.dialect, req, code)
         try:
             resp = encode(up.dialect, answer, check_types=False)
@@ -1065,7 +1154,7 @@ class Flow:
         msg["t"] = mti
         msg["11"] = stan
         try:
-            raw = encode(up.dialect, msg, check_types=False)
+            raw = self._encode(up.dialect, up.mac, msg)
         except IsoGatewayError as exc:
             return f"encode failed: {exc}"
         attempts = getattr(item, "attempts", 0) + 1
@@ -1084,6 +1173,55 @@ class Flow:
             held = upstream.outstanding.get(key)
             if held is not None and held.saf_id == saf_id:
                 del upstream.outstanding[key]
+
+    # ------------------------------------------------------------------ MACs and identities
+
+    def _mac_refused(self, side: str, name: str, hop: MacHop, bitmap: int, raw: bytes) -> bool:
+        """Whether a message received on a MAC'd hop fails its MAC (counted and logged if so)."""
+        if hop.field.last(bitmap) is None:
+            why = "missing"
+        else:
+            width = hop.field.width
+            try:
+                ok = self.security.verify_mac(hop.key, raw[:-width], hop.field.value(raw), padding=hop.padding)
+            except ValueError:
+                ok = False  # not upper-case hex: not what was signed
+            except Exception as exc:  # noqa: BLE001 - a module that can't check a MAC is a MAC that does not check
+                self._log(ERROR, "%s %s: the MAC could not be checked: %s", side, name, exc)
+                ok = None
+            if ok:
+                return False
+            why = "bad" if ok is False else "error"
+        self.metrics.mac_failures(side, name, why).inc()
+        self._log(WARNING, "%s %s: MAC %s; not trusted", "listener" if side == "front" else "upstream", name, why)
+        return True
+
+    def _sign(self, hop: MacHop, out: bytes) -> bytes:
+        """``out`` (whose last field is the MAC field) with the MAC of every byte before it."""
+        body = out[:-hop.field.width]
+        return body + hop.field.wire(self.security.mac(hop.key, body, padding=hop.padding))
+
+    def _encode(self, dialect: Dialect, mac: MacHop | None, msg: dict[str, str]) -> bytes:
+        """``msg`` encoded for a hop: its MAC field dropped, or set to this hop's MAC."""
+        msg.pop("64", None)
+        msg.pop("128", None)
+        if mac is None or msg.get("t", "")[1:2] == "8":
+            return encode(dialect, msg, check_types=False)
+        msg[MacField.field_for(msg)] = mac.field.placeholder
+        return self._sign(mac, encode(dialect, msg, check_types=False))
+
+    def _client_refused(self, front: FrontRef, clients: ClientTable, mti: str, values: dict[int, str]) -> bool:
+        """Whether an identified front end asks outside what it may (counted and logged if so)."""
+        identity = getattr(front, "identity", "")
+        scope = clients.scopes.get(identity)
+        why = "unknown_client" if scope is None else scope.refuses(values)
+        if why is None:
+            return False
+        name = front.side.name
+        self.metrics.rejections(name, "not_authorized", clients.code).inc()
+        self._log(WARNING, "listener %s: %s from %s refused (%s); answered %s", name, mti, identity or "an unidentified client",
+                  why, clients.code)
+        return True
 
     def _log(self, level: int, message: str, *args: Any) -> None:
         self.actions.append((LOG, level, message, args))
@@ -1105,3 +1243,10 @@ def peek_mti(dialect: Dialect, raw: bytes) -> str | None:
         return None
     return mti if len(mti) == 4 and is_valid_mti(mti) else None
 
+
+def _mac_splices(bitmap: int, mac: MacHop | None) -> bool:
+    """Whether a message with ``bitmap`` can go on a hop with ``mac`` by splicing (its STAN, then its
+    MAC): the hop has no MAC and the message carries none, or the message's last field is its MAC."""
+    if mac is None:
+        return not MacField.present(bitmap)
+    return MacField.last(bitmap) is not None

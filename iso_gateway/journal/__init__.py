@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .commit import *  # noqa: F403
 
-_SUBMODULES = frozenset({"commit", "indexer", "store", "txlog"})
+_SUBMODULES = frozenset({"commit", "dbcli", "indexer", "interface", "migrate", "migrations", "pg", "store", "txlog"})
 
 
 def __getattr__(name: str) -> Any:

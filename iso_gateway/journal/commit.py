@@ -479,6 +479,17 @@ class Journal:
         failures = self._failures
         return "; ".join(failures.values()) if failures else None
 
+    def set_vault(self, vault: PanVault) -> None:
+        """Seal from now on with ``vault`` (a data key rotated, keys reloaded): the store, the log's
+        frames and the indexer process (told over its pipe, before any segment sealed under the new
+        key reaches it; one started later gets it in its hello). ``vault`` must still open what the
+        old one sealed. Call on the event loop."""
+        self.store.vault = vault
+        if self.txlog is not None:
+            self.txlog.seal = vault.seal_bytes
+        if self._indexer is not None:
+            self._indexer.new_key()
+
     def note_failure(self, source: str, why: str, reason: str = "other") -> None:
         """Something of the journal failed (``source``: store, log, indexer, recovery; ``reason``:
         see ``store.failure_reason``): counted each time, logged when it changes, and shown by
@@ -807,6 +818,7 @@ class LogIndexer:
         self._ready = trio.Event()
         self._work = trio.Event()  # set when there is a segment to write
         self._closing = False
+        self._key_pending = False  # the vault changed: send the child the new key before the next segment
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start a child when there is work, until ``close``. A child that exits after
@@ -879,7 +891,24 @@ class LogIndexer:
                     self.unacked.popleft()
                 self.on_done(path, done, detail)
 
+    def new_key(self) -> None:
+        """The journal's vault changed: a running child gets the new key ring before its next segment
+        (the pipe keeps order); a child started later gets it in its hello."""
+        proc = self._proc
+        if proc is None or not self._ready.is_set():
+            return
+        self._key_pending = True
+
     async def send(self, path: Path) -> None:
+        if self._key_pending:  # before this segment, which may be sealed under the new key
+            self._key_pending = False
+            proc = self._proc
+            if proc is not None and proc.stdin is not None and self._ready.is_set():
+                line = f"key {self.journal.store.vault.export_key().hex()}\n".encode()
+                try:
+                    await proc.stdin.send_all(line)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the child is gone: the next one gets the key in its hello
         self.unacked.append(path)
         self._work.set()
         proc = self._proc

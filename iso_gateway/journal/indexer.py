@@ -11,9 +11,10 @@ on the other core.
 
 Protocol (lines of text): the parent sends one JSON line
 ``{"db": ..., "synchronous": ..., "key": <hex>, "worker": n}``, then
-``apply <segment path>`` per segment; end of input means stop. The child
-answers ``done <path> <inserted> <updated>`` for each segment, in order. A
-segment it can't write (a full disk, a read-only file) is answered ``failed
+``apply <segment path>`` per segment, and ``key <hex>`` when the gateway's vault
+changes (a data key rotated: segments after that line may be sealed under the
+new key); end of input means stop. The child answers ``done <path> <inserted>
+<updated>`` for each segment, in order. A segment it can't write (a full disk, a read-only file) is answered ``failed
 <path> <reason> (<error>)``, and tried again, from a new connection, after
 ``retry_initial`` seconds, doubling up to ``retry_max``, until it is written:
 the segments after it wait (one may hold the answers to its transactions).
@@ -101,6 +102,9 @@ def main() -> int:
             # one now could apply it after newer ones and undo their state changes.
             break
         verb, _, arg = line.partition(" ")
+        if verb == "key":  # the gateway's vault changed (a data key rotated): segments after this use it
+            store.vault = PanVault(bytes.fromhex(arg))
+            continue
         if verb != "apply":
             continue
         path = Path(arg)

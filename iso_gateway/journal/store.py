@@ -1,7 +1,7 @@
 """The journal's store: the SQLite schema and statements, PAN-safe, with no event loop in sight.
 
-``SQLiteStore`` is the small interface a server database can implement for
-several gateway nodes; ``Journal`` (commit.py) runs its methods in its worker
+``SQLiteStore`` implements the store interface (interface.py), as ``PgStore``
+(pg.py) does on PostgreSQL for several gateway nodes; ``Journal`` (commit.py) runs its methods in its worker
 thread, and the indexer process (indexer.py) runs ``apply_log`` without
 importing trio at all (it stays a small process).
 
@@ -207,6 +207,17 @@ class SQLiteStore:
         self.vault = vault
         # With --workers, processes share the file; each one sends and recovers only its own rows.
         self.worker = worker
+
+    # What a failure says (the store interface, see interface.py): its label, and whether the
+    # store refused the work for now (SQLITE_FULL, _BUSY, _IOERR...: an OperationalError) rather
+    # than the work being wrong (a constraint).
+    failure_reason = staticmethod(failure_reason)
+    # What its operations raise when the store fails (``except store.errors``).
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+
+    @staticmethod
+    def refused(exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.OperationalError)
 
     @staticmethod
     def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:

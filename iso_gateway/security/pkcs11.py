@@ -35,18 +35,19 @@ One session per module, behind a lock; each worker process opens its own module.
 
 from __future__ import annotations
 
+import hmac
 import os
 import threading
 from typing import Any, Final
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-from pkcs11.exceptions import MechanismInvalid, PinIncorrect, PKCS11Error
+from pkcs11.exceptions import MechanismInvalid, PinIncorrect, PKCS11Error, UserAlreadyLoggedIn
 from pkcs11.mechanisms import GCMParams
 
 from .keys import KeyType as IgKeyType
 from .keys import check_length, key_type_for
-from .mac import MacAlgorithm, check_value_matches, mac_matches, pad_method1, pad_method2
+from .mac import MacAlgorithm, aes_check_value, check_value_matches, mac_matches, pad_method1, pad_method2
 from .module import (
     NONCE_LENGTH,
     KekUnavailable,
@@ -61,6 +62,7 @@ from .module import (
     parse_sealed,
     seal_header,
 )
+from .pan import PanVault
 
 ID_PREFIX: Final = b"iso-gateway:"
 ID_KEK: Final = ID_PREFIX + b"kek"
@@ -69,6 +71,10 @@ ID_K1: Final = ID_PREFIX + b"mac-k1"
 K1_SUFFIX: Final = "#k1"
 DATA_PREFIX: Final = "data/"
 CURRENT_LABEL: Final = "iso-gateway/current-data-key"
+LOOKUP_LABEL: Final = "iso-gateway/lookup-data-key"
+LEGACY_PREFIX: Final = "iso-gateway/legacy-data-key/"
+LEGACY_AAD: Final = b"iso-gateway legacy data key "
+VAULT_INFO: Final = b"iso-gateway journal key"
 APPLICATION: Final = "iso-gateway"
 
 # Usual places of SoftHSM2's library on Debian and elsewhere, for development set-ups.
@@ -111,6 +117,10 @@ class Pkcs11SecurityModule:
             raise SecurityModuleError(f"PKCS#11 token {token_label!r}: not found ({type(exc).__name__})") from None
         try:
             self._session = token.open(rw=True, user_pin=pin)
+        except UserAlreadyLoggedIn:
+            # PKCS#11 logs in per process, not per session: another module of this process is logged
+            # in, and a new session shares its login (the PIN was checked when it logged in).
+            self._session = token.open(rw=True)
         except PinIncorrect:
             raise KekUnavailable(f"PKCS#11 token {token_label!r}: the PIN was refused") from None
         except PKCS11Error as exc:
@@ -285,6 +295,8 @@ class Pkcs11SecurityModule:
                 id_ = obj[Attribute.ID]
                 if id_.startswith(ID_PREFIX) and id_ != ID_K1:
                     out[obj[Attribute.LABEL]] = kcv_hex(self._kcv(obj, self._key_type_of(obj)))
+            for kid in self._legacy_keys():
+                out[DATA_PREFIX + kid] = kid  # a legacy key's id is its check value
             return dict(sorted(out.items()))
 
     def install_key(self, label: str, *, kek: str, wrapped: bytes, check_value: bytes | str,
@@ -398,6 +410,86 @@ class Pkcs11SecurityModule:
             self._data[kid] = key
             self._current, self._generation = kid, gen
             return kcv_hex(self._kcv(key, IgKeyType.AES))
+
+    # -- the journal's vault --------------------------------------------------------------------
+
+    def _data_objects(self, label: str | None = None) -> list[Any]:
+        attrs: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.DATA}
+        if label is not None:
+            attrs[Attribute.LABEL] = label
+        return list(self._session.get_objects(attrs))
+
+    def _set_data_object(self, label: str, value: bytes) -> None:
+        """A private token data object ``label`` holding ``value``; the new one exists before the old goes."""
+        old = self._data_objects(label)
+        self._session.create_object({
+            Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True, Attribute.PRIVATE: True,
+            Attribute.LABEL: label, Attribute.APPLICATION: APPLICATION, Attribute.VALUE: value})
+        for obj in old:
+            obj.destroy()
+
+    def _legacy_keys(self) -> dict[str, bytes]:
+        """Key id -> value of the legacy data keys, each kept sealed under a token data key."""
+        out: dict[str, bytes] = {}
+        for obj in self._data_objects():
+            label = obj[Attribute.LABEL]
+            if label.startswith(LEGACY_PREFIX):
+                kid = label[len(LEGACY_PREFIX):]
+                out[kid] = self.open(bytes(obj[Attribute.VALUE]), LEGACY_AAD + kid.encode("ascii"))
+        return out
+
+    def _lookup_key_id(self) -> str | None:
+        for obj in self._data_objects(LOOKUP_LABEL):
+            return bytes(obj[Attribute.VALUE]).decode("ascii", "replace")
+        return None
+
+    def _vault_master(self, key: Any, kid: str) -> bytes:
+        # Counter-mode key derivation with AES-CMAC as the PRF, inside the token: two blocks, 32 bytes.
+        label = VAULT_INFO + b"\0" + kid.encode("ascii")
+        return b"".join(bytes(key.sign(bytes([i]) + label, mechanism=Mechanism.AES_CMAC)) for i in (1, 2))
+
+    def import_legacy_data_key(self, value: bytes) -> tuple[str, bool]:
+        """A PAN master key from before the security module (an old ``pan.key``), kept as a retired
+        data key for the journal's vault: stored sealed under the current token data key, in a
+        private data object of the token, so it opens only with the PIN. Its key id is its check
+        value (the id the old vault wrote in its records); it becomes the lookup key. Returns (key
+        id, whether it was added now)."""
+        if len(value) != 32:
+            raise UnknownKey(f"a data key must be 32 bytes, got {len(value)}")
+        kid = kcv_hex(aes_check_value(value))
+        with self._lock:
+            self.reload()
+            have = self._legacy_keys()
+            if kid in have:
+                if not hmac.compare_digest(have[kid], value):
+                    raise SecurityModuleError(f"legacy data key {kid!r} exists already with another value")
+                return kid, False
+            if kid in self._data:
+                raise SecurityModuleError(f"data key {kid!r} exists already")
+            blob = self.seal(value, LEGACY_AAD + kid.encode("ascii"))
+            self._set_data_object(LEGACY_PREFIX + kid, blob)
+            self._set_data_object(LOOKUP_LABEL, kid.encode("ascii"))
+            return kid, True
+
+    def pan_vault(self) -> PanVault:
+        """A PanVault for the journal, whose seals run in process and in its indexer child.
+
+        The token's data keys never leave it: each one derives, inside the token (AES-CMAC in counter
+        mode), the vault's master key of the same key id, which lives in this process's memory (and the
+        indexer's) and nowhere else. Without the token and its PIN none of them can be made again.
+        Legacy keys (``import_legacy_data_key``) join as retired keys. The lookup key (PAN hashes) is
+        fixed for good on first use, so that equal PANs keep equal hashes across rotations."""
+        with self._lock:
+            self.reload()
+            current = self.data_key_id
+            masters = {kid: self._vault_master(key, kid) for kid, key in self._data.items()}
+            masters.update(self._legacy_keys())
+            lookup = self._lookup_key_id()
+            if lookup is None or lookup not in masters:
+                lookup = current
+                self._set_data_object(LOOKUP_LABEL, lookup.encode("ascii"))
+            master = masters.pop(current)
+            return PanVault(master, key_id=current, retired=masters, lookup_key_id=lookup)
 
     def close(self) -> None:
         """Release the session (and with the last one the login). Closing twice is harmless."""

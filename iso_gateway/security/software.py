@@ -14,6 +14,7 @@ key installed, a data key rotated) reaches the others when they open the file ag
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import secrets
@@ -125,10 +126,20 @@ def load_kek(state_dir: str | os.PathLike[str], kek_file: str | os.PathLike[str]
 
 
 def write_kek_file(path: str | os.PathLike[str]) -> None:
-    """A new random KEK file (mode 0600), for development set-ups. Refuses to overwrite one."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
+    """A new random KEK file (mode 0600), for development set-ups. Refuses to overwrite one
+    (FileExistsError). Written whole under a temporary name and linked into place, so a process
+    racing this one sees no file or a complete one, never an empty one."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -274,6 +285,26 @@ class SoftwareSecurityModule:
                 self._set_key(check_label(label), key)
             self._save()
             return kcv_hex(key.kcv)
+
+    def import_legacy_data_key(self, value: bytes) -> tuple[str, bool]:
+        """A PAN master key from before the security module (an old ``pan.key``), kept as a retired
+        data key: it opens what it sealed and never seals again. Its key id is its check value, the
+        id the old vault wrote in its records. It becomes the lookup key: the PAN hashes already
+        stored were made with it. Returns (key id, whether it was added now: False when the file
+        holds it already)."""
+        key = SecretKey(value, usage=KeyUsage.DATA, key_type=KeyType.AES)
+        kid = kcv_hex(key.kcv)
+        with self._lock:
+            have = self._data.get(kid)
+            if have is not None:
+                if not hmac.compare_digest(have.reveal(), key.reveal()):
+                    raise SecurityModuleError(f"data key {kid!r} exists already with another value")
+                return kid, False
+            self._data[kid] = key
+            self._data_aead[kid] = AESGCM(key.reveal())
+            self._lookup = kid
+            self._save()
+            return kid, True
 
     # -- SecurityModule ------------------------------------------------------------------------
 

@@ -56,13 +56,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(path: Path, port: int, switch_port: int, state: Path) -> None:
+def _config(path: Path, port: int, switch_port: int, state: Path, kek_dir: Path) -> None:
     path.write_text(f"""
 [gateway]
 drain_timeout = 2.0
 [journal]
 path = "{state / 'journal.sqlite3'}"
-key_file = "{state / 'pan.key'}"
+[security]
+key_file = "{state / 'keys.bin'}"
+kek_file = "{kek_dir / 'kek.hex'}"
 [log]
 file = "{state / 'gateway.log'}"
 [metrics]
@@ -242,6 +244,7 @@ def reconcile(records: list, outcome: Outcome, journal_rrns: set[str]) -> dict[s
 
 async def run_check(requests: int, kills: int, seed: int, connections: int = 16, in_flight: int = 4) -> dict[str, object]:
     state = Path(tempfile.mkdtemp(prefix="iso-gateway-integrity-"))
+    kek_dir = Path(tempfile.mkdtemp(prefix="iso-gateway-integrity-kek-"))  # outside the state directory
     sim = SwitchSimulator(seed=seed, delay_probability=0.05, delay_range=(0.0, 0.8), drop_probability=0.02,
                           close_probability=0.005)
     started = time.monotonic()
@@ -249,7 +252,7 @@ async def run_check(requests: int, kills: int, seed: int, connections: int = 16,
         switch_port = await nursery.start(sim.serve, "127.0.0.1", 0)
         port = free_port()
         cfg = state / "gateway.toml"
-        _config(cfg, port, switch_port, state)
+        _config(cfg, port, switch_port, state, kek_dir)
         gateway = GatewayProcess(cfg, port)
         await gateway.start()
         outcome = Outcome()
@@ -270,6 +273,7 @@ async def run_check(requests: int, kills: int, seed: int, connections: int = 16,
     report["gateway_kills"] = kills
     report["seconds"] = round(time.monotonic() - started, 1)
     report["state_dir"] = str(state)
+    report["kek_dir"] = str(kek_dir)
     if waiting:
         report["violations"] = int(report["violations"]) + 1  # type: ignore[call-overload]
         report["violation_samples"].append(f"{waiting} reversals still queued after 60 s")  # type: ignore[attr-defined]

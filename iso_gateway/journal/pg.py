@@ -1,0 +1,703 @@
+"""The journal's store on PostgreSQL, for several gateway nodes sharing one database.
+
+``PgStore`` keeps the rows and the rules of ``SQLiteStore`` (store.py): the PAN only as a keyed hash
+and a masked form, the reversal fields sealed with AES-GCM (``PanVault``), never CVV2, track data or
+PIN blocks; the same method set, each method running in the caller's transaction on a psycopg 3
+connection, so ``Journal`` can drive either store. Writes of a batch go in as few statements as
+possible (rows in arrays, ``unnest``), so a group commit of hundreds of rows is a few round trips.
+
+What several nodes need besides (the schema is in ``migrations/``, applied by ``migrate.py``):
+
+- every row names the node that wrote it (``node``); ``due_saf``, ``in_doubt`` and the rest read the
+  node's own rows, as the SQLite store reads a worker's own;
+- ``heartbeat`` / ``expired_nodes``: a row per node with a deadline, renewed while the node lives;
+  ``claim_slot``: the node's 6-bit id slot, so that no two live nodes make the same row id;
+- ``lease_due_saf`` / ``renew_leases`` / ``release_leases``: reversals owed are leased with
+  ``SELECT ... FOR UPDATE SKIP LOCKED`` and a lease deadline, so one node at a time sends a given
+  0420/0421 sequence, and the reversals of a node that died are taken once its leases run out;
+  ``take_over`` hands a dead node's in-doubt transactions and queued reversals to a live one;
+- ``next_stan_block``: STANs per switch link in blocks, from one counter row per link taken under
+  its row lock, so two nodes never hold the same STAN on the same link.
+
+Connection settings: ``make_conninfo`` builds a libpq conninfo from plain values (the password read
+from a file or an environment variable, never from the config file itself); ``redact`` is its form
+for logs and messages, with the password replaced. ``PgDatabase`` is a connection pool (psycopg_pool)
+with the session settings every connection gets, and ``run`` for one transaction; its errors are
+``StoreUnavailable`` with a reason (``failure_reason``) and a message scrubbed of the password.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import make_conninfo as _libpq_conninfo
+
+from ..core.masking import mask_pan
+from ..security.pan import PanVault
+from .store import (
+    FORWARDED, MAX_WORKERS, PURGE_BATCH, RECOVERY_WINDOW, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT,
+    TIMED_OUT, TXN_COLUMNS, SafItem, SQLiteStore, TxnRow, id_at,
+)
+from .store import failure_reason as sqlite_failure_reason
+
+log = logging.getLogger("iso_gateway.journal")
+
+Conn = psycopg.Connection[Any]
+T = TypeVar("T")
+
+# STANs are six digits, 000001..999999 (000000 is not used: docs/domain.md §2.1).
+STAN_MAX = 999_999
+# Id slots (``claim_slot``): the low 6 bits of every row id (store.MAX_WORKERS of them).
+MAX_SLOTS = MAX_WORKERS
+# Seconds a node's heartbeat row stays alive without renewal (``heartbeat``'s default).
+NODE_TTL = 15.0
+# pg_try_advisory_xact_lock key of the purge: one node purges at a time ("isogw" + "prg").
+PURGE_LOCK_KEY = 0x69736F6777707267
+# Rows one front-end reversal lookup reads at most (as in store.py).
+_ORIGINAL_CANDIDATES = 8
+REDACTED = "********"
+
+_TXN_INSERT_COLUMNS = (
+    ("id", "int8"), ("created", "float8"), ("updated", "float8"), ("listener", "text"), ("mti", "text"),
+    ("terminal", "text"), ("merchant", "text"), ("front_stan", "text"), ("transmission", "text"),
+    ("upstream", "text"), ("link", "int4"), ("upstream_stan", "text"), ("rrn", "text"), ("amount", "text"),
+    ("currency", "text"), ("pan_masked", "text"), ("pan_hash", "text"), ("state", "text"), ("original", "bytea"),
+    ("worker", "int4"), ("response_code", "text"), ("auth_code", "text"), ("acquirer", "text"), ("node", "text"),
+)
+# Rows arrive as SQLiteStore.txn_params tuples (the same columns, the same order) plus the node.
+_P_UPDATED, _P_STATE, _P_RESPONSE_CODE, _P_AUTH_CODE = 2, 17, 20, 21
+
+_INSERT_TXN_ARRAYS = (
+    "INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
+    + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ")")
+_UPDATE_TXN_ARRAYS = (
+    "UPDATE txn SET state=u.state, updated=u.updated, response_code=COALESCE(u.rc, txn.response_code),"
+    " auth_code=COALESCE(u.auth, txn.auth_code)"
+    " FROM unnest(%b::int8[], %b::text[], %b::float8[], %b::text[], %b::text[]) AS u(id, state, updated, rc, auth)"
+    " WHERE txn.id=u.id")
+_SAF_COLUMNS = "id, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, message"
+_LIVE_SAF = (f"SELECT 1 FROM saf s WHERE s.txn_id=txn.id AND s.state NOT IN ('{SAF_ACKED}', '{SAF_CANCELLED}')")
+_WAITING = (SAF_PENDING, SAF_SENT)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreUnavailable(Exception):
+    """The database could not do what was asked: ``reason`` as ``failure_reason`` says it (a metric
+    label, what /readyz shows), the message scrubbed of the password."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+# SQLSTATE classes and codes, most specific first, and what they say about the store.
+_SQLSTATE_REASONS = (
+    ("53100", "disk_full"), ("25006", "read_only"), ("57014", "timeout"), ("55P03", "locked"),
+    ("40001", "locked"), ("40P01", "locked"), ("57P01", "unreachable"), ("57P02", "unreachable"),
+    ("57P03", "unreachable"), ("08", "unreachable"), ("53", "resources"), ("58", "io"), ("XX001", "corrupt"),
+    ("XX002", "corrupt"), ("28", "auth"), ("3D000", "config"), ("42P01", "schema"), ("42703", "schema"),
+)
+# Reasons that say the store refused the work for now (a write is kept and retried), not that the
+# operation itself is wrong (a constraint, a bug).
+TRANSIENT = frozenset({"disk_full", "read_only", "timeout", "locked", "unreachable", "resources", "io"})
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What a store failure says about the store, for either backend: disk_full, read_only, locked,
+    io, corrupt (as ``store.failure_reason``), and for PostgreSQL also unreachable (no connection,
+    the server shutting down or restarting), timeout (a statement or the pool's wait), resources
+    (out of memory, too many connections), auth, config (no such database), schema (migrations not
+    applied), or other."""
+    if isinstance(exc, StoreUnavailable):
+        return exc.reason
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return "unreachable"
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate or ""
+        for prefix, reason in _SQLSTATE_REASONS:
+            if state.startswith(prefix):
+                return reason
+        if not state and isinstance(exc, psycopg.OperationalError):
+            return "unreachable"  # libpq's own: no server, connection lost, a closed connection
+        return "other"
+    return sqlite_failure_reason(exc)
+
+
+def refused(exc: BaseException) -> bool:
+    """The store could not take the work now (retry it later), as opposed to the work being wrong."""
+    return failure_reason(exc) in TRANSIENT
+
+
+# --------------------------------------------------------------------------- connection settings
+
+
+def read_password(password_file: str | os.PathLike[str] | None = None, password_env: str | None = None) -> str | None:
+    """The database password: from ``password_env`` (an environment variable's name) if set, else the
+    first line of ``password_file``; None when neither gives one (libpq may still find one in
+    ~/.pgpass or PGPASSWORD). A password file readable by others is refused."""
+    if password_env:
+        value = os.environ.get(password_env)
+        if value:
+            return value
+    if password_file:
+        path = Path(password_file)
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise PermissionError(f"{path}: the password file must be readable by its owner only (chmod 600)")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return lines[0] if lines else None
+    return None
+
+
+def make_conninfo(dsn: str = "", *, password: str | None = None, application_name: str = "iso-gateway",
+                  connect_timeout: int = 5, **params: Any) -> str:
+    """A libpq conninfo from a DSN (``host=... dbname=...`` or a ``postgresql://`` URI) and plain
+    values: ``password`` (from ``read_password``) and any other libpq parameter override the DSN's.
+    Raises ValueError, with no part of the DSN in its message, when the DSN can't be parsed."""
+    try:
+        base = conninfo_to_dict(dsn) if dsn else {}
+    except psycopg.ProgrammingError:
+        raise ValueError("the PostgreSQL DSN can't be parsed (not shown: it may hold a password)") from None
+    extra: dict[str, Any] = {k: v for k, v in params.items() if v is not None}
+    base.setdefault("application_name", application_name)
+    base.setdefault("connect_timeout", str(connect_timeout))
+    if password is not None:
+        extra["password"] = password
+    return _libpq_conninfo("", **{**base, **extra})
+
+
+def redact(conninfo: str) -> str:
+    """The conninfo for logs and messages: the password (if any) replaced by ``********``."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "<a DSN that can't be parsed>"
+    if "password" in params:
+        params["password"] = REDACTED
+    return " ".join(f"{k}={_quote(str(v))}" for k, v in params.items())
+
+
+def _quote(value: str) -> str:
+    if value and not any(c in value for c in " '\\"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def scrub(text: str, conninfo: str) -> str:
+    """``text`` with the conninfo's password (and the conninfo itself) taken out."""
+    try:
+        password = str(conninfo_to_dict(conninfo).get("password") or "")
+    except psycopg.ProgrammingError:
+        password = ""
+    if conninfo:
+        text = text.replace(conninfo, redact(conninfo))
+    if password:
+        text = text.replace(password, REDACTED)
+    return text
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class PgStore:
+    """The SQL, for PostgreSQL. Every method takes a psycopg connection and runs inside the
+    caller's transaction; the method set is ``SQLiteStore``'s (see interface.py), plus the ones
+    several nodes need. ``node``: this node's id (its rows, its leases, its heartbeat)."""
+
+    def __init__(self, vault: PanVault, node: str, worker: int = 0) -> None:
+        if not node:
+            raise ValueError("a PostgreSQL store needs a node id")
+        self.vault = vault
+        self.node = node
+        self.worker = worker
+        self._rows = SQLiteStore(vault, worker)  # the columns of a row (masked PAN, hash, sealed fields)
+
+    failure_reason = staticmethod(failure_reason)
+    refused = staticmethod(refused)
+    # What its operations raise when the store fails (``except store.errors``): psycopg's errors
+    # on a connection of the caller's, ``StoreUnavailable`` through ``PgDatabase``.
+    errors: tuple[type[Exception], ...] = (psycopg.Error, StoreUnavailable)
+
+    # -- writes
+
+    def insert_txn(self, conn: Conn, row: dict[str, Any], original: dict[str, str]) -> None:
+        self.insert_txn_many(conn, [(row, original)])
+
+    def insert_txn_many(self, conn: Conn, calls: list[tuple[Any, ...]]) -> None:
+        now = time.time()
+        self._insert_rows(conn, [(*self._rows.txn_params(row, original, now), self.node) for row, original in calls],
+                          on_conflict="")
+
+    def _insert_rows(self, conn: Conn, rows: list[tuple[Any, ...]], on_conflict: str) -> int:
+        if not rows:
+            return 0
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        cur = conn.execute(_INSERT_TXN_ARRAYS + on_conflict, columns)
+        return cur.rowcount
+
+    def apply_log(self, conn: Conn, records: list[tuple[Any, ...]]) -> tuple[int, int]:
+        """A write-ahead log segment's records (txlog.py) into ``txn``: (rows inserted, rows updated).
+        As ``SQLiteStore.apply_log``: answers to rows of the same segment are folded into them, a
+        row already there is kept, the other updates apply in order."""
+        rows: dict[int, list[Any]] = {}
+        updates: list[tuple[int, str, float, str | None, str | None]] = []
+        for record in records:
+            if record[0] == "T":
+                rows[record[1]] = [*self._rows.logged_params(record), self.node]
+                continue
+            _, txn_id, state, when, rc, auth = record
+            row = rows.get(txn_id)
+            if row is None:
+                updates.append((txn_id, state, when, rc, auth))
+                continue
+            row[_P_STATE] = state
+            row[_P_UPDATED] = when
+            if rc is not None:
+                row[_P_RESPONSE_CODE] = rc
+            if auth is not None:
+                row[_P_AUTH_CODE] = auth
+        inserted = self._insert_rows(conn, [tuple(r) for r in rows.values()], " ON CONFLICT (id) DO NOTHING")
+        return inserted, self._update_rows(conn, updates)
+
+    @staticmethod
+    def _update_rows(conn: Conn, updates: Sequence[tuple[int, str, float, str | None, str | None]]) -> int:
+        """Updates of ``txn`` rows in one statement, with the effect of applying them in order:
+        the last state and time win, and the last response and approval codes given."""
+        folded: dict[int, list[Any]] = {}
+        for txn_id, state, when, rc, auth in updates:
+            row = folded.get(txn_id)
+            if row is None:
+                folded[txn_id] = [txn_id, state, when, rc, auth]
+                continue
+            row[1], row[2] = state, when
+            if rc is not None:
+                row[3] = rc
+            if auth is not None:
+                row[4] = auth
+        if not folded:
+            return 0
+        columns = [list(col) for col in zip(*folded.values(), strict=True)]
+        cur = conn.execute(_UPDATE_TXN_ARRAYS, columns)
+        return cur.rowcount
+
+    def update_txn(self, conn: Conn, txn_id: int, state: str, response_code: str | None = None,
+                   auth_code: str | None = None) -> None:
+        self._update_rows(conn, [(txn_id, state, time.time(), response_code, auth_code)])
+
+    def update_txn_many(self, conn: Conn, calls: list[tuple[Any, ...]]) -> None:
+        now = time.time()
+        self._update_rows(conn, [(c[0], c[1], now, *(c[2:] + (None, None))[:2]) for c in calls])
+
+    def insert_saf(self, conn: Conn, item: SafItem) -> None:
+        msg = item.message
+        pan = msg.get("2", "")
+        conn.execute(
+            "INSERT INTO saf (id, txn_id, upstream, state, reason, mti, stan, f90, rrn, amount, currency, pan_masked,"
+            " attempts, next_attempt, created, updated, message, worker, node)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            (item.id, item.txn_id, item.upstream, item.state, item.reason, item.mti, item.stan, item.f90,
+             msg.get("37", ""), msg.get("4", ""), msg.get("49", ""), mask_pan(pan) if pan else "",
+             item.attempts, item.next_attempt, item.created, time.time(), self.vault.seal(msg), self.worker,
+             self.node))
+
+    @staticmethod
+    def update_saf(conn: Conn, saf_id: int, *, state: str, attempts: int | None = None,
+                   next_attempt: float | None = None, stan: str | None = None, result: str | None = None) -> None:
+        conn.execute(
+            "UPDATE saf SET state=%s, updated=%s, attempts=COALESCE(%s, attempts),"
+            " next_attempt=COALESCE(%s, next_attempt), stan=COALESCE(%s, stan), last_result=COALESCE(%s, last_result)"
+            " WHERE id=%s",
+            (state, time.time(), attempts, next_attempt, stan, result, saf_id))
+
+    @staticmethod
+    def cancel_unsent_saf(conn: Conn, txn_id: int, result: str) -> int:
+        """Cancel a reversal of ``txn_id`` that has not been sent yet; returns how many."""
+        cur = conn.execute(
+            "UPDATE saf SET state=%s, updated=%s, last_result=%s WHERE txn_id=%s AND state=%s AND attempts=0",
+            (SAF_CANCELLED, time.time(), result, txn_id, SAF_PENDING))
+        return cur.rowcount
+
+    @staticmethod
+    def set_meta(conn: Conn, key: str, value: str) -> None:
+        conn.execute("INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                     (key, value))
+
+    @staticmethod
+    def get_meta(conn: Conn, key: str) -> str | None:
+        row = conn.execute("SELECT value FROM meta WHERE key=%s", (key,)).fetchone()
+        return row[0] if row else None
+
+    # -- retention
+
+    def purge(self, conn: Conn, now: float, reversal_data_window: float, retention: float,
+              batch: int = PURGE_BATCH) -> tuple[dict[str, int], bool]:
+        """One bounded step of the clean-up, as ``SQLiteStore.purge`` (the same rules), over every
+        node's rows: one node purges at a time (a transaction-level advisory lock; a node that
+        finds it taken does nothing this time and says there is no more to do)."""
+        done = {"reversal_data": 0, "txn": 0, "saf": 0}
+        if not _one(conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (PURGE_LOCK_KEY,)))[0]:
+            return done, False
+        erase_before = id_at(now - reversal_data_window)
+        mark_key = "purge:sealed"
+        mark = int(self.get_meta(conn, mark_key) or 0)
+        walked, last = _one(conn.execute(
+            "SELECT COUNT(*), MAX(id) FROM (SELECT id FROM txn WHERE id>=%s AND id<%s ORDER BY id LIMIT %s) w",
+            (mark, erase_before, batch)))
+        if last is not None:
+            done["reversal_data"] += conn.execute(
+                f"UPDATE txn SET original=NULL WHERE id>=%s AND id<=%s AND original IS NOT NULL"
+                f" AND NOT EXISTS ({_LIVE_SAF})", (mark, last)).rowcount
+            self.set_meta(conn, mark_key, str(last + 1))
+        finals = conn.execute(
+            "SELECT id, txn_id FROM saf WHERE state IN (%s, %s) AND message IS NOT NULL AND updated<%s LIMIT %s",
+            (SAF_ACKED, SAF_CANCELLED, now - reversal_data_window, batch)).fetchall()
+        if finals:
+            conn.execute("UPDATE saf SET message=NULL WHERE id = ANY(%s)", ([sid for sid, _ in finals],))
+            txns = [t for _, t in finals if t is not None]
+            erased = conn.execute(f"UPDATE txn SET original=NULL WHERE id = ANY(%s) AND original IS NOT NULL"
+                                  f" AND NOT EXISTS ({_LIVE_SAF})", (txns,)).rowcount if txns else 0
+            done["reversal_data"] += len(finals) + max(erased, 0)
+        keep_after = id_at(now - retention)
+        done["txn"] = conn.execute(
+            f"DELETE FROM txn WHERE id IN (SELECT id FROM txn WHERE id<%s AND NOT EXISTS ({_LIVE_SAF})"
+            " ORDER BY id LIMIT %s)", (keep_after, batch)).rowcount
+        done["saf"] = conn.execute(
+            "DELETE FROM saf WHERE id IN (SELECT id FROM saf WHERE id<%s AND state IN (%s, %s) ORDER BY id LIMIT %s)",
+            (keep_after, SAF_ACKED, SAF_CANCELLED, batch)).rowcount
+        return done, batch in (walked, len(finals), done["txn"], done["saf"])
+
+    # -- reads
+
+    def _saf_item(self, row: Sequence[Any]) -> SafItem:
+        (sid, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, blob) = row
+        return SafItem(sid, txn_id, upstream, state, reason or "", mti or "", stan or "", f90 or "", attempts,
+                       next_attempt, created, self.vault.open(bytes(blob)) if blob else {}, self.worker)
+
+    def due_saf(self, conn: Conn, upstream: str, now: float, limit: int) -> list[SafItem]:
+        """This node's waiting reversals due at ``now`` (several nodes: ``lease_due_saf``)."""
+        rows = conn.execute(
+            f"SELECT {_SAF_COLUMNS} FROM saf WHERE node=%s AND upstream=%s AND state IN (%s, %s)"
+            " AND next_attempt<=%s ORDER BY next_attempt LIMIT %s",
+            (self.node, upstream, *_WAITING, now, limit)).fetchall()
+        return [self._saf_item(r) for r in rows]
+
+    def next_due(self, conn: Conn, upstream: str) -> float | None:
+        due: float | None = _one(conn.execute(
+            "SELECT MIN(next_attempt) FROM saf WHERE node=%s AND upstream=%s AND state IN (%s, %s)",
+            (self.node, upstream, *_WAITING)))[0]
+        return due
+
+    def saf_stats(self, conn: Conn, upstream: str) -> tuple[int, float | None, float | None, int]:
+        """(waiting, created time of the oldest waiting, earliest next attempt, parked) for one upstream."""
+        waiting, oldest, due, parked = _one(conn.execute(
+            "SELECT COUNT(*) FILTER (WHERE state IN (%s, %s)), MIN(created) FILTER (WHERE state IN (%s, %s)),"
+            " MIN(next_attempt) FILTER (WHERE state IN (%s, %s)), COUNT(*) FILTER (WHERE state=%s)"
+            " FROM saf WHERE node=%s AND upstream=%s AND state IN (%s, %s, %s)",
+            (*_WAITING, *_WAITING, *_WAITING, SAF_PARKED, self.node, upstream, *_WAITING, SAF_PARKED)))
+        return waiting, oldest, due, parked
+
+    def in_doubt(self, conn: Conn, since: float | None = None,
+                 node: str | None = None) -> list[tuple[int, str, str, str, dict[str, str]]]:
+        """A node's (default: this one's) transactions sent upstream and never answered, whose
+        reversal is not queued: (id, upstream, mti, upstream_stan, fields). As ``SQLiteStore.in_doubt``."""
+        since = time.time() - RECOVERY_WINDOW if since is None else since
+        rows = conn.execute(
+            "SELECT t.id, t.upstream, t.mti, t.upstream_stan, t.original FROM txn t"
+            " WHERE t.node=%s AND t.id>=%s AND t.state IN (%s, %s) AND t.response_code IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM saf s WHERE s.txn_id=t.id) ORDER BY t.id",
+            (node or self.node, id_at(since), FORWARDED, TIMED_OUT)).fetchall()
+        return [(r[0], r[1], r[2], r[3], self.vault.open(bytes(r[4])) if r[4] else {}) for r in rows]
+
+    def find_original(self, conn: Conn, listener: str, acquirer: str, terminal: str, merchant: str, stan: str,
+                      transmission: str, mti: str) -> tuple[TxnRow, dict[str, str], list[str]] | None:
+        """The transaction a front-end reversal points at (any node's), its fields and its
+        reversals' states; or None. The same identity rules as ``SQLiteStore.find_original``."""
+        rows = conn.execute(
+            f"SELECT {TXN_COLUMNS}, acquirer, original FROM txn"
+            " WHERE transmission=%s AND terminal=%s AND front_stan=%s AND mti=%s AND merchant=%s AND listener=%s"
+            " AND (acquirer=%s OR acquirer IS NULL) ORDER BY created DESC LIMIT %s",
+            (transmission, terminal.rstrip(), stan, mti, merchant.rstrip(), listener, acquirer,
+             _ORIGINAL_CANDIDATES)).fetchall()
+        for row in rows:
+            fields = self.vault.open(bytes(row[-1])) if row[-1] else {}
+            if row[-2] is None and fields.get("32", "") != acquirer:
+                continue
+            txn = TxnRow(*row[:-2])
+            states = [r[0] for r in conn.execute("SELECT state FROM saf WHERE txn_id=%s ORDER BY id", (txn.id,))]
+            return txn, fields, states
+        return None
+
+    @staticmethod
+    def find_txns(conn: Conn, *, rrn: str | None = None, stan: str | None = None, terminal: str | None = None,
+                  limit: int = 50) -> list[TxnRow]:
+        where: list[sql.Composable] = []
+        args: list[Any] = []
+        for column, value in (("rrn", rrn), ("front_stan", stan), ("terminal", terminal)):
+            if value is not None:
+                where.append(sql.SQL("{}=%s").format(sql.Identifier(column)))
+                args.append(value)
+        query: sql.Composable = sql.SQL(f"SELECT {TXN_COLUMNS} FROM txn")
+        if where:
+            query = sql.SQL("{} WHERE {}").format(query, sql.SQL(" AND ").join(where))
+        query = sql.SQL("{} ORDER BY created DESC LIMIT %s").format(query)
+        return [TxnRow(*r) for r in conn.execute(query, (*args, limit))]
+
+    @staticmethod
+    def list_saf(conn: Conn, states: Sequence[str], limit: int = 100) -> list[tuple[Any, ...]]:
+        return conn.execute(
+            "SELECT id, upstream, state, reason, mti, stan, rrn, amount, currency, pan_masked, attempts, next_attempt,"
+            " created, last_result FROM saf WHERE state = ANY(%s) ORDER BY created LIMIT %s",
+            (list(states), limit)).fetchall()
+
+    # -- operator actions (``iso-gateway saf retry|park`` on the shared store, from any node)
+
+    @staticmethod
+    def retry_saf(conn: Conn, now: float, saf_ids: Sequence[int] | None = None) -> int:
+        """Parked or waiting reversals (these, or all) back in the queue, due ``now``; the next
+        attempt is a repeat (0421); any lease on them is dropped. Returns how many."""
+        where = "" if saf_ids is None else " AND id = ANY(%(ids)s)"
+        return conn.execute(
+            "UPDATE saf SET state=%(pending)s, next_attempt=%(now)s, attempts=LEAST(attempts, 1), updated=%(now)s,"
+            " last_result='retry by operator', leased_by=NULL, lease_until=NULL"
+            f" WHERE state IN (%(parked)s, %(pending)s, %(sent)s){where}",
+            {"pending": SAF_PENDING, "parked": SAF_PARKED, "sent": SAF_SENT, "now": now,
+             "ids": list(saf_ids or ())}).rowcount
+
+    @staticmethod
+    def park_saf(conn: Conn, now: float, saf_ids: Sequence[int] | None = None) -> int:
+        """Stop retrying waiting reversals (these, or all): they stay listed as parked."""
+        where = "" if saf_ids is None else " AND id = ANY(%(ids)s)"
+        return conn.execute(
+            "UPDATE saf SET state=%(parked)s, updated=%(now)s, last_result='parked by operator',"
+            f" leased_by=NULL, lease_until=NULL WHERE state IN (%(pending)s, %(sent)s){where}",
+            {"pending": SAF_PENDING, "parked": SAF_PARKED, "sent": SAF_SENT, "now": now,
+             "ids": list(saf_ids or ())}).rowcount
+
+    # -- several nodes
+
+    @staticmethod
+    def heartbeat(conn: Conn, node: str, now: float, ttl: float = NODE_TTL) -> None:
+        """``node`` is alive until ``now + ttl`` (its row is made on the first beat)."""
+        conn.execute(
+            "INSERT INTO nodes (node, started, heartbeat, expires) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (node) DO UPDATE SET heartbeat=excluded.heartbeat, expires=excluded.expires",
+            (node, now, now, now + ttl))
+
+    @staticmethod
+    def claim_slot(conn: Conn, node: str, now: float, ttl: float = NODE_TTL) -> int:
+        """The id slot (0..63, the low bits of ``store.new_id``: set ``store._worker_bits`` to it)
+        of ``node``, alive until ``now + ttl``: the one it holds, else the lowest that no live node
+        holds (a dead node's slot is reused). Claims are serialized by a lock on ``nodes``; raises
+        RuntimeError when 64 live nodes hold every slot."""
+        conn.execute("LOCK TABLE nodes IN SHARE ROW EXCLUSIVE MODE")
+        row = conn.execute("SELECT slot FROM nodes WHERE node=%s", (node,)).fetchone()
+        if row is not None and row[0] is not None:
+            slot = int(row[0])
+        else:
+            free = conn.execute(
+                "SELECT s FROM generate_series(0, %s) s WHERE s NOT IN"
+                " (SELECT slot FROM nodes WHERE slot IS NOT NULL AND expires>=%s) ORDER BY s LIMIT 1",
+                (MAX_SLOTS - 1, now)).fetchone()
+            if free is None:
+                raise RuntimeError(f"all {MAX_SLOTS} node slots are held by live nodes")
+            slot = int(free[0])
+            conn.execute("UPDATE nodes SET slot=NULL WHERE slot=%s", (slot,))  # a dead node's, reused
+        conn.execute(
+            "INSERT INTO nodes (node, started, heartbeat, expires, slot) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (node) DO UPDATE SET heartbeat=excluded.heartbeat, expires=excluded.expires,"
+            " slot=excluded.slot", (node, now, now, now + ttl, slot))
+        return slot
+
+    @staticmethod
+    def expired_nodes(conn: Conn, now: float) -> list[str]:
+        """The nodes whose heartbeat ran out before ``now``, by name."""
+        return [r[0] for r in conn.execute("SELECT node FROM nodes WHERE expires<%s ORDER BY node", (now,))]
+
+    @staticmethod
+    def live_nodes(conn: Conn, now: float) -> list[str]:
+        return [r[0] for r in conn.execute("SELECT node FROM nodes WHERE expires>=%s ORDER BY node", (now,))]
+
+    def lease_due_saf(self, conn: Conn, node: str, now: float, lease_seconds: float, limit: int,
+                      upstream: str | None = None) -> list[SafItem]:
+        """Reversals due at ``now`` (any node's, or one upstream's) that no other node holds a live
+        lease on, leased to ``node`` until ``now + lease_seconds``, oldest due first.
+
+        Rows another transaction is leasing at the same moment are skipped (``FOR UPDATE SKIP
+        LOCKED``), not waited for: two nodes asking together get different items, and neither
+        waits for the other. The node's own live leases are renewed and returned again.
+
+        Under contention the answer may hold fewer than ``limit`` items, even none, while due
+        items remain (a row another node leased after this statement's snapshot is locked, then
+        dropped when its new lease is seen): never an item twice, and the next call finds the rest."""
+        upstream_sql = " AND upstream=%(upstream)s" if upstream is not None else ""
+        rows = conn.execute(
+            f"UPDATE saf SET leased_by=%(node)s, lease_until=%(until)s WHERE id IN ("
+            f" SELECT id FROM saf WHERE state IN (%(pending)s, %(sent)s) AND next_attempt<=%(now)s{upstream_sql}"
+            f" AND (leased_by IS NULL OR lease_until<=%(now)s OR leased_by=%(node)s)"
+            f" ORDER BY next_attempt LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {_SAF_COLUMNS}",
+            {"node": node, "until": now + lease_seconds, "now": now, "limit": limit, "upstream": upstream,
+             "pending": SAF_PENDING, "sent": SAF_SENT}).fetchall()
+        items = [self._saf_item(r) for r in rows]
+        items.sort(key=lambda item: (item.next_attempt, item.id))
+        return items
+
+    @staticmethod
+    def renew_leases(conn: Conn, node: str, saf_ids: Sequence[int], until: float) -> list[int]:
+        """Extend ``node``'s leases on these items to ``until``; returns the ids it still held (an
+        id missing from the answer was lost: its lease ran out and another node took it)."""
+        rows = conn.execute("UPDATE saf SET lease_until=%s WHERE id = ANY(%s) AND leased_by=%s RETURNING id",
+                            (until, list(saf_ids), node)).fetchall()
+        return sorted(r[0] for r in rows)
+
+    @staticmethod
+    def release_leases(conn: Conn, node: str, saf_ids: Sequence[int] | None = None) -> int:
+        """Give up ``node``'s leases (these items, or all of them: a clean stop); returns how many."""
+        if saf_ids is None:
+            cur = conn.execute("UPDATE saf SET leased_by=NULL, lease_until=NULL WHERE leased_by=%s", (node,))
+        else:
+            cur = conn.execute("UPDATE saf SET leased_by=NULL, lease_until=NULL WHERE leased_by=%s AND id = ANY(%s)",
+                               (node, list(saf_ids)))
+        return cur.rowcount
+
+    @staticmethod
+    def take_over(conn: Conn, dead: str, node: str) -> tuple[int, int]:
+        """A dead node's in-doubt transactions and waiting reversals become ``node``'s (its
+        recovery then reverses them as its own): (transactions, reversals) moved. Its leases
+        are left to run out, so a node that was only slow finishes nothing twice."""
+        txns = conn.execute(
+            "UPDATE txn SET node=%s WHERE node=%s AND state IN (%s, %s) AND response_code IS NULL",
+            (node, dead, FORWARDED, TIMED_OUT)).rowcount
+        safs = conn.execute("UPDATE saf SET node=%s WHERE node=%s AND state IN (%s, %s, %s)",
+                            (node, dead, *_WAITING, SAF_PARKED)).rowcount
+        return txns, safs
+
+    @staticmethod
+    def next_stan_block(conn: Conn, link: str, size: int) -> int:
+        """The first STAN of a block of ``size`` consecutive STANs on ``link`` that no other caller
+        gets until the counter comes round (after 999,999, STAN 000001 follows). The counter row
+        is locked until the caller's transaction ends: concurrent callers queue on it briefly."""
+        if not 1 <= size < STAN_MAX:
+            raise ValueError(f"a STAN block holds 1 to {STAN_MAX - 1} STANs")
+        nxt = _one(conn.execute(
+            "INSERT INTO stan_counter (link, next) VALUES (%(link)s, %(first_next)s)"
+            " ON CONFLICT (link) DO UPDATE SET next=(stan_counter.next - 1 + %(size)s) %% %(max)s + 1"
+            " RETURNING next",
+            {"link": link, "first_next": size % STAN_MAX + 1, "size": size, "max": STAN_MAX}))[0]
+        return int((nxt - 1 - size) % STAN_MAX + 1)
+
+
+def _one(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The one row a statement returns (an aggregate, a RETURNING of one row)."""
+    row = cur.fetchone()
+    if row is None:
+        raise psycopg.DataError("the statement returned no row")
+    return tuple(row)
+
+
+def stan_block(first: int, size: int) -> list[int]:
+    """The STANs of the block ``next_stan_block`` handed out, in order (wrapping after 999,999)."""
+    return [(first - 1 + i) % STAN_MAX + 1 for i in range(size)]
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """Set on every connection the pool opens (milliseconds): a statement that takes longer, a
+    lock wait, a transaction left open, are ended by the server, so a slow database fails the
+    work (answered 96, kept and retried) instead of holding it."""
+
+    statement_timeout_ms: int = 5000
+    lock_timeout_ms: int = 2000
+    idle_in_transaction_timeout_ms: int = 30000
+
+
+class PgDatabase:
+    """A connection pool on one database and a store on it: ``run(fn, *args)`` runs ``fn(conn,
+    *args)`` in a transaction of its own on a pooled connection and returns its result.
+
+    Errors come out as ``StoreUnavailable`` (reason and scrubbed message). The pool checks a
+    connection before handing it out and replaces broken ones, so a restarted server is used
+    again without any action. ``connect_timeout``: seconds ``run`` waits for a connection."""
+
+    def __init__(self, conninfo: str, store: PgStore, *, min_size: int = 1, max_size: int = 4,
+                 connect_timeout: float = 5.0, settings: SessionSettings | None = None) -> None:
+        self.conninfo = conninfo
+        self.store = store
+        self.connect_timeout = connect_timeout
+        self.settings = settings or SessionSettings()
+        self.pool: psycopg_pool.ConnectionPool[Conn] = psycopg_pool.ConnectionPool(
+            conninfo, min_size=min_size, max_size=max_size, open=False, configure=self._configure,
+            check=psycopg_pool.ConnectionPool.check_connection, name="iso-gateway-journal",
+            timeout=connect_timeout, reconnect_timeout=0)
+
+    def _configure(self, conn: Conn) -> None:
+        s = self.settings
+        conn.execute(f"SET statement_timeout = {int(s.statement_timeout_ms)}")
+        conn.execute(f"SET lock_timeout = {int(s.lock_timeout_ms)}")
+        conn.execute(f"SET idle_in_transaction_session_timeout = {int(s.idle_in_transaction_timeout_ms)}")
+        conn.commit()
+
+    def open(self, wait: bool = False) -> None:
+        """Start the pool (``wait``: until it has its first connection, else StoreUnavailable)."""
+        try:
+            self.pool.open(wait=wait, timeout=self.connect_timeout)
+        except psycopg.Error as exc:
+            raise self.error(exc) from None
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> PgDatabase:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def error(self, exc: BaseException) -> StoreUnavailable:
+        """``exc`` as this database's classified error, with no password in its text."""
+        return StoreUnavailable(failure_reason(exc), scrub(f"{type(exc).__name__}: {exc}".strip(), self.conninfo))
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            with self.pool.connection(timeout=self.connect_timeout) as conn:
+                with conn.transaction():
+                    return fn(conn, *args, **kwargs)
+        except psycopg.Error as exc:
+            raise self.error(exc) from None
+
+    def migrate(self) -> list[int]:
+        from .migrate import migrate
+
+        return self.run_autocommit(migrate)
+
+    def run_autocommit(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` on a pooled connection outside a transaction (it opens its own)."""
+        try:
+            with self.pool.connection(timeout=self.connect_timeout) as conn:
+                return fn(conn, *args)
+        except psycopg.Error as exc:
+            raise self.error(exc) from None
+
+
+if TYPE_CHECKING:  # both backends satisfy the store interface (mypy checks this; nothing runs)
+    import sqlite3
+
+    from .interface import SharedStore, Store
+
+    def _satisfies(lite: SQLiteStore, pg: PgStore) -> tuple[Store[sqlite3.Connection], SharedStore[Conn]]:
+        return lite, pg
