@@ -685,3 +685,24 @@ async def test_a_tls_front_end_that_stops_reading_is_dropped_and_holds_no_one_el
     assert served_while_deaf_open >= 1 and len(gw.listeners[0].connections) == 1
     assert (await good.request(harness.auth(), timeout=60.0))["39"] == "00"
     await deaf.aclose()
+
+
+# --------------------------------------------------------------------------------------------- identified front ends
+
+
+async def test_a_front_end_known_by_its_certificate_may_use_its_own_merchant_only(harness, pki):
+    """[[listeners.clients]] (identified front ends) with identities from TLS client certificates."""
+    switch = await harness.start_switch()
+    await harness.start_gateway(listener={
+        "tls": listener_tls(pki),
+        "clients": [{"identity": "cert:front-1", "merchants": ["MERCHANT0000001"]}]})
+    with trio.fail_after(LIMIT):
+        front_1 = await tls_client(harness.port, pki, pki.client)  # CN front-1
+        harness.clients.append(front_1)
+        assert (await front_1.request(harness.auth(), timeout=5))["39"] == "00"
+        other_merchant = {**harness.auth(), "42": "MERCHANT0000002"}
+        assert (await front_1.request(other_merchant, timeout=5))["39"] == "58"
+        stranger = await tls_client(harness.port, pki, pki.client_wrong_name)  # CN intruder, signed by the CA
+        harness.clients.append(stranger)
+        assert (await stranger.request(harness.auth(), timeout=5))["39"] == "58"
+    assert switch.count("0100") == 1  # only front-1's own merchant reached the switch
