@@ -19,6 +19,12 @@ not the simulator.)
     python bench/bench_gateway.py                  # every configuration and load, ~2 minutes here
     python bench/bench_gateway.py --quick          # fewer transactions
     python bench/bench_gateway.py --configs off,on --loads 8 --json
+    python bench/bench_gateway.py --tls --configs off,on --no-pump --ab-rounds 0   # plaintext and TLS rows
+
+--tls adds, for each configuration, a row with TLS on both legs (the load generator to the gateway
+in mutual TLS, the gateway to a TLS instant responder; TLS 1.3, ECDSA P-256 throwaway certificates
+made for the run), measured in the same run as the plaintext rows, and prints TLS / plaintext CPU
+per transaction (the issue's target: at most 1.3x at 64 in flight).
 
 Optional side-by-side: --jpos-gateway "CMD {front_port} {switch_host} {switch_port}"
 runs another gateway (e.g. a jPOS QServer+QMUX build) under the same loads,
@@ -102,7 +108,25 @@ def cpu_seconds(pid: int) -> float:
     return total / HZ
 
 
-def gateway_config(path: Path, port: int, switch_port: int, state: Path, journal: bool, metrics: bool) -> None:
+def gateway_config(path: Path, port: int, switch_port: int, state: Path, journal: bool, metrics: bool,
+                   tls: Path | None = None) -> None:
+    """The gateway's configuration; with ``tls`` (a folder of bench_tls.make_files), TLS on both legs."""
+    listener_tls = upstream_tls = ""
+    if tls is not None:
+        listener_tls = f"""
+[listeners.tls]
+cert_chain = "{tls / 'server.crt'}"
+key = "{tls / 'server.key'}"
+client_certs = "required"
+client_ca = ["{tls / 'ca.crt'}"]
+"""
+        upstream_tls = f"""
+[upstreams.tls]
+ca = ["{tls / 'ca.crt'}"]
+server_name = "switch.bench"
+cert_chain = "{tls / 'client.crt'}"
+key = "{tls / 'client.key'}"
+"""
     path.write_text(f"""
 [journal]
 enabled = {str(journal).lower()}
@@ -118,12 +142,14 @@ port = 0
 name = "ecom"
 port = {port}
 max_in_flight = 256
+{listener_tls}
 [[upstreams]]
 name = "cmi"
 hosts = ["127.0.0.1:{switch_port}"]
 connections = 1
 sign_on = true
 echo_interval = 0
+{upstream_tls}
 [[routes]]
 name = "all"
 upstream = "cmi"
@@ -142,19 +168,27 @@ class Result:
     cpu_us: float | None  # gateway CPU per transaction (None for direct)
 
 
-def run_load(port: int, connections: int, in_flight: int, count: int) -> dict:
+def tls_load_args(tls: Path | None) -> list[str]:
+    """``iso-gateway load``'s options for a TLS gateway (mutual TLS with the run's certificates)."""
+    if tls is None:
+        return []
+    return ["--tls", "--tls-ca", str(tls / "ca.crt"), "--tls-server-name", "switch.bench",
+            "--tls-cert", str(tls / "client.crt"), "--tls-key", str(tls / "client.key")]
+
+
+def run_load(port: int, connections: int, in_flight: int, count: int, tls: Path | None = None) -> dict:
     argv = [sys.executable, "-m", "iso_gateway", "load", "--target", f"127.0.0.1:{port}", "--mix", "bench",
             "--connections", str(connections), "--in-flight", str(in_flight), "--quiet", "--count", str(count),
-            "--json"]
+            "--json", *tls_load_args(tls)]
     out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
     return json.loads(out.stdout)
 
 
-def measure(name: str, load: str, port: int, pid: int | None, count: int) -> Result:
+def measure(name: str, load: str, port: int, pid: int | None, count: int, tls: Path | None = None) -> Result:
     conns, in_flight = LOADS[load]
-    run_load(port, conns, in_flight, max(500, count // 10))  # warm up
+    run_load(port, conns, in_flight, max(500, count // 10), tls)  # warm up (and the handshakes)
     before = cpu_seconds(pid) if pid else 0.0
-    report = run_load(port, conns, in_flight, count)
+    report = run_load(port, conns, in_flight, count, tls)
     after = cpu_seconds(pid) if pid else 0.0
     answered = report["answered"]
     lat = report["latency_ms"]
@@ -178,12 +212,12 @@ class Proc:
                 self.proc.wait()
 
 
-def wait_ready(port: int) -> None:
+def wait_ready(port: int, tls: Path | None = None) -> None:
     """Until an authorization through the gateway is approved (its link is signed on)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            r = run_load(port, 1, 1, 1)
+            r = run_load(port, 1, 1, 1, tls)
             if r["response_codes"].get("00"):
                 return
         except subprocess.CalledProcessError:
@@ -205,10 +239,21 @@ def rss_mb(pid: int) -> float:
     return total
 
 
-def open_loop(port: int, rate: float, seconds: float) -> dict:
+def open_loop(port: int, rate: float, seconds: float, connections: int = 4, tls: Path | None = None) -> dict:
     argv = [sys.executable, "-m", "iso_gateway", "load", "--target", f"127.0.0.1:{port}", "--mix", "bench",
-            "--connections", "4", "--rate", str(rate), "--duration", str(seconds), "--quiet", "--json"]
+            "--connections", str(connections), "--rate", str(rate), "--duration", str(seconds), "--quiet", "--json",
+            *tls_load_args(tls)]
     return json.loads(subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout)
+
+
+def at_rate(port: int, pid: int, rate: float, tls: Path | None) -> float:
+    """The gateway's CPU per transaction under the same open-loop load (``rate`` tx/s over 16
+    connections for 10 s): the same arrivals whatever the load generator's own speed, so a plaintext
+    and a TLS gateway are compared on equal terms."""
+    open_loop(port, rate, 2, 16, tls)  # warm up (and the handshakes)
+    before = cpu_seconds(pid)
+    report = open_loop(port, rate, 10, 16, tls)
+    return (cpu_seconds(pid) - before) / max(1, report["answered"]) * 1e6
 
 
 def journal_share(state: Path, switch_port: int, loads: list[str], count: int, rounds: int) -> list[str]:
@@ -325,6 +370,12 @@ def main() -> int:
     ap.add_argument("--no-pump", dest="pump", action="store_false",
                     help="skip the byte pump (bench/pump.py: the same loads relayed with no ISO 8583 work, the floor; "
                          "always skipped with --switch sim)")
+    ap.add_argument("--tls", action="store_true",
+                    help="also each configuration with TLS on both legs (mutual TLS from the load generator, TLS to a "
+                         "TLS instant responder), in the same run, and the TLS / plaintext CPU ratio")
+    ap.add_argument("--tls-rate", type=float, default=4000.0, metavar="R",
+                    help="with --tls: also compare plaintext and TLS at this fixed rate (open loop, 16 connections; "
+                         "0: not)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--extras", action="store_true",
                     help="also: linear cost, latency at half the maximum, a 100,000-item SAF backlog, idle connections")
@@ -342,7 +393,20 @@ def main() -> int:
     else:
         switch_argv = [sys.executable, "-m", "iso_gateway.load.responder", "--port", str(switch_port)]
     switch = Proc(switch_argv, switch_port)
+    tls_dir: Path | None = None
+    tls_switch: Proc | None = None
+    if args.tls:
+        from bench_tls import make_files  # bench/ is the script's folder
+
+        tls_dir = state / "tls"
+        tls_dir.mkdir()
+        make_files(tls_dir, "ec")
+        tls_switch_port = free_port()
+        tls_switch = Proc([sys.executable, "-m", "iso_gateway.load.responder", "--port", str(tls_switch_port),
+                           "--tls-cert", str(tls_dir / "server.crt"), "--tls-key", str(tls_dir / "server.key")],
+                          tls_switch_port)
     results: list[Result] = []
+    rate_cpu: dict[tuple[str, bool], float] = {}  # (config, tls) -> µs/tx at --tls-rate
     try:
         for load in loads:
             results.append(measure("direct", load, switch_port, None, count))
@@ -367,6 +431,25 @@ def main() -> int:
                 wait_ready(port)
                 for load in loads:
                     results.append(measure(name, load, port, gw.proc.pid, count))
+                if tls_dir is not None and args.tls_rate:
+                    rate_cpu[name, False] = at_rate(port, gw.proc.pid, args.tls_rate, None)
+            finally:
+                gw.stop()
+            if tls_dir is None:
+                continue
+            port = free_port()
+            cfg = state / f"{name}-tls.toml"
+            gateway_config(cfg, port, tls_switch_port, state / f"{name}-tls", journal, metrics, tls=tls_dir)
+            argv = [sys.executable, "-m", "iso_gateway", "run", "--config", str(cfg)]
+            if workers > 1:
+                argv += ["--workers", str(workers)]
+            gw = Proc(argv, port)
+            try:
+                wait_ready(port, tls_dir)
+                for load in loads:
+                    results.append(measure(f"{name}+tls", load, port, gw.proc.pid, count, tls_dir))
+                if args.tls_rate:
+                    rate_cpu[name, True] = at_rate(port, gw.proc.pid, args.tls_rate, tls_dir)
             finally:
                 gw.stop()
         share_lines = journal_share(state, switch_port, loads, count, args.ab_rounds) if args.ab_rounds else []
@@ -386,19 +469,40 @@ def main() -> int:
                 other.stop()
     finally:
         switch.stop()
+        if tls_switch is not None:
+            tls_switch.stop()
     if args.json:
-        print(json.dumps({"rows": [r.__dict__ for r in results], "extras": extra_lines}, indent=1))
+        print(json.dumps({"rows": [r.__dict__ for r in results], "extras": extra_lines,
+                          "tls_rate_cpu_us": {f"{n}{'+tls' if t else ''}": v for (n, t), v in rate_cpu.items()}},
+                         indent=1))
         return 0
     print(f"iso-gateway benchmark: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"switch={args.switch}, {count} transactions per row (16-field 0100, ascii4, loopback)")
     print(f"{'config':<26} {'load':<7} {'tx/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/tx':>10} {'vs jpos':>8}")
     jpos = {r.load: r.cpu_us for r in results if r.config == "jpos" and r.cpu_us is not None}
     for r in results:
-        desc = CONFIGS[r.config][3] if r.config in CONFIGS else NAMES.get(r.config, r.config)
+        base = r.config.removesuffix("+tls")
+        desc = CONFIGS[base][3] if base in CONFIGS else NAMES.get(r.config, r.config)
+        if r.config.endswith("+tls"):
+            desc += ", TLS"
         cpu = f"{r.cpu_us:10.1f}" if r.cpu_us is not None else f"{'-':>10}"
         ratio = f"{r.cpu_us / jpos[r.load]:7.2f}x" if r.cpu_us and jpos.get(r.load) and r.config != "jpos" else ""
         print(f"{desc:<26} {r.load:<7} {r.throughput:8.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {cpu} {ratio:>8}")
     direct = {r.load: r for r in results if r.config == "direct"}
+    tls_rows = [(r, plain) for r in results if r.config.endswith("+tls") and r.cpu_us
+                for plain in results if plain.config == r.config.removesuffix("+tls") and plain.load == r.load
+                and plain.cpu_us]
+    if tls_rows:
+        print("TLS on both legs / plaintext, CPU per transaction (the issue's target: at most 1.3x at 64 in flight):")
+        for r, plain in tls_rows:
+            assert r.cpu_us is not None and plain.cpu_us is not None
+            print(f"  {plain.config:<10} {r.load:<6} {plain.cpu_us:6.1f} -> {r.cpu_us:6.1f} µs/tx  "
+                  f"{r.cpu_us / plain.cpu_us:.2f}x")
+        for name in configs:
+            if (name, False) in rate_cpu and (name, True) in rate_cpu:
+                plain_us, tls_us = rate_cpu[name, False], rate_cpu[name, True]
+                print(f"  {name:<10} {args.tls_rate:.0f}/s  {plain_us:6.1f} -> {tls_us:6.1f} µs/tx  {tls_us / plain_us:.2f}x"
+                      "   (fixed rate, open loop, 16 connections: the same arrivals both ways)")
     for line in extra_lines:
         print(line)
     by = {(r.config, r.load): r for r in results}

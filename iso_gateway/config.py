@@ -74,6 +74,94 @@ class WireConfig(_Model):
         return v
 
 
+
+def _file_list(v: object) -> object:
+    """One file may be written as a string; a list stays a list."""
+    return [v] if isinstance(v, str) else v
+
+
+def _non_empty(key: str, values: list[str]) -> list[str]:
+    if not all(values):
+        raise ValueError(f"{key}: empty entries are not file names")
+    return values
+
+
+class ListenerTlsConfig(_Model):
+    """``[listeners.tls]``: TLS on a front-end listener (docs/tls.md). Paths as written (a relative
+    one from the working directory, like the journal's)."""
+
+    cert_chain: str = Field(min_length=1, description="PEM: the listener's certificate, then its intermediates")
+    key: str = Field(min_length=1, description="PEM: its private key, unencrypted (the file's permissions protect it)")
+    client_ca: list[str] = Field(default_factory=list, description="PEM files of the CAs that may sign client certificates")
+    client_certs: Literal["required", "optional", "none"] = Field(
+        "none", description='"required", "optional" (a client without one is known by its address) or "none"')
+    client_names: list[str] = Field(
+        default_factory=list, description='names a client certificate must carry one of (CN or SAN, any case); '
+        'empty: any the CA signed; needs client_certs = "required"')
+    handshake_timeout: float = Field(10.0, gt=0, allow_inf_nan=False, description="seconds from the TCP accept to the end of the handshake")
+    minimum_version: Literal["1.2", "1.3"] = Field("1.2", description='"1.2" or "1.3"')
+    ciphers: str | None = Field(None, min_length=1, description="OpenSSL cipher string for TLS 1.2; absent: OpenSSL's defaults")
+
+    @field_validator("client_ca", "client_names", mode="before")
+    @classmethod
+    def _lists(cls, v: object) -> object:
+        return _file_list(v)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ListenerTlsConfig":
+        _non_empty("client_ca", self.client_ca)
+        _non_empty("client_names", self.client_names)
+        if self.client_certs != "none" and not self.client_ca:
+            raise ValueError(f'client_ca is required when client_certs is "{self.client_certs}"')
+        if self.client_names and self.client_certs != "required":
+            raise ValueError('client_names needs client_certs = "required"')
+        return self
+
+
+class UpstreamTlsConfig(_Model):
+    """``[upstreams.tls]``: TLS on the links to a switch (docs/tls.md). Trust ``ca`` (with
+    ``server_name``), ``pin_sha256``, or both."""
+
+    ca: list[str] = Field(default_factory=list, description="PEM files of the CAs that sign the switch's certificate")
+    server_name: str | None = Field(None, min_length=1, description="the name the switch's certificate must carry (also sent as SNI); required with ca")
+    pin_sha256: str | None = Field(None, description="SHA-256 fingerprint of the switch's own certificate (hex, colons allowed): that one only")
+    cert_chain: str | None = Field(None, min_length=1, description="PEM: our client certificate (then intermediates), if the switch asks for one")
+    key: str | None = Field(None, min_length=1, description="PEM: its private key")
+    handshake_timeout: float = Field(10.0, gt=0, allow_inf_nan=False, description="seconds from the TCP connect to the end of the handshake")
+    minimum_version: Literal["1.2", "1.3"] = Field("1.2", description='"1.2" or "1.3"')
+    ciphers: str | None = Field(None, min_length=1, description="OpenSSL cipher string for TLS 1.2; absent: OpenSSL's defaults")
+
+    @field_validator("ca", mode="before")
+    @classmethod
+    def _lists(cls, v: object) -> object:
+        return _file_list(v)
+
+    @field_validator("pin_sha256")
+    @classmethod
+    def _pin(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        digits = v.replace(":", "").replace(" ", "").strip()
+        try:
+            pin = bytes.fromhex(digits)
+        except ValueError:
+            raise ValueError("pin_sha256 is not hexadecimal") from None
+        if len(pin) != 32:
+            raise ValueError(f"pin_sha256 must be 32 bytes (64 hex digits), not {len(pin)}")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "UpstreamTlsConfig":
+        _non_empty("ca", self.ca)
+        if not self.ca and self.pin_sha256 is None:
+            raise ValueError("a CA bundle (ca) or a pinned certificate (pin_sha256) is required")
+        if self.ca and not self.server_name:
+            raise ValueError("server_name is required with ca (the name the switch's certificate must carry)")
+        if (self.cert_chain is None) != (self.key is None):
+            raise ValueError("cert_chain and key go together")
+        return self
+
+
 class MacConfig(_Model):
     """MACs on one hop (field 64, or 128 with a secondary bitmap): verified on what the gateway
     receives there, generated on what it sends there. The key is a label in the security module."""
@@ -114,6 +202,7 @@ class ListenerConfig(WireConfig):
     idle_timeout: float = Field(300.0, gt=0, description="seconds without a frame before a connection is closed")
     partial_frame_timeout: float = Field(5.0, gt=0, description="seconds a frame may take to complete, from its first byte")
     send_timeout: float = Field(10.0, gt=0, description="seconds a send to a front end may block before it is dropped")
+    tls: ListenerTlsConfig | None = Field(None, description="TLS on this listener: the [listeners.tls] keys below; absent: plaintext")
     mac: MacConfig | None = Field(None, description="MACs with front ends ([listeners.mac]: key, padding, failure_code); none when absent")
     clients: list[ClientConfig] = Field(default_factory=list, description="identified front ends ([[listeners.clients]]: identity, acquirers, merchants, terminals); when given, a request from any other identity, or for ids outside its own, is refused with client_refusal_code")
     client_refusal_code: str = Field("58", description="answer to a request from an unknown front end, or for ids outside its own")
@@ -167,6 +256,7 @@ class UpstreamConfig(WireConfig):
     saf_retry_max: float = Field(300.0, gt=0, description="longest wait between repeats, seconds")
     saf_budget: int = Field(6, ge=1, description="attempts before a reversal is parked for an operator (PayEx: 6)")
     saf_window: int = Field(16, ge=1, description="reversals in flight at once on this upstream")
+    tls: UpstreamTlsConfig | None = Field(None, description="TLS on the links: the [upstreams.tls] keys below; absent: plaintext")
     mac: MacConfig | None = Field(None, description="MACs with this switch ([upstreams.mac]: key, padding); none when absent")
 
     @field_validator("hosts")
@@ -364,6 +454,8 @@ def _default_text(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
     value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "absent"
     if isinstance(value, BaseModel):
         return ""
     if isinstance(value, bool):
@@ -385,7 +477,9 @@ def reference_markdown() -> str:
         ("[log]", LogConfig),
         ("[metrics]", MetricsConfig),
         ("[[listeners]]", ListenerConfig),
+        ("[listeners.tls]", ListenerTlsConfig),
         ("[[upstreams]]", UpstreamConfig),
+        ("[upstreams.tls]", UpstreamTlsConfig),
         ("[listeners.mac], [upstreams.mac]", MacConfig),
         ("[[listeners.clients]]", ClientConfig),
         ("[[routes]]", RouteConfig),

@@ -1,9 +1,11 @@
 """The daemon process: configuration, signals, the gateway and its observability endpoint.
 
 SIGTERM/SIGINT: graceful stop (stop accepting, drain, answer the rest, sign
-off, exit 0). SIGHUP: reload routes, rules and limits from the same file; a bad
-file is refused with a log line and the running configuration stays. SIGHUP also
-reads the security module's keys again (a data key rotated by ``iso-gateway keys``).
+off, exit 0). SIGHUP: reload routes, rules and limits from the same file, read
+every TLS certificate, key and CA file again (new connections get them, established
+ones keep theirs; a TLS file that does not load keeps the old one, with a log line)
+and the security module's keys (a data key rotated by ``iso-gateway keys``); a bad
+configuration file is refused with a log line and the running configuration stays.
 """
 
 from __future__ import annotations

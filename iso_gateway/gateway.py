@@ -183,6 +183,11 @@ class Gateway:
         ]:
             raise ConfigError(self.config_path or "config", "listeners/upstreams",
                               "addresses, hosts, dialects or framings changed: these need a restart")
+        if [lc.tls is None for lc in config.listeners] != [lc.tls is None for lc in self.config.listeners] or [
+            u.tls is None for u in config.upstreams
+        ] != [u.tls is None for u in self.config.upstreams]:
+            raise ConfigError(self.config_path or "config", "listeners/upstreams",
+                              "TLS turned on or off: this needs a restart")
         routes = route_table(config.routes, config.routing, source=self.config_path or "config")
         hops = self._hop_settings(config)
         # Build every listener's new state before touching any, so a failure changes nothing.
@@ -200,7 +205,26 @@ class Gateway:
         self.flow.routes = routes
         self.flow.settings = flow_settings(config)
         self.config = config
-        log.info("configuration reloaded: %d routes", len(config.routes))
+        # TLS files read again: new connections get them, established ones keep theirs; a file that
+        # does not load keeps the old certificate, and the log says why.
+        tls_reloaded = 0
+        for lst, lc in zip(self.listeners, config.listeners, strict=True):
+            if lst.tls is not None:
+                why = lst.reload_tls(lc)
+                if why is None:
+                    tls_reloaded += 1
+                else:
+                    log.error("listener %s keeps its TLS certificate: %s", lst.name, why)
+        for uc in config.upstreams:
+            up = self.upstreams[uc.name]
+            if up.tls is not None:
+                why = up.reload_tls(uc)
+                if why is None:
+                    tls_reloaded += 1
+                else:
+                    log.error("upstream %s keeps its TLS settings: %s", uc.name, why)
+        log.info("configuration reloaded: %d routes%s", len(config.routes),
+                 f"; TLS files read again for {tls_reloaded} listeners and upstreams" if tls_reloaded else "")
 
     async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``stop``; then drain, answer what is left, sign off and return."""

@@ -102,6 +102,18 @@ class _Cached:
             self._children[labels] = child
         return child
 
+    def forget(self, *labels: str) -> None:
+        """Drop one label set's series (a certificate no longer in the files): it is no longer exported."""
+        child = self._children.pop(labels, None)
+        if child is None:
+            return
+        if self._flushing is not None and child in self._flushing:
+            self._flushing.remove(child)
+        try:
+            self.metric.remove(*labels)
+        except KeyError:
+            pass
+
 
 class Metrics:
     """All gateway metrics on one registry (one per gateway, so tests stay apart)."""
@@ -149,7 +161,7 @@ class Metrics:
         self.duplicates = counter("duplicates_total", "Repeated front-end requests recognised as duplicates.", ("listener",))
         self.connections_open = gauge("front_connections_open", "Front-end connections open.", ("listener",), "livesum")
         self.connections_total = counter("front_connections_total", "Front-end connections by outcome (accepted; refused: the listener full and every connection waiting for an answer; refused_per_source: max_connections_per_source open from that address).", ("listener", "outcome"))
-        self.connections_closed = counter("front_connections_closed_total", "Front-end connections closed, by reason (peer_closed, idle_timeout, stalled_partial_frame, stalled_reader, frame_too_large, framing_lost, reset, shutdown, internal_error, evicted_idle: closed to make room when the listener was full).", ("listener", "reason"))
+        self.connections_closed = counter("front_connections_closed_total", "Front-end connections closed, by reason (peer_closed, idle_timeout, stalled_partial_frame, stalled_reader, frame_too_large, framing_lost, reset, shutdown, internal_error, evicted_idle: closed to make room when the listener was full; TLS listeners: tls_handshake_failed, tls_error).", ("listener", "reason"))
         self.frames_too_large = counter("frames_too_large_total", "Frames over the size limit (max_frame), by side and listener or upstream name.", ("side", "name"))
         self.request_latency = histogram("request_duration_seconds", "From a front-end request received to its answer sent (timeouts and dropped links included).", ("upstream", "mti"), LATENCY_BUCKETS)
         # upstream
@@ -173,6 +185,20 @@ class Metrics:
         self.saf_depth = gauge("saf_queue_depth", "Reversals waiting in the store-and-forward queue.", ("upstream",), "livemax")
         self.saf_oldest_age = gauge("saf_oldest_age_seconds", "Age of the oldest reversal waiting in the store-and-forward queue.", ("upstream",), "livemax")
         self.saf_parked = gauge("saf_parked", "Reversals parked (dead letters) after their retry budget, waiting for an operator.", ("upstream",), "livemax")
+        # TLS (net/tls.py): reasons are a closed set (tls.REASONS); subject is a certificate's DN
+        # from our own files (or a pinned switch's), never a peer's client certificate.
+        self.tls_handshakes = counter(
+            "tls_handshakes_total", "TLS handshakes completed, by side (listener: front ends; upstream: switch "
+            "links) and listener or upstream name.", ("side", "name"))
+        self.tls_handshake_failures = counter(
+            "tls_handshake_failures_total", "TLS handshakes that failed, by side, name and reason (no_certificate, "
+            "expired, not_yet_valid, unknown_ca, bad_name, bad_certificate, pin_mismatch, alert_..., "
+            "protocol_version, no_shared_cipher, garbage, protocol, timeout, eof, internal: docs/tls.md §5).",
+            ("side", "name", "reason"))
+        self.tls_days_left = gauge(
+            "tls_certificate_days_left", "Days before each certificate in a listener's or upstream's TLS files "
+            "expires (negative: expired), and a pinned switch certificate's once seen; refreshed hourly and at "
+            "reload.", ("side", "name", "subject"), "livemin")
         # The journal's worker thread counts these: thread-safe prometheus-client children.
         self.journal_writes = counter("journal_writes_total", "Journal records written, by kind.", ("kind",), fast=False)
         self.journal_commit_seconds = histogram("journal_commit_seconds", "Time of one journal group commit.", (), ECHO_BUCKETS)

@@ -31,7 +31,7 @@ from iso_gateway.net.tls import (
     TlsSession, TlsUpstreamSettings, certificate_expiry, listener_endpoint, parse_pin, peer_identity,
     upstream_endpoint,
 )
-from iso_gateway.net.sockio import SocketIO
+from iso_gateway.net.sockio import SocketIO, TlsSocketIO
 from iso_gateway.net.writer import FrameWriter
 from pki import NOW, Authority, Issued, Pki, make_pki
 
@@ -846,71 +846,6 @@ def test_a_session_keeps_at_most_one_partial_record_and_nothing_once_failed(pki:
 # ------------------------------------------------------------------------------------------------ with the writer
 
 
-class TlsWriterStream:
-    """What a FrameWriter can write through unchanged (``send_nowait`` and ``send_all``, as SocketIO
-    has them), with the engine between the writer and the socket: a sketch of the wiring, tested.
-
-    The writer offers plaintext; the session turns all of it into ciphertext at once. What the
-    kernel does not take is carried, and sent before anything newer is encrypted. The writer
-    must come back for it, so while ciphertext is carried the last byte offered is reported
-    unsent although it was encrypted (``ahead``): the writer offers the unsent rest again first,
-    and that byte is then skipped."""
-
-    def __init__(self, sock: socket.socket, session: TlsSession) -> None:
-        self.sock = sock
-        self.session = session
-        self._carry = b""
-        self._ahead = 0
-        self.partial_sends = 0
-
-    def _push(self) -> bool:
-        """Write carried ciphertext; True when none is left."""
-        while self._carry:
-            try:
-                n = self.sock.send(self._carry)
-            except BlockingIOError:
-                return False
-            self._carry = self._carry[n:]
-        return True
-
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
-        if not self._push():
-            return 0
-        skip, self._ahead = min(self._ahead, len(data)), 0
-        if len(data) > skip:
-            self._carry = self.session.send(bytes(data[skip:]))
-            if not self._push():
-                self.partial_sends += 1
-                self._ahead = 1
-                return len(data) - 1
-        return len(data)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        done = self.send_nowait(view)
-        while done < len(view) or self._carry:
-            await trio.lowlevel.wait_writable(self.sock)
-            done += self.send_nowait(view[done:])
-
-    def write_pending(self) -> None:
-        """What the session wants written by itself (a handshake flight, an alert, a close_notify):
-        after a read fed it, from the reading side, without waiting. What the kernel does not take
-        is carried and goes before the next frame (a handshake flight on a new connection always
-        fits; one that did not would be left to the handshake deadline)."""
-        out = self.session.data_to_send()
-        if out:
-            self._carry += out
-            self._push()
-
-    def close(self) -> None:
-        """close_notify, as far as the kernel takes it at once, then the socket."""
-        try:
-            self.sock.send(self.session.close())
-        except OSError:
-            pass
-        self.sock.close()
-
-
 def slow_reader(port: int, ctx: ssl.SSLContext, total: int) -> bytes:
     """A Python ssl client with a small receive buffer that reads until ``total`` bytes came."""
     with socket.socket() as raw:
@@ -945,7 +880,7 @@ async def test_the_frame_writer_sends_through_the_engine_in_order_across_partial
             stream = SocketIO.adopt(await listener.accept())
             sock = stream.sock
             session = endpoint.new_session()
-            adapter = TlsWriterStream(sock, session)
+            adapter = TlsSocketIO(sock, session)  # net/sockio.py: what the daemon's writers write through
             while session.state is HANDSHAKING:  # as the poller's on_readable would: read, feed, write what it wants
                 await trio.lowlevel.wait_readable(sock)
                 data = sock.recv(65536)

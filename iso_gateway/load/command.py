@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--processes", type=int, default=1, metavar="N",
                       help="worker processes sharing the connections, rate and count (default: 1)")
     load.add_argument("--seed", type=int, help="seed of the message pool (PANs, amounts, order) for a repeatable run")
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls", action="store_true", help="speak TLS to the target")
+    tls.add_argument("--tls-ca", action="append", default=[], metavar="PEM",
+                     help="a CA the target's certificate must chain to (repeatable); none: not verified (measurement only)")
+    tls.add_argument("--tls-server-name", metavar="NAME", help="the name the target's certificate must carry (with --tls-ca)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="our client certificate, for a target that asks for one")
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the report as one JSON object (stable keys, for CI)")
     out.add_argument("--quiet", action="store_true", help="no progress line")
@@ -62,6 +69,8 @@ def options_from_args(args: argparse.Namespace) -> LoadOptions:
         connections=args.connections, in_flight=args.in_flight, rate=args.rate,
         duration=args.duration, count=args.count, warmup=args.warmup, timeout=args.timeout,
         connect_timeout=args.connect_timeout, processes=args.processes, seed=args.seed,
+        tls=args.tls or bool(args.tls_ca), tls_ca=tuple(args.tls_ca), tls_server_name=args.tls_server_name,
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
 
 

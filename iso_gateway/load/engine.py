@@ -14,6 +14,9 @@ can't hide its stall by slowing the generator down (coordinated omission);
 requests over the in-flight cap wait for room, and readers send them as
 answers free it.
 
+With ``tls`` each connection does a TLS handshake (trio's ``SSLStream``) after its TCP connect,
+within the connect timeout; a failed one counts as a failed connect.
+
 It must never put a PAN in an error or a log line: errors carry reasons only.
 """
 
@@ -21,9 +24,10 @@ from __future__ import annotations
 
 import math
 import random
+import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import trio
 
@@ -33,6 +37,7 @@ from ..core.framing import FrameDecoder, framer_from_config
 from ..core.message import build_response, decode, encode, match_class
 from ..core.scanner import Scanner
 from ..sim.client import DEFAULT_TPDU
+from ..sim.tlsctx import TlsHandshakeFailed, client_context, handshake
 from ..net.writer import FrameWriter
 from .mix import RequestFactory, load_mix
 from .options import LoadOptions
@@ -123,6 +128,10 @@ class Engine:
             source=source, header=self.header,
         )
         self.scanner = Scanner(self.dialect, (11, 39, 41))
+        self.tls: ssl.SSLContext | None = None
+        if options.tls:
+            self.tls = client_context(ca=options.tls_ca, server_name=options.tls_server_name,
+                                      cert_chain=options.tls_cert, key=options.tls_key, insecure=not options.tls_ca)
         self.window = options.window
         self.timeout = options.timeout
         self._progress = progress
@@ -159,7 +168,15 @@ class Engine:
     async def _open(self) -> trio.SocketStream:
         opts = self.options
         with trio.move_on_after(opts.connect_timeout):
-            return await trio.open_tcp_stream(opts.host, opts.port)
+            stream = await trio.open_tcp_stream(opts.host, opts.port)
+            if self.tls is None:
+                return stream
+            try:
+                tls = await handshake(stream, self.tls, server_side=False, server_hostname=opts.tls_server_name,
+                                      timeout=opts.connect_timeout)
+            except TlsHandshakeFailed as exc:
+                raise OSError(str(exc)) from None
+            return cast(trio.SocketStream, tls)  # used through the Stream methods only
         raise OSError(f"connect took over {opts.connect_timeout:g} s")
 
     async def prepare(self) -> None:

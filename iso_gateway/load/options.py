@@ -84,6 +84,16 @@ class LoadOptions:
     processes: int = 1
     # Seed of the message pool (PANs, amounts, order); None (the default) picks one, reported in the result.
     seed: int | None = None
+    # TLS on every connection. The default is False (plaintext).
+    tls: bool = False
+    # PEM files of the CAs the target's certificate must chain to; empty (the default) verifies
+    # nothing (measurement against a throwaway certificate only).
+    tls_ca: tuple[str, ...] = ()
+    # The name the target's certificate must carry (and SNI); needed with tls_ca. The default is None.
+    tls_server_name: str | None = None
+    # Our client certificate and key (PEM), for a target that asks for one. The default is None.
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
@@ -101,6 +111,10 @@ class LoadOptions:
             raise ConfigError("load", "duration", "give a duration or a count, not both")
         if self.count is not None and self.count < self.processes:
             raise ConfigError("load", "count", "must be at least the number of processes")
+        if self.tls_ca and not self.tls_server_name:
+            raise ConfigError("load", "tls_server_name", "give the name the target's certificate carries with tls_ca")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("load", "tls_key", "give tls_cert and tls_key together")
         if self.processes > self.connections:
             raise ConfigError("load", "processes", "each process needs a connection of its own: give at least as many connections")
 

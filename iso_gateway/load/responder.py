@@ -7,16 +7,19 @@ responder answers from a prebuilt response per request MTI (response MTI,
 came on the wire: no decode, no encode, one ``send_all`` per received chunk.
 It is a measuring tool, not a switch: no amount rules, no reversals.
 
-    python -m iso_gateway.load.responder --port 9600 [--dialect D --framing F --tpdu]
+    python -m iso_gateway.load.responder --port 9600 [--dialect D --framing F --tpdu] [--tls-cert C --tls-key K]
+
+With a TLS context (``--tls-cert``/``--tls-key``) every connection is TLS (trio's ``SSLStream``).
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -26,6 +29,7 @@ from ..core.framing import framer_from_config
 from ..core.message import encode, response_mti
 from ..core.scanner import Scanner
 from ..net.writer import FrameWriter
+from ..sim.tlsctx import TlsHandshakeFailed, handshake, server_context
 
 __all__ = ["InstantResponder", "main"]
 
@@ -36,7 +40,8 @@ class InstantResponder:
     """``await serve(host, port)`` in a nursery; ``answered`` counts the answers sent."""
 
     def __init__(self, dialect: str = "iso87ascii", framing: str = "ascii4", *,
-                 length_includes_header: bool = False, tpdu: bool = False) -> None:
+                 length_includes_header: bool = False, tpdu: bool = False, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.dialect = get_dialect(dialect)
         options: dict[str, Any] = {}
         if length_includes_header:
@@ -76,6 +81,12 @@ class InstantResponder:
             task_status.started(self.port)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        if self.tls is not None:
+            try:
+                stream = cast(trio.SocketStream, await handshake(stream, self.tls, server_side=True))
+            except TlsHandshakeFailed:
+                self.ignored += 1
+                return
         writer = FrameWriter(stream)
         decoder = self.framer.decoder()
         scan = self.scanner.scan
@@ -134,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--framing", default="ascii4")
     parser.add_argument("--length-includes-header", action="store_true")
     parser.add_argument("--tpdu", action="store_true")
+    parser.add_argument("--tls-cert", metavar="PEM", help="TLS: our certificate chain (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM", help="TLS: its private key")
     args = parser.parse_args(argv)
-    responder = InstantResponder(args.dialect, args.framing, length_includes_header=args.length_includes_header, tpdu=args.tpdu)
+    tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
+    responder = InstantResponder(args.dialect, args.framing, length_includes_header=args.length_includes_header,
+                                 tpdu=args.tpdu, tls=tls)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

@@ -16,6 +16,18 @@ at all for ``idle_timeout`` (closed), answers it does not read for
 ``send_timeout`` (a stalled reader: dropped, without holding up anyone else).
 An exception in one connection is logged and counted, closes that connection and
 never reaches the listener or the others.
+
+A TLS listener (``[listeners.tls]``) wraps each accepted socket in a ``TlsSession``
+(tls.py): ``TlsFrontConnection`` reads ciphertext, hands the plaintext to the same framing
+and writes through ``TlsSocketIO``. Until the handshake ends the connection's deadline is the
+handshake's (``handshake_timeout`` from the accept); a TLS record begun and not ended counts as a
+partial frame. Every limit above applies unchanged; a failed handshake is counted by reason
+(``iso_gateway_tls_handshake_failures_total``) and closes the connection. Plaintext listeners
+use ``FrontConnection`` as before, with no TLS work per read.
+
+Each connection knows who is at the other end (``identity``) before its first frame reaches the
+gateway: ``cert:<CN>`` (or its first DNS name) when a client certificate was verified, else
+``addr:<source address>``.
 """
 
 from __future__ import annotations
@@ -32,16 +44,21 @@ import trio
 
 from ..config import ListenerConfig
 from ..core.dialect import Dialect
-from ..core.errors import FrameError, FrameTooLarge
+from ..core.errors import ConfigError, FrameError, FrameTooLarge
 from ..core.flow import FrontSide
 from ..core.framing import Framer, framer_from_config
 from .poller import Poller
 from ..core.scanner import Scanner
 from ..core.validation import RuleSet
-from .sockio import SocketIO
+from .sockio import SocketIO, TlsSocketIO
+from .tls import (
+    CLOSED, FAILED, HANDSHAKING, TRUNCATED, ExpiryGauge, TlsConfigError, TlsEndpoint, TlsListenerSettings, TlsSession,
+    listener_endpoint,
+)
 from .writer import FrameWriter
 
 if TYPE_CHECKING:
+    from ..clock import Clock
     from ..config import Config
     from ..core.framing import Frame
     from ..metrics import Metrics
@@ -59,9 +76,11 @@ class FrontHandler(Protocol):
     network side never imports the application."""
 
     config: Config
+    config_path: str | None
     metrics: Metrics
     poller: Poller
     worker: int | None
+    clock: Clock
 
     def on_front_frames(self, front: FrontConnection, frames: Sequence[Frame], touched: set[FrameWriter],
                         now: float) -> None: ...
@@ -91,6 +110,11 @@ class Listener:
         self.port = cfg.port
         self._accept_scope: trio.CancelScope | None = None
         self.apply(cfg, dialect, rules)
+        # TLS: the endpoint new connections start with (swapped by reload_tls), or None: plaintext.
+        self.tls = listener_tls(cfg, getattr(gateway, "config_path", None) or "config")
+        self._tls_failures = 0  # failed handshakes not logged yet (see tls_failed)
+        self._tls_failure_logged = -math.inf
+        self.expiry = ExpiryGauge(gateway.metrics, "listener", cfg.name)
 
     def apply(self, cfg: ListenerConfig, dialect: Dialect, rules: RuleSet) -> None:
         """Take (new) settings: codec, rules and limits. Address changes need a restart.
@@ -121,6 +145,8 @@ class Listener:
         else:
             listeners = [await open_shared_listener(self.cfg.host, self.cfg.port)]
         self.port = listeners[0].socket.getsockname()[1]
+        if self.tls is not None:
+            connection_nursery.start_soon(self._expiry_loop)
         with trio.CancelScope() as scope:
             self._accept_scope = scope
             task_status.started(self.port)
@@ -128,6 +154,42 @@ class Listener:
         for lst in listeners:
             with trio.CancelScope(shield=True):
                 await lst.aclose()
+
+    def reload_tls(self, cfg: ListenerConfig) -> str | None:
+        """Read the TLS files again (SIGHUP): new connections get the new endpoint, established ones
+        keep theirs. A file that does not load keeps the old endpoint; returns why (None: reloaded)."""
+        if self.tls is None or cfg.tls is None:
+            return None
+        try:
+            self.tls = listener_tls(cfg, "config")
+        except ConfigError as exc:
+            return f"{exc.where}: {exc.reason}"
+        finally:
+            self.refresh_expiry()
+        return None
+
+    def refresh_expiry(self) -> None:
+        """The certificate days-left gauge, from the files of the endpoint in use."""
+        if self.tls is not None:
+            self.expiry.refresh(self.tls, self.gateway.clock.utc())
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            self.refresh_expiry()
+            await trio.sleep(ExpiryGauge.INTERVAL)
+
+    def tls_failed(self, session: TlsSession, conn_id: int) -> None:
+        """Count a failed handshake by reason; log it, at most a line a second (a flood of garbage
+        is no flood of logs: the metric counts every one)."""
+        reason = session.reason or "internal"
+        self.gateway.metrics.tls_handshake_failures("listener", self.name, reason).inc()
+        self._tls_failures += 1
+        now = trio.current_time()
+        if now - self._tls_failure_logged >= 1.0:
+            log.warning("listener %s connection %d: TLS handshake failed: %s (%s) (%d such since the last line)",
+                        self.name, conn_id, reason, session.detail, self._tls_failures)
+            self._tls_failure_logged = now
+            self._tls_failures = 0
 
     def stop_accepting(self) -> None:
         if self._accept_scope is not None:
@@ -139,7 +201,8 @@ class Listener:
         m = self.gateway.metrics
         cfg = self.cfg
         try:
-            source = source_key(stream.sock.getpeername()[0])
+            peer = stream.sock.getpeername()
+            source = source_key(peer[0])
         except OSError:  # already reset by the peer
             stream.close()
             return
@@ -155,7 +218,13 @@ class Listener:
             stream.close()
             return
         m.connections_total(self.name, "accepted").inc()
-        conn = FrontConnection(self, stream, self.gateway.poller, source)
+        identity = "addr:" + peer[0]
+        tls = self.tls
+        if tls is None:
+            conn = FrontConnection(self, stream, self.gateway.poller, source, identity)
+        else:
+            conn = TlsFrontConnection(self, TlsSocketIO(stream.sock, tls.new_session()), self.gateway.poller, source,
+                                      identity)
         self.connections.add(conn)
         self._accepted_since_batch = True
         self.per_source[source] = self.per_source.get(source, 0) + 1
@@ -220,7 +289,8 @@ class Listener:
         m = self.gateway.metrics
         m.connections_open(self.name).dec()
         m.connections_closed(self.name, reason).inc()
-        if reason not in ("peer_closed", "shutdown", "evicted_idle"):  # evictions: see _make_room
+        # evictions: see _make_room; failed handshakes: tls_failed
+        if reason not in ("peer_closed", "shutdown", "evicted_idle", "tls_handshake_failed"):
             log.info("listener %s connection %d closed: %s", self.name, conn.id, reason)
 
 
@@ -247,6 +317,29 @@ def source_key(address: str) -> str:
         return address
 
 
+def listener_tls(cfg: ListenerConfig, source: str) -> TlsEndpoint | None:
+    """The TLS endpoint of a listener's ``[listeners.tls]``, its files read now (None: plaintext).
+    A file that does not load is a ConfigError naming the key and the reason."""
+    if cfg.tls is None:
+        return None
+    t = cfg.tls
+    try:
+        return listener_endpoint(TlsListenerSettings(
+            cert_chain=t.cert_chain, key=t.key, client_ca=tuple(t.client_ca), client_certs=t.client_certs,
+            client_names=tuple(t.client_names), handshake_timeout=t.handshake_timeout,
+            minimum_version=t.minimum_version, ciphers=t.ciphers))
+    except TlsConfigError as exc:
+        raise ConfigError(source, f"listeners.{cfg.name}.tls.{exc.key}", exc.reason) from None
+
+
+def tls_identity(session: TlsSession, otherwise: str) -> str:
+    """``cert:<CN>`` (or the first DNS name, or the subject) of a verified client certificate."""
+    peer = session.peer
+    if peer is None:
+        return otherwise
+    return "cert:" + (peer.common_name or (peer.dns_names[0] if peer.dns_names else peer.subject))
+
+
 def gateway_match_fields(gateway: FrontHandler) -> set[int]:
     out: set[int] = set()
     for up in gateway.config.upstreams:
@@ -258,11 +351,15 @@ class FrontConnection:
     """One front end's connection: read by the gateway's ``Poller``, written by its ``FrameWriter``."""
 
     __slots__ = ("id", "listener", "side", "stream", "sock", "writer", "in_flight", "closed", "decoder", "deadline",
-                 "paused", "_poller", "heap_at", "fd", "source", "last_read", "used")
+                 "paused", "_poller", "heap_at", "fd", "source", "last_read", "used", "identity")
 
-    def __init__(self, listener: Listener, stream: SocketIO, poller: Poller, source: str = "") -> None:
+    def __init__(self, listener: Listener, stream: SocketIO | TlsSocketIO, poller: Poller, source: str = "",
+                 identity: str = "") -> None:
         self.id = next(_conn_ids)
         self.source = source  # the peer's address (per-source limit)
+        # Who the peer is, set before its first frame reaches the gateway: "addr:<ip>", or on a TLS
+        # listener with client certificates "cert:<CN>" (the first DNS name without a CN).
+        self.identity = identity
         self.last_read = 0.0  # when it last sent anything, or was accepted (longest-idle goes first)
         # It has sent a whole frame: a connection that never has is closed before any that has
         # when the listener is full, so a burst of fresh idle sockets can't push out a front end
@@ -366,3 +463,126 @@ class FrontConnection:
         self._poller.remove(self)
         self.listener.closed(self, reason)
         self.stream.close()
+
+
+class TlsFrontConnection(FrontConnection):
+    """A front connection on a TLS listener: the poller's reads go through its ``TlsSession``.
+
+    Until the handshake ends nothing reaches the framing, and the deadline is the handshake's
+    (``handshake_timeout`` from the accept); a failed handshake is counted by reason and closes
+    the connection (with the alert, if the session has one). Once established the plaintext goes to
+    the same framing as on a plaintext listener, with the same limits; a TLS record begun and not
+    ended counts as a partial frame (its deadline runs from its first byte). Closing sends
+    close_notify (``TlsSocketIO.close``).
+    """
+
+    __slots__ = ("tls", "tls_io")
+
+    def __init__(self, listener: Listener, stream: TlsSocketIO, poller: Poller, source: str = "",
+                 identity: str = "") -> None:
+        super().__init__(listener, stream, poller, source, identity)
+        self.tls_io = stream
+        self.tls = stream.session
+
+    def start_reading(self, now: float) -> None:
+        self._poller.add(self)
+        cfg = self.listener.cfg
+        session = self.tls
+        if session.state is HANDSHAKING:
+            self._poller.set_deadline(self, now + session.endpoint.handshake_timeout)
+        else:
+            partial = self.decoder.partial or session.partial
+            self._poller.set_deadline(self, now + (cfg.partial_frame_timeout if partial else cfg.idle_timeout))
+
+    def on_readable(self, now: float, touched: set[FrameWriter]) -> None:
+        """Read once, decrypt, handle every complete frame (see ``FrontConnection.on_readable``)."""
+        listener = self.listener
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close("reset")
+            return
+        session = self.tls
+        if not session.established:
+            if not data:
+                session.receive_eof()
+            plain = session.receive_data(data) if data else b""
+            if session.wants_write:
+                self.tls_io.write_pending()
+            if not session.established:
+                if session.state is FAILED:
+                    listener.tls_failed(session, self.id)
+                    self.close("tls_handshake_failed")
+                elif session.state is CLOSED:
+                    self.close("peer_closed")
+                return  # still handshaking: its deadline stands
+            self.last_read = now
+            self.identity = tls_identity(session, self.identity)
+            listener.gateway.metrics.tls_handshakes("listener", listener.name).inc()
+            was_partial = False
+        else:
+            if not data:
+                self.close("peer_closed")
+                return
+            self.last_read = now
+            was_partial = self.decoder.partial or session.partial
+            plain = session.receive_data(data)
+            if session.wants_write:
+                self.tls_io.write_pending()  # a close_notify's reply, a key update's
+        frames: list[Frame] = []
+        decoder = self.decoder
+        cfg = listener.cfg
+        if plain:
+            gateway = listener.gateway
+            try:
+                frames = decoder.feed(plain)
+            except FrameTooLarge:
+                gateway.metrics.frames_too_large("front", listener.name).inc()
+                log.warning("listener %s connection %d: frame over %d bytes; closing", listener.name, self.id,
+                            cfg.max_frame)
+                self.close("frame_too_large")
+                return
+            except FrameError as exc:
+                gateway.metrics.decode_errors("front", listener.name, "framing").inc()
+                log.warning("listener %s connection %d: framing lost (%s); closing", listener.name, self.id, exc)
+                self.close("framing_lost")
+                return
+            if frames:
+                self.used = True
+                gateway.on_front_frames(self, frames, touched, now)
+                if self.closed:
+                    return
+        if not session.established:  # close_notify came, or a record did not decrypt
+            if session.state is FAILED and not self.used and session.reason != TRUNCATED:
+                # Before any frame: the end of a handshake (with TLS 1.3 a client certificate can be
+                # judged after the server's side of the handshake has ended).
+                listener.tls_failed(session, self.id)
+                self.close("tls_handshake_failed")
+                return
+            if session.state is FAILED:
+                log.warning("listener %s connection %d: TLS failed: %s (%s)", listener.name, self.id, session.reason,
+                            session.detail)
+            self.close("peer_closed" if session.state is CLOSED else "tls_error")
+            return
+        if frames and self.in_flight >= cfg.max_in_flight:
+            self.paused = True  # backpressure, as on a plaintext connection
+            self.deadline = math.inf
+            self._poller.remove(self)
+            return
+        if decoder.partial or session.partial:
+            # From the first byte of a frame or record: moved only when this read began a new one.
+            if frames or not was_partial:
+                self._poller.set_deadline(self, now + cfg.partial_frame_timeout)
+        else:
+            self._poller.set_deadline(self, now + cfg.idle_timeout)
+
+    def expired(self) -> None:
+        session = self.tls
+        if session.state is HANDSHAKING:
+            session.handshake_timed_out()
+            self.listener.tls_failed(session, self.id)
+            self.close("tls_handshake_failed")
+            return
+        self.close("stalled_partial_frame" if self.decoder.partial or session.partial else "idle_timeout")

@@ -14,6 +14,13 @@ session begins, may carry traffic and ends (``link_connected``, ``link_ready``,
 ``link_down``: what was in flight is answered then), runs the link's timer (the
 flow arms it with ARM actions) and waits for its own 0800s' outcomes. It never
 raises out of ``run``: every failure is a counted, logged state change.
+
+With ``[upstreams.tls]`` each session is a TLS client session (tls.py): the handshake comes
+first, within ``handshake_timeout`` of the connect, then sign-on as on a plaintext link. The
+poller's reads go through the session and the writer writes through ``TlsSocketIO``. A failed
+handshake (a certificate that does not verify, a pin that does not match, the switch refusing
+ours, the deadline) is counted by reason (``iso_gateway_tls_handshake_failures_total``) and the
+link reconnects as after any lost connection.
 """
 
 from __future__ import annotations
@@ -31,11 +38,14 @@ import trio
 from ..clock import Clock
 from ..config import UpstreamConfig
 from ..core.dialect import Dialect
-from ..core.errors import FrameError
+from ..core.errors import ConfigError, FrameError
 from ..core.flow import UNANSWERED_NOT_READY, Flow, Link, UpstreamSide
 from ..core.framing import FrameDecoder, Framer, framer_from_config
 from .poller import Poller
-from .sockio import SocketIO
+from .sockio import SocketIO, TlsSocketIO
+from .tls import (
+    FAILED, HANDSHAKING, TRUNCATED, ExpiryGauge, TlsConfigError, TlsEndpoint, TlsSession, TlsUpstreamSettings, upstream_endpoint,
+)
 from .writer import FrameWriter
 
 if TYPE_CHECKING:
@@ -93,6 +103,12 @@ class UpstreamConnection:
         self.fd = -1  # the session's socket, read by the poller
         self._sock: socket.socket | None = None
         self._decoder: FrameDecoder | None = None
+        # TLS: the session's engine and writer side (None on a plaintext link), set when the
+        # handshake has an outcome, and whether the switch has sent any plaintext yet.
+        self._tls: TlsSession | None = None
+        self._tls_io: TlsSocketIO | None = None
+        self._tls_done = trio.Event()
+        self._tls_heard = False
 
     # ------------------------------------------------------------------ state
 
@@ -186,8 +202,18 @@ class UpstreamConnection:
                 self.upstream.metrics.connect_failures(cfg.name, self.host).inc()
             return None
 
-    async def _serve(self, stream: SocketIO) -> bool:
-        """One session on ``stream``, closed at its end; True if it reached READY."""
+    async def _serve(self, plain: SocketIO) -> bool:
+        """One session on ``plain`` (in TLS when the upstream has it), closed at its end; True if it
+        reached READY."""
+        stream: SocketIO | TlsSocketIO = plain
+        tls = self.upstream.tls
+        if tls is not None:
+            self._tls = session = tls.new_session()
+            self._tls_io = stream = TlsSocketIO(plain.sock, session)
+            self._tls_done = trio.Event()
+            self._tls_heard = False
+        else:
+            self._tls = self._tls_io = None
         try:
             return await self._session(stream)
         except Exception:  # a bug in one session must not stop the link, or the daemon
@@ -198,7 +224,27 @@ class UpstreamConnection:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _session(self, stream: SocketIO) -> bool:
+    async def _handshake(self) -> bool:
+        """The TLS handshake, within its deadline (the poller's reads drive it); True once established."""
+        session, io = self._tls, self._tls_io
+        assert session is not None and io is not None
+        io.write_pending()  # the ClientHello
+        with trio.move_on_after(session.endpoint.handshake_timeout):
+            await self._tls_done.wait()
+        if session.state is HANDSHAKING:
+            session.handshake_timed_out()
+            self._tls_failed(session)
+        return session.established
+
+    def _tls_failed(self, session: TlsSession) -> None:
+        cfg = self.cfg
+        reason = session.reason or "internal"
+        if self.upstream.metrics:
+            self.upstream.metrics.tls_handshake_failures("upstream", cfg.name, reason).inc()
+        log.warning("upstream %s connection %d: TLS handshake with %s failed: %s (%s)", cfg.name, self.index,
+                    self.host, reason, session.detail)
+
+    async def _session(self, stream: SocketIO | TlsSocketIO) -> bool:
         """Serve one connection; True if it reached READY."""
         cfg = self.cfg
         self.writer = writer = FrameWriter(stream, send_timeout=max(cfg.echo_timeout, 5.0))
@@ -215,6 +261,9 @@ class UpstreamConnection:
             poller.add(self)  # read until _end (the poller calls on_readable)
             nursery.start_soon(self._stop_reading_at_end, poller)
             nursery.start_soon(self._timer_loop)
+            if self._tls is not None and not await self._handshake():
+                nursery.cancel_scope.cancel()
+                return False
             host.flow.link_connected(self.link)
             if cfg.sign_on:
                 self._set_state(LinkState.SIGNING_ON)
@@ -280,7 +329,12 @@ class UpstreamConnection:
             log.warning("upstream %s connection %d: read failed: %s", cfg.name, self.index, type(exc).__name__)
             self._end()
             return
-        if not data:
+        tls = self._tls
+        if tls is not None:
+            data = self._tls_read(tls, data)
+            if not data:
+                return
+        elif not data:
             log.warning("upstream %s connection %d: switch closed the connection", cfg.name, self.index)
             self._end()
             return
@@ -297,6 +351,41 @@ class UpstreamConnection:
         for frame in frames:
             if not frame.keepalive:
                 switch_frame(link, frame.message, frame.header, now)
+
+    def _tls_read(self, session: TlsSession, data: bytes) -> bytes:
+        """What the switch sent, through the TLS session: the plaintext (b"" if none, or the
+        session ended: then the link is ended too, and a failed handshake counted)."""
+        cfg = self.cfg
+        handshaking = session.state is HANDSHAKING
+        if data:
+            plain = session.receive_data(data)
+        else:
+            session.receive_eof()
+            plain = b""
+        if session.wants_write:
+            assert self._tls_io is not None
+            self._tls_io.write_pending()
+        if handshaking and session.state is not HANDSHAKING:
+            self._tls_done.set()
+            if session.established:
+                if self.upstream.metrics:
+                    self.upstream.metrics.tls_handshakes("upstream", cfg.name).inc()
+                if self.upstream.expiry is not None:
+                    self.upstream.expiry.saw(session.peer, self.upstream.clock.utc())
+        if session.established:
+            if plain:
+                self._tls_heard = True
+            return plain
+        if session.state is FAILED and (handshaking or (not self._tls_heard and session.reason != TRUNCATED)):
+            # With TLS 1.3 a switch refusing our certificate says so just after our handshake ended.
+            self._tls_failed(session)
+        elif session.state is FAILED and session.reason != TRUNCATED:
+            log.warning("upstream %s connection %d: TLS failed: %s (%s)", cfg.name, self.index, session.reason,
+                        session.detail)
+        elif not handshaking or not data:
+            log.warning("upstream %s connection %d: switch closed the connection", cfg.name, self.index)
+        self._end()
+        return b""
 
     def fail(self) -> None:
         self._end()
@@ -407,6 +496,31 @@ class Upstream:
                                  max_in_flight=cfg.max_in_flight, reversal_timeout=cfg.reversal_timeout,
                                  institution_id=cfg.institution_id or "")
         self.connections = [UpstreamConnection(self, i) for i in range(cfg.connections)]
+        # TLS: the endpoint new sessions start with (swapped by reload_tls), or None: plaintext.
+        self.tls = upstream_tls(cfg, getattr(host, "config_path", None) or "config")
+        self.expiry = ExpiryGauge(metrics, "upstream", cfg.name) if metrics is not None else None
+
+    def reload_tls(self, cfg: UpstreamConfig) -> str | None:
+        """Read the TLS files again (SIGHUP): new sessions get the new endpoint, established ones keep
+        theirs. A file that does not load keeps the old endpoint; returns why (None: reloaded)."""
+        if self.tls is None or cfg.tls is None:
+            return None
+        try:
+            self.tls = upstream_tls(cfg, "config")
+        except ConfigError as exc:
+            return f"{exc.where}: {exc.reason}"
+        finally:
+            self.refresh_expiry()
+        return None
+
+    def refresh_expiry(self) -> None:
+        if self.tls is not None and self.expiry is not None:
+            self.expiry.refresh(self.tls, self.clock.utc())
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            self.refresh_expiry()
+            await trio.sleep(ExpiryGauge.INTERVAL)
 
     def pick(self) -> UpstreamConnection | None:
         """The least-loaded ready connection with room, or None (the flow's choice)."""
@@ -422,6 +536,8 @@ class Upstream:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            if self.tls is not None:
+                nursery.start_soon(self._expiry_loop)
             for c in self.connections:
                 nursery.start_soon(c.run)
 
@@ -429,3 +545,17 @@ class Upstream:
         async with trio.open_nursery() as nursery:
             for c in self.connections:
                 nursery.start_soon(c.sign_off)
+
+
+def upstream_tls(cfg: UpstreamConfig, source: str) -> TlsEndpoint | None:
+    """The TLS endpoint of an upstream's ``[upstreams.tls]``, its files read now (None: plaintext).
+    A file that does not load is a ConfigError naming the key and the reason."""
+    if cfg.tls is None:
+        return None
+    t = cfg.tls
+    try:
+        return upstream_endpoint(TlsUpstreamSettings(
+            ca=tuple(t.ca), pin_sha256=t.pin_sha256, server_name=t.server_name, cert_chain=t.cert_chain, key=t.key,
+            handshake_timeout=t.handshake_timeout, minimum_version=t.minimum_version, ciphers=t.ciphers))
+    except TlsConfigError as exc:
+        raise ConfigError(source, f"upstreams.{cfg.name}.tls.{exc.key}", exc.reason) from None

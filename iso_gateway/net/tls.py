@@ -33,14 +33,14 @@ import math
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 __all__ = [
     "CLOSED", "ESTABLISHED", "FAILED", "HANDSHAKING", "REASONS",
-    "CertExpiry", "PeerIdentity", "TlsConfigError", "TlsEndpoint", "TlsListenerSettings", "TlsSession",
+    "CertExpiry", "ExpiryGauge", "PeerIdentity", "TlsConfigError", "TlsEndpoint", "TlsListenerSettings", "TlsSession",
     "TlsUpstreamSettings", "certificate_expiry", "classify_error", "listener_context", "listener_endpoint", "parse_pin",
     "peer_identity", "upstream_context", "upstream_endpoint",
 ]
@@ -431,6 +431,49 @@ def certificate_expiry(paths: tuple[str, ...] | list[str], now: dt.datetime) -> 
             after = cert.not_valid_after_utc
             out.append(CertExpiry(path, cert.subject.rfc4514_string(), after, (after - now).total_seconds() / 86400))
     return out
+
+
+class ExpiryGauge:
+    """Days to expiry of one listener's or upstream's certificates, as a gauge with a subject label
+    (``metrics.tls_days_left``): every certificate in the endpoint's files, and the peer
+    certificates ``seen`` (a pinned switch's, known only from its handshakes). Subjects no longer
+    in the files are dropped from the gauge. ``now`` is passed in, from the gateway's clock."""
+
+    INTERVAL = 3600.0  # seconds between refreshes (and one at each reload)
+
+    def __init__(self, metrics: Any, side: str, name: str) -> None:
+        self._gauge = metrics.tls_days_left
+        self._forget = getattr(self._gauge, "forget", None)  # NullMetrics has none
+        self.side = side
+        self.name = name
+        self.seen: dict[str, dt.datetime] = {}  # peer certificates by subject: their notAfter
+        self.shown: dict[str, float] = {}  # subject -> days left, as last set
+
+    def refresh(self, endpoint: TlsEndpoint | None, now: dt.datetime) -> None:
+        days: dict[str, float] = {}
+        if endpoint is not None:
+            try:
+                found = endpoint.expiry(now)
+            except TlsConfigError:
+                return  # a file gone since it was loaded: keep what is shown (the reload says why)
+            for item in found:
+                days[item.subject] = min(days.get(item.subject, math.inf), item.days_left)
+        for subject, not_after in self.seen.items():
+            days[subject] = min(days.get(subject, math.inf), (not_after - now).total_seconds() / 86400)
+        for subject, left in days.items():
+            self._gauge(self.side, self.name, subject).set(round(left, 3))
+        if self._forget is not None:
+            for subject in self.shown.keys() - days.keys():
+                self._forget(self.side, self.name, subject)
+        self.shown = days
+
+    def saw(self, peer: PeerIdentity | None, now: dt.datetime) -> None:
+        """A peer certificate came in a handshake: its expiry is shown from now on."""
+        if peer is not None and peer.not_after is not None and self.seen.get(peer.subject) != peer.not_after:
+            self.seen[peer.subject] = peer.not_after
+            left = round((peer.not_after - now).total_seconds() / 86400, 3)
+            self._gauge(self.side, self.name, peer.subject).set(left)
+            self.shown[peer.subject] = left
 
 
 # ---------------------------------------------------------------------------------------------------- endpoint

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 if TYPE_CHECKING:
-    from .sockio import SocketIO
+    from .sockio import SocketIO, TlsSocketIO
 
 
 class FrameWriter:
     __slots__ = ("_stream", "_queue", "_queued", "_sending", "_drained", "_waiting", "_notify", "broken", "send_timeout",
                  "high_water", "bytes_sent", "on_broken", "background")
 
-    def __init__(self, stream: "trio.abc.SendStream | SocketIO", send_timeout: float = math.inf,
+    def __init__(self, stream: "trio.abc.SendStream | SocketIO | TlsSocketIO", send_timeout: float = math.inf,
                  high_water: int = 1 << 20) -> None:
         self._stream = stream
         self._queue: list[bytes] = []

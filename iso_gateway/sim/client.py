@@ -15,13 +15,18 @@ task that is still waiting (leader/follower). Writes go through one
 ``sample_auth`` (and ``sample_reversal``, ``sample_network``) build valid
 iso87ascii e-commerce messages for tests, demos and load.
 
+With ``connect(..., tls=context)`` (``sim.tlsctx.client_context``) the connection is TLS, its
+handshake done within the connect timeout (``TlsHandshakeFailed`` with the reason otherwise).
+
 It must never put a clear PAN in an exception, a log line or a counter.
 """
 
 from __future__ import annotations
 
 import collections
+import ssl
 from datetime import datetime, timezone
+from typing import cast
 from zoneinfo import ZoneInfo
 
 import trio
@@ -157,6 +162,8 @@ class FrontEndClient:
         header: bytes = b"",
         answer_echoes: bool = True,
         connect_timeout: float = 5.0,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> "FrontEndClient":
         """Open a connection. ``dialect`` and ``framer`` may be given by name.
 
@@ -170,9 +177,16 @@ class FrontEndClient:
         if isinstance(framer, str):
             framer = framer_from_config(framer)
         with trio.move_on_after(connect_timeout) as scope:
-            stream = await trio.open_tcp_stream(host, port)
+            plain = await trio.open_tcp_stream(host, port)
         if scope.cancelled_caught:
             raise RequestTimeout(f"connect to {host}:{port} took over {connect_timeout} s")
+        stream = plain
+        if tls is not None:
+            from .tlsctx import handshake  # raises TlsHandshakeFailed
+
+            # Used through the Stream methods only (receive_some, send_all, aclose): typed as the plain one.
+            stream = cast(trio.SocketStream, await handshake(plain, tls, server_side=False,
+                                                             server_hostname=server_name, timeout=connect_timeout))
         return cls(stream, dialect, framer, header=header, answer_echoes=answer_echoes)
 
     async def __aenter__(self) -> "FrontEndClient":

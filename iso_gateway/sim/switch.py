@@ -50,6 +50,11 @@ arrival order gives the same outcomes. Two options aim at reversals only:
 while their authorizations follow the table) and ``reversal_delay`` (every
 reversal acknowledged that many seconds late).
 
+TLS (``SwitchBehaviour.tls``, an ``ssl.SSLContext`` from ``sim.tlsctx.server_context``, with
+client certificates required or not): every connection does its handshake first, within
+``tls_handshake_timeout``; a failed one is counted in ``tls_failures`` by reason (the gateway's
+reasons, ``net.tls.REASONS``) and closed.
+
 Every message answered, dropped or closed on is kept as a ``Record`` (and
 optionally appended as a JSON line to a file for an external reconciliation
 script). It must never store or print a clear PAN, CVV2 or track data: a
@@ -66,13 +71,14 @@ import json
 import logging
 import random
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, cast
 
 import trio
 
@@ -92,6 +98,7 @@ from ..core.message import (
     original_mti,
 )
 from ..net.writer import FrameWriter
+from .tlsctx import TlsHandshakeFailed, handshake, server_context
 
 __all__ = [
     "CLOSE_DIGITS",
@@ -235,6 +242,10 @@ class SwitchBehaviour:
     record_file: str | Path | None = None
     # Whether records are kept in SwitchSimulator.records; a long load run may turn this off. The default is True.
     keep_records: bool = True
+    # TLS on every connection (a server context: sim.tlsctx.server_context). The default is None (plaintext).
+    tls: ssl.SSLContext | None = None
+    # Seconds a TLS handshake may take from the accept. The default is 10 s.
+    tls_handshake_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         where = "switch simulator"
@@ -340,6 +351,10 @@ class SwitchSimulator:
         # Set to stop answering network management (0800) while still answering
         # traffic: a switch whose echo handling hangs, for link-health tests.
         self.mute_network = False
+        # TLS: handshakes done, failed ones by reason, and the client certificates' CNs seen.
+        self.tls_handshakes = 0
+        self.tls_failures: collections.Counter[str] = collections.Counter()
+        self.tls_clients: list[str] = []
         self._conns: dict[int, _Connection] = {}
         self._next_conn = 0
         self._next_stan = 0
@@ -408,7 +423,21 @@ class SwitchSimulator:
 
     # ----------------------------------------------------------------- connections
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, plain: trio.SocketStream) -> None:
+        stream = plain
+        if self.behaviour.tls is not None:
+            try:
+                tls = await handshake(plain, self.behaviour.tls, server_side=True,
+                                      timeout=self.behaviour.tls_handshake_timeout)
+            except TlsHandshakeFailed as exc:
+                self.tls_failures[exc.reason] += 1
+                return
+            self.tls_handshakes += 1
+            peer = tls.getpeercert()
+            if peer:
+                cn = [v for rdn in peer.get("subject", ()) for k, v in rdn if k == "commonName"]
+                self.tls_clients.append(cn[0] if cn else "")
+            stream = cast(trio.SocketStream, tls)  # used through the Stream methods only
         self._next_conn += 1
         header = bytes((TPDU_ID, 0, 0, 0, 0)) if self.behaviour.tpdu else b""
         conn = _Connection(self._next_conn, stream, self.framer.decoder(), header)
@@ -622,6 +651,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drop-probability", type=float, default=0.0, metavar="P", help="chance of never answering (default: 0)")
     parser.add_argument("--close-probability", type=float, default=0.0, metavar="P", help="chance of closing the connection on receipt (default: 0)")
     parser.add_argument("--record", metavar="FILE", help="append one JSON line per message handled to FILE (PAN masked)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="TLS: our certificate chain (with --tls-key); default: plaintext")
+    parser.add_argument("--tls-key", metavar="PEM", help="TLS: its private key")
+    parser.add_argument("--tls-client-ca", metavar="PEM", action="append", default=[],
+                        help="TLS: a CA that signs client certificates (repeatable)")
+    parser.add_argument("--tls-require-client-cert", action="store_true",
+                        help="TLS: refuse a client without a certificate signed by a --tls-client-ca")
+
+
+def tls_from_args(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server context the --tls-* options ask for (None: plaintext); ConfigError when unusable."""
+    from ..net.tls import TlsConfigError
+
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("sim-switch", "--tls-cert" if cert is None else "--tls-key", "give --tls-cert and --tls-key together")
+    try:
+        return server_context(cert, key, client_ca=tuple(args.tls_client_ca),
+                              require_client_cert=args.tls_require_client_cert)
+    except TlsConfigError as exc:
+        raise ConfigError("sim-switch", f"--tls-{exc.key.replace('_', '-')}", exc.reason) from None
 
 
 def behaviour_from_args(args: argparse.Namespace) -> SwitchBehaviour:
@@ -630,6 +681,7 @@ def behaviour_from_args(args: argparse.Namespace) -> SwitchBehaviour:
     except ValueError:
         raise ConfigError("sim-switch", "--delay-range", "give MIN:MAX in seconds, e.g. 0:1.5") from None
     return SwitchBehaviour(
+        tls=tls_from_args(args),
         dialect=args.dialect,
         framing=args.framing,
         length_includes_header=args.length_includes_header,
