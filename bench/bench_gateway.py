@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,19 +177,22 @@ def tls_load_args(tls: Path | None) -> list[str]:
             "--tls-cert", str(tls / "client.crt"), "--tls-key", str(tls / "client.key")]
 
 
-def run_load(port: int, connections: int, in_flight: int, count: int, tls: Path | None = None) -> dict:
+def run_load(port: int, connections: int, in_flight: int, count: int, tls: Path | None = None,
+             extra: Sequence[str] = ()) -> dict:
+    """``extra``: more options for ``iso-gateway load`` (bench_mac.py: ``--mac-key``)."""
     argv = [sys.executable, "-m", "iso_gateway", "load", "--target", f"127.0.0.1:{port}", "--mix", "bench",
             "--connections", str(connections), "--in-flight", str(in_flight), "--quiet", "--count", str(count),
-            "--json", *tls_load_args(tls)]
+            "--json", *tls_load_args(tls), *extra]
     out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
     return json.loads(out.stdout)
 
 
-def measure(name: str, load: str, port: int, pid: int | None, count: int, tls: Path | None = None) -> Result:
+def measure(name: str, load: str, port: int, pid: int | None, count: int, tls: Path | None = None,
+            extra: Sequence[str] = ()) -> Result:
     conns, in_flight = LOADS[load]
-    run_load(port, conns, in_flight, max(500, count // 10), tls)  # warm up (and the handshakes)
+    run_load(port, conns, in_flight, max(500, count // 10), tls, extra)  # warm up (and the handshakes)
     before = cpu_seconds(pid) if pid else 0.0
-    report = run_load(port, conns, in_flight, count, tls)
+    report = run_load(port, conns, in_flight, count, tls, extra)
     after = cpu_seconds(pid) if pid else 0.0
     answered = report["answered"]
     lat = report["latency_ms"]
@@ -212,12 +216,12 @@ class Proc:
                 self.proc.wait()
 
 
-def wait_ready(port: int, tls: Path | None = None) -> None:
+def wait_ready(port: int, tls: Path | None = None, extra: Sequence[str] = ()) -> None:
     """Until an authorization through the gateway is approved (its link is signed on)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            r = run_load(port, 1, 1, 1, tls)
+            r = run_load(port, 1, 1, 1, tls, extra)
             if r["response_codes"].get("00"):
                 return
         except subprocess.CalledProcessError:

@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-server-name", metavar="NAME", help="the name the target's certificate must carry (with --tls-ca)")
     tls.add_argument("--tls-cert", metavar="PEM", help="our client certificate, for a target that asks for one")
     tls.add_argument("--tls-key", metavar="PEM", help="its private key")
+    parser.add_argument("--mac-key", metavar="HEX", type=bytes.fromhex,
+                        help="sign every request (field 64/128) with this test key (hex, in clear: for tests and benchmarks)")
+    parser.add_argument("--mac-algorithm", choices=("retail", "aes-cmac"), default="retail",
+                        help="the MAC with --mac-key: retail (ISO 9797-1 algorithm 3, 16-byte TDES key) or aes-cmac (default: retail)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the report as one JSON object (stable keys, for CI)")
     out.add_argument("--quiet", action="store_true", help="no progress line")
@@ -70,7 +74,8 @@ def options_from_args(args: argparse.Namespace) -> LoadOptions:
         duration=args.duration, count=args.count, warmup=args.warmup, timeout=args.timeout,
         connect_timeout=args.connect_timeout, processes=args.processes, seed=args.seed,
         tls=args.tls or bool(args.tls_ca), tls_ca=tuple(args.tls_ca), tls_server_name=args.tls_server_name,
-        tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, mac_key=args.mac_key,
+        mac_algorithm=args.mac_algorithm,
     )
 
 

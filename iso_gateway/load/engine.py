@@ -36,6 +36,7 @@ from ..core.errors import FrameError, IsoGatewayError, MessageError
 from ..core.framing import FrameDecoder, framer_from_config
 from ..core.message import build_response, decode, encode, match_class
 from ..core.scanner import Scanner
+from ..security.mac import mac_key
 from ..sim.client import DEFAULT_TPDU
 from ..sim.tlsctx import TlsHandshakeFailed, client_context, handshake
 from ..net.writer import FrameWriter
@@ -126,6 +127,7 @@ class Engine:
         self.factory = RequestFactory(
             mix, self.dialect, self.framer, seed=f"{seed}/{worker}", worker=worker, workers=workers,
             source=source, header=self.header,
+            mac=mac_key(options.mac_algorithm, options.mac_key) if options.mac_key is not None else None,
         )
         self.scanner = Scanner(self.dialect, (11, 39, 41))
         self.tls: ssl.SSLContext | None = None

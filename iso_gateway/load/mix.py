@@ -36,8 +36,10 @@ from ..datafiles import parse_toml, read_text, spec_files, validate
 from ..core.dialect import Dialect, FieldDef
 from ..core.errors import ConfigError, MessageError
 from ..core.framing import Framer
+from ..core.macs import MacField
 from ..core.message import Message, encode, match_class
 from ..core.scanner import Scanner
+from ..security.mac import CmacKey, RetailMacKey
 from ..sim.client import CASABLANCA, DEFAULT_TPDU
 
 __all__ = [
@@ -353,6 +355,7 @@ class RequestFactory:
         source: str = "<mix>",
         header: bytes = b"",
         now: float | None = None,
+        mac: RetailMacKey | CmacKey | None = None,
     ) -> None:
         if not 0 <= worker < workers:
             raise ValueError("worker must be in range(workers)")
@@ -417,6 +420,8 @@ class RequestFactory:
                 fd43 = dialect.fields.get(43)
                 msg["43"] = merchant.name_location.ljust(fd43.length) if fd43 is not None and fd43.fixed else merchant.name_location
             msg.update(mix.fields)
+            if mac is not None:
+                msg[MacField.field_for(msg)] = "0" * 16  # signed per request (``next``)
             try:
                 raw = encode(dialect, msg)
             except MessageError as exc:
@@ -431,6 +436,11 @@ class RequestFactory:
             cuts.append(len(frame))
             segments = tuple(frame[cuts[i]:cuts[i + 1]] for i in range(0, len(cuts), 2))
             self._pool.append(_Template(msg["t"], match_class(msg["t"]), terminal_slots[j], terminal_id, segments))
+        # With a MAC key, every frame is signed in ``next``: the MAC covers the message, which starts
+        # after the frame's length header (and TPDU), and ends the frame.
+        self._mac = mac
+        self._mac_field = MacField(dialect) if mac is not None else None
+        self._frame_header = offset  # the length header (and TPDU): the same before every message
         self._cursor = 0
         self._second = -1
         self._rrn_prefix = ""
@@ -475,4 +485,9 @@ class RequestFactory:
         rrn = "%s%08d" % (self._rrn_prefix, self._rrn_base + r)
         enc = self._encode
         frame = b"".join((t.head, enc[11](stan), t.middle, enc[37](rrn), t.segments[-1]))
+        if self._mac_field is not None:
+            assert self._mac is not None
+            field = self._mac_field
+            body = frame[self._frame_header:-field.width]
+            frame = frame[:-field.width] + field.wire(self._mac.mac(body))
         return frame, (t.key_class, t.terminal_id, stan)

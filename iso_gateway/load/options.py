@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from ..core.errors import ConfigError
+from ..security.mac import MacError, mac_key
 
 __all__ = ["DEFAULT_DURATION", "LoadOptions", "parse_target"]
 
@@ -94,6 +95,11 @@ class LoadOptions:
     # Our client certificate and key (PEM), for a target that asks for one. The default is None.
     tls_cert: str | None = None
     tls_key: str | None = None
+    # A MAC on every request (field 64, or 128 past 64) under this key, in clear: for test and
+    # benchmark keys only. The default is None (no MAC).
+    mac_key: bytes | None = None
+    # The MAC's algorithm: "retail" (ISO 9797-1 algorithm 3, a 16-byte TDES key) or "aes-cmac".
+    mac_algorithm: str = "retail"
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
@@ -115,6 +121,11 @@ class LoadOptions:
             raise ConfigError("load", "tls_server_name", "give the name the target's certificate carries with tls_ca")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("load", "tls_key", "give tls_cert and tls_key together")
+        if self.mac_key is not None:
+            try:
+                mac_key(self.mac_algorithm, self.mac_key)
+            except (ValueError, MacError) as exc:
+                raise ConfigError("load", "mac_key", str(exc)) from None
         if self.processes > self.connections:
             raise ConfigError("load", "processes", "each process needs a connection of its own: give at least as many connections")
 

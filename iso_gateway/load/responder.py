@@ -29,6 +29,8 @@ from ..core.framing import framer_from_config
 from ..core.message import encode, response_mti
 from ..core.scanner import Scanner
 from ..net.writer import FrameWriter
+from ..core.macs import MacField
+from ..security.mac import CmacKey, RetailMacKey, mac_key
 from ..sim.tlsctx import TlsHandshakeFailed, handshake, server_context
 
 __all__ = ["InstantResponder", "main"]
@@ -40,8 +42,11 @@ class InstantResponder:
     """``await serve(host, port)`` in a nursery; ``answered`` counts the answers sent."""
 
     def __init__(self, dialect: str = "iso87ascii", framing: str = "ascii4", *,
-                 length_includes_header: bool = False, tpdu: bool = False, tls: ssl.SSLContext | None = None) -> None:
+                 length_includes_header: bool = False, tpdu: bool = False, tls: ssl.SSLContext | None = None,
+                 mac: RetailMacKey | CmacKey | None = None) -> None:
         self.tls = tls
+        # With a MAC key every answer is signed (field 64): requests are not checked.
+        self.mac = mac
         self.dialect = get_dialect(dialect)
         options: dict[str, Any] = {}
         if length_includes_header:
@@ -63,6 +68,8 @@ class InstantResponder:
                 msg = {"t": response_mti(mti), "11": "000000", "39": "00"}
                 if with_terminal:
                     msg["41"] = "        "
+                if self.mac is not None:
+                    msg["64"] = "0" * 16
                 raw = encode(self.dialect, msg)
                 spans = Scanner(self.dialect, (11, 41)).scan(raw).spans
                 s11, e11 = spans[11]
@@ -92,6 +99,8 @@ class InstantResponder:
         scan = self.scanner.scan
         frame_of = self.framer.encode
         reply_header = self.framer.reply_header
+        mac = self.mac
+        mac_field = MacField(self.dialect) if mac is not None else None
         try:
             while True:
                 data = await stream.receive_some(RECEIVE_SIZE)
@@ -124,6 +133,10 @@ class InstantResponder:
                         body = b"".join((t[0], raw[a:b], t[1], raw[c:d], t[2]))
                     else:
                         body = b"".join((t[0], raw[a:b], t[1], t[2]))
+                    if mac_field is not None:
+                        assert mac is not None
+                        signed = body[:-mac_field.width]
+                        body = signed + mac_field.wire(mac.mac(signed))
                     header = reply_header(frame.header) if frame.header else b""
                     writer.enqueue(frame_of(body, header))
                     self.answered += 1
@@ -147,10 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tpdu", action="store_true")
     parser.add_argument("--tls-cert", metavar="PEM", help="TLS: our certificate chain (with --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", help="TLS: its private key")
+    parser.add_argument("--mac-key", metavar="HEX", type=bytes.fromhex,
+                        help="sign every answer (field 64) with this test key (hex, in clear)")
+    parser.add_argument("--mac-algorithm", choices=("retail", "aes-cmac"), default="retail")
     args = parser.parse_args(argv)
     tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
     responder = InstantResponder(args.dialect, args.framing, length_includes_header=args.length_includes_header,
-                                 tpdu=args.tpdu, tls=tls)
+                                 tpdu=args.tpdu, tls=tls,
+                                 mac=mac_key(args.mac_algorithm, args.mac_key) if args.mac_key else None)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

@@ -81,7 +81,7 @@ class RetailMacKey:
     Keeps its cipher contexts, so that a MAC per message costs the cipher work and little else; so
     one object serves one thread at a time (the security modules hold a lock around it)."""
 
-    __slots__ = ("_chain", "_final", "_kcv", "padding")
+    __slots__ = ("_chain", "_last", "_final", "_kcv", "padding")
 
     def __init__(self, key: bytes, *, padding: int = 1) -> None:
         _check_tdes_key(key, (16,))
@@ -89,8 +89,12 @@ class RetailMacKey:
             raise MacError(f"padding method must be 1 or 2, got {padding!r}")
         k1, k2 = bytes(key[:8]), bytes(key[8:16])
         self.padding = padding
-        # Single DES under K1 is TDES with K1 in all three places (EDE collapses to E).
-        self._chain = Cipher(TripleDES(k1 * 3), modes.CBC(bytes(DES_BLOCK)))
+        # Single DES under K1 is TDES with K1 in all three places (EDE collapses to E). One CBC context
+        # for the key's life: making one per message costs a third of a MAC. It carries the last
+        # ciphertext block into the next message, so each message's first block is XORed with that
+        # block (``_last``) first: E(M1 xor last xor last) = E(M1), the chain of a zero IV.
+        self._chain = Cipher(TripleDES(k1 * 3), modes.CBC(bytes(DES_BLOCK))).encryptor()
+        self._last = 0
         # The output transformation: decrypt the last chaining value under K2, encrypt it under K1. ECB
         # contexts carry nothing from one block to the next, so these two live as long as the key.
         # (DES runs as TDES with a repeated key: three times the cipher work of single DES, which
@@ -102,7 +106,9 @@ class RetailMacKey:
     def mac(self, data: bytes) -> bytes:
         """The 8-byte MAC of ``data``."""
         padded = pad_method1(data) if self.padding == 1 else pad_method2(data)
-        chained = self._chain.encryptor().update(padded)[-DES_BLOCK:]
+        first = (int.from_bytes(padded[:DES_BLOCK], "big") ^ self._last).to_bytes(DES_BLOCK, "big")
+        chained = self._chain.update(first + padded[DES_BLOCK:])[-DES_BLOCK:]
+        self._last = int.from_bytes(chained, "big")
         dec, enc = self._final
         return enc.update(dec.update(chained))
 
