@@ -162,3 +162,52 @@ async def test_a_switch_answer_with_a_bad_mac_is_answered_91_and_reversed(nurser
     assert decode(DIALECT, answer)["39"] == "91"
     assert gw.metrics.mac_failures("upstream", "cmi", "bad").get() == 1
     await wait_for(lambda: any(m["t"] in ("0420", "0421") for m in switch.received), 10, "the reversal")
+
+
+# ---------------------------------------------------------------------------------- the simulator, and new keys
+
+ZONE_KEY = bytes.fromhex("C1D0F8FB4958670DBA40AB1F3752EF0D")
+NEW_KEY = bytes.fromhex("A1B2C3D4E5F60718293A4B5C6D7E8F90")
+
+
+async def start_with_simulator(harness: Any, tmp_path: Any, gateway_zone_key: bytes) -> Gateway:
+    from iso_gateway.sim.switch import SwitchSimulator
+
+    sim = SwitchSimulator(mac_key=SWITCH_KEY, zone_key=ZONE_KEY)
+    harness.switch_port = await harness.nursery.start(sim.serve, "127.0.0.1", 0)
+    harness.switch = sim
+    cfg = make_config(harness.switch_port, state_dir=tmp_path,
+                      upstream={"mac": {"key": "cmi.mac", "zone_key": "cmi.zmk"}})
+    module = open_security_module(cfg)
+    module.import_key("cmi.mac", SWITCH_KEY, usage="mac", algorithm="retail")
+    module.import_key("cmi.zmk", gateway_zone_key, usage="kek", key_type="tdes")
+    module.close()
+    gw = Gateway(cfg, metrics=Metrics(process=False))
+    await harness.nursery.start(gw.run)
+    harness.gateway = gw
+    await wait_for(lambda: all(u.ready for u in gw.upstreams.values()), 5.0, "upstream ready")
+    return gw
+
+
+async def test_the_simulator_checks_and_signs_macs_and_a_new_key_it_sends_is_used_from_the_next_message(
+        harness, tmp_path, caplog):
+    gw = await start_with_simulator(harness, tmp_path, ZONE_KEY)
+    sim = harness.switch
+    client = await harness.client()
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"
+    assert await sim.change_mac_key(NEW_KEY) == 1
+    await wait_for(lambda: sim.key_changes == 1, 5, "the gateway's 0810 to the key change")
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"  # under the new key both ways
+    assert sim.mac_failures == 0 and gw.metrics.mac_failures("upstream", "cmi", "bad").get() == 0
+    assert "new MAC key installed (check value" in caplog.text
+    assert NEW_KEY.hex().upper() not in caplog.text and NEW_KEY.hex() not in caplog.text
+
+
+async def test_a_new_key_under_another_zone_key_is_refused_and_the_old_one_stays(harness, tmp_path):
+    gw = await start_with_simulator(harness, tmp_path, bytes.fromhex("0123456789ABCDEFFEDCBA9876543210"))
+    sim = harness.switch
+    client = await harness.client()
+    await sim.change_mac_key(NEW_KEY)
+    await wait_for(lambda: sim.key_changes_refused == 1, 5, "the gateway's refusal")
+    assert (await client.request(harness.auth(15000), timeout=3))["39"] == "00"  # the old key, both sides
+    assert sim.mac_failures == 0 and gw.metrics.mac_failures("upstream", "cmi", "key_change").get() == 1

@@ -67,6 +67,7 @@ import argparse
 import collections
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import random
@@ -98,6 +99,10 @@ from ..core.message import (
     original_mti,
 )
 from ..net.writer import FrameWriter
+from ..core.macs import MacField
+from ..core.scanner import Scanner
+from ..security.keys import SecretKey, wrap_working_key
+from ..security.mac import CmacKey, RetailMacKey, mac_key
 from .tlsctx import TlsHandshakeFailed, handshake, server_context
 
 __all__ = [
@@ -246,6 +251,16 @@ class SwitchBehaviour:
     tls: ssl.SSLContext | None = None
     # Seconds a TLS handshake may take from the accept. The default is 10 s.
     tls_handshake_timeout: float = 10.0
+    # MACs (field 64, or 128 past 64) under this key, in clear (a test switch's key): every
+    # authorization, financial message and reversal must carry a good one (else it is answered 63
+    # and not applied), and every answer to them is signed. The default is None (no MACs).
+    mac_key: bytes | None = None
+    # The MAC's algorithm: "retail" (ISO 9797-1 algorithm 3, a 16-byte TDES key) or "aes-cmac".
+    mac_algorithm: str = "retail"
+    # The zone key new MAC keys are sent under (``SwitchSimulator.change_mac_key``): TDES (16 or 24
+    # bytes) or AES (``zone_key_type``). The default is None (keys are never changed).
+    zone_key: bytes | None = None
+    zone_key_type: str = "tdes"
 
     def __post_init__(self) -> None:
         where = "switch simulator"
@@ -290,7 +305,7 @@ class Record:
 
 
 class _Connection:
-    __slots__ = ("id", "stream", "writer", "decoder", "scope", "nursery", "header", "echo_pending")
+    __slots__ = ("id", "stream", "writer", "decoder", "scope", "nursery", "header", "echo_pending", "key_pending")
 
     def __init__(self, conn_id: int, stream: trio.SocketStream, decoder: FrameDecoder, header: bytes) -> None:
         self.id = conn_id
@@ -301,6 +316,7 @@ class _Connection:
         self.nursery: trio.Nursery | None = None
         self.header = header  # for frames the switch starts (its echoes)
         self.echo_pending: set[str] = set()
+        self.key_pending: dict[str, RetailMacKey | CmacKey] = {}  # STAN of a key change 0800 -> its new key
 
 
 # Bytes asked of the socket per read (trio's own default size).
@@ -360,6 +376,13 @@ class SwitchSimulator:
         self._next_stan = 0
         self._serve_scope: trio.CancelScope | None = None
         self._record_fh: IO[str] | None = None
+        # MACs: the key in use, the dialect's MAC field, failures seen, key changes the gateway took.
+        self._mac = mac_key(behaviour.mac_algorithm, behaviour.mac_key) if behaviour.mac_key is not None else None
+        self._mac_field = MacField(self.dialect) if self._mac is not None else None
+        self._mac_scanner = Scanner(self.dialect, ())
+        self.mac_failures = 0
+        self.key_changes = 0
+        self.key_changes_refused = 0
 
     # ----------------------------------------------------------------- control
 
@@ -517,6 +540,13 @@ class SwitchSimulator:
             if mti[1] == "8" and stan in conn.echo_pending:
                 conn.echo_pending.discard(stan)
                 self.echo_answered += 1
+            elif mti[1] == "8" and stan in conn.key_pending:
+                new = conn.key_pending.pop(stan)
+                if msg.get("39") == "00":  # the gateway checked and installed it: used from now on
+                    self._mac = new
+                    self.key_changes += 1
+                else:
+                    self.key_changes_refused += 1
             else:
                 self.unexpected += 1
             return False
@@ -530,6 +560,9 @@ class SwitchSimulator:
         if cls == "8":
             outcome = Outcome(DROP, None) if self.mute_network else Outcome(APPROVE, "00")
             extra = {k: msg[k] for k in ("7", "11", "70") if k in msg}
+        elif cls in "124" and self._mac is not None and not self._mac_ok(raw):
+            self.mac_failures += 1
+            outcome = Outcome(DECLINE, "63")  # a security violation: not applied, not approved
         elif cls in "124":
             outcome = self._plan(msg)
             if cls == "4":
@@ -588,7 +621,52 @@ class SwitchSimulator:
     def _response_frame(self, msg: Message, code: str, header: bytes, extra: Message | None) -> bytes:
         auth = self._auth_code(msg) if code == "00" and msg["t"][1] in "12" else None
         response = build_response(self.dialect, msg, code, auth_code=auth, extra=extra)
+        if self._mac is not None and self._mac_field is not None and msg["t"][1] in "124":
+            response.pop("64", None)
+            response.pop("128", None)
+            response[MacField.field_for(response)] = self._mac_field.placeholder
+            raw = encode(self.dialect, response)
+            body = raw[:-self._mac_field.width]
+            return self.framer.encode(body + self._mac_field.wire(self._mac.mac(body)), header)
         return self.framer.encode(encode(self.dialect, response), header)
+
+    def _mac_ok(self, raw: bytes) -> bool:
+        """Whether a request carries the right MAC as its last field (64, or 128 past 64)."""
+        field = self._mac_field
+        assert field is not None and self._mac is not None
+        try:
+            scan = self._mac_scanner.scan(raw)
+            if field.last(scan.bitmap) is None:
+                return False
+            return hmac.compare_digest(field.value(raw), self._mac.mac(raw[:-field.width])[:8])
+        except (ValueError, MessageError):
+            return False
+
+    async def change_mac_key(self, new_key: bytes) -> int:
+        """Send every open connection a new MAC key (0800 with DE 70 161, the key wrapped under the zone
+        key in DE 96, its check value in DE 48: the dialect's [key_change]); the switch uses it once
+        the gateway answers 0810 with 00. Returns how many connections were sent it."""
+        behaviour = self.behaviour
+        change = self.dialect.key_change
+        if behaviour.zone_key is None or change is None:
+            raise ConfigError("switch simulator", "zone_key", "a key change needs a zone key and a dialect [key_change]")
+        zone = SecretKey(behaviour.zone_key, usage="kek", key_type=behaviour.zone_key_type)
+        wrapped = wrap_working_key(zone, new_key)
+        new = mac_key(behaviour.mac_algorithm, new_key)
+        check = new.check_value().hex().upper()
+        sent = 0
+        for conn in list(self._conns.values()):
+            self._next_stan = self._next_stan % 999_999 + 1
+            stan = f"{self._next_stan:06d}"
+            msg = {"t": "0800", "7": datetime.now(timezone.utc).strftime("%m%d%H%M%S"), "11": stan,
+                   "70": change.code, str(change.key_field): wrapped.hex().upper(), str(change.check_field): check}
+            conn.key_pending[stan] = new
+            try:
+                await conn.writer.send(self.framer.encode(encode(self.dialect, msg), conn.header))
+                sent += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                conn.key_pending.pop(stan, None)
+        return sent
 
     async def _answer_later(
         self, conn: _Connection, msg: Message, outcome: Outcome, header: bytes, applied: bool | None, extra: Message | None
@@ -657,6 +735,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TLS: a CA that signs client certificates (repeatable)")
     parser.add_argument("--tls-require-client-cert", action="store_true",
                         help="TLS: refuse a client without a certificate signed by a --tls-client-ca")
+    parser.add_argument("--mac-key", metavar="HEX", type=bytes.fromhex,
+                        help="MACs: check every request's and sign every answer's with this test key (hex, in clear)")
+    parser.add_argument("--mac-algorithm", choices=("retail", "aes-cmac"), default="retail", help="the MAC (default: retail)")
+    parser.add_argument("--zone-key", metavar="HEX", type=bytes.fromhex,
+                        help="the zone key new MAC keys are sent under (TDES, hex, in clear)")
+    parser.add_argument("--key-change-every", type=float, default=0.0, metavar="SECONDS",
+                        help="send a new random MAC key every SECONDS (needs --mac-key and --zone-key; default: 0, never)")
 
 
 def tls_from_args(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -694,6 +779,9 @@ def behaviour_from_args(args: argparse.Namespace) -> SwitchBehaviour:
         close_probability=args.close_probability,
         record_file=args.record,
         keep_records=False,  # the CLI prints counts; --record keeps the detail on disk
+        mac_key=args.mac_key,
+        mac_algorithm=args.mac_algorithm,
+        zone_key=args.zone_key,
     )
 
 
@@ -701,9 +789,17 @@ def run(args: argparse.Namespace) -> int:
     """Run the simulator until Ctrl-C or SIGTERM, then print a one-line summary. Returns an exit code."""
     try:
         sim = SwitchSimulator(behaviour_from_args(args))
+        if args.key_change_every and (args.mac_key is None or args.zone_key is None):
+            raise ConfigError("sim-switch", "--key-change-every", "needs --mac-key and --zone-key")
     except ConfigError as exc:
         print(f"iso-gateway sim-switch: {exc}", file=sys.stderr)
         return 2
+
+    async def change_keys(every: float) -> None:
+        while True:
+            await trio.sleep(every)
+            sent = await sim.change_mac_key(random.SystemRandom().randbytes(len(args.mac_key)))
+            print(f"sim-switch: a new MAC key sent on {sent} connections", file=sys.stderr, flush=True)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -711,6 +807,8 @@ def run(args: argparse.Namespace) -> int:
                 port = await nursery.start(sim.serve, args.host, args.port)
                 b = sim.behaviour
                 print(f"sim-switch listening on {args.host}:{port} ({b.dialect}, {b.framing})", file=sys.stderr, flush=True)
+                if args.key_change_every:
+                    nursery.start_soon(change_keys, args.key_change_every)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
