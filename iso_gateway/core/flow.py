@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from datetime import datetime, timezone
+from hmac import compare_digest
 from typing import Any, Callable, Protocol
 
 from .dialect import Dialect, check_field_type
@@ -1177,21 +1178,23 @@ class Flow:
     # ------------------------------------------------------------------ MACs and identities
 
     def _mac_refused(self, side: str, name: str, hop: MacHop, bitmap: int, raw: bytes) -> bool:
-        """Whether a message received on a MAC'd hop fails its MAC (counted and logged if so)."""
-        if hop.field.last(bitmap) is None:
+        """Whether a message received on a MAC'd hop fails its MAC (counted and logged if so). The MAC
+        of the bytes before it, as this hop writes it, must equal what came, byte for byte (hex in
+        upper case), compared in constant time."""
+        field = hop.field
+        if field.last(bitmap) is None:
             why = "missing"
         else:
-            width = hop.field.width
+            width = field.width
             try:
-                ok = self.security.verify_mac(hop.key, raw[:-width], hop.field.value(raw), padding=hop.padding)
-            except ValueError:
-                ok = False  # not upper-case hex: not what was signed
-            except Exception as exc:  # noqa: BLE001 - a module that can't check a MAC is a MAC that does not check
+                expected = field.wire(self.security.mac(hop.key, raw[:-width], padding=hop.padding))
+            except Exception as exc:  # noqa: BLE001 - a module that can't compute a MAC is a MAC that does not check
                 self._log(ERROR, "%s %s: the MAC could not be checked: %s", side, name, exc)
-                ok = None
-            if ok:
-                return False
-            why = "bad" if ok is False else "error"
+                why = "error"
+            else:
+                if compare_digest(expected, raw[-width:]):
+                    return False
+                why = "bad"
         self.metrics.mac_failures(side, name, why).inc()
         self._log(WARNING, "%s %s: MAC %s; not trusted", "listener" if side == "front" else "upstream", name, why)
         return True
