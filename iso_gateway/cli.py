@@ -188,8 +188,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         framer_from_config(uc.framing, source=args.config, where=f"upstreams[{i}].framing")
     route_table(cfg.routes, cfg.routing, source=args.config)
     from .keys import check_security_config
+    from .net.frontend import listener_tls
+    from .net.links import upstream_tls
 
     check_security_config(cfg, args.config)  # a KEK or PIN file in the state directory is refused
+    for lc in cfg.listeners:
+        listener_tls(lc, args.config)  # certificates, keys and CAs read and checked, as at start
+    for uc in cfg.upstreams:
+        upstream_tls(uc, args.config)
     print(f"{args.config}: OK ({len(cfg.listeners)} listeners, {len(cfg.upstreams)} upstreams, {len(cfg.routes)} routes)")
     return EXIT_OK
 
