@@ -119,3 +119,13 @@ def test_the_readme_starts_with_the_two_commands_ci_runs():
     assert lines[0].endswith("iso-gateway demo")
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert lines[1] in ci  # the README's test command, word for word, as a line of its own
+
+
+def test_check_config_reads_the_tls_files_and_names_the_one_that_does_not_load(tmp_path, capsys):
+    text = (ROOT / "deploy" / "gateway.toml").read_text()
+    missing = tmp_path / "nowhere.crt"
+    bad = tmp_path / "tls.toml"
+    bad.write_text(text.replace("[[upstreams]]", f'[listeners.tls]\ncert_chain = "{missing}"\nkey = "{missing}"\n\n[[upstreams]]', 1))
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "tls" in err and "nowhere.crt" in err
