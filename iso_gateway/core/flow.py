@@ -1,9 +1,9 @@
 """The transaction flow, sans-IO: events in, actions out.
 
-Everything the gateway decides about a message is decided here, once: validation,
-the duplicate window, routing, link choice, STAN remapping, matching, timeouts,
-late responses, local answers, front-end reversals, the switch's 0800s and the
-link's own. The shell (``gateway.py`` and ``net/``) reads sockets, cuts frames and
+Everything the gateway decides about a message is decided here, once: MACs and
+identified front ends, validation, the duplicate window, routing, link choice, STAN
+remapping, matching, timeouts, late responses, local answers, front-end reversals,
+the switch's 0800s (new MAC keys among them) and the link's own. The shell (``gateway.py`` and ``net/``) reads sockets, cuts frames and
 feeds them in; it executes what comes out and reports back what happened.
 
 Events (methods of ``Flow``):
@@ -19,12 +19,14 @@ Events (methods of ``Flow``):
 ``delivered(txn, ok)``          the answer reached the front end's socket (or not)
 ``network_request(link, ...)``  the link wants to send its own 0800 (sign-on, echo)
 ``send_reversal(link, ...)``    the reversal queue wants to send one attempt
+``key_installed(link, ...)``    a new MAC key from the switch is in use (or refused)
 ==============================  ================================================
 
 Actions are tuples appended to ``Flow.actions``, first element the opcode; the
 shell drains the list after each event (or after a round of them) and executes
 them in order. Counting goes straight to the ``metrics`` sink the shell hands in
-(plain counters, no I/O); logging goes to ``logging``.
+(plain counters, no I/O); log lines are LOG actions; MACs are computed by the
+``security`` module the shell hands in, named by key label (keys never reach here).
 
 There is one path for a message to the switch (``_dispatch``): a front end's
 authorization and a front end's reversal differ only in what happens before it
@@ -33,7 +35,7 @@ The pending and late tables live on ``Link`` (one per switch connection) and the
 reversals still owed an acknowledgement on ``UpstreamSide.outstanding``: matching is
 the flow's, never a callback into the application.
 
-Nothing here imports trio, opens a socket or a file, or reads a clock: times come in
+Nothing here imports trio, opens a socket or a file, logs or reads a clock: times come in
 as ``now`` (the shell's monotonic clock) and ``wall`` (``begin_round``), ids from the
 ``new_id`` the shell passes.
 """
