@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import sqlite3
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Protocol
 
@@ -38,7 +39,7 @@ from .core.flow import Flow, OutstandingReversal, ReversalAttempt, Txn
 from .net.links import SoloConnection
 from .journal import (
     REVERSED, SAF_ACKED, SAF_PARKED, SAF_PENDING, SAF_SENT, STORE_RETRY_INITIAL, STORE_RETRY_MAX,
-    TIMED_OUT, Backoff, Journal, SafItem, TxnRow, new_id,
+    TIMED_OUT, Backoff, Journal, SafItem, TxnRow, failure_reason, new_id,
 )
 from .core.saf import RetryPolicy, attempt_mti, build_reversal
 
@@ -214,9 +215,9 @@ class DurableReversals:
         if in_doubt is None:
             try:
                 in_doubt = self.journal.run_sync(store.in_doubt)
-            except store.errors as exc:  # counted, shown by /readyz, and tried again by the reversal senders
+            except getattr(store, "errors", sqlite3.Error) as exc:  # counted, shown by /readyz, retried by the senders
                 self.journal.note_failure("recovery", f"in-doubt transactions can't be read ({exc})",
-                                          store.failure_reason(exc))
+                                          getattr(store, "failure_reason", failure_reason)(exc))
                 self.recovery_owed = True
                 return 0
         for txn_id, upstream_name, mti, upstream_stan, original in in_doubt:
@@ -282,7 +283,7 @@ class ReversalSender:
             try:
                 await self._round()
             except Exception as exc:  # a failing store must not stop the reversals
-                reason = self.journal.store.failure_reason(exc)
+                reason = getattr(self.journal.store, "failure_reason", failure_reason)(exc)
                 if reason == "other":
                     log.exception("reversal sender for %s: round failed", self.upstream.cfg.name)
                 self.reversals.gateway.metrics.journal_errors("saf", reason).inc()
@@ -297,8 +298,8 @@ class ReversalSender:
         name = cfg.name
         stats_at = 0.0
         wall = self.clock.wall
-        shared = self.journal.shared
-        node = self.journal.node
+        shared = getattr(self.journal, "shared", False)  # a store several nodes share (PostgreSQL)
+        node = getattr(self.journal, "node", "")
         await self.reversals.recover_owed()
         while True:
             if shared:
@@ -538,10 +539,11 @@ class ReversalSender:
 
     async def _send_alone(self, item: SafItem) -> None:
         cfg = self.upstream.cfg
-        if self.journal.shared and await self._renew([item.id]):
+        shared = getattr(self.journal, "shared", False)
+        if shared and await self._renew([item.id]):
             return  # another node has it now
         conn = SoloConnection(self.upstream)
-        if self.journal.shared:  # STANs from this node's blocks, as on its other links
+        if shared:  # STANs from this node's blocks, as on its other links
             conn.link.stans = self.upstream.connections[0].link.stans
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.run)

@@ -4,6 +4,7 @@ nodes on one database, a dead node's reversals sent by the survivor, the databas
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
@@ -158,3 +159,89 @@ async def test_two_nodes_never_use_the_same_stan_on_one_switch(harness, nursery,
     for gw in (a, b):
         gw.stop()
         await gw.wait_stopped()
+
+
+async def test_a_dead_nodes_reversals_and_in_doubt_transactions_are_taken_over_by_a_survivor(
+        harness, nursery, pg_conninfo, journal_clock):
+    """What a SIGKILLed node leaves in the database: a reversal it owed (leased to it) and a
+    transaction it sent and never saw answered. The survivor sends both once the dead node's
+    heartbeat and lease have run out, each once. (The pair test kills a real process.)"""
+    import time
+
+    from iso_gateway.journal.pg import PgStore
+    from iso_gateway.journal.store import SAF_PENDING, SafItem, new_id
+    from iso_gateway.security.pan import PanVault, load_master_key
+    from iso_gateway.core.saf import build_reversal
+
+    sim = await harness.start_switch()
+    survivor, _ = await start_node(harness, nursery, pg_conninfo, "gw-b", upstream=FAST_SAF,
+                                   journal={"heartbeat_interval": 0.2, "node_ttl": 1.0, "lease_seconds": 1.0})
+    vault = PanVault(load_master_key(survivor.config.journal.key_file))
+    dead = PgStore(vault, "gw-a")
+    owed, in_doubt = harness.auth(10001), harness.auth(10002)
+    wall = survivor.clock.wall()
+    with psycopg.connect(pg_conninfo) as conn:
+        dead.heartbeat(conn, "gw-a", wall, 0.5)
+        txn_id = new_id()
+        dead.insert_txn(conn, {"id": txn_id, "listener": "ecom", "mti": "0100", "upstream": "cmi", "link": 0,
+                               "upstream_stan": "900001"}, owed)
+        message = build_reversal({k: v for k, v in owed.items() if k != "t"}, original_mti="0100",
+                                 upstream_stan="900001", reversal_mti="0420", stan="000000", reason_code="68",
+                                 auth_code=None, now=datetime.now(timezone.utc))
+        item = SafItem(id=new_id(), txn_id=txn_id, upstream="cmi", state=SAF_PENDING, reason="timeout", mti="0420",
+                       stan="", f90=message["90"], attempts=0, next_attempt=wall, created=time.time(),
+                       message=message)
+        dead.insert_saf(conn, item)
+        dead.lease_due_saf(conn, "gw-a", wall, 0.8, 10)
+        dead.insert_txn(conn, {"id": new_id(), "listener": "ecom", "mti": "0100", "upstream": "cmi", "link": 0,
+                               "upstream_stan": "900002"}, in_doubt)
+    for req in (owed, in_doubt):
+        await wait_real(lambda req=req: any(r.mti == "0420" and r.rrn == req["37"] and r.response_code == "00"
+                                            for r in sim.records), 15, f"the reversal of {req['37']}")
+    await wait_real(lambda: rows(pg_conninfo, "SELECT count(*) FROM saf WHERE state<>'acked'") == [(0,)], 10,
+                    "both acknowledged")
+    await trio.sleep(3)  # virtual: several more rounds of the sender; nothing goes again
+    reversals = [r for r in sim.records if r.mti in ("0420", "0421")]
+    assert sorted(r.rrn for r in reversals) == sorted([owed["37"], in_doubt["37"]])
+    assert rows(pg_conninfo, "SELECT node FROM nodes") == [("gw-b",)]
+    survivor.stop()
+    await survivor.wait_stopped()
+
+
+async def test_with_the_database_stopped_requests_are_answered_96_unsent_and_nothing_is_lost(harness, nursery):
+    """Its own server, stopped and started again mid-run. Real time: the journal's thread waits for
+    the database for real (``db_timeout``), which a MockClock would turn into route timeouts."""
+    from conftest_pg import new_server
+
+    server = new_server()
+    try:
+        conninfo = server.conninfo(server.create_database())
+        sim = await harness.start_switch()
+        gw, _ = await start_node(harness, nursery, conninfo, "gw-a", upstream=FAST_SAF,
+                                 routes=[{"name": "all", "upstream": "cmi", "timeout": 2.0}])
+        harness.gateway = gw
+        client = await harness.client()
+        before = harness.auth(10000)
+        assert (await client.request(before, timeout=10))["39"] == "00"
+        timed_out = harness.auth(12599)  # approved after 2.5 s: its reversal is owed when the database goes
+        assert (await client.request(timed_out, timeout=30))["39"] == "91"
+        await trio.to_thread.run_sync(server.stop)
+        during = [harness.auth(10000) for _ in range(3)]
+        for req in during:
+            assert (await client.request(req, timeout=30))["39"] == "96"
+        ok, why = gw.readiness()
+        assert not ok and "journal" in why and "unreachable" in why, why
+        sent = {r.rrn for r in sim.records if r.mti == "0100"}
+        assert not sent & {r["37"] for r in during}  # never sent
+        await trio.to_thread.run_sync(server.restart)
+        await wait_real(lambda: gw.readiness()[0], 15, "ready again")
+        after = harness.auth(10000)
+        assert (await client.request(after, timeout=10))["39"] == "00"
+        await wait_real(lambda: any(r.mti == "0420" and r.rrn == timed_out["37"] and r.response_code == "00"
+                                    for r in sim.records), 15, "the owed reversal")
+        await wait_real(lambda: dict(rows(conninfo, "SELECT rrn, state FROM txn")) == {
+            before["37"]: "answered", timed_out["37"]: "reversed", after["37"]: "answered"}, 15, "every row")
+        gw.stop()
+        await gw.wait_stopped()
+    finally:
+        await trio.to_thread.run_sync(server.destroy)
