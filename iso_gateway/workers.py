@@ -49,7 +49,9 @@ def supervise(config_path: str, workers: int) -> int:
     setup_logging(config.log.level, config.log.format, config.log.file, config.gateway.name)
     if workers > MAX_WORKERS:
         raise ConfigError("--workers", "", f"at most {MAX_WORKERS} workers")
-    if config.journal.enabled:  # create the shared file and key once, before the workers race to
+    if config.journal.enabled and config.journal.backend == "postgresql":
+        load_master_key(config.journal.key_file)  # the key once; each worker is a node of the database
+    elif config.journal.enabled:  # create the shared file and key once, before the workers race to
         vault = PanVault(load_master_key(config.journal.key_file))
         conn = SQLiteStore.connect(config.journal.path, config.journal.synchronous)
         # What any worker logged before a crash of the whole group (a restarted worker replays its own).

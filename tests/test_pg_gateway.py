@@ -217,7 +217,8 @@ async def test_with_the_database_stopped_requests_are_answered_96_unsent_and_not
     try:
         conninfo = server.conninfo(server.create_database())
         sim = await harness.start_switch()
-        gw, _ = await start_node(harness, nursery, conninfo, "gw-a", upstream=FAST_SAF,
+        # (Its reversal is answered 2.5 s late too: the attempt waits 3 s.)
+        gw, _ = await start_node(harness, nursery, conninfo, "gw-a", upstream={**FAST_SAF, "reversal_timeout": 3.0},
                                  routes=[{"name": "all", "upstream": "cmi", "timeout": 2.0}])
         harness.gateway = gw
         client = await harness.client()
@@ -240,7 +241,8 @@ async def test_with_the_database_stopped_requests_are_answered_96_unsent_and_not
         await wait_real(lambda: any(r.mti == "0420" and r.rrn == timed_out["37"] and r.response_code == "00"
                                     for r in sim.records), 15, "the owed reversal")
         await wait_real(lambda: dict(rows(conninfo, "SELECT rrn, state FROM txn")) == {
-            before["37"]: "answered", timed_out["37"]: "reversed", after["37"]: "answered"}, 15, "every row")
+            before["37"]: "answered", timed_out["37"]: "reversed", after["37"]: "answered"}, 15,
+            f"every row ({rows(conninfo, 'SELECT rrn, state FROM txn')})")
         gw.stop()
         await gw.wait_stopped()
     finally:

@@ -243,6 +243,7 @@ class Journal:
         self._op_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError, DuplicateRecorded)
         self._integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
         self._down: BaseException | None = None  # PostgreSQL: the store's failure until a batch works again
+        self._pg_conn: Any = None  # PostgreSQL: the thread's connection (see _pg_connection)
         if pg is not None:
             self._open_pg(vault, pg, worker)
         else:
@@ -692,6 +693,7 @@ class Journal:
         if self.txlog is not None:
             self.txlog.close()
         if self.db is not None:
+            self._drop_pg_connection()
             self.db.close()
         else:
             self._conn.close()
@@ -829,18 +831,19 @@ class Journal:
             self._refuse(ops, down, note=False)
             return
         try:
-            with self.db.pool.connection(timeout=self.db.connect_timeout) as conn:
-                try:
-                    with conn.transaction():
-                        self._apply(conn, ops)
-                except Exception as exc:  # sorted out below
-                    if self.store.refused(exc) or conn.closed:
-                        raise
-                    log.debug("journal commit failed (%s); each operation alone", type(exc).__name__)
-                    self._one_by_one(ops, conn)
-                    self._count(ops, started)
-                    return
+            conn = self._pg_connection()
+            try:
+                with conn.transaction():
+                    self._apply(conn, ops)
+            except Exception as exc:  # sorted out below
+                if self.store.refused(exc) or conn.closed:
+                    raise
+                log.debug("journal commit failed (%s); each operation alone", type(exc).__name__)
+                self._one_by_one(ops, conn)
+                self._count(ops, started)
+                return
         except Exception as exc:  # noqa: BLE001 - the database refused the work (or is gone)
+            self._drop_pg_connection()
             error = self.db.error(exc)
             self._refuse(ops, error)
             return
@@ -851,6 +854,30 @@ class Journal:
             self._backoff.reset()
             self.clear_failure("store")
         self._count(ops, started)
+
+    def _pg_connection(self) -> Any:
+        """The thread's own connection (a batch holds one for its transaction; the pool's hand-out
+        and check would cost each batch a round trip): opened when missing, within db_timeout."""
+        conn = self._pg_conn
+        if conn is None or conn.closed:
+            import psycopg
+
+            conn = psycopg.connect(self.db.conninfo, connect_timeout=max(2, math.ceil(self.db.connect_timeout)))
+            try:
+                self.db._configure(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._pg_conn = conn
+        return conn
+
+    def _drop_pg_connection(self) -> None:
+        conn, self._pg_conn = self._pg_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
 
     def _refuse(self, ops: list[_Op], error: BaseException, note: bool = True) -> None:
         """The store took none of ``ops``: MUST_LAND writes are kept (in order), the others fail."""

@@ -73,15 +73,22 @@ _TXN_INSERT_COLUMNS = (
     ("upstream", "text"), ("link", "int4"), ("upstream_stan", "text"), ("rrn", "text"), ("amount", "text"),
     ("currency", "text"), ("pan_masked", "text"), ("pan_hash", "text"), ("state", "text"), ("original", "bytea"),
     ("worker", "int4"), ("response_code", "text"), ("auth_code", "text"), ("acquirer", "text"), ("node", "text"),
-    ("dup_key", "text"),
+    ("dup_key", "text"), ("dup_bucket", "int8"),
 )
 # Rows arrive as SQLiteStore.txn_params tuples (the same columns, the same order) plus the node and
-# the duplicate key.
+# the duplicate key and window number.
 _P_UPDATED, _P_STATE, _P_RESPONSE_CODE, _P_AUTH_CODE = 2, 17, 20, 21
 
 _INSERT_TXN_ARRAYS = (
     "INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
     + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ")")
+# The same, for rows with duplicate keys: a row whose key is another row's within the window (created
+# at or after the last parameter) is left out, and one meeting another's (key, window number) too.
+_INSERT_TXN_UNLESS_DUPLICATE = (
+    "INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
+    + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ") AS u(" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS)
+    + ") WHERE u.dup_key = '' OR NOT EXISTS (SELECT 1 FROM txn d WHERE d.dup_key = u.dup_key AND d.dup_key <> ''"
+    " AND d.created >= %b::float8) ON CONFLICT (dup_key, dup_bucket) WHERE dup_key <> '' DO NOTHING RETURNING id")
 _UPDATE_TXN_ARRAYS = (
     "UPDATE txn SET state=u.state, updated=u.updated, response_code=COALESCE(u.rc, txn.response_code),"
     " auth_code=COALESCE(u.auth, txn.auth_code)"
@@ -246,32 +253,49 @@ class PgStore:
         """Insert each (row, original); returns, per call, None (inserted) or ``DuplicateRecorded``:
         a row with the same non-empty ``dup_key`` (any node's) was created within ``dup_window``
         seconds (its answer, or rc None while it is in flight), so this one is not inserted and
-        must not be sent. Rows with a key are serialized on it by a transaction-level advisory
-        lock, so two nodes inserting the same key at once can't both find nothing."""
+        must not be sent. Two nodes inserting the same key at once meet on the unique index
+        (key, window number): the second waits for the first's commit and inserts nothing."""
         now = time.time()
-        keys = [str(row.get("dup_key") or "") for row, _ in calls] if self.dup_window > 0 else [""] * len(calls)
+        window = self.dup_window
+        keys = [str(row.get("dup_key") or "") for row, _ in calls] if window > 0 else [""] * len(calls)
+        bucket = int(now // window) if window > 0 else 0
         results: list[DuplicateRecorded | None] = [None] * len(calls)
         keyed = sorted({k for k in keys if k})
-        if keyed:
-            conn.execute("SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
-                         " FROM unnest(%s::text[]) AS k ORDER BY h) AS s", (keyed,))
-            found: dict[str, tuple[str | None, str | None]] = {}
-            for key, rc, auth in conn.execute(
-                    "SELECT DISTINCT ON (dup_key) dup_key, response_code, auth_code FROM txn"
-                    " WHERE dup_key = ANY(%s) AND created >= %s ORDER BY dup_key, created",
-                    (keyed, now - self.dup_window)):
-                found[key] = (rc, auth)
-            for i, key in enumerate(keys):
-                if not key:
-                    continue
-                if key in found:
-                    rc, auth = found[key]
-                    results[i] = DuplicateRecorded(rc, auth)
-                else:
-                    found[key] = (None, None)  # a second one in this batch: the first is in flight
-        self._insert_rows(conn, [(*self._rows.txn_params(row, original, now), self.node, keys[i])
-                                 for i, (row, original) in enumerate(calls) if results[i] is None], on_conflict="")
+        seen: set[str] = set()
+        for i, key in enumerate(keys):
+            if key:
+                if key in seen:  # a second one in this batch: the first is in flight
+                    results[i] = DuplicateRecorded(None, None)
+                seen.add(key)
+        rows = [(*self._rows.txn_params(row, original, now), self.node, keys[i], bucket)
+                for i, (row, original) in enumerate(calls) if results[i] is None]
+        if not keyed:
+            self._insert_rows(conn, rows, on_conflict="")
+            return results
+        inserted = {r[0] for r in self._insert_rows_returning(conn, rows, now)}
+        lost = [i for i, (row, _) in enumerate(calls) if results[i] is None and row["id"] not in inserted]
+        if lost:  # the key is another row's (any node's) within the window: its answer
+            found = self._first_of(conn, sorted({keys[i] for i in lost}), now)
+            for i in lost:
+                results[i] = DuplicateRecorded(*found.get(keys[i], (None, None)))
         return results
+
+    def _first_of(self, conn: Conn, keys: list[str], now: float) -> dict[str, tuple[str | None, str | None]]:
+        """The first row of each duplicate key created within the window: (response code, auth code).
+        One index look-up per key (the lateral join keeps the planner on txn_dup_key)."""
+        return {key: (rc, auth) for key, rc, auth in conn.execute(
+            "SELECT k.key, t.response_code, t.auth_code FROM unnest(%s::text[]) AS k(key) CROSS JOIN LATERAL"
+            " (SELECT response_code, auth_code FROM txn WHERE dup_key = k.key AND dup_key <> '' AND created >= %s"
+            " ORDER BY created LIMIT 1) AS t", (keys, now - self.dup_window))}
+
+    def _insert_rows_returning(self, conn: Conn, rows: list[tuple[Any, ...]], now: float) -> list[tuple[Any, ...]]:
+        """Rows with duplicate keys, in one statement: a row whose key another row has within the
+        window, or that meets another's (key, window number) being inserted, is not inserted;
+        returns the ids that were."""
+        if not rows:
+            return []
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        return conn.execute(_INSERT_TXN_UNLESS_DUPLICATE, [*columns, now - self.dup_window]).fetchall()
 
     def _insert_rows(self, conn: Conn, rows: list[tuple[Any, ...]], on_conflict: str) -> int:
         if not rows:
@@ -288,7 +312,7 @@ class PgStore:
         updates: list[tuple[int, str, float, str | None, str | None]] = []
         for record in records:
             if record[0] == "T":
-                rows[record[1]] = [*self._rows.logged_params(record), self.node, ""]
+                rows[record[1]] = [*self._rows.logged_params(record), self.node, "", 0]
                 continue
             _, txn_id, state, when, rc, auth = record
             row = rows.get(txn_id)

@@ -208,7 +208,35 @@ def _saf_waiting(path: Path) -> int:
         db.close()
 
 
+# Seconds the switch may hold an answer (its chaos delays: run_check's delay_range), and the time the
+# gateway is given to act on an acknowledgement it has read (``_repeats_after_ack``).
+ANSWER_DELAY_MAX = 0.8
+ACK_MARGIN = 1.0
+
+
+def _repeats_after_ack(records: list) -> list[str]:
+    """Reversals sent again after the gateway had their 0430. The switch does not know when the
+    gateway read an answer, so an acknowledgement counts as read when its connection went on
+    carrying answers for ACK_MARGIN seconds after it (a node killed with the 0430 in its socket may
+    be right to send the reversal again); a reversal of the same original the switch received
+    (its answer time less ANSWER_DELAY_MAX) later than that is a violation."""
+    last_on: dict[int, float] = {}
+    for r in records:
+        last_on[r.connection] = max(last_on.get(r.connection, 0.0), r.time)
+    reversals = sorted((r for r in records if r.mti in ("0420", "0421") and r.rrn), key=lambda r: r.time)
+    acked: dict[str, tuple[float, int]] = {}
+    out: list[str] = []
+    for r in reversals:
+        ack = acked.get(r.rrn)
+        if ack is not None and r.time - ANSWER_DELAY_MAX > ack[0] + ACK_MARGIN and last_on[ack[1]] > ack[0] + ACK_MARGIN:
+            out.append(f"RRN {r.rrn}: {r.mti} sent {r.time - ack[0]:.1f} s after the gateway had its 0430")
+        if r.response_code == "00" and ack is None:
+            acked[r.rrn] = (r.time, r.connection)
+    return out
+
+
 def reconcile(records: list, outcome: Outcome, journal_rrns: set[str]) -> dict[str, object]:
+    repeats = _repeats_after_ack(records)
     records = [r for r in records if r.rrn and r.rrn.isdigit()]  # readiness probes are not part of the run
     approved = {r.rrn for r in records if r.mti in ("0100", "0101") and r.response_code == "00"}
     seen = {r.rrn for r in records if r.mti in ("0100", "0101")}
@@ -221,6 +249,10 @@ def reconcile(records: list, outcome: Outcome, journal_rrns: set[str]) -> dict[s
     for rrn, n in applied.items():
         if n > 1:
             violations.append(f"RRN {rrn}: reversed {n} times")
+    violations.extend(repeats)
+    reversal_rrns = {r.rrn for r in records if r.mti in ("0420", "0421")}
+    for rrn in sorted(reversal_rrns - seen):
+        violations.append(f"RRN {rrn}: reversed, but the switch never received it")
     unanswered = outcome.killed - set(outcome.answered)
     for rrn in sorted(unanswered & seen - journal_rrns):
         violations.append(f"RRN {rrn}: lost with the gateway, seen by the switch, and not in the journal")
@@ -236,6 +268,7 @@ def reconcile(records: list, outcome: Outcome, journal_rrns: set[str]) -> dict[s
         "front_end_approved": len(front_approved),
         "reversals_acknowledged": len(reversed_ok),
         "approved_then_reversed": len(front_approved & reversed_ok),
+        "reversals_sent_after_their_0430": len(repeats),
         "violations": len(violations),
         "violation_samples": violations[:20],
     }
