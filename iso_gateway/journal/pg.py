@@ -82,13 +82,6 @@ _P_UPDATED, _P_STATE, _P_RESPONSE_CODE, _P_AUTH_CODE = 2, 17, 20, 21
 _INSERT_TXN_ARRAYS = (
     "INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
     + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ")")
-# The same, for rows with duplicate keys: a row whose key is another row's within the window (created
-# at or after the last parameter) is left out, and one meeting another's (key, window number) too.
-_INSERT_TXN_UNLESS_DUPLICATE = (
-    "INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
-    + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ") AS u(" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS)
-    + ") WHERE u.dup_key = '' OR NOT EXISTS (SELECT 1 FROM txn d WHERE d.dup_key = u.dup_key AND d.dup_key <> ''"
-    " AND d.created >= %b::float8) ON CONFLICT (dup_key, dup_bucket) WHERE dup_key <> '' DO NOTHING RETURNING id")
 _UPDATE_TXN_ARRAYS = (
     "UPDATE txn SET state=u.state, updated=u.updated, response_code=COALESCE(u.rc, txn.response_code),"
     " auth_code=COALESCE(u.auth, txn.auth_code)"
@@ -262,9 +255,14 @@ class PgStore:
         results: list[DuplicateRecorded | None] = [None] * len(calls)
         keyed = sorted({k for k in keys if k})
         seen: set[str] = set()
-        for i, key in enumerate(keys):
-            if key:
-                if key in seen:  # a second one in this batch: the first is in flight
+        if keyed:
+            found = self._first_of(conn, keyed, now)
+            for i, key in enumerate(keys):
+                if not key:
+                    continue
+                if key in found:
+                    results[i] = DuplicateRecorded(*found[key])
+                elif key in seen:  # a second one in this batch: the first is in flight
                     results[i] = DuplicateRecorded(None, None)
                 seen.add(key)
         rows = [(*self._rows.txn_params(row, original, now), self.node, keys[i], bucket)
@@ -272,9 +270,9 @@ class PgStore:
         if not keyed:
             self._insert_rows(conn, rows, on_conflict="")
             return results
-        inserted = {r[0] for r in self._insert_rows_returning(conn, rows, now)}
+        inserted = {r[0] for r in self._insert_rows_returning(conn, rows)}
         lost = [i for i, (row, _) in enumerate(calls) if results[i] is None and row["id"] not in inserted]
-        if lost:  # the key is another row's (any node's) within the window: its answer
+        if lost:  # another node inserted the same key meanwhile (it waited for that one's commit)
             found = self._first_of(conn, sorted({keys[i] for i in lost}), now)
             for i in lost:
                 results[i] = DuplicateRecorded(*found.get(keys[i], (None, None)))
@@ -288,14 +286,17 @@ class PgStore:
             " (SELECT response_code, auth_code FROM txn WHERE dup_key = k.key AND dup_key <> '' AND created >= %s"
             " ORDER BY created LIMIT 1) AS t", (keys, now - self.dup_window))}
 
-    def _insert_rows_returning(self, conn: Conn, rows: list[tuple[Any, ...]], now: float) -> list[tuple[Any, ...]]:
-        """Rows with duplicate keys, in one statement: a row whose key another row has within the
-        window, or that meets another's (key, window number) being inserted, is not inserted;
-        returns the ids that were."""
+    @staticmethod
+    def _insert_rows_returning(conn: Conn, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Rows with duplicate keys: one that meets another's (key, window number), committed or
+        being inserted by another node, is not inserted; returns the ids that were. (The window
+        look-up is ``_first_of``'s, by index: folded into this statement as NOT EXISTS, the
+        planner hashed the whole window once per batch.)"""
         if not rows:
             return []
         columns = [list(col) for col in zip(*rows, strict=True)]
-        return conn.execute(_INSERT_TXN_UNLESS_DUPLICATE, [*columns, now - self.dup_window]).fetchall()
+        return conn.execute(_INSERT_TXN_ARRAYS + " ON CONFLICT (dup_key, dup_bucket) WHERE dup_key <> '' DO NOTHING"
+                            " RETURNING id", columns).fetchall()
 
     def _insert_rows(self, conn: Conn, rows: list[tuple[Any, ...]], on_conflict: str) -> int:
         if not rows:
