@@ -250,9 +250,13 @@ def reconcile(records: list, outcome: Outcome, journal_rrns: set[str]) -> dict[s
         if n > 1:
             violations.append(f"RRN {rrn}: reversed {n} times")
     violations.extend(repeats)
+    # A request in flight when its gateway was SIGKILLed is in doubt, and reversed after the
+    # restart (or by the other node): the gateway can't know whether the switch read it, and a
+    # switch does read it only if it arrived before the kill (the kernel's reset drops what the
+    # switch had not read yet). Such a reversal finds no original to change at the switch (the
+    # simulator acknowledges it all the same): counted, not a violation.
     reversal_rrns = {r.rrn for r in records if r.mti in ("0420", "0421")}
-    for rrn in sorted(reversal_rrns - seen):
-        violations.append(f"RRN {rrn}: reversed, but the switch never received it")
+    never_seen = reversal_rrns - seen
     unanswered = outcome.killed - set(outcome.answered)
     for rrn in sorted(unanswered & seen - journal_rrns):
         violations.append(f"RRN {rrn}: lost with the gateway, seen by the switch, and not in the journal")
@@ -269,6 +273,7 @@ def reconcile(records: list, outcome: Outcome, journal_rrns: set[str]) -> dict[s
         "reversals_acknowledged": len(reversed_ok),
         "approved_then_reversed": len(front_approved & reversed_ok),
         "reversals_sent_after_their_0430": len(repeats),
+        "reversals_of_requests_the_switch_never_read": len(never_seen),
         "violations": len(violations),
         "violation_samples": violations[:20],
     }
