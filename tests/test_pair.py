@@ -49,3 +49,54 @@ def test_the_money_invariant_holds_across_a_pair_with_both_nodes_killed(pg_serve
     # once its heartbeat (node_ttl 3 s) and leases (3 s) run out, plus retries against a switch
     # that drops and delays: the queue is empty well within 15 s of the kill.
     assert 0 <= report["seconds_from_last_kill_to_queue_empty"] <= 15, report
+
+
+async def test_a_reversal_owed_by_a_sigkilled_node_is_sent_by_the_survivor_within_its_lease_and_a_retry(
+        pg_server: PgServer, tmp_path: Path) -> None:
+    """Two daemon nodes on one database. Node A owes a reversal the switch never answers (it keeps
+    repeating it, leased); A is SIGKILLed; node B sends it once A's lease has run out, within the
+    lease plus one retry interval (and its look at the queue). Real time, bounded: a few seconds."""
+    import time
+
+    from iso_gateway.sim.client import FrontEndClient, sample_auth
+    from iso_gateway.sim.integrity import GatewayProcess, _pair_config, free_port
+    from iso_gateway.sim.switch import SwitchSimulator
+
+    dsn = pg_server.conninfo(pg_server.create_database())
+    sim = SwitchSimulator()
+    lease, retry_max, poll = 3.0, 1.0, 1.0  # _pair_config's lease_seconds and saf_retry_max; reversals.SAF_POLL
+    async with trio.open_nursery() as nursery:
+        switch_port = await nursery.start(sim.serve, "127.0.0.1", 0)
+        nodes = {}
+        for name in ("gw-a", "gw-b"):
+            port = free_port()
+            cfg = tmp_path / f"{name}.toml"
+            _pair_config(cfg, port, free_port(), switch_port, tmp_path, dsn, name)
+            nodes[name] = GatewayProcess(cfg, port)
+            await nodes[name].start()
+        try:
+            client = await FrontEndClient.connect("127.0.0.1", nodes["gw-a"].port, "iso87ascii", "ascii4")
+            req = sample_auth(4242, 10097)  # ...97: the switch answers neither it nor its reversals
+            req["37"] = "000000004242"
+            assert (await client.request(req, timeout=10))["39"] == "91"
+            await client.aclose()
+
+            def reversals() -> list:
+                return [r for r in sim.records if r.mti in ("0420", "0421") and r.rrn == req["37"]]
+
+            with trio.fail_after(10):
+                while len(reversals()) < 2:  # A sends it, and repeats it: it holds the lease
+                    await trio.sleep(0.05)
+            await nodes["gw-a"].kill()
+            killed = time.time()
+            before = len(reversals())
+            with trio.fail_after(lease + retry_max + poll + 5):
+                while not [r for r in reversals()[before:] if r.time > killed]:
+                    await trio.sleep(0.05)
+            first = min(r.time for r in reversals()[before:] if r.time > killed)
+            print(f"the survivor sent it {first - killed:.1f} s after the kill")
+            assert first - killed <= lease + retry_max + poll + 1.0, first - killed
+        finally:
+            for gw in nodes.values():
+                await gw.stop()
+            nursery.cancel_scope.cancel()

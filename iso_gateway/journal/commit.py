@@ -865,6 +865,15 @@ class Journal:
             conn = psycopg.connect(self.db.conninfo, connect_timeout=max(2, math.ceil(self.db.connect_timeout)))
             try:
                 self.db._configure(conn)
+                # Every statement of the journal's batches finds its rows by an index (ids, duplicate
+                # keys, a node's or an upstream's queue). Planned from statistics older than the
+                # table (a new database, a burst before autovacuum analyzes it), the update of a
+                # batch's answers joined the whole table by a hash (2 ms a batch, growing with the
+                # table): this connection's planner stays on the indexes.
+                conn.execute("SET enable_seqscan = off")
+                conn.execute("SET enable_hashjoin = off")
+                conn.execute("SET enable_mergejoin = off")
+                conn.commit()
             except BaseException:
                 conn.close()
                 raise
