@@ -18,7 +18,8 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from .journal import txlog
 from .config import load_config
@@ -56,6 +57,22 @@ def _shared(args: argparse.Namespace) -> Any:
                               f"({scrub(str(exc).strip(), conninfo)})") from None
 
 
+@contextmanager
+def _using(conn: Any) -> Iterator[Any]:
+    """The shared store's connection for one command: closed after, its failures one line each
+    (a schema not migrated: run `iso-gateway db migrate`)."""
+    import psycopg
+
+    from .journal.pg import failure_reason
+
+    try:
+        with conn:
+            yield conn
+    except psycopg.Error as exc:
+        hint = " (run `iso-gateway db migrate`)" if failure_reason(exc) == "schema" else ""
+        raise IsoGatewayError(f"the journal's database failed: {failure_reason(exc)}{hint}") from None
+
+
 def _open(args: argparse.Namespace) -> sqlite3.Connection:
     path = args.journal or load_config(args.config).journal.path
     if not Path(path).exists():
@@ -78,7 +95,7 @@ def journal_find(args: argparse.Namespace) -> int:
     if shared is not None:
         from .journal.pg import PgStore
 
-        with shared:
+        with _using(shared):
             rows = PgStore.find_txns(shared, rrn=args.rrn, stan=args.stan, terminal=args.terminal, limit=args.limit)
     else:
         conn = _open(args)
@@ -111,7 +128,7 @@ def saf_list(args: argparse.Namespace) -> int:
     if shared is not None:
         from .journal.pg import PgStore
 
-        with shared:
+        with _using(shared):
             rows = PgStore.list_saf(shared, states, args.limit)
     else:
         rows = SQLiteStore.list_saf(_open(args), states, args.limit)
@@ -147,7 +164,7 @@ def _change(args: argparse.Namespace, sql: str, params: tuple, states: tuple[str
 def _change_shared(args: argparse.Namespace, shared: Any, action: Any) -> int:
     if not args.all and not args.ids:
         raise IsoGatewayError("give item ids, or --all")
-    with shared:
+    with _using(shared):
         count = action(shared, time.time(), None if args.all else args.ids)
     print(f"{count} item(s) changed")
     return 0 if count or args.all else 1
