@@ -449,6 +449,9 @@ class Gateway:
         journal = self.journal
         if journal.failed:
             return False, f"the journal is not writable ({journal.failed})"
+        if journal.pg is not None and journal.stalled_for > 2 * journal.pg.db_timeout:
+            return False, (f"the journal is not writable (store: the database has not answered a commit for "
+                           f"{journal.stalled_for:.0f} s)")
         if journal.segments_waiting > journal.max_log_segments:
             return False, (f"the journal's indexer is behind: {journal.segments_waiting} log segments wait "
                            f"(more than {journal.max_log_segments})")

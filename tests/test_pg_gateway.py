@@ -247,3 +247,41 @@ async def test_with_the_database_stopped_requests_are_answered_96_unsent_and_not
         await gw.wait_stopped()
     finally:
         await trio.to_thread.run_sync(server.destroy)
+
+
+async def test_a_database_that_stops_answering_fails_readiness_and_what_waits_is_never_sent(
+        harness, nursery, pg_conninfo):
+    """The server process behind the journal's connection is stopped (SIGSTOP: the kernel still
+    acknowledges, nothing answers, nothing fails). /readyz says so after twice db_timeout; the
+    request waiting for its commit is answered by its route's deadline and never sent, even once
+    the database answers again. Real time (the journal's thread waits for real)."""
+    import os
+    import signal
+
+    sim = await harness.start_switch()
+    gw, _ = await start_node(harness, nursery, pg_conninfo, "gw-a",
+                             routes=[{"name": "all", "upstream": "cmi", "timeout": 4.0}])
+    harness.gateway = gw
+    client = await harness.client()
+    assert (await client.request(harness.auth(10000), timeout=10))["39"] == "00"
+    backend = gw.journal._pg_conn.info.backend_pid
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        held = harness.auth(10000)
+        answer: dict[str, Any] = {}
+
+        async def send() -> None:
+            answer.update(await client.request(held, timeout=20))
+
+        nursery.start_soon(send)
+        await wait_real(lambda: not gw.readiness()[0], 10, "not ready")
+        assert "has not answered a commit" in gw.readiness()[1]
+        await wait_real(lambda: bool(answer), 10, "the held request answered by its deadline")
+        assert answer["39"] == "91"
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    await wait_real(lambda: gw.readiness()[0], 10, "ready again")
+    assert (await client.request(harness.auth(10000), timeout=10))["39"] == "00"
+    assert held["37"] not in {r.rrn for r in sim.records}  # never sent
+    gw.stop()
+    await gw.wait_stopped()

@@ -123,7 +123,11 @@ def pg_settings(cfg: Any, worker: int | None = None, dup_window: float = 0.0) ->
     if worker is not None:
         node = f"{node}/w{worker}"
     password = read_password(cfg.password_file or None, cfg.password_env or None)
-    conninfo = make_conninfo(cfg.dsn, password=password, connect_timeout=max(2, math.ceil(cfg.db_timeout)))
+    # A server that stops answering on an open connection (a partition, a stopped host) is noticed
+    # by the kernel: unacknowledged data for db_timeout fails the connection, and so do keepalives.
+    conninfo = make_conninfo(cfg.dsn, password=password, connect_timeout=max(2, math.ceil(cfg.db_timeout)),
+                             tcp_user_timeout=str(int(cfg.db_timeout * 1000)), keepalives="1",
+                             keepalives_idle="5", keepalives_interval="2", keepalives_count="2")
     return PgSettings(conninfo, node, cfg.db_timeout, cfg.heartbeat_interval, cfg.node_ttl, cfg.lease_seconds,
                       cfg.start_timeout, dup_window)
 
@@ -244,6 +248,7 @@ class Journal:
         self._integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
         self._down: BaseException | None = None  # PostgreSQL: the store's failure until a batch works again
         self._pg_conn: Any = None  # PostgreSQL: the thread's connection (see _pg_connection)
+        self._busy_since: float | None = None  # PostgreSQL: when the batch being committed began (monotonic)
         if pg is not None:
             self._open_pg(vault, pg, worker)
         else:
@@ -573,6 +578,13 @@ class Journal:
             self.metrics.journal_log_segments().set(self._segments_waiting)
 
     @property
+    def stalled_for(self) -> float:
+        """PostgreSQL: seconds the batch being committed has waited so far (0 when none is): a
+        database that holds a batch without failing it (what ``failed`` can't see yet)."""
+        since = self._busy_since
+        return time.monotonic() - since if since is not None else 0.0
+
+    @property
     def holding_writes(self) -> bool:
         """Writes the store refused are kept in memory, waiting for it (reads don't see them yet)."""
         return bool(self._kept)
@@ -830,6 +842,13 @@ class Journal:
         if down is not None and time.monotonic() < self._kept_at:
             self._refuse(ops, down, note=False)
             return
+        self._busy_since = time.monotonic()
+        try:
+            self._commit_pg_batch(ops, retrying, started)
+        finally:
+            self._busy_since = None
+
+    def _commit_pg_batch(self, ops: list[_Op], retrying: int, started: float) -> None:
         try:
             conn = self._pg_connection()
             try:
