@@ -464,9 +464,20 @@ class Journal:
                 if self.on_adopt is not None:
                     self.on_adopt(dead, in_doubt)
 
+        def beat(slot: Any, error: BaseException | None) -> None:
+            if error is None and slot != store_module._worker_bits:
+                # This node's row was gone (it was cut off from the database for longer than
+                # node_ttl, and another node took it for dead): its slot was given up, and it
+                # holds another one now.
+                log.warning("journal: this node's id slot is %d now (it was %d): it was taken for dead",
+                            slot, store_module._worker_bits)
+                store_module._worker_bits = slot
+
         while True:
             now = self.wall()
-            self.submit(self.store.heartbeat, self.node, now, pg.node_ttl)
+            # A beat claims the slot again (the one held, or a free one if this node's row was
+            # deleted), so that no two live nodes ever make ids with the same slot.
+            self.submit(self.store.claim_slot, self.node, now, pg.node_ttl, callback=beat)
             self.submit(self.store.adopt, now, callback=adopted)
             await trio.sleep(pg.heartbeat_interval)
 
