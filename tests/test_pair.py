@@ -47,7 +47,7 @@ def test_the_money_invariant_holds_across_a_pair_with_both_nodes_killed(pg_serve
     assert report["failover_seconds_max"] <= 10.0, report
     # What the dead node owed (leased reversals, in-doubt transactions) is sent by the survivor
     # once its heartbeat (node_ttl 3 s) and leases (3 s) run out, plus retries against a switch
-    # that drops and delays: the queue is empty within 15-17 s of the kill in the 5,000-request runs
+    # that drops and delays: the queue is empty within 15-20 s of the kill in the 5,000-request runs
     # (bounded loosely here: the suite may share the CPU).
     assert 0 <= report["seconds_from_last_kill_to_queue_empty"] <= 40, report
 
