@@ -20,11 +20,20 @@ not the simulator.)
     python bench/bench_gateway.py --quick          # fewer transactions
     python bench/bench_gateway.py --configs off,on --loads 8 --json
     python bench/bench_gateway.py --tls --configs off,on --no-pump --ab-rounds 0   # plaintext and TLS rows
+    python bench/bench_gateway.py --configs on,pg --loads 8,64   # SQLite vs PostgreSQL journal
+    python bench/bench_gateway.py --configs pg --loads 8 --failover 3000   # + fail-over through HAProxy
 
 --tls adds, for each configuration, a row with TLS on both legs (the load generator to the gateway
 in mutual TLS, the gateway to a TLS instant responder; TLS 1.3, ECDSA P-256 throwaway certificates
 made for the run), measured in the same run as the plaintext rows, and prints TLS / plaintext CPU
 per transaction (the issue's target: at most 1.3x at 64 in flight).
+
+"pg" journals on PostgreSQL: a throwaway server (tests/pgserver.py: Debian's initdb and pg_ctl, on
+127.0.0.1, fsync off as in the tests) started for the run; the server's CPU per transaction is
+counted apart from the gateway's (its own column). ``--failover N`` runs the pair (two nodes on
+that database behind HAProxy, deploy/haproxy) with N authorizations, kills each node once
+(iso_gateway.sim.integrity.run_pair_check) and prints how long front ends waited to be served
+again, and how long the survivor took to send every reversal the dead node owed.
 
 Optional side-by-side: --jpos-gateway "CMD {front_port} {switch_host} {switch_port}"
 runs another gateway (e.g. a jPOS QServer+QMUX build) under the same loads,
@@ -69,6 +78,7 @@ CONFIGS = {
     "on": (True, True, 1, "journal on"),
     "nometrics": (False, False, 1, "journal off, metrics off"),
     "w2": (True, True, 2, "journal on, 2 workers"),
+    "pg": (True, True, 1, "journal on PostgreSQL"),
 }
 
 
@@ -110,8 +120,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def gateway_config(path: Path, port: int, switch_port: int, state: Path, journal: bool, metrics: bool,
-                   tls: Path | None = None) -> None:
-    """The gateway's configuration; with ``tls`` (a folder of bench_tls.make_files), TLS on both legs."""
+                   tls: Path | None = None, dsn: str = "") -> None:
+    """The gateway's configuration; with ``tls`` (a folder of bench_tls.make_files), TLS on both legs;
+    with ``dsn``, the journal on that PostgreSQL database."""
+    backend = f'backend = "postgresql"\ndsn = "{dsn}"\nnode = "bench"\n' if dsn else ""
     listener_tls = upstream_tls = ""
     if tls is not None:
         listener_tls = f"""
@@ -130,7 +142,7 @@ key = "{tls / 'client.key'}"
 """
     path.write_text(f"""
 [journal]
-enabled = {str(journal).lower()}
+{backend}enabled = {str(journal).lower()}
 path = "{state / 'journal.sqlite3'}"
 key_file = "{state / 'pan.key'}"
 [log]
@@ -167,6 +179,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_us: float | None  # gateway CPU per transaction (None for direct)
+    db_cpu_us: float | None = None  # the PostgreSQL server's CPU per transaction ("pg")
 
 
 def tls_load_args(tls: Path | None) -> list[str]:
@@ -188,16 +201,37 @@ def run_load(port: int, connections: int, in_flight: int, count: int, tls: Path 
 
 
 def measure(name: str, load: str, port: int, pid: int | None, count: int, tls: Path | None = None,
-            extra: Sequence[str] = ()) -> Result:
+            extra: Sequence[str] = (), db_pid: int | None = None) -> Result:
     conns, in_flight = LOADS[load]
     run_load(port, conns, in_flight, max(500, count // 10), tls, extra)  # warm up (and the handshakes)
     before = cpu_seconds(pid) if pid else 0.0
+    db_before = cpu_seconds(db_pid) if db_pid else 0.0
     report = run_load(port, conns, in_flight, count, tls, extra)
     after = cpu_seconds(pid) if pid else 0.0
+    db_after = cpu_seconds(db_pid) if db_pid else 0.0
     answered = report["answered"]
     lat = report["latency_ms"]
     return Result(name, load, answered, report["throughput_rps"], lat["p50"], lat["p99"],
-                  (after - before) / answered * 1e6 if pid and answered else None)
+                  (after - before) / answered * 1e6 if pid and answered else None,
+                  (db_after - db_before) / answered * 1e6 if db_pid and answered else None)
+
+
+class ThrowawayPostgres:
+    """tests/pgserver.py's server for "pg" and --failover: ``dsn()`` gives a new empty database;
+    ``pid`` is the postmaster's (its backends are its children: their CPU is the database's)."""
+
+    def __init__(self) -> None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from pgserver import PgServer  # type: ignore[import-not-found]
+
+        self.server = PgServer().start()
+        self.pid = int((self.server.data / "postmaster.pid").read_text().split()[0])
+
+    def dsn(self) -> str:
+        return self.server.conninfo(self.server.create_database())
+
+    def stop(self) -> None:
+        self.server.destroy()
 
 
 class Proc:
@@ -381,6 +415,9 @@ def main() -> int:
                     help="with --tls: also compare plaintext and TLS at this fixed rate (open loop, 16 connections; "
                          "0: not)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--failover", type=int, default=0, metavar="N",
+                    help="also: the pair behind HAProxy (needs haproxy) with N authorizations, each node SIGKILLed "
+                         "once: fail-over seconds and the survivor's catch-up")
     ap.add_argument("--extras", action="store_true",
                     help="also: linear cost, latency at half the maximum, a 100,000-item SAF backlog, idle connections")
     ap.add_argument("--idle-connections", type=int, default=10_000)
@@ -411,6 +448,8 @@ def main() -> int:
                           tls_switch_port)
     results: list[Result] = []
     rate_cpu: dict[tuple[str, bool], float] = {}  # (config, tls) -> µs/tx at --tls-rate
+    postgres = ThrowawayPostgres() if "pg" in configs or args.failover else None
+    failover: dict | None = None
     try:
         for load in loads:
             results.append(measure("direct", load, switch_port, None, count))
@@ -426,15 +465,17 @@ def main() -> int:
             journal, metrics, workers, _ = CONFIGS[name]
             port = free_port()
             cfg = state / f"{name}.toml"
-            gateway_config(cfg, port, switch_port, state / name, journal, metrics)
+            dsn = postgres.dsn() if name == "pg" and postgres is not None else ""
+            gateway_config(cfg, port, switch_port, state / name, journal, metrics, dsn=dsn)
             argv = [sys.executable, "-m", "iso_gateway", "run", "--config", str(cfg)]
             if workers > 1:
                 argv += ["--workers", str(workers)]
             gw = Proc(argv, port)
             try:
                 wait_ready(port)
+                db_pid = postgres.pid if dsn and postgres is not None else None
                 for load in loads:
-                    results.append(measure(name, load, port, gw.proc.pid, count))
+                    results.append(measure(name, load, port, gw.proc.pid, count, db_pid=db_pid))
                 if tls_dir is not None and args.tls_rate:
                     rate_cpu[name, False] = at_rate(port, gw.proc.pid, args.tls_rate, None)
             finally:
@@ -471,12 +512,20 @@ def main() -> int:
                     results.append(measure("jpos", load, port, other.proc.pid, count))
             finally:
                 other.stop()
+        if args.failover and postgres is not None:
+            import trio
+
+            from iso_gateway.sim.integrity import run_pair_check
+
+            failover = trio.run(run_pair_check, args.failover, 8583, postgres.dsn())
     finally:
         switch.stop()
         if tls_switch is not None:
             tls_switch.stop()
+        if postgres is not None:
+            postgres.stop()
     if args.json:
-        print(json.dumps({"rows": [r.__dict__ for r in results], "extras": extra_lines,
+        print(json.dumps({"rows": [r.__dict__ for r in results], "extras": extra_lines, "failover": failover,
                           "tls_rate_cpu_us": {f"{n}{'+tls' if t else ''}": v for (n, t), v in rate_cpu.items()}},
                          indent=1))
         return 0
@@ -517,6 +566,21 @@ def main() -> int:
               "least 75%): " + ", ".join(shares))
     for line in share_lines:
         print(line)
+    pg_rows = [r for r in results if r.config == "pg"]
+    if pg_rows:
+        print("journal on PostgreSQL (same machine, fsync off as in the tests), the server's own CPU apart:")
+        for r in pg_rows:
+            share = (f", {r.throughput / by['on', r.load].throughput:.0%} of SQLite's throughput"
+                     if ("on", r.load) in by and by["on", r.load].throughput else "")
+            db_cpu = f"{r.db_cpu_us:.1f}" if r.db_cpu_us is not None else "-"
+            print(f"  {r.load:<6} {r.throughput:8.0f} tx/s, gateway {r.cpu_us or 0:.1f} µs/tx + database {db_cpu} µs/tx"
+                  f"{share}")
+    if failover is not None:
+        print(f"fail-over through HAProxy ({failover['requests']} authorizations, each node SIGKILLed once): front ends "
+              f"served again within {failover['failover_seconds_max']} s at most ({failover['connections_failed_over']} "
+              f"connections moved); every reversal owed sent and acknowledged "
+              f"{failover['seconds_from_last_kill_to_queue_empty']} s after the last kill; "
+              f"{failover['violations']} violations of the money invariant")
     floor = {r.load: r.cpu_us for r in results if r.config == "pump" and r.cpu_us}
     if floor:
         print("CPU above the floor (a row minus the byte pump's, same load), µs/tx:")

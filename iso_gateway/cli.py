@@ -200,6 +200,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """``db migrate`` / ``db status``: the PostgreSQL journal's schema (journal/dbcli.py)."""
+    from .config import load_config
+    from .journal import dbcli
+    from .journal.pg import make_conninfo, read_password
+
+    cfg = load_config(args.config).journal
+    if cfg.backend != "postgresql":
+        raise IsoGatewayError(f'{args.config}: [journal] backend is "{cfg.backend}": the db commands are for "postgresql"')
+    try:
+        password = read_password(cfg.password_file or None, cfg.password_env or None)
+    except OSError as exc:
+        raise IsoGatewayError(f"the database password can't be read: {exc}") from None
+    dsn = make_conninfo(cfg.dsn, password=password, application_name="iso-gateway-db")
+    return dbcli.migrate(dsn) if args.db_command == "migrate" else dbcli.status(dsn)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -267,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .keys import add_parsers as add_keys_parsers
 
     add_keys_parsers(sub)
+
+    p = sub.add_parser("db", help="the PostgreSQL journal's schema: migrate it, or show its status")
+    dsub = p.add_subparsers(dest="db_command", metavar="SUBCOMMAND", required=True)
+    for name, help_text in (("migrate", "apply the schema migrations this program has and the database lacks"),
+                            ("status", "show the schema version; exit 0 up to date, 2 migrations pending, 1 unusable")):
+        d = dsub.add_parser(name, help=help_text)
+        d.set_defaults(handler=cmd_db)
+        d.add_argument("--config", required=True, help="the gateway's configuration (its [journal] dsn and password)")
 
     p = sub.add_parser("demo", help="run the simulator and the gateway on loopback and show a burst of traffic")
     p.set_defaults(handler=cmd_demo)

@@ -352,6 +352,34 @@ class JournalConfig(_Model):
     retention: float = Field(
         90.0, gt=0, description="days a journal row (transaction or finished reversal) is kept; older ones are "
         "deleted by a purge that runs every ten minutes, except those a reversal still owes")
+    # PostgreSQL: several nodes share one database (docs/postgresql.md).
+    backend: Literal["sqlite", "postgresql"] = Field(
+        "sqlite", description="where the journal lives: sqlite (the embedded file at path) or postgresql (one "
+        "database several gateway nodes share, at dsn)")
+    dsn: str = Field("", description="postgresql: the libpq DSN or postgresql:// URI, without the password "
+                     '(e.g. "host=db1 dbname=iso_gateway user=gateway sslmode=verify-full")')
+    password_file: str = Field("", description="postgresql: a file (mode 0600) whose first line is the password")
+    password_env: str = Field("", description="postgresql: an environment variable holding the password (wins over password_file)")
+    node: str = Field("", description="postgresql: this node's id, unique among the nodes sharing the database; empty: the host name")
+    db_timeout: float = Field(
+        2.0, gt=0, le=60, description="postgresql: seconds a journal write may wait for a connection or a statement "
+        "before the requests in it are answered 96 (never sent) and the writes that must land are kept and retried")
+    heartbeat_interval: float = Field(2.0, gt=0, description="postgresql: seconds between this node's heartbeats")
+    node_ttl: float = Field(
+        10.0, gt=0, description="postgresql: seconds without a heartbeat after which a node counts as dead and a "
+        "survivor takes over its in-doubt transactions (and reverses them)")
+    lease_seconds: float = Field(
+        20.0, gt=0, description="postgresql: seconds a node's lease on a reversal it sends lasts (renewed while it "
+        "works on it); a dead node's reversals are sent by another node once their leases run out")
+    start_timeout: float = Field(30.0, gt=0, description="postgresql: seconds a starting node waits for the database (migrations, its node slot) before it gives up")
+
+    @model_validator(mode="after")
+    def _backend(self) -> "JournalConfig":
+        if self.backend == "postgresql" and self.enabled and not self.dsn:
+            raise ValueError("backend = \"postgresql\" needs dsn")
+        if self.heartbeat_interval * 2 > self.node_ttl:
+            raise ValueError("node_ttl must be at least twice heartbeat_interval")
+        return self
 
 
 class SecurityConfig(_Model):

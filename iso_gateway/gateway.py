@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sqlite3
 from typing import Any, Callable, Sequence
 
 import trio
@@ -33,7 +32,7 @@ from .core.dialect import Dialect
 from .core.framing import Frame
 from .core.macs import ClientScope, ClientTable, MacField, MacHop
 from .core.matching import StanAllocator
-from .journal import Journal, failure_reason, new_id
+from .journal import Journal, failure_reason, new_id, pg_settings
 from .logs import masked_exception
 from .metrics import Metrics
 from .net.frontend import FrontConnection, Listener
@@ -93,7 +92,8 @@ class Gateway:
             self.journal = Journal(journal_cfg.path, vault, synchronous=journal_cfg.synchronous, max_batch=journal_cfg.max_batch,
                                    metrics=self.metrics, worker=worker or 0, replay_all=worker is None,
                                    indexer=journal_cfg.indexer, max_log_segments=journal_cfg.max_log_segments,
-                                   reversal_data_window=journal_cfg.reversal_data_window, retention=journal_cfg.retention * 86400)
+                                   reversal_data_window=journal_cfg.reversal_data_window, retention=journal_cfg.retention * 86400,
+                                   pg=pg_settings(journal_cfg, worker, config.gateway.duplicate_window))
         else:
             log.warning("journal disabled: transactions are not journaled and reversals are lost on restart")
             self.journal = Journal(":memory:", PanVault(secrets.token_bytes(32)), max_batch=journal_cfg.max_batch,
@@ -546,19 +546,33 @@ class Gateway:
         journal = self.journal
         if journal.failed:
             return False, f"the journal is not writable ({journal.failed})"
+        if journal.pg is not None and journal.stalled_for > 2 * journal.pg.db_timeout:
+            return False, (f"the journal is not writable (store: the database has not answered a commit for "
+                           f"{journal.stalled_for:.0f} s)")
         if journal.segments_waiting > journal.max_log_segments:
             return False, (f"the journal's indexer is behind: {journal.segments_waiting} log segments wait "
                            f"(more than {journal.max_log_segments})")
         return True, ""
 
     def _restore_stans(self) -> None:
-        """Resume each link's STAN counter past what it used before a restart (docs/domain.md §2.1)."""
+        """Resume each link's STAN counter past what it used before a restart (docs/domain.md §2.1).
+        On a store several nodes share, a switch's links take their STANs from blocks of the
+        database's counter for that switch instead (journal/stanblocks.py): no two nodes hold
+        the same STAN."""
         store = self.journal.store
+        if self.journal.shared:
+            from .journal.stanblocks import shared_stans
+
+            for up in self.upstreams.values():
+                stans = shared_stans(self.journal, up.cfg.name)
+                for conn in up.connections:
+                    conn.link.stans = stans
+            return
         for up in self.upstreams.values():
             for conn in up.connections:
                 try:
                     last = self.journal.run_sync(store.get_meta, self._stan_key(conn))
-                except sqlite3.Error as exc:  # an unreadable store: counted and shown; start anyway
+                except store.errors as exc:  # an unreadable store: counted and shown; start anyway
                     self.journal.note_failure("store", f"the STAN counters can't be read ({exc})", failure_reason(exc))
                     last = None
                 if last is not None and last.isdigit():
@@ -570,6 +584,8 @@ class Gateway:
         return f"{prefix}:{conn.cfg.name}:{conn.index}"
 
     def _save_stan(self, conn: UpstreamConnection) -> None:
+        if self.journal.shared:
+            return  # the database's counter is ahead of every block handed out
         self.journal.submit(self.journal.store.set_meta, self._stan_key(conn), str(conn.link.stans.last))
 
     def _save_stans(self) -> None:

@@ -3,8 +3,10 @@
 ``iso-gateway journal find`` and ``iso-gateway saf list|retry|park`` open the
 gateway's SQLite file directly (WAL mode lets them read and write while the
 daemon runs; the daemon's reversal sender polls the queue, so a retry is picked up
-within a second). They show masked PANs only: the tools never need, and never
-load, the PAN key.
+within a second). With ``[journal] backend = "postgresql"`` they work on the
+database the nodes share, from any node (``PgStore``'s look-ups and operator
+actions; a retried or parked item's lease is dropped). They show masked PANs
+only: the tools never need, and never load, the PAN key.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from .journal import txlog
 from .config import load_config
@@ -31,6 +35,42 @@ def add_store_argument(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="the gateway's configuration (its [journal] path is used)")
     g.add_argument("--journal", help="the journal's SQLite file")
     p.add_argument("--json", action="store_true", help="print JSON lines")
+
+
+def _shared(args: argparse.Namespace) -> Any:
+    """A connection to the PostgreSQL journal the configuration names (autocommit), or None for SQLite."""
+    if args.journal:
+        return None
+    cfg = load_config(args.config).journal
+    if cfg.backend != "postgresql":
+        return None
+    import psycopg
+
+    from .journal.pg import failure_reason, make_conninfo, read_password, redact, scrub
+
+    conninfo = make_conninfo(cfg.dsn, password=read_password(cfg.password_file or None, cfg.password_env or None),
+                             application_name="iso-gateway-operator")
+    try:
+        return psycopg.connect(conninfo, autocommit=True)
+    except psycopg.Error as exc:
+        raise IsoGatewayError(f"the journal's database {redact(conninfo)} can't be used: {failure_reason(exc)} "
+                              f"({scrub(str(exc).strip(), conninfo)})") from None
+
+
+@contextmanager
+def _using(conn: Any) -> Iterator[Any]:
+    """The shared store's connection for one command: closed after, its failures one line each
+    (a schema not migrated: run `iso-gateway db migrate`)."""
+    import psycopg
+
+    from .journal.pg import failure_reason
+
+    try:
+        with conn:
+            yield conn
+    except psycopg.Error as exc:
+        hint = " (run `iso-gateway db migrate`)" if failure_reason(exc) == "schema" else ""
+        raise IsoGatewayError(f"the journal's database failed: {failure_reason(exc)}{hint}") from None
 
 
 def _open(args: argparse.Namespace) -> sqlite3.Connection:
@@ -49,10 +89,17 @@ def _when(t: float | None) -> str:
 
 
 def journal_find(args: argparse.Namespace) -> int:
-    conn = _open(args)
     if not (args.rrn or args.stan or args.terminal):
         raise IsoGatewayError("give --rrn, --stan or --terminal")
-    rows = SQLiteStore.find_txns(conn, rrn=args.rrn, stan=args.stan, terminal=args.terminal, limit=args.limit)
+    shared = _shared(args)
+    if shared is not None:
+        from .journal.pg import PgStore
+
+        with _using(shared):
+            rows = PgStore.find_txns(shared, rrn=args.rrn, stan=args.stan, terminal=args.terminal, limit=args.limit)
+    else:
+        conn = _open(args)
+        rows = SQLiteStore.find_txns(conn, rrn=args.rrn, stan=args.stan, terminal=args.terminal, limit=args.limit)
     for r in rows:
         doc = {"id": r.id, "time": _when(r.created), "mti": r.mti, "terminal": r.terminal, "merchant": r.merchant,
                "stan": r.front_stan, "transmission": r.transmission, "rrn": r.rrn, "amount": r.amount,
@@ -66,6 +113,8 @@ def journal_find(args: argparse.Namespace) -> int:
                   f"rc={r.response_code or '-'}")
     if not rows and not args.json:
         print("no matching transaction")
+    if shared is not None:
+        return 0
     waiting = txlog.segments(args.journal or load_config(args.config).journal.path)
     if waiting:  # a running gateway writes them within a second; a stopped one at its next start
         print(f"note: {len(waiting)} journal log segment(s) not yet in the database: the newest transactions "
@@ -74,9 +123,15 @@ def journal_find(args: argparse.Namespace) -> int:
 
 
 def saf_list(args: argparse.Namespace) -> int:
-    conn = _open(args)
     states = args.state or ["pending", "sent", "parked"]
-    rows = SQLiteStore.list_saf(conn, states, args.limit)
+    shared = _shared(args)
+    if shared is not None:
+        from .journal.pg import PgStore
+
+        with _using(shared):
+            rows = PgStore.list_saf(shared, states, args.limit)
+    else:
+        rows = SQLiteStore.list_saf(_open(args), states, args.limit)
     for (sid, upstream, state, reason, mti, stan, rrn, amount, currency, pan, attempts, next_attempt, created,
          last) in rows:
         doc = {"id": sid, "upstream": upstream, "state": state, "reason": reason, "mti": mti, "stan": stan,
@@ -106,14 +161,33 @@ def _change(args: argparse.Namespace, sql: str, params: tuple, states: tuple[str
     return 0 if cur.rowcount or args.all else 1
 
 
+def _change_shared(args: argparse.Namespace, shared: Any, action: Any) -> int:
+    if not args.all and not args.ids:
+        raise IsoGatewayError("give item ids, or --all")
+    with _using(shared):
+        count = action(shared, time.time(), None if args.all else args.ids)
+    print(f"{count} item(s) changed")
+    return 0 if count or args.all else 1
+
+
 def saf_retry(args: argparse.Namespace) -> int:
     """Parked (or waiting) items go back to the queue, due now; the next attempt is a repeat (0421)."""
+    shared = _shared(args)
+    if shared is not None:
+        from .journal.pg import PgStore
+
+        return _change_shared(args, shared, PgStore.retry_saf)
     return _change(args, "UPDATE saf SET state=?, next_attempt=?, attempts=MIN(attempts, 1), updated=?,"
                          " last_result='retry by operator'", (SAF_PENDING, time.time(), time.time()),
                    (SAF_PARKED, SAF_PENDING, SAF_SENT))
 
 
 def saf_park(args: argparse.Namespace) -> int:
+    shared = _shared(args)
+    if shared is not None:
+        from .journal.pg import PgStore
+
+        return _change_shared(args, shared, PgStore.park_saf)
     return _change(args, "UPDATE saf SET state=?, updated=?, last_result='parked by operator'",
                    (SAF_PARKED, time.time()), (SAF_PENDING, SAF_SENT))
 

@@ -97,6 +97,18 @@ class DurableReversals:
         self.clock = clock if clock is not None else Clock()
         self.senders: dict[str, ReversalSender] = {}
         self.recovery_owed = False  # the store could not be read at start (see ``recover``)
+        # A store several nodes share: the in-doubt transactions of a node that died are reversed here.
+        journal.on_adopt = self.adopted
+
+    def adopted(self, dead: str, in_doubt: list) -> None:
+        """Node ``dead`` stopped beating: its in-doubt transactions (now this node's) are reversed
+        as this node's own would be after a crash. (Its queued reversals need nothing: any node
+        leases them once their leases run out.)"""
+        count = self.recover(in_doubt)
+        if count:
+            log.warning("reversals queued for %d transactions node %s left in doubt", count, dead)
+            for sender in self.senders.values():
+                sender.wake()
 
     # -- what the flow asks of the queue (actions REVERSE, LATE, TAKE_OVER)
 
@@ -203,9 +215,9 @@ class DurableReversals:
         if in_doubt is None:
             try:
                 in_doubt = self.journal.run_sync(store.in_doubt)
-            except sqlite3.Error as exc:  # counted, shown by /readyz, and tried again by the reversal senders
+            except getattr(store, "errors", sqlite3.Error) as exc:  # counted, shown by /readyz, retried by the senders
                 self.journal.note_failure("recovery", f"in-doubt transactions can't be read ({exc})",
-                                          failure_reason(exc))
+                                          getattr(store, "failure_reason", failure_reason)(exc))
                 self.recovery_owed = True
                 return 0
         for txn_id, upstream_name, mti, upstream_stan, original in in_doubt:
@@ -271,7 +283,7 @@ class ReversalSender:
             try:
                 await self._round()
             except Exception as exc:  # a failing store must not stop the reversals
-                reason = failure_reason(exc)
+                reason = getattr(self.journal.store, "failure_reason", failure_reason)(exc)
                 if reason == "other":
                     log.exception("reversal sender for %s: round failed", self.upstream.cfg.name)
                 self.reversals.gateway.metrics.journal_errors("saf", reason).inc()
@@ -286,14 +298,22 @@ class ReversalSender:
         name = cfg.name
         stats_at = 0.0
         wall = self.clock.wall
+        shared = getattr(self.journal, "shared", False)  # a store several nodes share (PostgreSQL)
+        node = getattr(self.journal, "node", "")
         await self.reversals.recover_owed()
         while True:
+            if shared:
+                await self._renew()
             if trio.current_time() >= stats_at:  # the full count: for the gauges, now and then
                 waiting, oldest, due_at, parked = await self.journal.call(store.saf_stats, name)
                 metrics.saf_depth(name).set(waiting)
                 metrics.saf_oldest_age(name).set(wall() - oldest if oldest else 0)
                 metrics.saf_parked(name).set(parked)
                 stats_at = trio.current_time() + STATS_EVERY
+                if shared:
+                    due_at = await self.journal.call(store.next_leasable, node, name)
+            elif shared:  # any node's reversals, once no other node holds a lease on them
+                due_at = await self.journal.call(store.next_leasable, node, name)
             else:
                 due_at = await self.journal.call(store.next_due, name)
             room = cfg.saf_window - len(self.in_flight)
@@ -302,7 +322,11 @@ class ReversalSender:
             if (self.upstream.ready and room > 0 and due_at is not None and due_at <= wall()
                     and not self.journal.holding_writes):
                 self._reads += 1  # items settled from now on may still be in this list (see _send)
-                due = await self.journal.call(store.due_saf, name, wall(), room + len(self.in_flight))
+                if shared:  # leased to this node: no other sends them meanwhile
+                    due = await self.journal.call(store.lease_due_saf, node, wall(), self.lease_seconds,
+                                                  room + len(self.in_flight), name)
+                else:
+                    due = await self.journal.call(store.due_saf, name, wall(), room + len(self.in_flight))
                 for item in due:
                     if item.id not in self.in_flight and len(self.in_flight) < cfg.saf_window:
                         self._send(item)
@@ -313,6 +337,29 @@ class ReversalSender:
             pause = SAF_POLL if due_at is None else min(SAF_POLL, max(0.01, due_at - wall()))
             with trio.move_on_after(pause):
                 await self._wakeup.wait()
+
+    @property
+    def lease_seconds(self) -> float:
+        pg = self.journal.pg
+        return pg.lease_seconds if pg is not None else 0.0
+
+    async def _renew(self, only: list[int] | None = None) -> list[int]:
+        """Shared store: extend this node's leases on the items it works on (or ``only`` these);
+        an item whose lease was lost (it ran out, and another node took it) is dropped here, and
+        returned."""
+        ids = only if only is not None else list(self.in_flight)
+        if not ids:
+            return []
+        held = set(await self.journal.call(self.journal.store.renew_leases, self.journal.node, ids,
+                                           self.clock.wall() + self.lease_seconds))
+        lost = [i for i in ids if i not in held]
+        for saf_id in lost:
+            log.warning("reversal %s: its lease ran out and another node took it; this node lets it go",
+                        saf_label(saf_id))
+            attempt = self.in_flight.pop(saf_id, None)
+            if isinstance(attempt, ReversalAttempt) and attempt.waker is not None:
+                attempt.waker.set()
+        return lost
 
     def _send(self, item: SafItem) -> None:
         if self._settled.get(item.id) == self._reads:
@@ -492,7 +539,12 @@ class ReversalSender:
 
     async def _send_alone(self, item: SafItem) -> None:
         cfg = self.upstream.cfg
+        shared = getattr(self.journal, "shared", False)
+        if shared and await self._renew([item.id]):
+            return  # another node has it now
         conn = SoloConnection(self.upstream)
+        if shared:  # STANs from this node's blocks, as on its other links
+            conn.link.stans = self.upstream.connections[0].link.stans
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.run)
             try:

@@ -49,12 +49,13 @@ def supervise(config_path: str, workers: int) -> int:
     setup_logging(config.log.level, config.log.format, config.log.file, config.gateway.name)
     if workers > MAX_WORKERS:
         raise ConfigError("--workers", "", f"at most {MAX_WORKERS} workers")
-    if config.journal.enabled:  # create the shared file and keys once (and migrate an old key), before the workers race to
+    if config.journal.enabled:  # the keys once (and an old key migrated), before the workers race to
         keys = open_gateway_keys(config, config_path)
-        conn = SQLiteStore.connect(config.journal.path, config.journal.synchronous)
-        # What any worker logged before a crash of the whole group (a restarted worker replays its own).
-        replay_segments(conn, SQLiteStore(keys.vault), None)
-        conn.close()
+        if config.journal.backend != "postgresql":  # on PostgreSQL each worker is a node of the database
+            conn = SQLiteStore.connect(config.journal.path, config.journal.synchronous)
+            # What any worker logged before a crash of the whole group (a restarted worker replays its own).
+            replay_segments(conn, SQLiteStore(keys.vault), None)
+            conn.close()
         keys.module.close()  # each worker opens its own
     try:
         return trio.run(_supervise, config_path, workers, mp_dir)

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +47,7 @@ import trio
 
 from . import store as store_module
 from . import txlog
+from ..core.errors import DuplicateRecorded
 from ..security.pan import PanVault
 from .store import (
     ANSWERED, CHECKPOINT_EVERY, FORWARDED, MAX_WORKERS, NOT_SENT, RECEIVED, RECOVERY_WINDOW,
@@ -59,7 +61,7 @@ __all__ = [
     "REVERSAL_FIELDS", "REVERSED", "SAF_ACKED", "SAF_CANCELLED", "SAF_PARKED", "SAF_PENDING", "SAF_SENT", "SCHEMA",
     "TIMED_OUT", "TXN_COLUMNS", "Backoff", "SafItem", "SQLiteStore", "TxnRow", "failure_reason", "id_at", "new_id",
     "INDEX_EVERY", "STORE_RETRY_INITIAL", "STORE_RETRY_MAX", "Journal", "LogIndexer", "open_store_readonly",
-    "replay_segments",
+    "replay_segments", "PgSettings", "pg_settings",
 ]
 
 log = logging.getLogger("iso_gateway.journal")
@@ -83,17 +85,51 @@ STORE_RETRY_MAX = 2.0
 PURGE_EVERY = 600.0
 
 
-def _function(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return getattr(fn, "__func__", fn)
-
-
 # Writes that must reach the store in the end, in order: a reversal owed and its progress, a
 # transaction's state, a STAN block. When the store refuses them they are kept and retried.
 # Not ``insert_txn`` (with synchronous=FULL): a request the journal can't take is refused
 # (96) and never sent, so nothing is owed for it.
-MUST_LAND = frozenset(_function(f) for f in (
+# By name: either store's methods (SQLiteStore, pg.PgStore).
+MUST_LAND = frozenset(f.__name__ for f in (
     SQLiteStore.insert_saf, SQLiteStore.update_saf, SQLiteStore.cancel_unsent_saf, SQLiteStore.update_txn,
     SQLiteStore.update_txn_many, SQLiteStore.set_meta))
+
+
+@dataclass(frozen=True)
+class PgSettings:
+    """The journal on PostgreSQL (``[journal] backend = "postgresql"``): where, and as which node."""
+
+    conninfo: str  # with the password (never logged: ``pg.redact``)
+    node: str
+    db_timeout: float = 2.0
+    heartbeat_interval: float = 2.0
+    node_ttl: float = 10.0
+    lease_seconds: float = 20.0
+    start_timeout: float = 30.0
+    dup_window: float = 0.0  # the gateway's duplicate_window: a key another node journaled is refused
+
+
+def pg_settings(cfg: Any, worker: int | None = None, dup_window: float = 0.0) -> PgSettings | None:
+    """``PgSettings`` from a ``config.JournalConfig`` (None for the SQLite backend or no journal).
+    The password comes from ``password_env`` or ``password_file``; a worker process (``--workers``)
+    is a node of its own (``<node>/w<n>``)."""
+    if cfg.backend != "postgresql" or not cfg.enabled:
+        return None
+    import socket
+
+    from .pg import make_conninfo, read_password
+
+    node = cfg.node or socket.gethostname()
+    if worker is not None:
+        node = f"{node}/w{worker}"
+    password = read_password(cfg.password_file or None, cfg.password_env or None)
+    # A server that stops answering on an open connection (a partition, a stopped host) is noticed
+    # by the kernel: unacknowledged data for db_timeout fails the connection, and so do keepalives.
+    conninfo = make_conninfo(cfg.dsn, password=password, connect_timeout=max(2, math.ceil(cfg.db_timeout)),
+                             tcp_user_timeout=str(int(cfg.db_timeout * 1000)), keepalives="1",
+                             keepalives_idle="5", keepalives_interval="2", keepalives_count="2")
+    return PgSettings(conninfo, node, cfg.db_timeout, cfg.heartbeat_interval, cfg.node_ttl, cfg.lease_seconds,
+                      cfg.start_timeout, dup_window)
 
 
 # --------------------------------------------------------------------------- the worker
@@ -165,12 +201,19 @@ class Journal:
     def __init__(self, path: str, vault: PanVault, *, synchronous: str = "NORMAL", max_batch: int = 1000,
                  metrics: Any = None, worker: int = 0, replay_all: bool = True, indexer: str = "process",
                  max_log_segments: int = 50, reversal_data_window: float = RECOVERY_WINDOW,
-                 retention: float = 90 * 86400.0) -> None:
+                 retention: float = 90 * 86400.0, pg: PgSettings | None = None) -> None:
         if not 0 <= worker < MAX_WORKERS:
             raise ValueError(f"worker number must be below {MAX_WORKERS}")
         store_module._worker_bits = worker
         self.path = path
-        self.store = SQLiteStore(vault, worker)
+        # PostgreSQL (several nodes share the database) or the SQLite file at ``path``.
+        self.pg = pg
+        self.shared = pg is not None
+        self.node = pg.node if pg is not None else ""
+        self.db: Any = None
+        self.store: Any = SQLiteStore(vault, worker)
+        # Called (on the event loop) with the in-doubt transactions taken over from a dead node.
+        self.on_adopt: Callable[[str, list[Any]], None] | None = None
         self.synchronous = synchronous
         self.max_batch = max_batch
         self.metrics = metrics
@@ -199,17 +242,27 @@ class Journal:
         self._pending: list[_Op] = []
         self._kick: trio.Event | None = None
         # Statements run as one executemany when a batch holds a run of them.
-        self._bulk: dict[object, Callable[..., Any]] = {SQLiteStore.insert_txn: self.store.insert_txn_many,
-                      SQLiteStore.update_txn: self.store.update_txn_many}
-        self._conn = SQLiteStore.connect(path, synchronous)  # opened here so a bad path fails at start
-        if path != ":memory:":
-            self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does it (see _checkpoints)
+        # Errors an operation's own (a constraint): in a batch on SQLite the op fails alone; on
+        # PostgreSQL the transaction is aborted, so the batch goes again one op at a time.
+        self._op_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError, DuplicateRecorded)
+        self._integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
+        self._down: BaseException | None = None  # PostgreSQL: the store's failure until a batch works again
+        self._pg_conn: Any = None  # PostgreSQL: the thread's connection (see _pg_connection)
+        self._busy_since: float | None = None  # PostgreSQL: when the batch being committed began (monotonic)
+        if pg is not None:
+            self._open_pg(vault, pg, worker)
+        else:
+            self._conn = SQLiteStore.connect(path, synchronous)  # opened here so a bad path fails at start
+            if path != ":memory:":
+                self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does it (see _checkpoints)
+        self._bulk: dict[str, Callable[..., Any]] = {"insert_txn": self.store.insert_txn_many,
+                                                     "update_txn": self.store.update_txn_many}
         self._checkpoint_stop = threading.Event()
         # Forwarded transactions go to the write-ahead log (txlog.py) from the event loop and
         # reach SQLite through the indexer (indexer.py) every INDEX_EVERY seconds. With
         # synchronous=FULL (a power loss must not lose them either) they take the thread and
-        # its fsync'd commit instead.
-        self.write_ahead = path != ":memory:" and synchronous != "FULL"
+        # its fsync'd commit instead; so do they on PostgreSQL (durable when its commit returns).
+        self.write_ahead = path != ":memory:" and synchronous != "FULL" and pg is None
         self.indexer_mode = indexer
         self.txlog: txlog.TxLog | None = None
         self._indexer: Any = None
@@ -237,6 +290,41 @@ class Journal:
         if not self.unreplayed:
             self.replayed.set()
 
+    def _open_pg(self, vault: PanVault, pg: PgSettings, worker: int) -> None:
+        """The pool, the schema brought up to date and this node's id slot: tried until
+        ``start_timeout`` (a node does not start without its database; once running it
+        survives the database's absence)."""
+        import psycopg
+
+        from .pg import PgDatabase, PgStore, SessionSettings, redact
+
+        store = PgStore(vault, pg.node, worker, dup_window=pg.dup_window)
+        ms = int(pg.db_timeout * 1000)
+        self.db = db = PgDatabase(pg.conninfo, store, min_size=1, max_size=4, connect_timeout=pg.db_timeout,
+                                  settings=SessionSettings(statement_timeout_ms=ms, lock_timeout_ms=ms))
+        self.store = store
+        self._conn = None  # type: ignore[assignment]
+        self._op_errors = (DuplicateRecorded,)
+        self._integrity = (psycopg.IntegrityError,)
+        deadline = time.monotonic() + pg.start_timeout
+        backoff = Backoff(STORE_RETRY_INITIAL, STORE_RETRY_MAX)
+        db.open()
+        while True:
+            try:
+                applied = db.migrate()
+                slot = db.run(store.claim_slot, pg.node, time.time(), pg.node_ttl)
+                break
+            except Exception as exc:  # noqa: BLE001 - StoreUnavailable, a migration refused
+                if time.monotonic() >= deadline:
+                    db.close()
+                    raise RuntimeError(f"the journal's database {redact(pg.conninfo)} can't be used: {exc}") from None
+                log.warning("journal: waiting for the database %s (%s)", redact(pg.conninfo), exc)
+                time.sleep(backoff.next())
+        if applied:
+            log.info("journal: schema migrations %s applied", ", ".join(map(str, applied)))
+        store_module._worker_bits = slot
+        log.info("journal on PostgreSQL %s as node %s (id slot %d)", redact(pg.conninfo), pg.node, slot)
+
     # -- lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -248,7 +336,7 @@ class Journal:
         self._thread.start()
         checkpointer = None
         # The indexer process checkpoints when there is one (the copy stays off this process's GIL).
-        if self.path != ":memory:" and not (self.write_ahead and self.indexer_mode == "process"):
+        if self.path != ":memory:" and self.db is None and not (self.write_ahead and self.indexer_mode == "process"):
             checkpointer = threading.Thread(target=self._checkpoints, name="journal-checkpoint", daemon=True)
             checkpointer.start()
         self._kick = trio.Event()
@@ -262,6 +350,8 @@ class Journal:
                     nursery.start_soon(self._index)
                 nursery.start_soon(self._purge)
                 nursery.start_soon(self._probe)
+                if self.pg is not None:
+                    nursery.start_soon(self._heartbeat)
                 if self.unreplayed:
                     await self._hand_to_indexer(self.unreplayed)
                     self._indexed.setdefault(self.unreplayed[-1], trio.Event())
@@ -273,6 +363,8 @@ class Journal:
             with trio.CancelScope(shield=True):
                 if self._indexer is not None:
                     await self._indexer.close(10)  # it finishes what it was sent, then exits
+                if self.pg is not None:  # a clean stop: leases given up, the heartbeat ended
+                    self._pending.append(_Op(self.store.leave, (self.node,), {}, None))
                 self._hand_over()
                 self._queue.put(_STOP)
                 self._checkpoint_stop.set()
@@ -355,6 +447,39 @@ class Journal:
                     self.clear_failure("log")
             if "store" in self._failures and not self._kept:
                 self.submit(self.store.set_meta, f"probe:w{self.store.worker}", str(self.wall()))
+
+    async def _heartbeat(self) -> None:
+        """PostgreSQL: this node's heartbeat every ``heartbeat_interval`` seconds, and a look for
+        dead nodes (no heartbeat for ``node_ttl``): their in-doubt transactions and reversals
+        become this node's, and the in-doubt ones go to ``on_adopt`` to be reversed."""
+        assert self.pg is not None
+        pg = self.pg
+
+        def adopted(found: Any, error: BaseException | None) -> None:
+            if error is not None or not found:
+                return
+            for dead, in_doubt in found:
+                log.warning("journal: node %s is dead (no heartbeat for %.0f s): this node takes over its work"
+                            " (%d transactions in doubt)", dead, pg.node_ttl, len(in_doubt))
+                if self.on_adopt is not None:
+                    self.on_adopt(dead, in_doubt)
+
+        def beat(slot: Any, error: BaseException | None) -> None:
+            if error is None and slot != store_module._worker_bits:
+                # This node's row was gone (it was cut off from the database for longer than
+                # node_ttl, and another node took it for dead): its slot was given up, and it
+                # holds another one now.
+                log.warning("journal: this node's id slot is %d now (it was %d): it was taken for dead",
+                            slot, store_module._worker_bits)
+                store_module._worker_bits = slot
+
+        while True:
+            now = self.wall()
+            # A beat claims the slot again (the one held, or a free one if this node's row was
+            # deleted), so that no two live nodes ever make ids with the same slot.
+            self.submit(self.store.claim_slot, self.node, now, pg.node_ttl, callback=beat)
+            self.submit(self.store.adopt, now, callback=adopted)
+            await trio.sleep(pg.heartbeat_interval)
 
     async def _purge(self) -> None:
         """Every PURGE_EVERY seconds, the purge (``purge_now``); the first one soon after start."""
@@ -462,6 +587,13 @@ class Journal:
         self._segments_waiting += change
         if self.metrics is not None:
             self.metrics.journal_log_segments().set(self._segments_waiting)
+
+    @property
+    def stalled_for(self) -> float:
+        """PostgreSQL: seconds the batch being committed has waited so far (0 when none is): a
+        database that holds a batch without failing it (what ``failed`` can't see yet)."""
+        since = self._busy_since
+        return time.monotonic() - since if since is not None else 0.0
 
     @property
     def holding_writes(self) -> bool:
@@ -594,7 +726,11 @@ class Journal:
     def close(self) -> None:
         if self.txlog is not None:
             self.txlog.close()
-        self._conn.close()
+        if self.db is not None:
+            self._drop_pg_connection()
+            self.db.close()
+        else:
+            self._conn.close()
 
     # -- use
 
@@ -621,6 +757,8 @@ class Journal:
 
     def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(conn, *args)`` right now on this thread (start-up and tools only, never on the event loop)."""
+        if self.db is not None:
+            return self.db.run(fn, *args)
         with self._conn:
             return fn(self._conn, *args)
 
@@ -674,12 +812,15 @@ class Journal:
             else:  # not yet due: MUST_LAND writes queue up behind them, in order
                 ops = []
                 for op in batch:
-                    if _function(op.fn) in MUST_LAND:
+                    if op.fn.__name__ in MUST_LAND:
                         op.kept = True
                         self._kept.append(op)
                     else:
                         ops.append(op)
         if not ops:
+            return
+        if self.db is not None:
+            self._commit_pg(ops, retrying)
             return
         started = time.perf_counter()
         changes = conn.total_changes
@@ -697,6 +838,9 @@ class Journal:
                 self._backoff.reset()
             if conn.total_changes != changes or retrying:
                 self.clear_failure("store")
+        self._count(ops, started)
+
+    def _count(self, ops: list[_Op], started: float) -> None:
         self.commits += 1
         self.ops += len(ops)
         if self.metrics is not None:
@@ -709,41 +853,145 @@ class Journal:
             for kind, n in kinds.items():
                 self.metrics.journal_writes(kind).inc(n)
 
-    def _one_by_one(self, ops: list[_Op]) -> None:
+    def _commit_pg(self, ops: list[_Op], retrying: int) -> None:
+        """PostgreSQL: the batch in one transaction on a pooled connection. While the database
+        is failing (until the next retry is due) nothing waits for it: the ops fail at once (a
+        request is answered 96, never sent) and MUST_LAND writes are kept. A failure that says
+        the database refused the work fails the batch the same way; any other (a constraint)
+        sends it again one op at a time."""
+        started = time.perf_counter()
+        down = self._down
+        if down is not None and time.monotonic() < self._kept_at:
+            self._refuse(ops, down, note=False)
+            return
+        self._busy_since = time.monotonic()
+        try:
+            self._commit_pg_batch(ops, retrying, started)
+        finally:
+            self._busy_since = None
+
+    def _commit_pg_batch(self, ops: list[_Op], retrying: int, started: float) -> None:
+        try:
+            conn = self._pg_connection()
+            try:
+                with conn.transaction():
+                    self._apply(conn, ops)
+            except Exception as exc:  # sorted out below
+                if self.store.refused(exc) or conn.closed:
+                    raise
+                log.debug("journal commit failed (%s); each operation alone", type(exc).__name__)
+                self._one_by_one(ops, conn)
+                self._count(ops, started)
+                return
+        except Exception as exc:  # noqa: BLE001 - the database refused the work (or is gone)
+            self._drop_pg_connection()
+            error = self.db.error(exc)
+            self._refuse(ops, error)
+            return
+        if retrying:
+            log.info("journal: %d writes kept while the store refused them are stored now", retrying)
+        if self._down is not None or retrying:
+            self._down = None
+            self._backoff.reset()
+            self.clear_failure("store")
+        self._count(ops, started)
+
+    def _pg_connection(self) -> Any:
+        """The thread's own connection (a batch holds one for its transaction; the pool's hand-out
+        and check would cost each batch a round trip): opened when missing, within db_timeout."""
+        conn = self._pg_conn
+        if conn is None or conn.closed:
+            import psycopg
+
+            conn = psycopg.connect(self.db.conninfo, connect_timeout=max(2, math.ceil(self.db.connect_timeout)))
+            try:
+                self.db._configure(conn)
+                # Every statement of the journal's batches finds its rows by an index (ids, duplicate
+                # keys, a node's or an upstream's queue). Planned from statistics older than the
+                # table (a new database, a burst before autovacuum analyzes it), the update of a
+                # batch's answers joined the whole table by a hash (2 ms a batch, growing with the
+                # table): this connection's planner stays on the indexes.
+                conn.execute("SET enable_seqscan = off")
+                conn.execute("SET enable_hashjoin = off")
+                conn.execute("SET enable_mergejoin = off")
+                conn.commit()
+            except BaseException:
+                conn.close()
+                raise
+            self._pg_conn = conn
+        return conn
+
+    def _drop_pg_connection(self) -> None:
+        conn, self._pg_conn = self._pg_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
+
+    def _refuse(self, ops: list[_Op], error: BaseException, note: bool = True) -> None:
+        """The store took none of ``ops``: MUST_LAND writes are kept (in order), the others fail."""
+        for op in ops:
+            op.result = None
+            if op.fn.__name__ in MUST_LAND:
+                op.kept = True
+                op.error = None
+                self._kept.append(op)
+            else:
+                op.kept = False
+                op.error = error
+        if note:
+            self._down = error
+            reason = self.store.failure_reason(error)
+            self._kept_at = time.monotonic() + self._backoff.next()
+            kept = f"; {len(self._kept)} writes kept in memory and retried" if self._kept else ""
+            self.note_failure("store", f"{reason} ({error}){kept}", reason)
+
+    def _one_by_one(self, ops: list[_Op], pg_conn: Any = None) -> None:
         """After a failed batch: each op in a transaction of its own, so reads get their answers
         and one bad op does not fail the rest. A MUST_LAND write the store refuses is kept
         (its callback runs as if it were written: the journal owns it now), and every
         MUST_LAND write after it is kept untried, behind it, in order."""
-        conn = self._conn
+        conn = self._conn if pg_conn is None else pg_conn
+        store_refused = self.store.refused
         refused: BaseException | None = None
         for op in ops:
-            must = _function(op.fn) in MUST_LAND
+            must = op.fn.__name__ in MUST_LAND
             if must and refused is not None:
                 op.kept = True
                 self._kept.append(op)
                 continue
+            op.error = None
             try:
-                conn.execute("BEGIN")
-                op.result = op.fn(conn, *op.args, **op.kwargs)
-                conn.execute("COMMIT")
+                if pg_conn is not None:
+                    with pg_conn.transaction():
+                        op.result = op.fn(conn, *op.args, **op.kwargs)
+                else:
+                    conn.execute("BEGIN")
+                    op.result = op.fn(conn, *op.args, **op.kwargs)
+                    conn.execute("COMMIT")
             except Exception as exc:  # noqa: BLE001 - the op's own error, or the store's
-                self._rollback()
-                if must and isinstance(exc, sqlite3.OperationalError):
+                if pg_conn is None:
+                    self._rollback()
+                store_failed = store_refused(exc) if pg_conn is not None else isinstance(exc, sqlite3.OperationalError)
+                if must and store_failed:
                     op.kept = True
                     self._kept.append(op)
                     refused = exc
                     continue
                 op.error = exc
-                if isinstance(exc, sqlite3.OperationalError):
+                if store_failed:
                     refused = refused or exc
-                elif not isinstance(exc, sqlite3.IntegrityError):
+                elif not isinstance(exc, self._integrity + (DuplicateRecorded,)):
                     log.error("journal operation %s failed (%s)", op.fn.__name__, type(exc).__name__)
                     if self.metrics is not None:
-                        self.metrics.journal_errors("store", failure_reason(exc)).inc()
+                        self.metrics.journal_errors("store", self.store.failure_reason(exc)).inc()
             else:
                 op.kept = False
         if refused is not None:
-            reason = failure_reason(refused)
+            if pg_conn is not None:
+                self._down = refused
+            reason = self.store.failure_reason(refused)
             self._kept_at = time.monotonic() + self._backoff.next()
             kept = f"; {len(self._kept)} writes kept in memory and retried" if self._kept else ""
             self.note_failure("store", f"{reason} ({refused}){kept}", reason)
@@ -771,27 +1019,33 @@ class Journal:
             log.error("journal: %d writes the store refused are dropped at stop", len(self._kept))
             self._kept = []
 
-    def _apply(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        """Run the batch in order; a run of the same bulk-able statement is one executemany."""
+    def _apply(self, conn: Any, batch: list[_Op]) -> None:
+        """Run the batch in order; a run of the same bulk-able statement is one executemany.
+        A bulk insert may refuse some rows (a shared store's duplicates): those ops alone fail."""
         bulk = self._bulk
+        op_errors = self._op_errors
         i, n = 0, len(batch)
         while i < n:
             op = batch[i]
-            many = bulk.get(getattr(op.fn, "__func__", None)) if not op.kwargs else None
+            many = bulk.get(op.fn.__name__) if not op.kwargs and getattr(op.fn, "__self__", None) is self.store else None
             j = i + 1
             if many is not None:
                 while j < n and batch[j].fn == op.fn and not batch[j].kwargs:
                     j += 1
             if many is not None and j - i > 1:
                 try:
-                    many(conn, [o.args for o in batch[i:j]])
-                except sqlite3.IntegrityError as exc:
+                    results = many(conn, [o.args for o in batch[i:j]])
+                except op_errors as exc:
                     for o in batch[i:j]:
                         o.error = exc
+                else:
+                    if results is not None:
+                        for o, error in zip(batch[i:j], results, strict=True):
+                            o.error = error
             else:
                 try:
                     op.result = op.fn(conn, *op.args, **op.kwargs)
-                except sqlite3.IntegrityError as exc:
+                except op_errors as exc:
                     op.error = exc
             i = j
         for op in batch:

@@ -49,8 +49,10 @@ class Store(Protocol[C]):
 
     def insert_txn(self, conn: C, row: dict[str, Any], original: dict[str, str]) -> None: ...
 
-    def insert_txn_many(self, conn: C, calls: list[tuple[Any, ...]]) -> None:
-        """``insert_txn`` of each (row, original), as one batch."""
+    def insert_txn_many(self, conn: C, calls: list[tuple[Any, ...]]) -> Sequence[BaseException | None] | None:
+        """``insert_txn`` of each (row, original), as one batch. A shared store may refuse some rows
+        (a duplicate another node journaled first): then it returns, per call, None or the error
+        for that row (``core.errors.DuplicateRecorded``), and the batch goes on."""
         ...
 
     def update_txn(self, conn: C, txn_id: int, state: str, response_code: str | None = None,

@@ -41,6 +41,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.conninfo import make_conninfo as _libpq_conninfo
 
+from ..core.errors import DuplicateRecorded
 from ..core.masking import mask_pan
 from ..security.pan import PanVault
 from .store import (
@@ -72,8 +73,10 @@ _TXN_INSERT_COLUMNS = (
     ("upstream", "text"), ("link", "int4"), ("upstream_stan", "text"), ("rrn", "text"), ("amount", "text"),
     ("currency", "text"), ("pan_masked", "text"), ("pan_hash", "text"), ("state", "text"), ("original", "bytea"),
     ("worker", "int4"), ("response_code", "text"), ("auth_code", "text"), ("acquirer", "text"), ("node", "text"),
+    ("dup_key", "text"), ("dup_bucket", "int8"),
 )
-# Rows arrive as SQLiteStore.txn_params tuples (the same columns, the same order) plus the node.
+# Rows arrive as SQLiteStore.txn_params tuples (the same columns, the same order) plus the node and
+# the duplicate key and window number.
 _P_UPDATED, _P_STATE, _P_RESPONSE_CODE, _P_AUTH_CODE = 2, 17, 20, 21
 
 _INSERT_TXN_ARRAYS = (
@@ -215,12 +218,14 @@ class PgStore:
     caller's transaction; the method set is ``SQLiteStore``'s (see interface.py), plus the ones
     several nodes need. ``node``: this node's id (its rows, its leases, its heartbeat)."""
 
-    def __init__(self, vault: PanVault, node: str, worker: int = 0) -> None:
+    def __init__(self, vault: PanVault, node: str, worker: int = 0, dup_window: float = 0.0) -> None:
         if not node:
             raise ValueError("a PostgreSQL store needs a node id")
         self.vault = vault
         self.node = node
         self.worker = worker
+        # Seconds a request's duplicate key refuses a second one (the gateway's duplicate_window; 0: off).
+        self.dup_window = dup_window
         self._rows = SQLiteStore(vault, worker)  # the columns of a row (masked PAN, hash, sealed fields)
 
     failure_reason = staticmethod(failure_reason)
@@ -232,12 +237,66 @@ class PgStore:
     # -- writes
 
     def insert_txn(self, conn: Conn, row: dict[str, Any], original: dict[str, str]) -> None:
-        self.insert_txn_many(conn, [(row, original)])
+        """As ``insert_txn_many`` for one row: raises ``DuplicateRecorded`` when refused as a duplicate."""
+        (error,) = self.insert_txn_many(conn, [(row, original)])
+        if error is not None:
+            raise error
 
-    def insert_txn_many(self, conn: Conn, calls: list[tuple[Any, ...]]) -> None:
+    def insert_txn_many(self, conn: Conn, calls: list[tuple[Any, ...]]) -> list[DuplicateRecorded | None]:
+        """Insert each (row, original); returns, per call, None (inserted) or ``DuplicateRecorded``:
+        a row with the same non-empty ``dup_key`` (any node's) was created within ``dup_window``
+        seconds (its answer, or rc None while it is in flight), so this one is not inserted and
+        must not be sent. Two nodes inserting the same key at once meet on the unique index
+        (key, window number): the second waits for the first's commit and inserts nothing."""
         now = time.time()
-        self._insert_rows(conn, [(*self._rows.txn_params(row, original, now), self.node) for row, original in calls],
-                          on_conflict="")
+        window = self.dup_window
+        keys = [str(row.get("dup_key") or "") for row, _ in calls] if window > 0 else [""] * len(calls)
+        bucket = int(now // window) if window > 0 else 0
+        results: list[DuplicateRecorded | None] = [None] * len(calls)
+        keyed = sorted({k for k in keys if k})
+        seen: set[str] = set()
+        if keyed:
+            found = self._first_of(conn, keyed, now)
+            for i, key in enumerate(keys):
+                if not key:
+                    continue
+                if key in found:
+                    results[i] = DuplicateRecorded(*found[key])
+                elif key in seen:  # a second one in this batch: the first is in flight
+                    results[i] = DuplicateRecorded(None, None)
+                seen.add(key)
+        rows = [(*self._rows.txn_params(row, original, now), self.node, keys[i], bucket)
+                for i, (row, original) in enumerate(calls) if results[i] is None]
+        if not keyed:
+            self._insert_rows(conn, rows, on_conflict="")
+            return results
+        inserted = {r[0] for r in self._insert_rows_returning(conn, rows)}
+        lost = [i for i, (row, _) in enumerate(calls) if results[i] is None and row["id"] not in inserted]
+        if lost:  # another node inserted the same key meanwhile (it waited for that one's commit)
+            found = self._first_of(conn, sorted({keys[i] for i in lost}), now)
+            for i in lost:
+                results[i] = DuplicateRecorded(*found.get(keys[i], (None, None)))
+        return results
+
+    def _first_of(self, conn: Conn, keys: list[str], now: float) -> dict[str, tuple[str | None, str | None]]:
+        """The first row of each duplicate key created within the window: (response code, auth code).
+        One index look-up per key (the lateral join keeps the planner on txn_dup_key)."""
+        return {key: (rc, auth) for key, rc, auth in conn.execute(
+            "SELECT k.key, t.response_code, t.auth_code FROM unnest(%s::text[]) AS k(key) CROSS JOIN LATERAL"
+            " (SELECT response_code, auth_code FROM txn WHERE dup_key = k.key AND dup_key <> '' AND created >= %s"
+            " ORDER BY created LIMIT 1) AS t", (keys, now - self.dup_window))}
+
+    @staticmethod
+    def _insert_rows_returning(conn: Conn, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Rows with duplicate keys: one that meets another's (key, window number), committed or
+        being inserted by another node, is not inserted; returns the ids that were. (The window
+        look-up is ``_first_of``'s, by index: folded into this statement as NOT EXISTS, the
+        planner hashed the whole window once per batch.)"""
+        if not rows:
+            return []
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        return conn.execute(_INSERT_TXN_ARRAYS + " ON CONFLICT (dup_key, dup_bucket) WHERE dup_key <> '' DO NOTHING"
+                            " RETURNING id", columns).fetchall()
 
     def _insert_rows(self, conn: Conn, rows: list[tuple[Any, ...]], on_conflict: str) -> int:
         if not rows:
@@ -254,7 +313,7 @@ class PgStore:
         updates: list[tuple[int, str, float, str | None, str | None]] = []
         for record in records:
             if record[0] == "T":
-                rows[record[1]] = [*self._rows.logged_params(record), self.node]
+                rows[record[1]] = [*self._rows.logged_params(record), self.node, "", 0]
                 continue
             _, txn_id, state, when, rc, auth = record
             row = rows.get(txn_id)
@@ -302,14 +361,18 @@ class PgStore:
     def insert_saf(self, conn: Conn, item: SafItem) -> None:
         msg = item.message
         pan = msg.get("2", "")
+        # A recovered (in-doubt) transaction is reversed once, even when its own node, restarting,
+        # and a survivor taking over from it both find it: the second insert adds nothing.
+        guard = (" WHERE NOT EXISTS (SELECT 1 FROM saf WHERE txn_id=%s)" if item.reason == "in_doubt"
+                 and item.txn_id is not None else "")
         conn.execute(
             "INSERT INTO saf (id, txn_id, upstream, state, reason, mti, stan, f90, rrn, amount, currency, pan_masked,"
             " attempts, next_attempt, created, updated, message, worker, node)"
-            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            " SELECT %s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s" + guard,
             (item.id, item.txn_id, item.upstream, item.state, item.reason, item.mti, item.stan, item.f90,
              msg.get("37", ""), msg.get("4", ""), msg.get("49", ""), mask_pan(pan) if pan else "",
              item.attempts, item.next_attempt, item.created, time.time(), self.vault.seal(msg), self.worker,
-             self.node))
+             self.node, *((item.txn_id,) if guard else ())))
 
     @staticmethod
     def update_saf(conn: Conn, saf_id: int, *, state: str, attempts: int | None = None,
@@ -582,6 +645,46 @@ class PgStore:
         safs = conn.execute("UPDATE saf SET node=%s WHERE node=%s AND state IN (%s, %s, %s)",
                             (node, dead, *_WAITING, SAF_PARKED)).rowcount
         return txns, safs
+
+    def adopt(self, conn: Conn, now: float) -> list[tuple[str, list[tuple[int, str, str, str, dict[str, str]]]]]:
+        """Take over from every node whose heartbeat ran out before ``now`` (but this one): its
+        in-doubt transactions become this node's, returned as ``in_doubt`` gives them (for the
+        caller to reverse), its waiting reversals too (``take_over``), and its row is deleted (its
+        slot freed). Returns [(dead node, its in-doubt transactions)]. Two survivors adopting at
+        once take each row once (the updates lock it)."""
+        adopted = []
+        for dead in self.expired_nodes(conn, now):
+            if dead == self.node:
+                continue
+            ids = [r[0] for r in conn.execute(
+                "UPDATE txn SET node=%s WHERE node=%s AND state IN (%s, %s) AND response_code IS NULL RETURNING id",
+                (self.node, dead, FORWARDED, TIMED_OUT))]
+            conn.execute("UPDATE saf SET node=%s WHERE node=%s AND state IN (%s, %s, %s)",
+                         (self.node, dead, *_WAITING, SAF_PARKED))
+            conn.execute("DELETE FROM nodes WHERE node=%s AND expires<%s", (dead, now))
+            rows = conn.execute(
+                "SELECT t.id, t.upstream, t.mti, t.upstream_stan, t.original FROM txn t WHERE t.id = ANY(%s)"
+                " AND NOT EXISTS (SELECT 1 FROM saf s WHERE s.txn_id=t.id) ORDER BY t.id", (ids,)).fetchall() \
+                if ids else []
+            adopted.append((dead, [(r[0], r[1], r[2], r[3], self.vault.open(bytes(r[4])) if r[4] else {})
+                                   for r in rows]))
+        return adopted
+
+    @staticmethod
+    def leave(conn: Conn, node: str) -> None:
+        """A clean stop: ``node`` gives up its leases, and its heartbeat ends now (its slot is free)."""
+        conn.execute("UPDATE saf SET leased_by=NULL, lease_until=NULL WHERE leased_by=%s", (node,))
+        conn.execute("UPDATE nodes SET expires=LEAST(expires, heartbeat) WHERE node=%s", (node,))
+
+    @staticmethod
+    def next_leasable(conn: Conn, node: str, upstream: str) -> float | None:
+        """When the next reversal on ``upstream`` that ``node`` could lease is due: the earliest
+        next attempt of the waiting items, each no sooner than another node's lease on it ends."""
+        due: float | None = _one(conn.execute(
+            "SELECT MIN(GREATEST(next_attempt, CASE WHEN leased_by IS NULL OR leased_by=%s THEN 0"
+            " ELSE COALESCE(lease_until, 0) END)) FROM saf WHERE upstream=%s AND state IN (%s, %s)",
+            (node, upstream, *_WAITING)))[0]
+        return due
 
     @staticmethod
     def next_stan_block(conn: Conn, link: str, size: int) -> int:
