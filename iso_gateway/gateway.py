@@ -101,6 +101,8 @@ class Gateway:
         if self.keys is not None:
             self.keys.attach(self.journal)
         self.journal.wall = self.clock.wall
+        # A committed batch's callbacks feed the flow; what they decided goes out together after them.
+        self.journal.after_callbacks = self.run_flow
         self.reversals = DurableReversals(self, self.journal, self.clock)
         dialect_dirs = tuple(config.dialect_dirs)
         rule_dirs = tuple(config.rule_dirs)
@@ -524,8 +526,7 @@ class Gateway:
             return
 
         def committed(result: object, error: BaseException | None) -> None:
-            self.flow.journal_done(txn, error, trio.current_time())
-            self.run_flow()
+            self.flow.journal_done(txn, error, trio.current_time())  # carried out after the batch's callbacks
 
         journal.submit(journal.store.insert_txn, row, fields, callback=committed)
 

@@ -53,7 +53,7 @@ def test_the_money_invariant_holds_across_a_pair_with_both_nodes_killed(pg_serve
 
 
 async def test_a_reversal_owed_by_a_sigkilled_node_is_sent_by_the_survivor_within_its_lease_and_a_retry(
-        pg_server: PgServer, tmp_path: Path) -> None:
+        pg_server: PgServer, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Two daemon nodes on one database. Node A owes a reversal the switch never answers (it keeps
     repeating it, leased); A is SIGKILLed; node B sends it once A's lease has run out, within the
     lease plus one retry interval (and its look at the queue). Real time, bounded: a few seconds."""
@@ -65,6 +65,7 @@ async def test_a_reversal_owed_by_a_sigkilled_node_is_sent_by_the_survivor_withi
 
     dsn = pg_server.conninfo(pg_server.create_database())
     sim = SwitchSimulator()
+    kek_dir = tmp_path_factory.mktemp("kek")  # outside the nodes' state folder, shared by both
     lease, retry_max, poll = 3.0, 1.0, 1.0  # _pair_config's lease_seconds and saf_retry_max; reversals.SAF_POLL
     async with trio.open_nursery() as nursery:
         switch_port = await nursery.start(sim.serve, "127.0.0.1", 0)
@@ -72,7 +73,7 @@ async def test_a_reversal_owed_by_a_sigkilled_node_is_sent_by_the_survivor_withi
         for name in ("gw-a", "gw-b"):
             port = free_port()
             cfg = tmp_path / f"{name}.toml"
-            _pair_config(cfg, port, free_port(), switch_port, tmp_path, dsn, name)
+            _pair_config(cfg, port, free_port(), switch_port, tmp_path, dsn, name, kek_dir)
             nodes[name] = GatewayProcess(cfg, port)
             await nodes[name].start()
         try:

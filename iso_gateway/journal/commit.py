@@ -235,6 +235,8 @@ class Journal:
         # moves it); called on the event loop only. The thread and the indexer keep real time for
         # their own housekeeping (retry backoff, checkpoints), never for what they store.
         self.wall: Callable[[], float] = time.time
+        # Called once after each committed batch's callbacks (the gateway: run what they decided).
+        self.after_callbacks: Callable[[], None] | None = None
         self.commits = 0
         self.ops = 0
         # Operations submitted during one turn of the event loop go to the thread as one
@@ -710,18 +712,19 @@ class Journal:
             self._queue.put(pending)
 
     async def _deliver(self, batch: list[_Op]) -> None:
-        touched = set()
+        """A committed batch's callbacks, on the event loop, then ``after_callbacks`` once: what they
+        decided is carried out together (one send per connection for the whole batch)."""
         for op in batch:
             if op.callback is not None:
                 try:
-                    w = op.callback(op.result, op.error)
+                    op.callback(op.result, op.error)
                 except Exception:  # one callback's bug must not stop the journal
                     log.exception("journal callback failed")
-                    continue
-                if w is not None:
-                    touched.add(w)
-        for w in touched:
-            await w.flush()
+        if self.after_callbacks is not None:
+            try:
+                self.after_callbacks()
+            except Exception:  # noqa: BLE001 - the owner's bug must not stop the journal
+                log.exception("journal: after_callbacks failed")
 
     def close(self) -> None:
         if self.txlog is not None:
