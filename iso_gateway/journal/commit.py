@@ -723,7 +723,7 @@ class Journal:
         if self.after_callbacks is not None:
             try:
                 self.after_callbacks()
-            except Exception:  # noqa: BLE001 - the owner's bug must not stop the journal
+            except Exception:  # the owner's bug must not stop the journal (logged with its traceback)
                 log.exception("journal: after_callbacks failed")
 
     def close(self) -> None:
