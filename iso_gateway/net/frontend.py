@@ -416,18 +416,8 @@ class FrontConnection:
         gateway = listener.gateway
         decoder = self.decoder
         cfg = listener.cfg
-        try:
-            frames = decoder.feed(data)
-        except FrameTooLarge:
-            gateway.metrics.frames_too_large("front", listener.name).inc()
-            log.warning("listener %s connection %d: frame over %d bytes; closing", listener.name, self.id,
-                        cfg.max_frame)
-            self.close("frame_too_large")
-            return
-        except FrameError as exc:
-            gateway.metrics.decode_errors("front", listener.name, "framing").inc()
-            log.warning("listener %s connection %d: framing lost (%s); closing", listener.name, self.id, exc)
-            self.close("framing_lost")
+        frames = self._cut(data)
+        if frames is None:
             return
         if frames:
             self.used = True
@@ -448,6 +438,22 @@ class FrontConnection:
                 self._poller.set_deadline(self, now + cfg.partial_frame_timeout)
         else:
             self.deadline = now + cfg.idle_timeout  # later than before: the heap entry catches up lazily
+
+    def _cut(self, data: bytes) -> list[Frame] | None:
+        """The complete frames ``data`` ends, or None: the framing is lost (counted, logged, closed)."""
+        listener = self.listener
+        try:
+            return self.decoder.feed(data)
+        except FrameTooLarge:
+            listener.gateway.metrics.frames_too_large("front", listener.name).inc()
+            log.warning("listener %s connection %d: frame over %d bytes; closing", listener.name, self.id,
+                        listener.cfg.max_frame)
+            self.close("frame_too_large")
+        except FrameError as exc:
+            listener.gateway.metrics.decode_errors("front", listener.name, "framing").inc()
+            log.warning("listener %s connection %d: framing lost (%s); closing", listener.name, self.id, exc)
+            self.close("framing_lost")
+        return None
 
     def expired(self) -> None:
         self.close("stalled_partial_frame" if self.decoder.partial else "idle_timeout")
@@ -536,19 +542,10 @@ class TlsFrontConnection(FrontConnection):
         cfg = listener.cfg
         if plain:
             gateway = listener.gateway
-            try:
-                frames = decoder.feed(plain)
-            except FrameTooLarge:
-                gateway.metrics.frames_too_large("front", listener.name).inc()
-                log.warning("listener %s connection %d: frame over %d bytes; closing", listener.name, self.id,
-                            cfg.max_frame)
-                self.close("frame_too_large")
+            cut = self._cut(plain)
+            if cut is None:
                 return
-            except FrameError as exc:
-                gateway.metrics.decode_errors("front", listener.name, "framing").inc()
-                log.warning("listener %s connection %d: framing lost (%s); closing", listener.name, self.id, exc)
-                self.close("framing_lost")
-                return
+            frames = cut
             if frames:
                 self.used = True
                 gateway.on_front_frames(self, frames, touched, now)
