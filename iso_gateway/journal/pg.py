@@ -46,7 +46,7 @@ from ..core.masking import mask_pan
 from ..security.pan import PanVault
 from .store import (
     FORWARDED, MAX_WORKERS, PURGE_BATCH, RECOVERY_WINDOW, SAF_ACKED, SAF_CANCELLED, SAF_PARKED, SAF_PENDING, SAF_SENT,
-    TIMED_OUT, TXN_COLUMNS, SafItem, SQLiteStore, TxnRow, id_at,
+    TIMED_OUT, TXN_COLUMNS, SafItem, SQLiteStore, TxnRow, fold_log, id_at,
 )
 from .store import failure_reason as sqlite_failure_reason
 
@@ -309,23 +309,7 @@ class PgStore:
         """A write-ahead log segment's records (txlog.py) into ``txn``: (rows inserted, rows updated).
         As ``SQLiteStore.apply_log``: answers to rows of the same segment are folded into them, a
         row already there is kept, the other updates apply in order."""
-        rows: dict[int, list[Any]] = {}
-        updates: list[tuple[int, str, float, str | None, str | None]] = []
-        for record in records:
-            if record[0] == "T":
-                rows[record[1]] = [*self._rows.logged_params(record), self.node, "", 0]
-                continue
-            _, txn_id, state, when, rc, auth = record
-            row = rows.get(txn_id)
-            if row is None:
-                updates.append((txn_id, state, when, rc, auth))
-                continue
-            row[_P_STATE] = state
-            row[_P_UPDATED] = when
-            if rc is not None:
-                row[_P_RESPONSE_CODE] = rc
-            if auth is not None:
-                row[_P_AUTH_CODE] = auth
+        rows, updates = fold_log(records, lambda record: [*self._rows.logged_params(record), self.node, "", 0])
         inserted = self._insert_rows(conn, [tuple(r) for r in rows.values()], " ON CONFLICT (id) DO NOTHING")
         return inserted, self._update_rows(conn, updates)
 

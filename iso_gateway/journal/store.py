@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..core.masking import mask_pan
 from ..core.states import (  # noqa: F401 - the journal's public names too
@@ -195,6 +195,32 @@ class TxnRow:
 # --------------------------------------------------------------------------- SQLite
 
 
+def fold_log(records: Sequence[tuple[Any, ...]], row_of: Callable[[tuple[Any, ...]], list[Any]],
+             ) -> tuple[dict[int, list[Any]], list[tuple[int, str, float, str | None, str | None]]]:
+    """A log segment's records as the rows to insert (``row_of`` makes a row's parameters from its
+    "T" record) and the updates left over: an answer ("U") to a row of the same segment is folded
+    into the row; the others stay updates (txn id, state, when, rc, auth), in order. Shared by
+    both stores' ``apply_log``."""
+    rows: dict[int, list[Any]] = {}
+    updates: list[tuple[int, str, float, str | None, str | None]] = []
+    for record in records:
+        if record[0] == "T":
+            rows[record[1]] = row_of(record)
+            continue
+        _, txn_id, state, when, rc, auth = record
+        row = rows.get(txn_id)
+        if row is None:
+            updates.append((txn_id, state, when, rc, auth))
+            continue
+        row[_P_STATE] = state
+        row[_P_UPDATED] = when
+        if rc is not None:
+            row[_P_RESPONSE_CODE] = rc
+        if auth is not None:
+            row[_P_AUTH_CODE] = auth
+    return rows, updates
+
+
 class SQLiteStore:
     """The SQL. Every method takes the connection and runs inside the caller's transaction.
 
@@ -296,23 +322,8 @@ class SQLiteStore:
         An answer to a row of the same segment is folded into the row, so most transactions
         are one INSERT; a few dozen rows go in one statement. A row already there (the
         segment is applied again after a crash) is kept as it is, and updates apply in order."""
-        rows: dict[int, list[Any]] = {}
-        updates: list[tuple[Any, ...]] = []
-        for record in records:
-            if record[0] == "T":
-                rows[record[1]] = list(self.logged_params(record))
-                continue
-            _, txn_id, state, when, rc, auth = record
-            row = rows.get(txn_id)
-            if row is None:
-                updates.append((state, when, rc, auth, txn_id))
-                continue
-            row[_P_STATE] = state
-            row[_P_UPDATED] = when
-            if rc is not None:
-                row[_P_RESPONSE_CODE] = rc
-            if auth is not None:
-                row[_P_AUTH_CODE] = auth
+        rows, answers = fold_log(records, lambda record: list(self.logged_params(record)))
+        updates = [(state, when, rc, auth, txn_id) for txn_id, state, when, rc, auth in answers]
         pending = list(rows.values())
         inserted, i, n = 0, 0, len(pending)
         for size in _CHUNKS:
