@@ -77,3 +77,21 @@ def test_the_heap_stays_proportional_to_what_is_in_flight():
         table.add(key, i, 30.0 + i)
         table.pop(key)
     assert len(table) == 0 and table.scheduled <= 1024 + 4
+
+
+def test_a_new_switch_link_starts_its_stans_at_a_random_point_never_at_1():
+    """A link a restart can't resume (a fresh journal, a connection of its own for a suspect
+    reversal) must not repeat the STANs the switch saw lately: it starts anywhere but 000001."""
+    from types import SimpleNamespace
+
+    from iso_gateway.config import UpstreamConfig
+    from iso_gateway.net.links import SoloConnection, Upstream
+    from iso_gateway.specfiles import get_dialect
+
+    cfg = UpstreamConfig(name="cmi", hosts=["127.0.0.1:9"], connections=2)
+    firsts = []
+    for _ in range(5):
+        up = Upstream(cfg, SimpleNamespace(), None, get_dialect(cfg.dialect))  # type: ignore[arg-type]
+        firsts += [c.link.stans.allocate(set()) for c in up.connections]
+        firsts.append(SoloConnection(up).link.stans.allocate(set()))
+    assert "000001" not in firsts and len(set(firsts)) > 1

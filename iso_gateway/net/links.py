@@ -41,6 +41,7 @@ from ..core.dialect import Dialect
 from ..core.errors import ConfigError, FrameError
 from ..core.flow import UNANSWERED_NOT_READY, Flow, Link, UpstreamSide
 from ..core.framing import FrameDecoder, Framer, framer_from_config
+from ..core.matching import STAN_MAX, StanAllocator
 from .poller import Poller
 from .sockio import SocketIO, TlsSocketIO
 from .tls import (
@@ -91,6 +92,9 @@ class UpstreamConnection:
         # The protocol side of this connection (pending table, STANs...): the flow's. A pooled
         # one is in the upstream's links, which the flow picks from; a solo one is not.
         self.link = Link(upstream.side, index, io=self, metrics=upstream.metrics)
+        # STANs from a random point, so a new link does not repeat STANs the switch saw lately from an
+        # earlier run (a restart resumes past the saved counter instead: Gateway._restore_stans).
+        self.link.stans = StanAllocator(random.randint(1, STAN_MAX))
         if pooled:
             upstream.side.links.append(self.link)
         self.state = LinkState.DISCONNECTED
