@@ -213,6 +213,13 @@ class Metrics:
         self.journal_log_segments_bound = gauge(
             "journal_log_segments_bound", "The backlog of log segments past which /readyz fails "
             "([journal] max_log_segments).", (), "livemin")
+        # A journal shared by several nodes (PostgreSQL): who is alive, and the dead whose work this node took.
+        self.journal_nodes_live = gauge(
+            "journal_nodes_live", "Gateway nodes with a live heartbeat in the shared PostgreSQL journal, as this node "
+            "last read them (0 on SQLite).", (), "livemax")
+        self.journal_node_takeovers = counter(
+            "journal_node_takeovers_total", "Dead nodes (no heartbeat for node_ttl) whose owed reversals and in-doubt "
+            "transactions this node took over.", ())
         self.journal_purged = counter(
             "journal_purged_total", "Journal rows cleaned by the purge, by kind (reversal_data: sealed card data "
             "erased; txn, saf: rows past the retention deleted).", ("kind",), fast=False)

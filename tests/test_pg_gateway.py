@@ -204,6 +204,9 @@ async def test_a_dead_nodes_reversals_and_in_doubt_transactions_are_taken_over_b
     reversals = [r for r in sim.records if r.mti in ("0420", "0421")]
     assert sorted(r.rrn for r in reversals) == sorted([owed["37"], in_doubt["37"]])
     assert rows(pg_conninfo, "SELECT node FROM nodes") == [("gw-b",)]
+    # What an SRE sees: one take-over (IsoGatewayNodeTakenOver), one node alive (IsoGatewayFewerNodes).
+    assert survivor.metrics.journal_node_takeovers().get() == 1
+    await wait_real(lambda: survivor.metrics.journal_nodes_live().get() == 1, 5, "the live node count")
     survivor.stop()
     await survivor.wait_stopped()
 

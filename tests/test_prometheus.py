@@ -272,6 +272,20 @@ def test_each_alert_fires_on_the_series_that_should_fire_it_and_only_after_its_f
                 _fires("17m", "IsoGatewayJournalFailing"),  # resumed
             ],
         },
+        {  # a pair: both nodes alive, one dies at 10m and the survivor takes its work over at 11m
+            "interval": "1m",
+            "input_series": [_series({}, "2x9 1x20", "iso_gateway_journal_nodes_live"),
+                             _series({}, "0x10 1x20", "iso_gateway_journal_node_takeovers_total")],
+            "alert_rule_test": [
+                _fires("9m", "IsoGatewayFewerNodes"),
+                _fires("12m", "IsoGatewayFewerNodes"),  # pending: for 5m
+                {"eval_time": "16m", "alertname": "IsoGatewayFewerNodes",  # per job: the cluster, not one node
+                 "exp_alerts": [{"exp_labels": {"job": "iso-gateway", **warn}}]},
+                _fires("9m", "IsoGatewayNodeTakenOver"),
+                _fires("12m", "IsoGatewayNodeTakenOver", warn),
+                _fires("25m", "IsoGatewayNodeTakenOver"),  # over 10 minutes ago
+            ],
+        },
     ]
     spec = tmp_path / "alerts_test.yml"
     spec.write_text(yaml.safe_dump({"rule_files": ["alerts.yml"], "evaluation_interval": "15s", "tests": tests}))

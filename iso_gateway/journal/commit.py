@@ -463,6 +463,8 @@ class Journal:
             for dead, in_doubt in found:
                 log.warning("journal: node %s is dead (no heartbeat for %.0f s): this node takes over its work"
                             " (%d transactions in doubt)", dead, pg.node_ttl, len(in_doubt))
+                if self.metrics is not None:
+                    self.metrics.journal_node_takeovers().inc()
                 if self.on_adopt is not None:
                     self.on_adopt(dead, in_doubt)
 
@@ -475,12 +477,17 @@ class Journal:
                             slot, store_module._worker_bits)
                 store_module._worker_bits = slot
 
+        def counted(nodes: Any, error: BaseException | None) -> None:
+            if error is None and self.metrics is not None:
+                self.metrics.journal_nodes_live().set(len(nodes))
+
         while True:
             now = self.wall()
             # A beat claims the slot again (the one held, or a free one if this node's row was
             # deleted), so that no two live nodes ever make ids with the same slot.
             self.submit(self.store.claim_slot, self.node, now, pg.node_ttl, callback=beat)
             self.submit(self.store.adopt, now, callback=adopted)
+            self.submit(self.store.live_nodes, now, callback=counted)
             await trio.sleep(pg.heartbeat_interval)
 
     async def _purge(self) -> None:
