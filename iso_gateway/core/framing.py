@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 # Largest body (header/TPDU + message) accepted by default, in bytes.
-#   Visa VMLH links:                        2048   (reference §7.1, [S8])
+#   Visa VMLH links:                        2048   (docs/domain.md §6)
 #   ascii4 / bcd2 framings can express:     9999
 #   binary2 framings can express:          65535
 #   jPOS BaseChannel maxPacketLength:     100000
@@ -57,7 +57,7 @@ __all__ = [
 # fields (48, 55, 126) while keeping what a peer can make us buffer small.
 DEFAULT_MAX_FRAME = 8 * 1024
 
-# TPDU: ID 0x60, 2-byte destination NII, 2-byte source NII (reference §7.2).
+# TPDU: ID 0x60, 2-byte destination NII, 2-byte source NII (docs/domain.md §6).
 TPDU_ID = 0x60
 TPDU_SIZE = 5
 
@@ -277,7 +277,7 @@ KEEPALIVE = Frame(b"", b"", True)
 
 
 def tpdu_reply(tpdu: bytes) -> bytes:
-    """The TPDU for a reply: same ID, destination and source NII swapped (reference §7.2)."""
+    """The TPDU for a reply: same ID, destination and source NII swapped (docs/domain.md §6)."""
     if len(tpdu) != TPDU_SIZE or tpdu[0] != TPDU_ID:
         raise ValueError("a TPDU is 5 bytes starting with 0x60")
     return bytes((tpdu[0], tpdu[3], tpdu[4], tpdu[1], tpdu[2]))

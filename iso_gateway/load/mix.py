@@ -64,7 +64,7 @@ MAX_POOL = 10_000
 # Fields the factory writes itself; a mix's [fields] table may not set them.
 GENERATED = frozenset({2, 4, 7, 11, 12, 13, 14, 37, 41, 42, 43, 49})
 
-# STAN (DE 11, n6): 000001..999999, wrapping (reference §2.2).
+# STAN (DE 11, n6): 000001..999999, wrapping (docs/domain.md §2.1).
 STAN_MAX = 999_999
 # RRN (DE 37, an12): YDDD then an 8-digit sequence unique within a run.
 RRN_SEQUENCE = 10**8

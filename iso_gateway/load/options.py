@@ -23,9 +23,9 @@ DEFAULT_DURATION = 10.0
 DEFAULT_IN_FLIGHT_CLOSED = 8
 DEFAULT_IN_FLIGHT_OPEN = 64
 # The load generator plays the front end, whose timeout sits above the
-# gateway's (30-45 s) so that the gateway's own 91 arrives first (reference §3.6).
+# gateway's (30-45 s) so that the gateway's own 91 arrives first (docs/domain.md §3.6).
 DEFAULT_TIMEOUT = 60.0
-# TCP connect budget (reference §3.6: about 5 s before failing over).
+# TCP connect budget (docs/domain.md §3.6: about 5 s before failing over).
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 

@@ -68,11 +68,11 @@ __all__ = [
 RECEIVE_SIZE = 65536
 
 # The TPDU a client sends when the link has one and none is given: ID 0x60,
-# destination NII 0001, source NII 0000 (reference §7.2).
+# destination NII 0001, source NII 0000 (docs/domain.md §6).
 DEFAULT_TPDU = bytes((TPDU_ID, 0x00, 0x01, 0x00, 0x00))
 
 # Morocco's local time for DE 12/13: Africa/Casablanca, never a fixed +01:00,
-# because Morocco moves to UTC+0 during Ramadan (reference §5).
+# because Morocco moves to UTC+0 during Ramadan (docs/domain.md §5).
 CASABLANCA = ZoneInfo("Africa/Casablanca")
 
 # Test acquirer, merchant and shop for the sample messages.
@@ -170,7 +170,7 @@ class FrontEndClient:
         ``header`` is the TPDU or fixed header sent with every frame (a TPDU
         link gets ``DEFAULT_TPDU`` when none is given). Waits at most
         ``connect_timeout`` seconds (5 s: the usual TCP connect budget before
-        failing over, reference §3.6); raises RequestTimeout after that.
+        failing over, docs/domain.md §3.6); raises RequestTimeout after that.
         """
         if isinstance(dialect, str):
             dialect = get_dialect(dialect)
@@ -458,7 +458,7 @@ def sample_auth(
         "13": local.strftime("%m%d"),
         "14": f"{(local.year + 3) % 100:02d}{local.month:02d}",
         "18": "5999",  # miscellaneous and specialty retail
-        "22": "812",  # e-commerce PAN entry, no PIN capability (reference §1.5)
+        "22": "812",  # e-commerce PAN entry, no PIN capability (docs/domain.md §1.3)
         "25": "59",  # e-commerce request by public network
         "32": ACQUIRER_ID,
         "37": f"{utc.year % 10}{utc.timetuple().tm_yday:03d}{utc.hour:02d}{stan_text}",
@@ -473,7 +473,7 @@ def sample_reversal(original: Message, *, mti: str = "0420", now: datetime | Non
     """A full reversal (0400 or 0420; 0421 for a repeat) of ``original``.
 
     Keeps the original STAN, RRN, amounts and card acceptor (the jPOS
-    convention, reference §2.2), carries the original's MTI, STAN, DE 7 and
+    convention, docs/domain.md §1.2), carries the original's MTI, STAN, DE 7 and
     DE 32 in field 90, and a fresh DE 7.
     """
     utc = _utc(now)
@@ -487,6 +487,6 @@ def sample_reversal(original: Message, *, mti: str = "0420", now: datetime | Non
 
 
 def sample_network(stan: int, code: str = "301", *, now: datetime | None = None) -> Message:
-    """An 0800: sign-on ``001``, sign-off ``002``, echo ``301`` (reference §1.3)."""
+    """An 0800: sign-on ``001``, sign-off ``002``, echo ``301`` (docs/domain.md §1.1)."""
     return {"t": "0800", "7": _utc(now).strftime("%m%d%H%M%S"), "11": _stan(stan), "70": code}
 

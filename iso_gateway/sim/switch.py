@@ -133,7 +133,7 @@ DELAY_DIGITS = "99"  # approve after digits[-4:-2] x DELAY_UNIT seconds
 DELAY_UNIT = 0.1
 
 # Longest random chaos delay accepted, in seconds: past any sensible gateway
-# timeout (30-45 s, reference §3.6), so every scenario stays bounded.
+# timeout (30-45 s, docs/domain.md §3.6), so every scenario stays bounded.
 MAX_CHAOS_DELAY = 60.0
 
 APPROVE, DECLINE, DROP, CLOSE, DELAY = "approve", "decline", "drop", "close", "delay"
