@@ -244,6 +244,25 @@ def build() -> dict[str, Any]:
         target(f"min(iso_gateway_journal_log_segments_bound{{{S}}})", "segments bound"),
     ], "s"), 8, 8)
 
+    lay.row("Security and nodes")
+    lay.add(timeseries("TLS handshakes failed", "Per side (listener, upstream), name and reason: no_certificate, "
+                       "expired, unknown_ca, bad_name, pin_mismatch, garbage, timeout...", [
+        target(f"sum by (side, name, reason) (rate(iso_gateway_tls_handshake_failures_total{{{S}}}[{W}]))",
+               "{{side}} {{name}} {{reason}}")], "ops"), 8, 8)
+    lay.add(timeseries("Certificates: days left", "Days to expiry of every certificate in use (alerts: under 30 "
+                       "and 7 days).", [
+        target(f"min by (side, name, subject) (iso_gateway_tls_certificate_days_left{{{S}}})",
+               "{{side}} {{name}} {{subject}}")], "d"), 8, 8)
+    lay.add(timeseries("MAC failures", "Messages whose MAC was missing, wrong or not checkable, and refused key "
+                       "changes: a front end's request answered 63, a switch's answer not trusted (91, reversed).", [
+        target(f"sum by (side, name, reason) (rate(iso_gateway_mac_failures_total{{{S}}}[{W}]))",
+               "{{side}} {{name}} {{reason}}")], "ops"), 8, 8)
+    lay.add(timeseries("Nodes of the shared journal", "Gateway nodes with a live heartbeat in the PostgreSQL "
+                       "journal, and take-overs of dead nodes' work (alerts: fewer nodes, a take-over).", [
+        target(f"max(iso_gateway_journal_nodes_live{{{S}}})", "nodes alive"),
+        target(f"sum(increase(iso_gateway_journal_node_takeovers_total{{{S}}}[{W}]))", "take-overs"),
+    ]), 24, 8)
+
     return {
         "title": "iso-gateway",
         "uid": "iso-gateway",
