@@ -51,7 +51,7 @@ from .dialect import Dialect, check_field_type
 from .duplicates import DuplicateEntry, DuplicateTable
 from .errors import DecodeError, DuplicateRecorded, IsoGatewayError, MessageError
 from .framing import Framer
-from .macs import ClientTable, MacField, MacHop
+from .macs import AFTER_64, BIT_64, ClientTable, MacField, MacHop
 from .masking import mask_pan
 from .matching import Key, PendingTable, StanAllocator, match_key
 from .message import (
@@ -1184,9 +1184,8 @@ class Flow:
         of the bytes before it, as this hop writes it, must equal what came, byte for byte (hex in
         upper case), compared in constant time."""
         field = hop.field
-        if field.last(bitmap) is None:
-            why = "missing"
-        else:
+        # The MAC field is the last one: 128 (its bit is the bitmap's lowest), or 64 with nothing after it.
+        if bitmap & 1 or (bitmap & BIT_64 and not bitmap & AFTER_64):
             width = field.width
             try:
                 expected = field.wire(self.security.mac(hop.key, raw[:-width], padding=hop.padding))
@@ -1197,6 +1196,8 @@ class Flow:
                 if compare_digest(expected, raw[-width:]):
                     return False
                 why = "bad"
+        else:
+            why = "missing"
         self.metrics.mac_failures(side, name, why).inc()
         self._log(WARNING, "%s %s: MAC %s; not trusted", "listener" if side == "front" else "upstream", name, why)
         return True

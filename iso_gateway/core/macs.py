@@ -15,12 +15,14 @@ Sans-IO: plain values in and out.
 
 from __future__ import annotations
 
+from binascii import hexlify
+
 from .dialect import Dialect
 from .errors import ConfigError
 
 # A field's bit in a scan's bitmap is 1 << (128 - n): field 64 at 1 << 64, field 128 at 1 << 0.
-_BIT_64 = 1 << 64
-_AFTER_64 = _BIT_64 - 1  # fields 65..128
+BIT_64 = 1 << 64
+AFTER_64 = BIT_64 - 1  # fields 65..128
 MAC_LENGTH = 8
 
 
@@ -42,14 +44,14 @@ class MacField:
         """The MAC field (64 or 128) if it is the message's last field, else None."""
         if bitmap & 1:
             return 128
-        if bitmap & _BIT_64 and not bitmap & _AFTER_64:
+        if bitmap & BIT_64 and not bitmap & AFTER_64:
             return 64
         return None
 
     @staticmethod
     def present(bitmap: int) -> bool:
         """Whether the message carries field 64 or 128 at all."""
-        return bool(bitmap & (_BIT_64 | 1))
+        return bool(bitmap & (BIT_64 | 1))
 
     @staticmethod
     def field_for(message: dict[str, str]) -> str:
@@ -68,7 +70,7 @@ class MacField:
         return bytes.fromhex(tail.decode("ascii"))
 
     def wire(self, mac: bytes) -> bytes:
-        return mac[:MAC_LENGTH].hex().upper().encode("ascii") if self.hex else mac[:MAC_LENGTH]
+        return hexlify(mac[:MAC_LENGTH]).upper() if self.hex else mac[:MAC_LENGTH]
 
 
 class MacHop:

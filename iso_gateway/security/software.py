@@ -310,7 +310,10 @@ class SoftwareSecurityModule:
 
     def mac(self, label: str, data: bytes, *, padding: int = 1) -> bytes:
         with self._lock:
-            return self._mac_key(label, padding).mac(data)
+            key = self._mac.get(label)  # the common case first: a message per call on the hot path
+            if key is None or (type(key) is RetailMacKey and key.padding != padding):
+                key = self._mac_key(label, padding)
+            return key.mac(data)
 
     def verify_mac(self, label: str, data: bytes, received: bytes, *, padding: int = 1) -> bool:
         with self._lock:
