@@ -655,6 +655,8 @@ def test_a_new_mac_key_from_the_switch_is_installed_only_if_its_check_value_matc
     w = mac_world(tmp_path, front=False)
     w.flow.security.import_key("zone", ZONE_KEY, usage="kek", key_type="tdes")
     w.up.mac.zone_key = "zone"
+    _, before = w.forward(w.front(), w.auth())  # the hop's key in use (and its MAC function kept) before
+    assert mac_ok(w.up_dialect, encode(w.up_dialect, before), SWITCH_KEY)
     wrapped = wrap_working_key(SecretKey(ZONE_KEY, usage="kek", key_type="tdes"), NEW_SWITCH_KEY)
     check = tdes_check_value(NEW_SWITCH_KEY).hex().upper()[:6] if good_check else "000000"
     change = {"t": "0800", "7": "1127101010", "11": "000321", "70": "161", "96": wrapped.hex().upper(), "48": check}

@@ -3,12 +3,15 @@ implementation computed another way (block by block with single-DES ECB steps) f
 
 from __future__ import annotations
 
+import ctypes.util
+
 import pytest
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from iso_gateway.security import des
 from iso_gateway.security.mac import (
     CmacKey,
     MacAlgorithm,
@@ -77,18 +80,73 @@ def independent_retail_mac(key: bytes, data: bytes, padding: int) -> bytes:
     return des(k1, des(k2, h, decrypt=True))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["openssl-des", "cryptography-tdes"])
 @pytest.mark.parametrize(("data", "mac4"), ISO_EXAMPLES)
-def test_retail_mac_matches_the_iso_9797_1_examples(data: bytes, mac4: bytes) -> None:
-    mac = retail_mac(ISO_KEY, data)
+def test_retail_mac_matches_the_iso_9797_1_examples(data: bytes, mac4: bytes, native: bool) -> None:
+    mac = RetailMacKey(ISO_KEY, native=native).mac(data)
     assert len(mac) == 8
     assert mac[:4] == mac4
-    assert mac == independent_retail_mac(ISO_KEY, data, 1)
+    assert mac == independent_retail_mac(ISO_KEY, data, 1) == retail_mac(ISO_KEY, data)
 
 
-def test_retail_mac_with_padding_method_2_matches_the_published_example() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["openssl-des", "cryptography-tdes"])
+def test_retail_mac_with_padding_method_2_matches_the_published_example(native: bool) -> None:
     assert retail_mac(PAD2_KEY, PAD2_DATA, padding=2) == PAD2_MAC
-    assert RetailMacKey(PAD2_KEY, padding=2).mac(PAD2_DATA) == PAD2_MAC
+    assert RetailMacKey(PAD2_KEY, padding=2, native=native).mac(PAD2_DATA) == PAD2_MAC
     assert retail_mac(PAD2_KEY, PAD2_DATA, padding=1) != PAD2_MAC  # the padding method matters
+
+
+def test_the_retail_mac_runs_on_openssls_single_des_where_the_system_has_it() -> None:
+    # Where libcrypto is there (Debian's libssl3 is), the fast path must be in use, not lost quietly.
+    if des.load() is None:
+        assert ctypes.util.find_library("crypto") is None, "libcrypto is there but its DES functions did not load"
+        pytest.skip("no libcrypto on this system: the MAC runs on cryptography (tested above)")
+    assert RetailMacKey(ISO_KEY).native
+    assert not RetailMacKey(ISO_KEY, native=False).native
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(min_size=16, max_size=16), padding=st.sampled_from([1, 2]),
+       messages=st.lists(st.binary(max_size=3000), min_size=1, max_size=6))
+def test_openssl_des_and_cryptography_tdes_give_the_same_macs(key: bytes, padding: int, messages: list[bytes]) -> None:
+    """The two paths agree on any key, padding and data, message after message on one key object
+    (nothing of one message leaks into the next; data past the first buffer's 1,024 bytes grows it)."""
+    if des.load() is None:
+        pytest.skip("no libcrypto on this system")
+    native, reference = RetailMacKey(key, padding=padding), RetailMacKey(key, padding=padding, native=False)
+    assert native.native
+    for data in messages:
+        assert native.mac(data) == reference.mac(data) == independent_retail_mac(key, data, padding)
+
+
+def test_the_native_des_takes_bytes_of_any_length_and_nothing_else() -> None:
+    lib = des.load()
+    if lib is None:
+        pytest.skip("no libcrypto on this system")
+    for padding in (1, 2):
+        n = des.NativeRetail(lib, ISO_KEY[:8], ISO_KEY[8:], padding)
+        for size in (0, 1, 7, 8, 9, 1023, 1024, 1025, 1032, 5000, 17):  # the buffer grows past 1,024, stays grown
+            data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+            assert n.mac(data) == independent_retail_mac(ISO_KEY, data, padding)
+        for bad in (bytearray(8), memoryview(bytes(8)), "12345678"):
+            with pytest.raises(ValueError):
+                n.mac(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        des.NativeRetail(lib, ISO_KEY[:7], ISO_KEY[8:])
+    with pytest.raises(ValueError):
+        des.NativeRetail(lib, ISO_KEY[:8], ISO_KEY[8:], padding=3)
+    assert repr(n) == "NativeRetail()"
+    assert RetailMacKey(ISO_KEY).mac(bytearray(b"Now is the time for all ")) == H("A1C72E74") + RetailMacKey(
+        ISO_KEY).mac(b"Now is the time for all ")[4:]
+
+
+def test_the_native_des_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(des, "_loaded", False)
+    monkeypatch.setenv(des.ENV_SWITCH, "0")
+    assert des.load() is None
+    key = RetailMacKey(ISO_KEY)
+    assert not key.native
+    assert key.mac(b"Now is the time for all ") == independent_retail_mac(ISO_KEY, b"Now is the time for all ", 1)
 
 
 @pytest.mark.parametrize(("length", "expected"), RFC4493_EXAMPLES)

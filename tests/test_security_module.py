@@ -143,6 +143,27 @@ def test_unknown_labels_and_wrong_usages_are_refused(module: Any) -> None:
         module.import_key("bad", RETAIL_KEY[:15], usage="mac", algorithm="retail")
 
 
+def test_mac_functions_compute_as_mac_does_until_a_key_changes(module: Any) -> None:
+    """The transaction path's ``mac_function``: the same MACs as ``mac``; fetched again when
+    ``mac_generation`` moves (a key installed), it uses the new key; unknown labels refused at once."""
+    retail, retail2, cmac = (module.mac_function("link1.mac"), module.mac_function("link1.mac", padding=2),
+                             module.mac_function("link2.mac"))
+    for data in (b"", b"Now is the time for all ", MESSAGE, MESSAGE * 9):
+        assert retail(data) == module.mac("link1.mac", data) == retail_mac(RETAIL_KEY, data)
+        assert retail2(data) == module.mac("link1.mac", data, padding=2)
+        assert cmac(data) == module.mac("link2.mac", data) == aes_cmac(CMAC_KEY, data)
+    with pytest.raises(UnknownKey):
+        module.mac_function("nope")
+    with pytest.raises(UnknownKey):
+        module.mac_function("zmk.tdes")  # a zone key is no MAC key
+    generation = module.mac_generation
+    wrapped, kcv = received("zmk.tdes", WORKING_TDES, "retail")
+    module.install_key("link1.mac", kek="zmk.tdes", wrapped=wrapped, check_value=kcv, algorithm="retail")
+    if module.mac_generation == generation:  # a function that finds its key per call (the token's)
+        assert retail(MESSAGE) == retail_mac(WORKING_TDES, MESSAGE)
+    assert module.mac_function("link1.mac")(MESSAGE) == retail_mac(WORKING_TDES, MESSAGE)
+
+
 def test_check_values(module: Any) -> None:
     assert module.check_value("link1.mac") == "08D7B4"
     assert module.check_value("link2.mac") == aes_check_value(CMAC_KEY).hex().upper()

@@ -1188,7 +1188,8 @@ class Flow:
         if bitmap & 1 or (bitmap & BIT_64 and not bitmap & AFTER_64):
             width = field.width
             try:
-                expected = field.wire(self.security.mac(hop.key, raw[:-width], padding=hop.padding))
+                compute = hop.compute if hop.generation == self.security.mac_generation else self._mac_function(hop)
+                expected = field.wire(compute(raw[:-width]))
             except Exception as exc:  # noqa: BLE001 - a module that can't compute a MAC is a MAC that does not check
                 self._log(ERROR, "%s %s: the MAC could not be checked: %s", side, name, exc)
                 why = "error"
@@ -1204,8 +1205,19 @@ class Flow:
 
     def _sign(self, hop: MacHop, out: bytes) -> bytes:
         """``out`` (whose last field is the MAC field) with the MAC of every byte before it."""
-        body = out[:-hop.field.width]
-        return body + hop.field.wire(self.security.mac(hop.key, body, padding=hop.padding))
+        field = hop.field
+        body = out[:-field.width]
+        compute = hop.compute if hop.generation == self.security.mac_generation else self._mac_function(hop)
+        return body + field.wire(compute(body))
+
+    def _mac_function(self, hop: MacHop) -> Callable[[bytes], bytes]:
+        """The security module's MAC function for the hop's key, kept on the hop until the module's
+        keys change (so the key a switch installs is used from the next message)."""
+        security = self.security
+        generation = security.mac_generation
+        hop.compute = compute = security.mac_function(hop.key, padding=hop.padding)
+        hop.generation = generation
+        return compute
 
     def _encode(self, dialect: Dialect, mac: MacHop | None, msg: dict[str, str]) -> bytes:
         """``msg`` encoded for a hop: its MAC field dropped, or set to this hop's MAC."""

@@ -16,6 +16,7 @@ Sans-IO: plain values in and out.
 from __future__ import annotations
 
 from binascii import hexlify
+from collections.abc import Callable
 
 from .dialect import Dialect
 from .errors import ConfigError
@@ -73,13 +74,17 @@ class MacField:
         return hexlify(mac[:MAC_LENGTH]).upper() if self.hex else mac[:MAC_LENGTH]
 
 
+def _not_fetched(data: bytes) -> bytes:
+    raise RuntimeError("no MAC function fetched for this hop yet")
+
+
 class MacHop:
     """One hop's MAC settings: the key's label in the security module, the padding (ISO 9797-1
     method 1 or 2), on a listener the answer to a request whose MAC is missing or wrong, and on
     a switch link the zone key new MAC keys come under (empty: the switch can't change keys)
     with the algorithm of those keys."""
 
-    __slots__ = ("key", "padding", "code", "field", "zone_key", "algorithm")
+    __slots__ = ("key", "padding", "code", "field", "zone_key", "algorithm", "compute", "generation")
 
     def __init__(self, key: str, field: MacField, padding: int = 1, code: str = "63", zone_key: str = "",
                  algorithm: str = "retail") -> None:
@@ -89,6 +94,10 @@ class MacHop:
         self.code = code
         self.zone_key = zone_key
         self.algorithm = algorithm
+        # The security module's function for this key (``mac_function``), fetched by the flow and
+        # fetched again when the module's ``mac_generation`` moves on from ``generation``.
+        self.compute: Callable[[bytes], bytes] = _not_fetched
+        self.generation = -1
 
 
 class ClientScope:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from collections.abc import Callable
 from typing import Final, Protocol, runtime_checkable
 
 from .mac import MacAlgorithm
@@ -120,6 +121,17 @@ class SecurityModule(Protocol):
         """The full MAC of ``data`` under MAC key ``label`` with the key's algorithm: 8 bytes for the
         retail MAC (``padding`` is its ISO/IEC 9797-1 padding method, 1 or 2), 16 for AES-CMAC (which
         ignores ``padding``). A link that carries 8 bytes sends the leftmost 8."""
+        ...
+
+    # Goes up whenever a MAC key may have changed (installed, imported, reloaded): a function from
+    # ``mac_function`` is good while it stays the same.
+    mac_generation: int
+
+    def mac_function(self, label: str, *, padding: int = 1) -> Callable[[bytes], bytes]:
+        """``mac(label, ., padding=padding)`` as a function of the data alone, for the gateway's
+        transaction path: no search by label and no lock per message. It computes with the key
+        ``label`` had when it was made (fetch a new one when ``mac_generation`` changes) and is for
+        one thread, the caller's. An unknown label raises UnknownKey here."""
         ...
 
     def verify_mac(self, label: str, data: bytes, received: bytes, *, padding: int = 1) -> bool:

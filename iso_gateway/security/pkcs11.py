@@ -38,6 +38,8 @@ from __future__ import annotations
 import hmac
 import os
 import threading
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 import pkcs11
@@ -274,6 +276,15 @@ class Pkcs11SecurityModule:
             chain = bytes(k1.encrypt(padded[:-8], mechanism=Mechanism.DES3_CBC, mechanism_param=bytes(8)))[-8:]
         last = bytes(a ^ b for a, b in zip(padded[-8:], chain, strict=True))
         return bytes(key.encrypt(last, mechanism=Mechanism.DES3_ECB))
+
+    # The token's keys are found again when they change (``mac`` retries a search once), so a
+    # function from ``mac_function`` stays good: this never changes.
+    mac_generation = 0
+
+    def mac_function(self, label: str, *, padding: int = 1) -> Callable[[bytes], bytes]:
+        with self._lock:
+            self._mac_objects(label)  # UnknownKey now, as the protocol says
+        return partial(self.mac, label, padding=padding)
 
     def verify_mac(self, label: str, data: bytes, received: bytes, *, padding: int = 1) -> bool:
         return mac_matches(self.mac(label, data, padding=padding), received)

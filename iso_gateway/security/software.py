@@ -20,7 +20,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -172,6 +172,7 @@ class SoftwareSecurityModule:
         self._keys: dict[str, SecretKey] = {}
         self._mac: dict[str, RetailMacKey | CmacKey] = {}
         self._mac_pad2: dict[str, RetailMacKey] = {}  # retail keys asked for with the other padding method
+        self.mac_generation = 0
         self._data: dict[str, SecretKey] = {}
         self._data_aead: dict[str, AESGCM] = {}
         self._current = ""
@@ -212,6 +213,7 @@ class SoftwareSecurityModule:
             raise SecurityModuleError(f"{where}: malformed key file ({type(exc).__name__})") from None
         with self._lock:
             self._keys, self._mac, self._mac_pad2 = {}, {}, {}
+            self.mac_generation += 1
             for label, key in keys.items():
                 self._set_key(label, key)
             self._data, self._data_aead = {}, {}
@@ -237,6 +239,7 @@ class SoftwareSecurityModule:
 
     def _set_key(self, label: str, key: SecretKey) -> None:
         self._keys[label] = key
+        self.mac_generation += 1
         self._mac.pop(label, None)
         self._mac_pad2.pop(label, None)
         if key.usage is KeyUsage.MAC:
@@ -314,6 +317,13 @@ class SoftwareSecurityModule:
             if key is None or (type(key) is RetailMacKey and key.padding != padding):
                 key = self._mac_key(label, padding)
             return key.mac(data)
+
+    def mac_function(self, label: str, *, padding: int = 1) -> Callable[[bytes], bytes]:
+        # The key object's own method: it keeps its cipher contexts and buffers, so it is for one
+        # thread (the module's lock no longer stands around it); a key change makes a new object.
+        with self._lock:
+            key = self._mac_key(label, padding)
+            return key.function() if isinstance(key, RetailMacKey) else key.mac
 
     def verify_mac(self, label: str, data: bytes, received: bytes, *, padding: int = 1) -> bool:
         with self._lock:
