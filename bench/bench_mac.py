@@ -4,6 +4,7 @@
     python bench/bench_mac.py                      # journal off and on; software keys
     python bench/bench_mac.py --pkcs11             # also keys on a throwaway SoftHSM2 token
     python bench/bench_mac.py --journal off --loads 64 --count 20000 --rounds 3
+    python bench/bench_mac.py --hops upstream      # MACs on the switch link only (front ends on TLS, say)
 
 For each key store it starts the instant responder (signing its answers with the switch's key when
 MACs are on), a gateway (MACs on the listener and the upstream, keys imported into its security
@@ -42,8 +43,10 @@ KEYS = {"retail": (bytes.fromhex("0123456789ABCDEFFEDCBA9876543210"), bytes.from
 PIN = "123456"
 
 
-def config_text(port: int, switch_port: int, state: Path, journal: bool, mac: str, security: str) -> str:
-    macs = (f'\n[listeners.mac]\nkey = "ecom.{mac}"\n', f'\n[upstreams.mac]\nkey = "cmi.{mac}"\n') if mac else ("", "")
+def config_text(port: int, switch_port: int, state: Path, journal: bool, mac: str, security: str,
+                front_mac: bool = True) -> str:
+    macs = (f'\n[listeners.mac]\nkey = "ecom.{mac}"\n' if front_mac else "",
+            f'\n[upstreams.mac]\nkey = "cmi.{mac}"\n') if mac else ("", "")
     return f"""
 [journal]
 enabled = {str(journal).lower()}
@@ -122,6 +125,8 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=20000, help="transactions per measurement")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of plaintext then each MAC, measured in turn")
     ap.add_argument("--pkcs11", action="store_true", help="also measure keys on a SoftHSM2 token")
+    ap.add_argument("--hops", choices=("both", "upstream"), default="both",
+                    help="MACs on both hops (default: four MACs a transaction) or on the switch link only (two)")
     args = ap.parse_args()
     journals = [j == "on" for j in args.journal.split(",")]
     loads = args.loads.split(",")
@@ -135,7 +140,8 @@ def main() -> int:
         make_token(work / "hsm")
     os.environ.setdefault("XDG_CONFIG_HOME", str(work / "config"))
     print(f"iso-gateway MAC benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, {args.count} "
-          "transactions per row, the instant responder as the switch, a MAC on both hops", flush=True)
+          f"transactions per row, the instant responder as the switch, MACs on {'both hops' if args.hops == 'both' else 'the switch link only'}",
+          flush=True)
     print(f"{'keys':9} {'MAC':9} {'journal':8} {'load':6} {'plain µs/tx':>12} {'MAC µs/tx':>10} {'ratio':>7}", flush=True)
     switch_ports = {mode: free_port() for mode in ["", *algorithms]}
     switches = []
@@ -158,12 +164,12 @@ def main() -> int:
                         state.mkdir()
                         port = free_port()
                         cfg = state / "gw.toml"
-                        cfg.write_text(config_text(port, switch_ports[mode], state, journal, mode, security))
+                        cfg.write_text(config_text(port, switch_ports[mode], state, journal, mode, security, args.hops == "both"))
                         if mode:
                             import_keys(cfg, mode)
                         gw = Proc([sys.executable, "-m", "iso_gateway", "run", "--config", str(cfg)], port)
                         try:
-                            extra = ["--mac-key", KEYS[mode][0].hex(), "--mac-algorithm", mode] if mode else []
+                            extra = ["--mac-key", KEYS[mode][0].hex(), "--mac-algorithm", mode] if mode and args.hops == "both" else []
                             wait_ready(port, extra=extra)
                             for load in loads:
                                 res = measure(mode or "plain", load, port, gw.proc.pid, args.count, extra=extra)

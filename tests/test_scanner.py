@@ -284,3 +284,30 @@ def test_each_known_difference_between_the_old_scan_and_decode_is_refused_by_bot
             decode(dialect, raw, check_types=False)
         with pytest.raises(DecodeError):
             Scanner(dialect, {11}).scan(raw, full=True)
+
+
+@pytest.mark.parametrize("name", ["iso87ascii", "iso87binary", "iso93ascii"])
+def test_field_64_added_and_dropped_in_place_as_an_encode_would(name: str) -> None:
+    """A MAC field added to (or dropped from) the end of a message without a secondary bitmap: the
+    bitmap's last bit and the message's last bytes, nothing else; refused where it doesn't apply."""
+    d = get_dialect(name)
+    sc = Scanner(d)
+    mti = "1100" if name.startswith("iso93") else "0100"
+    base = {"t": mti, "3": "000000", "4": "000000001500", "11": "000123", "41": "TERM0001"}
+    placeholder = "0" * 16
+    plain, with64 = encode(d, base), encode(d, {**base, "64": placeholder})
+    bitmap = sc.scan(plain, full=True).bitmap
+    assert sc.can_add_last_64(bitmap) and not sc.can_drop_last_64(bitmap)
+    assert sc.add_last_64(plain) == with64
+    bitmap64 = sc.scan(with64, full=True).bitmap
+    assert sc.can_drop_last_64(bitmap64) and not sc.can_add_last_64(bitmap64)
+    assert sc.drop_last_64(with64) == plain
+    # Past field 64 (a secondary bitmap): neither applies; the gateway decodes such a message.
+    past = sc.scan(encode(d, {**base, "100": "12345"}), full=True).bitmap
+    assert not sc.can_add_last_64(past) and not sc.can_drop_last_64(past)
+    past64 = sc.scan(encode(d, {**base, "64": placeholder, "100": "12345"}), full=True).bitmap
+    assert not sc.can_add_last_64(past64) and not sc.can_drop_last_64(past64)
+    if d.bitmap_encoding == "hex":  # a lower-case hex bitmap keeps its case
+        lower = plain[:4] + plain[4:20].lower() + plain[20:]
+        added = sc.add_last_64(lower)
+        assert added[4:20] == with64[4:20].lower() and added[20:] == with64[20:]

@@ -498,11 +498,10 @@ class Flow:
         txn.timeout = route.timeout
         if dup_key is not None:
             txn.duplicate = self.duplicates.start(dup_key, txn, now)
-        if side.dialect is upstream.dialect and _mac_splices(scan.bitmap, upstream.mac):
+        mode = _mac_mode(side.scanner, scan.bitmap, upstream.mac) if side.dialect is upstream.dialect else None
+        if mode is not None:
             stan = self._allocate_stan(link)
-            out = side.scanner.splice(raw, scan, 11, stan)
-            if upstream.mac is not None:
-                out = self._sign(upstream.mac, out)
+            out = self._respliced(side.scanner, side.scanner.splice(raw, scan, 11, stan), mode, upstream.mac)
             self._dispatch(txn, link, stan, out, values, now)
         else:
             msg = decode(side.dialect, raw, check_types=False)
@@ -638,15 +637,15 @@ class Flow:
             return
         side = front.side
         try:
-            if txn.translate or txn.restore or not _mac_splices(scan.bitmap, side.mac):
+            mode = None if txn.translate or txn.restore else _mac_mode(upstream.scanner, scan.bitmap, side.mac)
+            if mode is None:
                 msg = decode(upstream.dialect, raw, check_types=False)
                 msg["11"] = txn.front_stan
                 msg.update(txn.restore or {})
                 out = self._encode(side.dialect, side.mac, msg)
             else:
                 out = upstream.scanner.splice(raw, scan, 11, txn.front_stan) if 11 in scan.spans else raw
-                if side.mac is not None:
-                    out = self._sign(side.mac, out)
+                out = self._respliced(upstream.scanner, out, mode, side.mac)
         except IsoGatewayError as exc:
             self._log(WARNING, "response from %s can't be returned to the front end (%s); answering 96", upstream.name, exc)
             txn.rc, txn.auth = "96", None
@@ -1203,6 +1202,15 @@ class Flow:
         self._log(WARNING, "%s %s: MAC %s; not trusted", "listener" if side == "front" else "upstream", name, why)
         return True
 
+    def _respliced(self, scanner: Scanner, raw: bytes, mode: str, hop: MacHop | None) -> bytes:
+        """``raw`` (spliced already) with its MAC field as the next hop wants it (``_mac_mode``)."""
+        if mode == _RESIGN or mode == _ADD:
+            assert hop is not None
+            return self._sign(hop, raw if mode == _RESIGN else scanner.add_last_64(raw))
+        if mode == _DROP:
+            return scanner.drop_last_64(raw)
+        return raw
+
     def _sign(self, hop: MacHop, out: bytes) -> bytes:
         """``out`` (whose last field is the MAC field) with the MAC of every byte before it."""
         field = hop.field
@@ -1262,9 +1270,19 @@ def peek_mti(dialect: Dialect, raw: bytes) -> str | None:
     return mti if len(mti) == 4 and is_valid_mti(mti) else None
 
 
-def _mac_splices(bitmap: int, mac: MacHop | None) -> bool:
-    """Whether a message with ``bitmap`` can go on a hop with ``mac`` by splicing (its STAN, then its
-    MAC): the hop has no MAC and the message carries none, or the message's last field is its MAC."""
+# What happens to a message's MAC field on its way to a hop of its own dialect, by splicing bytes
+# rather than decoding and encoding the message: nothing (neither carries a MAC), signed again (the
+# MAC is its last field), field 64 added and signed (the message has no MAC and no secondary
+# bitmap), field 64 dropped (it is the message's last field and the hop takes no MAC).
+_KEEP, _RESIGN, _ADD, _DROP = "keep", "resign", "add", "drop"
+
+
+def _mac_mode(scanner: Scanner, bitmap: int, mac: MacHop | None) -> str | None:
+    """How a message with ``bitmap`` goes on a hop with ``mac`` by splicing, or None (decode it)."""
     if mac is None:
-        return not MacField.present(bitmap)
-    return MacField.last(bitmap) is not None
+        if not MacField.present(bitmap):
+            return _KEEP
+        return _DROP if scanner.can_drop_last_64(bitmap) else None
+    if MacField.last(bitmap) is not None:
+        return _RESIGN
+    return _ADD if scanner.can_add_last_64(bitmap) else None

@@ -28,6 +28,9 @@ _U_BYTES, _U_NIBBLES = range(2)
 # How a value becomes text.
 _V_ASCII, _V_BCD, _V_RAW, _V_EBCDIC = range(4)
 _VARIABLE, _UNDEFINED = -1, -2
+# Fields 1 (the secondary bitmap) and 64 in a scan's bitmap (field n at 1 << (128 - n)).
+_FIELD_1, _FIELD_64 = 1 << 127, 1 << 64
+_HEX_UPPER = b"0123456789ABCDEF"
 # What a step of the walk does with a field's value: nothing, read it (wanted), or only
 # check it (a full scan refuses what pyiso8583 would: a non-ASCII byte in a text field,
 # an odd BCD value whose pad nibble is not the dialect's).
@@ -390,3 +393,42 @@ class Scanner:
         start, end = scan.spans[field]
         data = self.encode_value(field, value)
         return b"".join((raw[:start], data, raw[end:]))
+
+    # Field 64 as a message's last field, added or dropped in place: a message with no secondary
+    # bitmap ends with field 64 when it has one, so its bit (the primary bitmap's last) and its
+    # bytes (the message's last) are all that change. For a MAC added or dropped by a hop (the
+    # MAC's own bytes are then written by whoever signs).
+
+    def can_add_last_64(self, bitmap: int) -> bool:
+        """Whether ``add_last_64`` applies to a message with ``bitmap``: neither a secondary bitmap
+        nor field 64, and field 64 fixed in this dialect."""
+        return not bitmap & (_FIELD_1 | _FIELD_64) and self._fixed[64] > 0
+
+    def can_drop_last_64(self, bitmap: int) -> bool:
+        """Whether ``drop_last_64`` applies: field 64 present and last (no secondary bitmap), fixed."""
+        return bool(bitmap & _FIELD_64) and not bitmap & _FIELD_1 and self._fixed[64] > 0
+
+    def add_last_64(self, raw: bytes) -> bytes:
+        """``raw`` (for which ``can_add_last_64``) with field 64 added, its value zeros."""
+        filler = b"0" if self._ascii[64] else b"\0"
+        return self._with_bit_64(raw, True) + filler * self._fixed[64]
+
+    def drop_last_64(self, raw: bytes) -> bytes:
+        """``raw`` (fully scanned, and ``can_drop_last_64``) without its field 64."""
+        return self._with_bit_64(raw[:-self._fixed[64]], False)
+
+    def _with_bit_64(self, raw: bytes, on: bool) -> bytes:
+        """``raw`` with the primary bitmap's last bit (field 64) set or cleared."""
+        if self._bitmap_hex:
+            at = self._mti_len + 15  # the last of 16 hex digits
+            digit = raw[at:at + 1]
+            value = int(digit, 16)
+            value = value | 1 if on else value & ~1
+            new = _HEX_UPPER[value:value + 1]
+            if digit.islower():
+                new = new.lower()
+        else:
+            at = self._mti_len + 7  # the last of 8 bytes
+            value = raw[at] | 1 if on else raw[at] & 0xFE
+            new = bytes((value,))
+        return b"".join((raw[:at], new, raw[at + 1:]))
