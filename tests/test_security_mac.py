@@ -246,3 +246,27 @@ def test_key_objects_show_their_check_value_never_their_bytes() -> None:
             assert key.hex() not in text.lower()
             assert key[:8].hex() not in text.lower() and key[8:].hex() not in text.lower()
     assert "08D7B4" in repr(RetailMacKey(ISO_KEY))
+
+
+def test_the_native_des_shared_by_threads_never_writes_out_of_bounds() -> None:
+    """Not a supported use (one thread per key object), but it must not corrupt memory: threads
+    growing the buffer while others use it. The MACs of a serial run afterwards are still right."""
+    import threading
+
+    lib = des.load()
+    if lib is None:
+        pytest.skip("no libcrypto on this system")
+    n = des.NativeRetail(lib, ISO_KEY[:8], ISO_KEY[8:])
+    sizes = [9, 700, 1500, 3000, 6000, 12000]
+
+    def hammer(seed: int) -> None:
+        for i in range(300):
+            n.mac(bytes(sizes[(seed + i) % len(sizes)]))
+
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for size in sizes:
+        assert n.mac(bytes(size)) == independent_retail_mac(ISO_KEY, bytes(size), 1)

@@ -11,7 +11,9 @@ before. The two paths are kept equal by tests (published vectors, and a property
 random keys and data).
 
 Buffers are this module's own and sized before each call: a call never reads or writes past what
-it was given. A ``NativeRetail`` serves one thread at a time, like the key objects in mac.py.
+it was given. A ``NativeRetail`` serves one thread at a time, like the key objects in mac.py (two
+threads at once may get wrong MACs, never a write out of bounds: a buffer and its size are read
+together).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from typing import Final
+from typing import Any, Final
 
 DES_BLOCK: Final = 8
 _SCHEDULE_BYTES: Final = 128  # DES_key_schedule: 16 rounds x 8 bytes
@@ -72,7 +74,7 @@ class NativeRetail:
     ``data`` (ISO/IEC 9797-1 method 1 or 2), chains it under K1 (zero IV), then decrypts the last
     chaining value under K2 and encrypts it under K1."""
 
-    __slots__ = ("_lib", "_ks1", "_ks2", "_iv", "_refs", "_out", "_room", "_method2")
+    __slots__ = ("_lib", "_ks1", "_ks2", "_iv", "_refs", "_method2")
 
     def __init__(self, lib: _Lib, k1: bytes, k2: bytes, padding: int = 1) -> None:
         if len(k1) != DES_BLOCK or len(k2) != DES_BLOCK:
@@ -86,14 +88,17 @@ class NativeRetail:
         lib.set_key(bytes(k1), ctypes.byref(self._ks1))
         lib.set_key(bytes(k2), ctypes.byref(self._ks2))
         self._iv = bytearray(DES_BLOCK)  # the chaining value, read back as the MAC
+        self._refs: tuple[Any, ...] = ()
         self._grow(1024)  # the ciphertext, thrown away; grown as needed
 
-    def _grow(self, room: int) -> None:
-        self._out = ctypes.create_string_buffer(room)
-        self._room = room
+    def _grow(self, room: int) -> tuple[Any, ...]:
+        """New references for the calls, with an output buffer of ``room`` bytes. One tuple, set in
+        one assignment: a call reads the buffer and its size together, never one without the other."""
+        out = ctypes.create_string_buffer(room)
         iv = (ctypes.c_char * DES_BLOCK).from_buffer(self._iv)
-        self._refs = (ctypes.byref(self._out), ctypes.byref(self._ks1), ctypes.byref(self._ks2), ctypes.byref(iv),
-                      ctypes.c_int(_ENCRYPT), iv)
+        refs = self._refs = (ctypes.byref(out), ctypes.byref(self._ks1), ctypes.byref(self._ks2), ctypes.byref(iv),
+                             ctypes.c_int(_ENCRYPT), room, out, iv)
+        return refs
 
     def mac(self, data: bytes) -> bytes:
         """The 8-byte MAC of ``data`` (``bytes``)."""
@@ -108,9 +113,10 @@ class NativeRetail:
         # DES_ede3_cbc_encrypt. Both read exactly ``length`` bytes and take a short last block as
         # zero-padded: padding method 1, with no padded copy of the data.
         head = (n - 1) & ~(DES_BLOCK - 1)
-        if head > self._room:
-            self._grow(head)
-        out, ks1, ks2, iv, encrypt, _ = self._refs
+        refs = self._refs
+        if head > refs[5]:
+            refs = self._grow(head)
+        out, ks1, ks2, iv, encrypt = refs[:5]
         self._iv[:] = _ZERO
         if head:
             # DES_ncbc_encrypt(in, out, long length, schedule, ivec, enc): ``head`` bytes read from
