@@ -864,7 +864,9 @@ class Journal:
                 self.metrics.journal_writes(kind).inc(n)
 
     def _commit_pg(self, ops: list[_Op], retrying: int) -> None:
-        """PostgreSQL: the batch in one transaction on a pooled connection. While the database
+        """PostgreSQL: the batch in one transaction on the thread's connection: one statement when it
+        holds only new transactions and state changes (``_apply_at_once``), else BEGIN, its statements
+        and COMMIT. While the database
         is failing (until the next retry is due) nothing waits for it: the ops fail at once (a
         request is answered 96, never sent) and MUST_LAND writes are kept. A failure that says
         the database refused the work fails the batch the same way; any other (a constraint)
@@ -884,8 +886,9 @@ class Journal:
         try:
             conn = self._pg_connection()
             try:
-                with conn.transaction():
-                    self._apply(conn, ops)
+                if not self._apply_at_once(conn, ops):
+                    with conn.transaction():
+                        self._apply(conn, ops)
             except Exception as exc:  # sorted out below
                 if self.store.refused(exc) or conn.closed:
                     raise
@@ -906,6 +909,33 @@ class Journal:
             self.clear_failure("store")
         self._count(ops, started)
 
+    def _apply_at_once(self, conn: Any, ops: list[_Op]) -> bool:
+        """PostgreSQL: a batch of nothing but new transactions and state changes (``insert_txn``,
+        ``update_txn``: the common batch) as one statement, ``PgStore.write_txns``, outside any
+        transaction (one round trip, committed when it returns), with the results ``_apply`` in a
+        transaction would give. False, having written nothing, for any other batch."""
+        store = self.store
+        calls: list[tuple[bool, tuple[Any, ...]]] = []
+        for op in ops:
+            fn = op.fn
+            if op.kwargs or getattr(fn, "__self__", None) is not store:
+                return False
+            name = fn.__name__
+            if name == "insert_txn":
+                calls.append((True, op.args))
+            elif name == "update_txn":
+                calls.append((False, op.args))
+            else:
+                return False
+        results = store.write_txns(conn, calls)
+        if results is None:  # it updates a row it inserts
+            return False
+        for op, error in zip(ops, results, strict=True):
+            op.result = None
+            op.error = error
+            op.kept = False
+        return True
+
     def _pg_connection(self) -> Any:
         """The thread's own connection (a batch holds one for its transaction; the pool's hand-out
         and check would cost each batch a round trip): opened when missing, within db_timeout."""
@@ -925,6 +955,9 @@ class Journal:
                 conn.execute("SET enable_hashjoin = off")
                 conn.execute("SET enable_mergejoin = off")
                 conn.commit()
+                # A batch of new transactions and answers is one statement (``_apply_at_once``) that
+                # commits by itself; any other opens its transaction (BEGIN and COMMIT: two round trips).
+                conn.autocommit = True
             except BaseException:
                 conn.close()
                 raise

@@ -4,7 +4,9 @@
 and a masked form, the reversal fields sealed with AES-GCM (``PanVault``), never CVV2, track data or
 PIN blocks; the same method set, each method running in the caller's transaction on a psycopg 3
 connection, so ``Journal`` can drive either store. Writes of a batch go in as few statements as
-possible (rows in arrays, ``unnest``), so a group commit of hundreds of rows is a few round trips.
+possible (rows in arrays, ``unnest``), so a group commit of hundreds of rows is a few round trips;
+the journal's common batch, new requests and the answers to earlier ones, is one statement that
+commits by itself (``write_txns``): one round trip.
 
 What several nodes need besides (the schema is in ``migrations/``, applied by ``migrate.py``):
 
@@ -87,6 +89,28 @@ _UPDATE_TXN_ARRAYS = (
     " auth_code=COALESCE(u.auth, txn.auth_code)"
     " FROM unnest(%b::int8[], %b::text[], %b::float8[], %b::text[], %b::text[]) AS u(id, state, updated, rc, auth)"
     " WHERE txn.id=u.id")
+# A batch of inserts and answers as one statement (``write_txns``), run outside any transaction of the
+# caller's: one round trip, committed when it returns. ``found``: the first row of each new row's duplicate
+# key within the window (one index probe per key); ``ins``: the rows whose key it did not find (a key
+# another node is inserting at the same moment meets it on the unique index and inserts nothing);
+# ``upd``: the answers, folded per row. Every part reads the snapshot the statement started with, so
+# an answer to a row inserted by the same statement would update nothing: such a batch is not sent
+# this way (``write_txns`` says so). The result: the ids inserted (key NULL), then what ``found`` found.
+_WRITE_FOUND = (
+    "found AS MATERIALIZED (SELECT k.key, t.id, t.response_code, t.auth_code FROM unnest(%b::text[]) AS k(key)"
+    " CROSS JOIN LATERAL (SELECT id, response_code, auth_code FROM txn WHERE dup_key = k.key AND dup_key <> ''"
+    " AND created >= %b::float8 ORDER BY created LIMIT 1) AS t)")
+_WRITE_INSERT = (
+    "ins AS (INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
+    + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ") AS r("
+    + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ")"
+    " WHERE NOT EXISTS (SELECT 1 FROM found f WHERE f.key = r.dup_key)"
+    " ON CONFLICT (dup_key, dup_bucket) WHERE dup_key <> '' DO NOTHING RETURNING id)")
+_WRITE_UPDATE = "upd AS (" + _UPDATE_TXN_ARRAYS + ")"
+_WRITE_RESULT = (" SELECT id, NULL::text, NULL::text, NULL::text FROM ins"
+                 " UNION ALL SELECT id, key, response_code, auth_code FROM found")
+_WRITE_TXNS = "WITH " + _WRITE_FOUND + ", " + _WRITE_INSERT + ", " + _WRITE_UPDATE + _WRITE_RESULT
+_WRITE_TXNS_NO_UPDATES = "WITH " + _WRITE_FOUND + ", " + _WRITE_INSERT + _WRITE_RESULT
 _SAF_COLUMNS = "id, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, message"
 _LIVE_SAF = (f"SELECT 1 FROM saf s WHERE s.txn_id=txn.id AND s.state NOT IN ('{SAF_ACKED}', '{SAF_CANCELLED}')")
 _WAITING = (SAF_PENDING, SAF_SENT)
@@ -278,6 +302,89 @@ class PgStore:
                 results[i] = DuplicateRecorded(*found.get(keys[i], (None, None)))
         return results
 
+    def write_txns(self, conn: Conn, calls: Sequence[tuple[bool, tuple[Any, ...]]],
+                   ) -> list[DuplicateRecorded | None] | None:
+        """A batch of ``insert_txn`` calls, (True, (row, original)), and ``update_txn`` calls, (False,
+        (txn_id, state[, response_code[, auth_code]])), in order, as one statement: for a connection
+        in autocommit mode, where it is one round trip and commits when it returns (the journal's
+        common batch: new requests and the answers to earlier ones). What it writes and returns are
+        what the calls one after the other in one transaction would: per call None, or for an insert
+        ``DuplicateRecorded`` as ``insert_txn_many`` gives it (the first row's answer as the updates
+        before that call in the batch left it). A statement does not see its own inserts, so a batch
+        that updates a row it inserts is not written this way: None is returned and nothing done (the
+        caller runs the calls in a transaction). Errors as one transaction's: nothing is written."""
+        now = time.time()
+        window = self.dup_window
+        bucket = int(now // window) if window > 0 else 0
+        txn_params = self._rows.txn_params
+        node = self.node
+        results: list[DuplicateRecorded | None] = [None] * len(calls)
+        rows: list[tuple[Any, ...]] = []
+        inserting: set[int] = set()
+        first: dict[str, int] = {}  # a duplicate key -> the call that inserts it
+        later: list[tuple[int, str]] = []  # calls whose key an earlier call of the batch has: in flight
+        updates: list[tuple[int, str, float, str | None, str | None]] = []
+        for i, (insert, args) in enumerate(calls):
+            if insert:
+                row, original = args
+                inserting.add(row["id"])
+                key = str(row.get("dup_key") or "") if window > 0 else ""
+                if key:
+                    if key in first:
+                        later.append((i, key))
+                        continue
+                    first[key] = i
+                rows.append((*txn_params(row, original, now), node, key, bucket))
+            elif args[0] in inserting:
+                return None
+            else:
+                updates.append((args[0], args[1], now, *(args[2:] + (None, None))[:2]))
+        if not rows:
+            self._update_rows(conn, updates)
+            return results
+        params: list[Any] = [list(first), now - window]
+        params += [list(col) for col in zip(*rows, strict=True)]
+        if updates:
+            params += _fold_updates(updates)
+        found: dict[str, tuple[int, str | None, str | None]] = {}
+        inserted: set[int] = set()
+        for txn_id, key, rc, auth in conn.execute(_WRITE_TXNS if updates else _WRITE_TXNS_NO_UPDATES, params,
+                                                  prepare=True):
+            if key is None:
+                inserted.add(txn_id)
+            else:
+                found[key] = (txn_id, rc, auth)
+        if not first:
+            return results
+
+        def answer(i: int, key: str) -> DuplicateRecorded:
+            """The first row's answer as seen by call ``i``: after the batch's updates before it."""
+            first_id, rc, auth = found[key]
+            for insert, args in calls[:i]:
+                if not insert and args[0] == first_id:
+                    new_rc, new_auth = (args[2:] + (None, None))[:2]
+                    rc = rc if new_rc is None else new_rc
+                    auth = auth if new_auth is None else new_auth
+            return DuplicateRecorded(rc, auth)
+
+        lost: list[int] = []
+        for key, i in first.items():
+            if key in found:
+                results[i] = answer(i, key)
+            elif calls[i][1][0]["id"] not in inserted:
+                lost.append(i)
+        for i, key in later:
+            results[i] = answer(i, key) if key in found else DuplicateRecorded(None, None)
+        if lost:  # another node inserted the same key meanwhile (it waited for that one's commit)
+            keys = [str(calls[i][1][0]["dup_key"]) for i in lost]
+            try:
+                again = self._first_of(conn, sorted(set(keys)), now)
+            except psycopg.Error:  # the batch is committed: these are refused all the same, as in flight
+                again = {}
+            for i, key in zip(lost, keys, strict=True):
+                results[i] = DuplicateRecorded(*again.get(key, (None, None)))
+        return results
+
     def _first_of(self, conn: Conn, keys: list[str], now: float) -> dict[str, tuple[str | None, str | None]]:
         """The first row of each duplicate key created within the window: (response code, auth code).
         One index look-up per key (the lateral join keeps the planner on txn_dup_key)."""
@@ -315,23 +422,11 @@ class PgStore:
 
     @staticmethod
     def _update_rows(conn: Conn, updates: Sequence[tuple[int, str, float, str | None, str | None]]) -> int:
-        """Updates of ``txn`` rows in one statement, with the effect of applying them in order:
-        the last state and time win, and the last response and approval codes given."""
-        folded: dict[int, list[Any]] = {}
-        for txn_id, state, when, rc, auth in updates:
-            row = folded.get(txn_id)
-            if row is None:
-                folded[txn_id] = [txn_id, state, when, rc, auth]
-                continue
-            row[1], row[2] = state, when
-            if rc is not None:
-                row[3] = rc
-            if auth is not None:
-                row[4] = auth
-        if not folded:
+        """Updates of ``txn`` rows in one statement, with the effect of applying them in order
+        (``_fold_updates``)."""
+        if not updates:
             return 0
-        columns = [list(col) for col in zip(*folded.values(), strict=True)]
-        cur = conn.execute(_UPDATE_TXN_ARRAYS, columns)
+        cur = conn.execute(_UPDATE_TXN_ARRAYS, _fold_updates(updates))
         return cur.rowcount
 
     def update_txn(self, conn: Conn, txn_id: int, state: str, response_code: str | None = None,
@@ -683,6 +778,24 @@ class PgStore:
             " RETURNING next",
             {"link": link, "first_next": size % STAN_MAX + 1, "size": size, "max": STAN_MAX}))[0]
         return int((nxt - 1 - size) % STAN_MAX + 1)
+
+
+def _fold_updates(updates: Sequence[tuple[int, str, float, str | None, str | None]]) -> list[list[Any]]:
+    """Updates of ``txn`` rows (id, state, time, rc, auth) as ``_UPDATE_TXN_ARRAYS``'s columns, one
+    entry per row with the effect of applying them in order: the last state and time win, and the
+    last response and approval codes given."""
+    folded: dict[int, list[Any]] = {}
+    for txn_id, state, when, rc, auth in updates:
+        row = folded.get(txn_id)
+        if row is None:
+            folded[txn_id] = [txn_id, state, when, rc, auth]
+            continue
+        row[1], row[2] = state, when
+        if rc is not None:
+            row[3] = rc
+        if auth is not None:
+            row[4] = auth
+    return [list(col) for col in zip(*folded.values(), strict=True)]
 
 
 def _one(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
