@@ -30,6 +30,7 @@ with the session settings every connection gets, and ``run`` for one transaction
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -84,33 +85,37 @@ _P_UPDATED, _P_STATE, _P_RESPONSE_CODE, _P_AUTH_CODE = 2, 17, 20, 21
 _INSERT_TXN_ARRAYS = (
     "INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
     + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ")")
-_UPDATE_TXN_ARRAYS = (
+# A batch of inserts and answers as one statement (``write_txns``), run outside any transaction of the
+# caller's: one round trip, committed when it returns. The new rows and the answers come as JSON
+# (``json_to_recordset``): one parameter each, encoded in C, where arrays cost psycopg a Python loop
+# per column. ``found``: the first row of each new row's duplicate key within the window (one index
+# probe per key); ``ins``: the rows whose key it did not find (a key another node is inserting at the
+# same moment meets it on the unique index and inserts nothing); ``upd``: the answers, folded per
+# row. Every part reads the snapshot the statement started with, so an answer to a row inserted by
+# the same statement would update nothing: such a batch is not sent this way (``write_txns`` says
+# so). The result: the ids inserted (key NULL), then what ``found`` found.
+_TXN_JSON_ROW = "json_to_recordset(%s::json) AS r(" + ", ".join(f"{c} {t}" for c, t in _TXN_INSERT_COLUMNS) + ")"
+_TXN_JSON_NAMES = tuple(c for c, _ in _TXN_INSERT_COLUMNS)
+_P_ORIGINAL = 18  # the sealed reversal fields: bytes, sent as bytea's hex form
+_UPDATE_TXN_JSON = (
     "UPDATE txn SET state=u.state, updated=u.updated, response_code=COALESCE(u.rc, txn.response_code),"
     " auth_code=COALESCE(u.auth, txn.auth_code)"
-    " FROM unnest(%b::int8[], %b::text[], %b::float8[], %b::text[], %b::text[]) AS u(id, state, updated, rc, auth)"
+    " FROM json_to_recordset(%s::json) AS u(id int8, state text, updated float8, rc text, auth text)"
     " WHERE txn.id=u.id")
-# A batch of inserts and answers as one statement (``write_txns``), run outside any transaction of the
-# caller's: one round trip, committed when it returns. ``found``: the first row of each new row's duplicate
-# key within the window (one index probe per key); ``ins``: the rows whose key it did not find (a key
-# another node is inserting at the same moment meets it on the unique index and inserts nothing);
-# ``upd``: the answers, folded per row. Every part reads the snapshot the statement started with, so
-# an answer to a row inserted by the same statement would update nothing: such a batch is not sent
-# this way (``write_txns`` says so). The result: the ids inserted (key NULL), then what ``found`` found.
+_WRITE_ROWS = "r AS MATERIALIZED (SELECT * FROM " + _TXN_JSON_ROW + ")"
 _WRITE_FOUND = (
-    "found AS MATERIALIZED (SELECT k.key, t.id, t.response_code, t.auth_code FROM unnest(%b::text[]) AS k(key)"
-    " CROSS JOIN LATERAL (SELECT id, response_code, auth_code FROM txn WHERE dup_key = k.key AND dup_key <> ''"
-    " AND created >= %b::float8 ORDER BY created LIMIT 1) AS t)")
+    "found AS MATERIALIZED (SELECT r.dup_key AS key, t.id, t.response_code, t.auth_code FROM r"
+    " CROSS JOIN LATERAL (SELECT txn.id, txn.response_code, txn.auth_code FROM txn WHERE txn.dup_key = r.dup_key"
+    " AND txn.dup_key <> '' AND txn.created >= %s::float8 ORDER BY txn.created LIMIT 1) AS t WHERE r.dup_key <> '')")
 _WRITE_INSERT = (
-    "ins AS (INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
-    + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ") AS r("
-    + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ")"
-    " WHERE NOT EXISTS (SELECT 1 FROM found f WHERE f.key = r.dup_key)"
+    "ins AS (INSERT INTO txn (" + ", ".join(_TXN_JSON_NAMES) + ") SELECT " + ", ".join(_TXN_JSON_NAMES)
+    + " FROM r WHERE NOT EXISTS (SELECT 1 FROM found f WHERE f.key = r.dup_key)"
     " ON CONFLICT (dup_key, dup_bucket) WHERE dup_key <> '' DO NOTHING RETURNING id)")
-_WRITE_UPDATE = "upd AS (" + _UPDATE_TXN_ARRAYS + ")"
+_WRITE_UPDATE = "upd AS (" + _UPDATE_TXN_JSON + ")"
 _WRITE_RESULT = (" SELECT id, NULL::text, NULL::text, NULL::text FROM ins"
                  " UNION ALL SELECT id, key, response_code, auth_code FROM found")
-_WRITE_TXNS = "WITH " + _WRITE_FOUND + ", " + _WRITE_INSERT + ", " + _WRITE_UPDATE + _WRITE_RESULT
-_WRITE_TXNS_NO_UPDATES = "WITH " + _WRITE_FOUND + ", " + _WRITE_INSERT + _WRITE_RESULT
+_WRITE_TXNS = "WITH " + ", ".join((_WRITE_ROWS, _WRITE_FOUND, _WRITE_INSERT, _WRITE_UPDATE)) + _WRITE_RESULT
+_WRITE_TXNS_NO_UPDATES = "WITH " + ", ".join((_WRITE_ROWS, _WRITE_FOUND, _WRITE_INSERT)) + _WRITE_RESULT
 _SAF_COLUMNS = "id, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, message"
 _LIVE_SAF = (f"SELECT 1 FROM saf s WHERE s.txn_id=txn.id AND s.state NOT IN ('{SAF_ACKED}', '{SAF_CANCELLED}')")
 _WAITING = (SAF_PENDING, SAF_SENT)
@@ -319,7 +324,7 @@ class PgStore:
         txn_params = self._rows.txn_params
         node = self.node
         results: list[DuplicateRecorded | None] = [None] * len(calls)
-        rows: list[tuple[Any, ...]] = []
+        rows: list[dict[str, Any]] = []
         inserting: set[int] = set()
         first: dict[str, int] = {}  # a duplicate key -> the call that inserts it
         later: list[tuple[int, str]] = []  # calls whose key an earlier call of the batch has: in flight
@@ -334,7 +339,9 @@ class PgStore:
                         later.append((i, key))
                         continue
                     first[key] = i
-                rows.append((*txn_params(row, original, now), node, key, bucket))
+                values = [*txn_params(row, original, now), node, key, bucket]
+                values[_P_ORIGINAL] = "\\x" + values[_P_ORIGINAL].hex()
+                rows.append(dict(zip(_TXN_JSON_NAMES, values, strict=True)))
             elif args[0] in inserting:
                 return None
             else:
@@ -342,10 +349,9 @@ class PgStore:
         if not rows:
             self._update_rows(conn, updates)
             return results
-        params: list[Any] = [list(first), now - window]
-        params += [list(col) for col in zip(*rows, strict=True)]
+        params: list[Any] = [json.dumps(rows), now - window]
         if updates:
-            params += _fold_updates(updates)
+            params.append(_fold_updates(updates))
         found: dict[str, tuple[int, str | None, str | None]] = {}
         inserted: set[int] = set()
         for txn_id, key, rc, auth in conn.execute(_WRITE_TXNS if updates else _WRITE_TXNS_NO_UPDATES, params,
@@ -426,7 +432,7 @@ class PgStore:
         (``_fold_updates``)."""
         if not updates:
             return 0
-        cur = conn.execute(_UPDATE_TXN_ARRAYS, _fold_updates(updates))
+        cur = conn.execute(_UPDATE_TXN_JSON, (_fold_updates(updates),))
         return cur.rowcount
 
     def update_txn(self, conn: Conn, txn_id: int, state: str, response_code: str | None = None,
@@ -780,22 +786,22 @@ class PgStore:
         return int((nxt - 1 - size) % STAN_MAX + 1)
 
 
-def _fold_updates(updates: Sequence[tuple[int, str, float, str | None, str | None]]) -> list[list[Any]]:
-    """Updates of ``txn`` rows (id, state, time, rc, auth) as ``_UPDATE_TXN_ARRAYS``'s columns, one
+def _fold_updates(updates: Sequence[tuple[int, str, float, str | None, str | None]]) -> str:
+    """Updates of ``txn`` rows (id, state, time, rc, auth) as ``_UPDATE_TXN_JSON``'s parameter, one
     entry per row with the effect of applying them in order: the last state and time win, and the
     last response and approval codes given."""
-    folded: dict[int, list[Any]] = {}
+    folded: dict[int, dict[str, Any]] = {}
     for txn_id, state, when, rc, auth in updates:
         row = folded.get(txn_id)
         if row is None:
-            folded[txn_id] = [txn_id, state, when, rc, auth]
+            folded[txn_id] = {"id": txn_id, "state": state, "updated": when, "rc": rc, "auth": auth}
             continue
-        row[1], row[2] = state, when
+        row["state"], row["updated"] = state, when
         if rc is not None:
-            row[3] = rc
+            row["rc"] = rc
         if auth is not None:
-            row[4] = auth
-    return [list(col) for col in zip(*folded.values(), strict=True)]
+            row["auth"] = auth
+    return json.dumps(list(folded.values()))
 
 
 def _one(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
