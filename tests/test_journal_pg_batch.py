@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import psycopg
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -263,3 +264,83 @@ def test_one_statement_writes_and_answers_what_the_ops_in_a_transaction_do(
     answers_its_own = any(o[0] == "u" and any(p[0] == "i" and p[1] == o[1] for p in batch[:j])
                           for j, o in enumerate(batch))
     assert at_once.at_once in ([False] if answers_its_own else [True], ["UniqueViolation"])
+
+
+# --------------------------------------------------------------------------- from the event loop
+
+
+async def running(node: Node, nursery: Any) -> Journal:
+    """The node's journal running in ``nursery``, its event loop's connection open."""
+    journal = node.journal
+    await nursery.start(journal.run)
+    deadline = time.monotonic() + 10
+    while journal._here is None:
+        assert time.monotonic() < deadline, "the event loop's connection never opened"
+        await trio.sleep(0.01)
+    return journal
+
+
+async def submit_all(journal: Journal, ops: list[_Op]) -> list[Any]:
+    """Submit ``ops`` in one turn of the loop; their outcomes once every callback ran."""
+    done = trio.Event()
+    outcomes: dict[int, Any] = {}
+    for n, op in enumerate(ops):
+        def callback(result: Any, error: BaseException | None, n: int = n, op: _Op = op) -> None:
+            op.error = error
+            outcomes[n] = outcome(op)
+            if len(outcomes) == len(ops):
+                done.set()
+
+        journal.submit(op.fn, *op.args, callback=callback)
+    with trio.fail_after(10):
+        await done.wait()
+    return [outcomes[n] for n in range(len(ops))]
+
+
+async def test_the_common_batch_goes_from_the_event_loop_and_the_thread_is_not_woken(node: Node, nursery: Any) -> None:
+    journal = await running(node, nursery)
+    earlier = new_id()
+    node.existing(earlier, "", node="node-a")
+    node.existing(new_id(), "k-there", rc="00", auth="TH3R3")
+    handed = journal._handed
+    a, b = new_id(), new_id()
+    outcomes = await submit_all(journal, [node.insert(a, "k-a"), node.update(earlier, ANSWERED, "00", "E1"),
+                                          node.insert(b, "k-there")])
+    assert outcomes == [None, None, ("duplicate", "00", "TH3R3")]
+    assert journal._handed == handed  # nothing went to the thread
+    got = {r[0]: r[1:4] for r in node.rows()}
+    assert got[a] == (FORWARDED, None, None) and got[earlier] == (ANSWERED, "00", "E1") and b not in got
+
+
+async def test_other_operations_keep_the_order_through_the_thread(node: Node, nursery: Any) -> None:
+    journal = await running(node, nursery)
+    earlier = new_id()
+    node.existing(earlier, "", node="node-a")
+    handed = journal._handed
+    ops = [node.update(earlier, ANSWERED, "00"), _Op(node.store.set_meta, ("k", "v"), {}, None),
+           node.update(earlier, REVERSED)]
+    assert await submit_all(journal, ops) == [None, None, None]
+    assert journal._handed == handed + 3
+    assert {r[0]: r[1:3] for r in node.rows()} == {earlier: (REVERSED, "00")}
+
+
+async def test_a_batch_whose_connection_fails_is_run_by_the_thread_and_the_connection_comes_back(
+        node: Node, nursery: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "STORE_RETRY_MAX", 0.05)  # how soon it is opened again
+    journal = await running(node, nursery)
+    earlier = new_id()
+    node.existing(earlier, "", node="node-a")
+    node.admin.execute("SELECT pg_terminate_backend(%s)", (journal._here.info.backend_pid,))
+    handed = journal._handed
+    a = new_id()
+    assert await submit_all(journal, [node.insert(a, "k-a"), node.update(earlier, ANSWERED, "05")]) == [None, None]
+    assert journal._handed == handed + 2  # the thread ran them
+    assert {r[0]: r[1:3] for r in node.rows()} == {earlier: (ANSWERED, "05"), a: (FORWARDED, None)}
+    assert journal.failed is None
+    deadline = time.monotonic() + 10
+    while journal._here is None:
+        assert time.monotonic() < deadline, "the event loop's connection never came back"
+        await trio.sleep(0.01)
+    handed = journal._handed
+    assert await submit_all(journal, [node.insert(new_id(), "k-b")]) == [None]
+    assert journal._handed == handed

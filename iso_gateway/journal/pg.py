@@ -116,9 +116,41 @@ _WRITE_RESULT = (" SELECT id, NULL::text, NULL::text, NULL::text FROM ins"
                  " UNION ALL SELECT id, key, response_code, auth_code FROM found")
 _WRITE_TXNS = "WITH " + ", ".join((_WRITE_ROWS, _WRITE_FOUND, _WRITE_INSERT, _WRITE_UPDATE)) + _WRITE_RESULT
 _WRITE_TXNS_NO_UPDATES = "WITH " + ", ".join((_WRITE_ROWS, _WRITE_FOUND, _WRITE_INSERT)) + _WRITE_RESULT
+_FIRST_OF = (
+    "SELECT k.key, t.response_code, t.auth_code FROM json_array_elements_text(%s::json) AS k(key) CROSS JOIN LATERAL"
+    " (SELECT response_code, auth_code FROM txn WHERE dup_key = k.key AND dup_key <> '' AND created >= %s::float8"
+    " ORDER BY created LIMIT 1) AS t")
+# ``write_txns``' statements by kind (``TxnWrite.kind``), and the look-up it may need after one.
+WRITE_STATEMENTS = {"write": _WRITE_TXNS, "insert": _WRITE_TXNS_NO_UPDATES, "update": _UPDATE_TXN_JSON,
+                    "first_of": _FIRST_OF}
 _SAF_COLUMNS = "id, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, message"
 _LIVE_SAF = (f"SELECT 1 FROM saf s WHERE s.txn_id=txn.id AND s.state NOT IN ('{SAF_ACKED}', '{SAF_CANCELLED}')")
 _WAITING = (SAF_PENDING, SAF_SENT)
+
+
+class TxnWrite:
+    """A batch of ``write_txns`` between ``plan_write`` and its answer: the statement (``kind``, one of
+    ``WRITE_STATEMENTS``, and ``params``: str and float values), and per call its result once known."""
+
+    __slots__ = ("calls", "now", "kind", "params", "results", "first", "later")
+
+    def __init__(self, calls: Sequence[tuple[bool, tuple[Any, ...]]], now: float) -> None:
+        self.calls = calls
+        self.now = now
+        self.kind = ""
+        self.params: list[Any] = []
+        self.results: list[DuplicateRecorded | None] = [None] * len(calls)
+        self.first: dict[str, int] = {}  # a duplicate key -> the call that inserts it
+        self.later: list[tuple[int, str]] = []  # calls whose key an earlier call of the batch has: in flight
+
+    def lost_keys(self, lost: list[int]) -> list[str]:
+        """The keys of ``lost`` calls (``finish_write``), for ``first_of``."""
+        return sorted({str(self.calls[i][1][0]["dup_key"]) for i in lost})
+
+    def settle(self, lost: list[int], found: dict[str, tuple[str | None, str | None]]) -> None:
+        """The ``lost`` calls' answers: the row another node inserted with their key (``first_of``)."""
+        for i in lost:
+            self.results[i] = DuplicateRecorded(*found.get(str(self.calls[i][1][0]["dup_key"]), (None, None)))
 
 
 # --------------------------------------------------------------------------- errors
@@ -317,17 +349,33 @@ class PgStore:
         ``DuplicateRecorded`` as ``insert_txn_many`` gives it (the first row's answer as the updates
         before that call in the batch left it). A statement does not see its own inserts, so a batch
         that updates a row it inserts is not written this way: None is returned and nothing done (the
-        caller runs the calls in a transaction). Errors as one transaction's: nothing is written."""
+        caller runs the calls in a transaction). Errors as one transaction's: nothing is written.
+        (``plan_write`` and ``finish_write`` are its halves, for a caller that sends it itself.)"""
+        plan = self.plan_write(calls)
+        if plan is None:
+            return None
+        cur = conn.execute(WRITE_STATEMENTS[plan.kind], plan.params, prepare=True)
+        lost = self.finish_write(plan, cur.fetchall() if cur.description else [])
+        if lost:
+            try:
+                again = self._first_of(conn, plan.lost_keys(lost), plan.now)
+            except psycopg.Error:  # the batch is committed: these are refused all the same, as in flight
+                again = {}
+            plan.settle(lost, again)
+        return plan.results
+
+    def plan_write(self, calls: Sequence[tuple[bool, tuple[Any, ...]]]) -> TxnWrite | None:
+        """``write_txns``' statement for ``calls``: which one (``WRITE_STATEMENTS``) and its parameters;
+        None when the batch updates a row it inserts."""
         now = time.time()
         window = self.dup_window
         bucket = int(now // window) if window > 0 else 0
         txn_params = self._rows.txn_params
         node = self.node
-        results: list[DuplicateRecorded | None] = [None] * len(calls)
+        plan = TxnWrite(calls, now)
         rows: list[dict[str, Any]] = []
         inserting: set[int] = set()
-        first: dict[str, int] = {}  # a duplicate key -> the call that inserts it
-        later: list[tuple[int, str]] = []  # calls whose key an earlier call of the batch has: in flight
+        first = plan.first
         updates: list[tuple[int, str, float, str | None, str | None]] = []
         for i, (insert, args) in enumerate(calls):
             if insert:
@@ -336,7 +384,7 @@ class PgStore:
                 key = str(row.get("dup_key") or "") if window > 0 else ""
                 if key:
                     if key in first:
-                        later.append((i, key))
+                        plan.later.append((i, key))
                         continue
                     first[key] = i
                 values = [*txn_params(row, original, now), node, key, bucket]
@@ -347,24 +395,32 @@ class PgStore:
             else:
                 updates.append((args[0], args[1], now, *(args[2:] + (None, None))[:2]))
         if not rows:
-            self._update_rows(conn, updates)
-            return results
-        params: list[Any] = [json.dumps(rows), now - window]
-        if updates:
-            params.append(_fold_updates(updates))
+            plan.kind, plan.params = "update", [_fold_updates(updates)]
+        elif updates:
+            plan.kind, plan.params = "write", [json.dumps(rows), now - window, _fold_updates(updates)]
+        else:
+            plan.kind, plan.params = "insert", [json.dumps(rows), now - window]
+        return plan
+
+    @staticmethod
+    def finish_write(plan: TxnWrite, answer: Sequence[tuple[int, str | None, str | None, str | None]]) -> list[int]:
+        """Read the statement's ``answer`` (rows of id, key, rc, auth) into ``plan.results``; returns the
+        calls whose key another node inserted at the same moment (``lost``): their answers need
+        ``first_of`` (after the statement), then ``plan.settle``."""
+        if not plan.first:
+            return []
         found: dict[str, tuple[int, str | None, str | None]] = {}
         inserted: set[int] = set()
-        for txn_id, key, rc, auth in conn.execute(_WRITE_TXNS if updates else _WRITE_TXNS_NO_UPDATES, params,
-                                                  prepare=True):
+        for txn_id, key, rc, auth in answer:
             if key is None:
                 inserted.add(txn_id)
             else:
                 found[key] = (txn_id, rc, auth)
-        if not first:
-            return results
+        calls = plan.calls
+        results = plan.results
 
-        def answer(i: int, key: str) -> DuplicateRecorded:
-            """The first row's answer as seen by call ``i``: after the batch's updates before it."""
+        def seen_by(i: int, key: str) -> DuplicateRecorded:
+            """The first row's answer as call ``i`` sees it: after the batch's updates before it."""
             first_id, rc, auth = found[key]
             for insert, args in calls[:i]:
                 if not insert and args[0] == first_id:
@@ -374,30 +430,20 @@ class PgStore:
             return DuplicateRecorded(rc, auth)
 
         lost: list[int] = []
-        for key, i in first.items():
+        for key, i in plan.first.items():
             if key in found:
-                results[i] = answer(i, key)
+                results[i] = seen_by(i, key)
             elif calls[i][1][0]["id"] not in inserted:
-                lost.append(i)
-        for i, key in later:
-            results[i] = answer(i, key) if key in found else DuplicateRecorded(None, None)
-        if lost:  # another node inserted the same key meanwhile (it waited for that one's commit)
-            keys = [str(calls[i][1][0]["dup_key"]) for i in lost]
-            try:
-                again = self._first_of(conn, sorted(set(keys)), now)
-            except psycopg.Error:  # the batch is committed: these are refused all the same, as in flight
-                again = {}
-            for i, key in zip(lost, keys, strict=True):
-                results[i] = DuplicateRecorded(*again.get(key, (None, None)))
-        return results
+                lost.append(i)  # another node inserted the same key meanwhile (it waited for that one's commit)
+        for i, key in plan.later:
+            results[i] = seen_by(i, key) if key in found else DuplicateRecorded(None, None)
+        return lost
 
     def _first_of(self, conn: Conn, keys: list[str], now: float) -> dict[str, tuple[str | None, str | None]]:
         """The first row of each duplicate key created within the window: (response code, auth code).
         One index look-up per key (the lateral join keeps the planner on txn_dup_key)."""
         return {key: (rc, auth) for key, rc, auth in conn.execute(
-            "SELECT k.key, t.response_code, t.auth_code FROM unnest(%s::text[]) AS k(key) CROSS JOIN LATERAL"
-            " (SELECT response_code, auth_code FROM txn WHERE dup_key = k.key AND dup_key <> '' AND created >= %s"
-            " ORDER BY created LIMIT 1) AS t", (keys, now - self.dup_window))}
+            WRITE_STATEMENTS["first_of"], (json.dumps(keys), now - self.dup_window), prepare=True)}
 
     @staticmethod
     def _insert_rows_returning(conn: Conn, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
