@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import queue
+import re
 import sqlite3
 import subprocess
 import sys
@@ -1041,10 +1042,11 @@ class Journal:
             pgconn = conn.pgconn
             # Each statement prepared, then run once on nothing: its first run (the tables' and indexes'
             # descriptions, its plan) costs milliseconds, here rather than in the first batch.
-            empty = {"write": [b"[]", b"0", b"[]"], "insert": [b"[]", b"0"], "update": [b"[]"], "first_of": [b"[]", b"0"]}
             for kind, query in WRITE_STATEMENTS.items():
+                # (nothing: an empty JSON array, 0 for a number, an empty text)
+                empty = [{"json": b"[]", "text": b""}.get(cast, b"0") for cast in re.findall(r"%s::(\w+)", query)]
                 for result in (pgconn.prepare(kind.encode(), _numbered(query).encode()),
-                               pgconn.exec_prepared(kind.encode(), empty[kind])):
+                               pgconn.exec_prepared(kind.encode(), empty)):
                     if result.status not in (_COMMAND_OK, _TUPLES_OK):
                         raise RuntimeError(f"{kind}: {result.error_message.decode(errors='replace')}")
             pgconn.nonblocking = 1

@@ -94,8 +94,13 @@ _INSERT_TXN_ARRAYS = (
 # row. Every part reads the snapshot the statement started with, so an answer to a row inserted by
 # the same statement would update nothing: such a batch is not sent this way (``write_txns`` says
 # so). The result: the ids inserted (key NULL), then what ``found`` found.
-_TXN_JSON_ROW = "json_to_recordset(%s::json) AS r(" + ", ".join(f"{c} {t}" for c, t in _TXN_INSERT_COLUMNS) + ")"
-_TXN_JSON_NAMES = tuple(c for c, _ in _TXN_INSERT_COLUMNS)
+# The columns the same for every row of a batch are single parameters (the time, the node, the worker,
+# the window number; no answer yet), the others go in the JSON, one object per row.
+_TXN_BATCH_VALUES = {"created": "%s::float8", "updated": "%s::float8", "worker": "%s::int4", "response_code": "NULL",
+                     "auth_code": "NULL", "node": "%s::text", "dup_bucket": "%s::int8"}
+_TXN_JSON_COLUMNS = tuple((i, c, t) for i, (c, t) in enumerate(_TXN_INSERT_COLUMNS) if c not in _TXN_BATCH_VALUES)
+_TXN_JSON_NAMES = tuple(c for _, c, _ in _TXN_JSON_COLUMNS)
+_TXN_JSON_ROW = "json_to_recordset(%s::json) AS r(" + ", ".join(f"{c} {t}" for _, c, t in _TXN_JSON_COLUMNS) + ")"
 _P_ORIGINAL = 18  # the sealed reversal fields: bytes, sent as bytea's hex form
 _UPDATE_TXN_JSON = (
     "UPDATE txn SET state=u.state, updated=u.updated, response_code=COALESCE(u.rc, txn.response_code),"
@@ -108,8 +113,8 @@ _WRITE_FOUND = (
     " CROSS JOIN LATERAL (SELECT txn.id, txn.response_code, txn.auth_code FROM txn WHERE txn.dup_key = r.dup_key"
     " AND txn.dup_key <> '' AND txn.created >= %s::float8 ORDER BY txn.created LIMIT 1) AS t WHERE r.dup_key <> '')")
 _WRITE_INSERT = (
-    "ins AS (INSERT INTO txn (" + ", ".join(_TXN_JSON_NAMES) + ") SELECT " + ", ".join(_TXN_JSON_NAMES)
-    + " FROM r WHERE NOT EXISTS (SELECT 1 FROM found f WHERE f.key = r.dup_key)"
+    "ins AS (INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT "
+    + ", ".join(_TXN_BATCH_VALUES.get(c, "r." + c) for c, _ in _TXN_INSERT_COLUMNS) + " FROM r WHERE NOT EXISTS (SELECT 1 FROM found f WHERE f.key = r.dup_key)"
     " ON CONFLICT (dup_key, dup_bucket) WHERE dup_key <> '' DO NOTHING RETURNING id)")
 _WRITE_UPDATE = "upd AS (" + _UPDATE_TXN_JSON + ")"
 _WRITE_RESULT = (" SELECT id, NULL::text, NULL::text, NULL::text FROM ins"
@@ -389,17 +394,18 @@ class PgStore:
                     first[key] = i
                 values = [*txn_params(row, original, now), node, key, bucket]
                 values[_P_ORIGINAL] = "\\x" + values[_P_ORIGINAL].hex()
-                rows.append(dict(zip(_TXN_JSON_NAMES, values, strict=True)))
+                rows.append({name: values[i] for i, name, _ in _TXN_JSON_COLUMNS})
             elif args[0] in inserting:
                 return None
             else:
                 updates.append((args[0], args[1], now, *(args[2:] + (None, None))[:2]))
         if not rows:
             plan.kind, plan.params = "update", [_fold_updates(updates)]
-        elif updates:
-            plan.kind, plan.params = "write", [json.dumps(rows), now - window, _fold_updates(updates)]
-        else:
-            plan.kind, plan.params = "insert", [json.dumps(rows), now - window]
+            return plan
+        plan.kind = "write" if updates else "insert"
+        plan.params = [json.dumps(rows), now - window, now, now, self.worker, node, bucket]
+        if updates:
+            plan.params.append(_fold_updates(updates))
         return plan
 
     @staticmethod
