@@ -14,7 +14,7 @@ queued up in one transaction (group commit), then hands the batch back to the
 trio side, where each operation's callback runs. On PostgreSQL every write is a
 batch (no log); the common one, new requests and answers, goes from the event
 loop itself on a connection of its own while the thread has nothing under way
-(``_write_here``: one statement, sent and read without blocking), so it costs no
+(``_send_here``: one statement, sent and read without blocking), so it costs no
 thread hand-off either way.
 
 A store that fails (a full disk, a read-only file, an I/O error) never stops
@@ -255,7 +255,7 @@ class Journal:
         self._integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
         self._down: BaseException | None = None  # PostgreSQL: the store's failure until a batch works again
         self._pg_conn: Any = None  # PostgreSQL: the thread's connection (see _pg_connection)
-        self._here: Any = None  # PostgreSQL: the event loop's connection (see _write_here)
+        self._here: Any = None  # PostgreSQL: the event loop's connection (see _send_here)
         # Operations handed to the thread, and those it has done (each counter has one writer):
         # equal when the thread has nothing left to commit.
         self._handed = 0
@@ -431,13 +431,16 @@ class Journal:
     async def _pump(self) -> None:
         """Hand what the loop submitted to the thread: woken by a submit, so the operations of
         everything that ran meanwhile go over together. (PostgreSQL: the common batch is written
-        from here when it can be, ``_write_here``.)"""
+        from here when it can be, ``_send_here``.)"""
         while True:
             assert self._kick is not None
             await self._kick.wait()
             self._kick = trio.Event()
-            if self._here is not None and self._pending and await self._write_here():
-                continue
+            if self._here is not None and self._pending:
+                flight = self._send_here()
+                if flight is not None:
+                    await self._fly_here(flight)
+                    continue
             self._hand_over()
 
     async def _index(self) -> None:
@@ -963,68 +966,87 @@ class Journal:
 
     # -- PostgreSQL: the common batch from the event loop
 
-    # The common batch goes from the event loop on a connection of its own when it can (``_write_here``).
+    # The common batch goes from the event loop on a connection of its own when it can (``_send_here``).
     write_here = True
 
-    async def _write_here(self) -> bool:
-        """PostgreSQL: write what was submitted from the event loop, when it is the common batch
+    def _send_here(self) -> tuple[list[_Op], Any, float] | None:
+        """PostgreSQL: send what was submitted from the event loop, when it is the common batch
         (``_hot_calls``) and nothing else is under way: the thread has committed all it was handed
         (``_handed`` == ``_thread_done``), holds no kept write, and the database is not failing. So
         one batch at a time is in flight, on either connection, in the order submitted, as with the
         thread alone. The statement is ``write_txns``' (one round trip, committed when it returns),
-        sent and read without blocking; nothing waits on a thread, and the event loop goes on
-        meanwhile (what it submits waits for the next batch). Returns False, having done nothing,
-        when the batch is not for here. A statement that fails in any way hands its batch to the
-        thread, which runs it again and sorts out the failure as for any batch (a statement that
-        committed and lost its answer is then found again, as when a commit's answer is lost)."""
+        sent and read without blocking (``_fly_here``): nothing waits on a thread, and the event loop
+        goes on meanwhile (what it submits waits for the next batch). Returns the batch in flight
+        (ops, plan, when), or None, having done nothing, when the batch is not for here."""
         if self._handed != self._thread_done or self._kept or self._down is not None:
-            return False
+            return None
         ops = self._pending
         calls = self._hot_calls(ops)
         if calls is None:
-            return False
+            return None
         plan = self.store.plan_write(calls)
         if plan is None:  # it updates a row it inserts: the thread's transaction
-            return False
-        self._pending = []
-        conn = self._here
+            return None
         started = time.perf_counter()
-        self._busy_since = time.monotonic()
         try:
+            _pg_send(self._here.pgconn, plan.kind, plan.params)
+        except Exception as exc:  # noqa: BLE001 - the thread runs them
+            log.debug("journal: the event loop's connection failed (%s); the thread runs the batch", type(exc).__name__)
+            self._drop_here()
+            self._kick_pump()  # (the pump hands them over)
+            return None
+        self._pending = []
+        self._busy_since = time.monotonic()
+        return ops, plan, started
+
+    async def _fly_here(self, flight: tuple[list[_Op], Any, float] | None) -> None:
+        """Read the answer of the batch in flight (``_send_here``); send the next one, if one is
+        waiting, before running this one's callbacks (the database works on it meanwhile; what the
+        callbacks submit goes in the one after); and so on while batches follow. A statement that
+        fails in any way (a stop too) hands its batch back to the pump, first in line, and from there
+        to the thread, which runs it again and sorts out the failure as for any batch (a statement
+        that committed and lost its answer is then met as a commit whose answer was lost is)."""
+        while flight is not None:
+            ops, plan, started = flight
+            conn = self._here
             try:
-                answer = await _pg_query(conn.pgconn, plan.kind, plan.params)
-            except BaseException as exc:  # a stop (Cancelled) too: then the thread runs them at its stop
-                self._drop_here()
-                self._pending = ops + self._pending
-                if not isinstance(exc, Exception):
-                    raise
-                log.debug("journal: a batch failed on the event loop's connection (%s); the thread runs it",
-                          type(exc).__name__)
-                return False
-            lost = self.store.finish_write(plan, [(int(r[0] or 0), *(None if v is None else v.decode()
-                                                                     for v in r[1:])) for r in answer])
-            if lost:  # the batch is committed: a failing look-up refuses them all the same, as in flight
-                again: dict[str, tuple[str | None, str | None]] = {}
                 try:
-                    rows = await _pg_query(conn.pgconn, "first_of", [json.dumps(plan.lost_keys(lost)),
-                                                                     plan.now - self.store.dup_window])
-                    again = {key.decode(): (None if rc is None else rc.decode(), None if auth is None else auth.decode())
-                             for key, rc, auth in rows if key is not None}
-                except Exception:  # noqa: BLE001
+                    answer = await _pg_receive(conn.pgconn)
+                except BaseException as exc:  # a stop (Cancelled) too: then the thread runs them at its stop
                     self._drop_here()
-                plan.settle(lost, again)
-        finally:
-            self._busy_since = None
-        for op, error in zip(ops, plan.results, strict=True):
-            op.result = None
-            op.error = error
-            op.kept = False
-        self._count(ops, started)
-        await self._deliver(ops)
-        return True
+                    self._pending = ops + self._pending
+                    self._kick_pump()
+                    if not isinstance(exc, Exception):
+                        raise
+                    log.debug("journal: a batch failed on the event loop's connection (%s); the thread runs it",
+                              type(exc).__name__)
+                    return
+                lost = self.store.finish_write(plan, [(int(r[0] or 0), *(None if v is None else v.decode()
+                                                                         for v in r[1:])) for r in answer])
+                if lost:  # the batch is committed: a failing look-up refuses them all the same, as in flight
+                    again: dict[str, tuple[str | None, str | None]] = {}
+                    try:
+                        _pg_send(conn.pgconn, "first_of", [json.dumps(plan.lost_keys(lost)),
+                                                            plan.now - self.store.dup_window])
+                        rows = await _pg_receive(conn.pgconn)
+                        again = {key.decode(): (None if rc is None else rc.decode(),
+                                                None if auth is None else auth.decode())
+                                 for key, rc, auth in rows if key is not None}
+                    except Exception:  # noqa: BLE001
+                        self._drop_here()
+                    plan.settle(lost, again)
+            finally:
+                self._busy_since = None
+            for op, error in zip(ops, plan.results, strict=True):
+                op.result = None
+                op.error = error
+                op.kept = False
+            flight = self._send_here() if self._pending and self._here is not None else None
+            self._count(ops, started)
+            await self._deliver(ops)
 
     async def _connect_here(self) -> None:
-        """PostgreSQL: the event loop's connection for the common batch (``_write_here``), opened in a
+        """PostgreSQL: the event loop's connection for the common batch (``_send_here``), opened in a
         worker thread at start, and again after it failed once the database works."""
         while True:
             if self._here is None and self._down is None:
@@ -1245,15 +1267,19 @@ def _numbered(query: str) -> str:
     return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
 
 
-async def _pg_query(pgconn: Any, name: str, params: list[Any]) -> list[tuple[bytes | None, ...]]:
-    """Run the prepared statement ``name`` on a non-blocking libpq connection (psycopg's ``pgconn``)
-    without blocking the event loop: sent, then read as the socket becomes readable. Parameters go
-    as text (str, or a float's exact repr); rows come back as text (bytes, None for NULL). Raises
-    psycopg's errors: the server's, or a connection that failed."""
-    import psycopg
-
+def _pg_send(pgconn: Any, name: str, params: list[Any]) -> None:
+    """Send the prepared statement ``name`` on a non-blocking libpq connection (psycopg's ``pgconn``);
+    ``_pg_receive`` reads its answer. Parameters go as text (str, or a number's exact repr)."""
     pgconn.send_query_prepared(name.encode(), [p.encode() if isinstance(p, str) else repr(p).encode()
                                                for p in params])
+
+
+async def _pg_receive(pgconn: Any) -> list[tuple[bytes | None, ...]]:
+    """The answer to what ``_pg_send`` sent, without blocking the event loop: the rest of the query
+    sent as the socket takes it, then read as it becomes readable. Rows come back as text (bytes,
+    None for NULL). Raises psycopg's errors: the server's, or a connection that failed."""
+    import psycopg
+
     sock = pgconn.socket
     while pgconn.flush():
         await trio.lowlevel.wait_writable(sock)
