@@ -302,12 +302,11 @@ async def test_the_common_batch_goes_from_the_event_loop_and_the_thread_is_not_w
     earlier = new_id()
     node.existing(earlier, "", node="node-a")
     node.existing(new_id(), "k-there", rc="00", auth="TH3R3")
-    handed = journal._handed
     a, b = new_id(), new_id()
     outcomes = await submit_all(journal, [node.insert(a, "k-a"), node.update(earlier, ANSWERED, "00", "E1"),
                                           node.insert(b, "k-there")])
     assert outcomes == [None, None, ("duplicate", "00", "TH3R3")]
-    assert journal._handed == handed  # nothing went to the thread
+    assert node.at_once == []  # the thread wrote none of it (it would have tried write_txns)
     got = {r[0]: r[1:4] for r in node.rows()}
     assert got[a] == (FORWARDED, None, None) and got[earlier] == (ANSWERED, "00", "E1") and b not in got
 
@@ -316,11 +315,10 @@ async def test_other_operations_keep_the_order_through_the_thread(node: Node, nu
     journal = await running(node, nursery)
     earlier = new_id()
     node.existing(earlier, "", node="node-a")
-    handed = journal._handed
     ops = [node.update(earlier, ANSWERED, "00"), _Op(node.store.set_meta, ("k", "v"), {}, None),
            node.update(earlier, REVERSED)]
     assert await submit_all(journal, ops) == [None, None, None]
-    assert journal._handed == handed + 3
+    assert node.at_once == [] and node.admin.execute("SELECT value FROM meta WHERE key='k'").fetchall() == [("v",)]
     assert {r[0]: r[1:3] for r in node.rows()} == {earlier: (REVERSED, "00")}
 
 
@@ -331,16 +329,35 @@ async def test_a_batch_whose_connection_fails_is_run_by_the_thread_and_the_conne
     earlier = new_id()
     node.existing(earlier, "", node="node-a")
     node.admin.execute("SELECT pg_terminate_backend(%s)", (journal._here.info.backend_pid,))
-    handed = journal._handed
     a = new_id()
     assert await submit_all(journal, [node.insert(a, "k-a"), node.update(earlier, ANSWERED, "05")]) == [None, None]
-    assert journal._handed == handed + 2  # the thread ran them
+    assert node.at_once == [True]  # the thread ran them (in one statement)
     assert {r[0]: r[1:3] for r in node.rows()} == {earlier: (ANSWERED, "05"), a: (FORWARDED, None)}
     assert journal.failed is None
     deadline = time.monotonic() + 10
     while journal._here is None:
         assert time.monotonic() < deadline, "the event loop's connection never came back"
         await trio.sleep(0.01)
-    handed = journal._handed
     assert await submit_all(journal, [node.insert(new_id(), "k-b")]) == [None]
-    assert journal._handed == handed
+    assert node.at_once == [True]  # the event loop's again
+
+
+async def test_from_the_event_loop_a_key_another_node_inserts_at_the_same_moment_gets_its_answer(
+        node: Node, nursery: Any) -> None:
+    journal = await running(node, nursery)
+    other = psycopg.connect(node.conninfo)
+    them = PgStore(node.store.vault, "node-b", dup_window=WINDOW)
+    theirs, ours, alone = new_id(), new_id(), new_id()
+    them.insert_txn(other, txn_row(theirs, "k-race"), ORIGINAL)  # not committed yet: ours waits on the index
+    them.update_txn(other, theirs, ANSWERED, "05", None)
+
+    async def commit_later() -> None:
+        await trio.sleep(0.3)
+        await trio.to_thread.run_sync(other.commit)
+
+    nursery.start_soon(commit_later)
+    outcomes = await submit_all(journal, [node.insert(ours, "k-race"), node.insert(alone, "k-alone")])
+    other.close()
+    assert outcomes == [("duplicate", "05", None), None]
+    assert node.at_once == []  # the event loop's: the look-up after the statement too
+    assert {r[0]: r[4] for r in node.rows()} == {theirs: "node-b", alone: "node-a"}

@@ -1021,8 +1021,13 @@ class Journal:
                     log.debug("journal: a batch failed on the event loop's connection (%s); the thread runs it",
                               type(exc).__name__)
                     return
-                lost = self.store.finish_write(plan, [(int(r[0] or 0), *(None if v is None else v.decode()
-                                                                         for v in r[1:])) for r in answer])
+                try:
+                    lost = self.store.finish_write(plan, [(int(r[0] or 0), *(None if v is None else v.decode()
+                                                                             for v in r[1:])) for r in answer])
+                except Exception:  # a bug: the journal outlives it, as the thread does one batch's
+                    log.exception("journal batch failed")
+                    plan.results = [RuntimeError("journal batch failed")] * len(ops)
+                    lost = []
                 if lost:  # the batch is committed: a failing look-up refuses them all the same, as in flight
                     again: dict[str, tuple[str | None, str | None]] = {}
                     try:
