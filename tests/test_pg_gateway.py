@@ -267,8 +267,11 @@ async def test_a_database_that_stops_answering_fails_readiness_and_what_waits_is
     harness.gateway = gw
     client = await harness.client()
     assert (await client.request(harness.auth(10000), timeout=10))["39"] == "00"
-    backend = gw.journal._pg_conn.info.backend_pid
-    os.kill(backend, signal.SIGSTOP)
+    # Both of the journal's connections: the thread's, and the event loop's for the common batch.
+    await wait_real(lambda: gw.journal._here is not None, 10, "the event loop's connection")
+    backends = {c.info.backend_pid for c in (gw.journal._pg_conn, gw.journal._here) if c is not None}
+    for backend in backends:
+        os.kill(backend, signal.SIGSTOP)
     try:
         held = harness.auth(10000)
         answer: dict[str, Any] = {}
@@ -282,7 +285,8 @@ async def test_a_database_that_stops_answering_fails_readiness_and_what_waits_is
         await wait_real(lambda: bool(answer), 10, "the held request answered by its deadline")
         assert answer["39"] == "91"
     finally:
-        os.kill(backend, signal.SIGCONT)
+        for backend in backends:
+            os.kill(backend, signal.SIGCONT)
     await wait_real(lambda: gw.readiness()[0], 10, "ready again")
     assert (await client.request(harness.auth(10000), timeout=10))["39"] == "00"
     assert held["37"] not in {r.rrn for r in sim.records}  # never sent

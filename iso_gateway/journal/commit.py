@@ -11,7 +11,11 @@ event loop before the request is sent; the indexer (indexer.py) writes the log
 into SQLite in bulk. Everything else (the SAF queue, STAN counters, reads)
 goes to one worker thread that owns a connection and commits whatever has
 queued up in one transaction (group commit), then hands the batch back to the
-trio side, where each operation's callback runs.
+trio side, where each operation's callback runs. On PostgreSQL every write is a
+batch (no log); the common one, new requests and answers, goes from the event
+loop itself on a connection of its own while the thread has nothing under way
+(``_send_here``: one statement, sent and read without blocking), so it costs no
+thread hand-off either way.
 
 A store that fails (a full disk, a read-only file, an I/O error) never stops
 the process. What fails is counted (``journal_errors_total`` by source and
@@ -33,6 +37,7 @@ import json
 import logging
 import math
 import queue
+import re
 import sqlite3
 import subprocess
 import sys
@@ -250,6 +255,11 @@ class Journal:
         self._integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
         self._down: BaseException | None = None  # PostgreSQL: the store's failure until a batch works again
         self._pg_conn: Any = None  # PostgreSQL: the thread's connection (see _pg_connection)
+        self._here: Any = None  # PostgreSQL: the event loop's connection (see _send_here)
+        # Operations handed to the thread, and those it has done (each counter has one writer):
+        # equal when the thread has nothing left to commit.
+        self._handed = 0
+        self._thread_done = 0
         self._busy_since: float | None = None  # PostgreSQL: when the batch being committed began (monotonic)
         if pg is not None:
             self._open_pg(vault, pg, worker)
@@ -354,6 +364,8 @@ class Journal:
                 nursery.start_soon(self._probe)
                 if self.pg is not None:
                     nursery.start_soon(self._heartbeat)
+                    if self.write_here:
+                        nursery.start_soon(self._connect_here)
                 if self.unreplayed:
                     await self._hand_to_indexer(self.unreplayed)
                     self._indexed.setdefault(self.unreplayed[-1], trio.Event())
@@ -418,11 +430,17 @@ class Journal:
 
     async def _pump(self) -> None:
         """Hand what the loop submitted to the thread: woken by a submit, so the operations of
-        everything that ran meanwhile go over together."""
+        everything that ran meanwhile go over together. (PostgreSQL: the common batch is written
+        from here when it can be, ``_send_here``.)"""
         while True:
             assert self._kick is not None
             await self._kick.wait()
             self._kick = trio.Event()
+            if self._here is not None and self._pending:
+                flight = self._send_here()
+                if flight is not None:
+                    await self._fly_here(flight)
+                    continue
             self._hand_over()
 
     async def _index(self) -> None:
@@ -716,6 +734,7 @@ class Journal:
     def _hand_over(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, []
+            self._handed += len(pending)
             self._queue.put(pending)
 
     async def _deliver(self, batch: list[_Op]) -> None:
@@ -737,6 +756,7 @@ class Journal:
         if self.txlog is not None:
             self.txlog.close()
         if self.db is not None:
+            self._drop_here()
             self._drop_pg_connection()
             self.db.close()
         else:
@@ -803,6 +823,7 @@ class Journal:
                 for op in batch:
                     if op.error is None and not op.kept:
                         op.error = RuntimeError("journal batch failed")
+            self._thread_done += len(batch)
             if batch:
                 self._hand_back(batch)
             if stop:
@@ -864,7 +885,9 @@ class Journal:
                 self.metrics.journal_writes(kind).inc(n)
 
     def _commit_pg(self, ops: list[_Op], retrying: int) -> None:
-        """PostgreSQL: the batch in one transaction on a pooled connection. While the database
+        """PostgreSQL: the batch in one transaction on the thread's connection: one statement when it
+        holds only new transactions and state changes (``_apply_at_once``), else BEGIN, its statements
+        and COMMIT. While the database
         is failing (until the next retry is due) nothing waits for it: the ops fail at once (a
         request is answered 96, never sent) and MUST_LAND writes are kept. A failure that says
         the database refused the work fails the batch the same way; any other (a constraint)
@@ -884,8 +907,9 @@ class Journal:
         try:
             conn = self._pg_connection()
             try:
-                with conn.transaction():
-                    self._apply(conn, ops)
+                if not self._apply_at_once(conn, ops):
+                    with conn.transaction():
+                        self._apply(conn, ops)
             except Exception as exc:  # sorted out below
                 if self.store.refused(exc) or conn.closed:
                     raise
@@ -906,29 +930,196 @@ class Journal:
             self.clear_failure("store")
         self._count(ops, started)
 
+    def _hot_calls(self, ops: list[_Op]) -> list[tuple[bool, tuple[Any, ...]]] | None:
+        """``ops`` as ``PgStore.write_txns``' calls when they are nothing but new transactions and
+        state changes (``insert_txn``, ``update_txn``: the common batch), else None."""
+        store = self.store
+        calls: list[tuple[bool, tuple[Any, ...]]] = []
+        for op in ops:
+            fn = op.fn
+            if op.kwargs or getattr(fn, "__self__", None) is not store:
+                return None
+            name = fn.__name__
+            if name == "insert_txn":
+                calls.append((True, op.args))
+            elif name == "update_txn":
+                calls.append((False, op.args))
+            else:
+                return None
+        return calls
+
+    def _apply_at_once(self, conn: Any, ops: list[_Op]) -> bool:
+        """PostgreSQL: the common batch (``_hot_calls``) as one statement, ``PgStore.write_txns``,
+        outside any transaction (one round trip, committed when it returns), with the results
+        ``_apply`` in a transaction would give. False, having written nothing, for any other batch."""
+        calls = self._hot_calls(ops)
+        if calls is None:
+            return False
+        results = self.store.write_txns(conn, calls)
+        if results is None:  # it updates a row it inserts
+            return False
+        for op, error in zip(ops, results, strict=True):
+            op.result = None
+            op.error = error
+            op.kept = False
+        return True
+
+    # -- PostgreSQL: the common batch from the event loop
+
+    # The common batch goes from the event loop on a connection of its own when it can (``_send_here``).
+    write_here = True
+
+    def _send_here(self) -> tuple[list[_Op], Any, float] | None:
+        """PostgreSQL: send what was submitted from the event loop, when it is the common batch
+        (``_hot_calls``) and nothing else is under way: the thread has committed all it was handed
+        (``_handed`` == ``_thread_done``), holds no kept write, and the database is not failing. So
+        one batch at a time is in flight, on either connection, in the order submitted, as with the
+        thread alone. The statement is ``write_txns``' (one round trip, committed when it returns),
+        sent and read without blocking (``_fly_here``): nothing waits on a thread, and the event loop
+        goes on meanwhile (what it submits waits for the next batch). Returns the batch in flight
+        (ops, plan, when), or None, having done nothing, when the batch is not for here."""
+        if self._handed != self._thread_done or self._kept or self._down is not None:
+            return None
+        ops = self._pending
+        calls = self._hot_calls(ops)
+        if calls is None:
+            return None
+        plan = self.store.plan_write(calls)
+        if plan is None:  # it updates a row it inserts: the thread's transaction
+            return None
+        started = time.perf_counter()
+        try:
+            _pg_send(self._here.pgconn, plan.kind, plan.params)
+        except Exception as exc:  # noqa: BLE001 - the thread runs them
+            log.debug("journal: the event loop's connection failed (%s); the thread runs the batch", type(exc).__name__)
+            self._drop_here()
+            self._kick_pump()  # (the pump hands them over)
+            return None
+        self._pending = []
+        self._busy_since = time.monotonic()
+        return ops, plan, started
+
+    async def _fly_here(self, flight: tuple[list[_Op], Any, float] | None) -> None:
+        """Read the answer of the batch in flight (``_send_here``); send the next one, if one is
+        waiting, before running this one's callbacks (the database works on it meanwhile; what the
+        callbacks submit goes in the one after); and so on while batches follow. A statement that
+        fails in any way (a stop too) hands its batch back to the pump, first in line, and from there
+        to the thread, which runs it again and sorts out the failure as for any batch (a statement
+        that committed and lost its answer is then met as a commit whose answer was lost is)."""
+        while flight is not None:
+            ops, plan, started = flight
+            conn = self._here
+            try:
+                try:
+                    answer = await _pg_receive(conn.pgconn)
+                except BaseException as exc:  # a stop (Cancelled) too: then the thread runs them at its stop
+                    self._drop_here()
+                    self._pending = ops + self._pending
+                    self._kick_pump()
+                    if not isinstance(exc, Exception):
+                        raise
+                    log.debug("journal: a batch failed on the event loop's connection (%s); the thread runs it",
+                              type(exc).__name__)
+                    return
+                try:
+                    lost = self.store.finish_write(plan, [(int(r[0] or 0), *(None if v is None else v.decode()
+                                                                             for v in r[1:])) for r in answer])
+                except Exception:  # a bug: the journal outlives it, as the thread does one batch's
+                    log.exception("journal batch failed")
+                    plan.results = [RuntimeError("journal batch failed")] * len(ops)
+                    lost = []
+                if lost:  # the batch is committed: a failing look-up refuses them all the same, as in flight
+                    again: dict[str, tuple[str | None, str | None]] = {}
+                    try:
+                        _pg_send(conn.pgconn, "first_of", [json.dumps(plan.lost_keys(lost)),
+                                                            plan.now - self.store.dup_window])
+                        rows = await _pg_receive(conn.pgconn)
+                        again = {key.decode(): (None if rc is None else rc.decode(),
+                                                None if auth is None else auth.decode())
+                                 for key, rc, auth in rows if key is not None}
+                    except Exception:  # noqa: BLE001
+                        self._drop_here()
+                    plan.settle(lost, again)
+            finally:
+                self._busy_since = None
+            for op, error in zip(ops, plan.results, strict=True):
+                op.result = None
+                op.error = error
+                op.kept = False
+            flight = self._send_here() if self._pending and self._here is not None else None
+            self._count(ops, started)
+            await self._deliver(ops)
+
+    async def _connect_here(self) -> None:
+        """PostgreSQL: the event loop's connection for the common batch (``_send_here``), opened in a
+        worker thread at start, and again after it failed once the database works."""
+        while True:
+            if self._here is None and self._down is None:
+                try:
+                    self._here = await trio.to_thread.run_sync(self._open_here)
+                except Exception as exc:  # noqa: BLE001 - the thread's connection carries on meanwhile
+                    log.debug("journal: no event-loop connection to the database yet (%s)", type(exc).__name__)
+            await trio.sleep(STORE_RETRY_MAX)
+
+    def _open_here(self) -> Any:
+        from .pg import WRITE_STATEMENTS
+
+        conn = self._connect_pg()
+        try:
+            pgconn = conn.pgconn
+            # Each statement prepared, then run once on nothing: its first run (the tables' and indexes'
+            # descriptions, its plan) costs milliseconds, here rather than in the first batch.
+            for kind, query in WRITE_STATEMENTS.items():
+                # (nothing: an empty JSON array, 0 for a number, an empty text)
+                empty = [{"json": b"[]", "text": b""}.get(cast, b"0") for cast in re.findall(r"%s::(\w+)", query)]
+                for result in (pgconn.prepare(kind.encode(), _numbered(query).encode()),
+                               pgconn.exec_prepared(kind.encode(), empty)):
+                    if result.status not in (_COMMAND_OK, _TUPLES_OK):
+                        raise RuntimeError(f"{kind}: {result.error_message.decode(errors='replace')}")
+            pgconn.nonblocking = 1
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _drop_here(self) -> None:
+        conn, self._here = self._here, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
+
+    def _connect_pg(self) -> Any:
+        """A connection as the journal's statements need it, in autocommit mode."""
+        import psycopg
+
+        conn = psycopg.connect(self.db.conninfo, connect_timeout=max(2, math.ceil(self.db.connect_timeout)))
+        try:
+            self.db._configure(conn)
+            # Every statement of the journal's batches finds its rows by an index (ids, duplicate
+            # keys, a node's or an upstream's queue). Planned from statistics older than the
+            # table (a new database, a burst before autovacuum analyzes it), the update of a
+            # batch's answers joined the whole table by a hash (2 ms a batch, growing with the
+            # table): this connection's planner stays on the indexes.
+            conn.execute("SET enable_seqscan = off")
+            conn.execute("SET enable_hashjoin = off")
+            conn.execute("SET enable_mergejoin = off")
+            conn.commit()
+            # A batch of new transactions and answers is one statement (``_apply_at_once``) that
+            # commits by itself; any other opens its transaction (BEGIN and COMMIT: two round trips).
+            conn.autocommit = True
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     def _pg_connection(self) -> Any:
         """The thread's own connection (a batch holds one for its transaction; the pool's hand-out
         and check would cost each batch a round trip): opened when missing, within db_timeout."""
         conn = self._pg_conn
         if conn is None or conn.closed:
-            import psycopg
-
-            conn = psycopg.connect(self.db.conninfo, connect_timeout=max(2, math.ceil(self.db.connect_timeout)))
-            try:
-                self.db._configure(conn)
-                # Every statement of the journal's batches finds its rows by an index (ids, duplicate
-                # keys, a node's or an upstream's queue). Planned from statistics older than the
-                # table (a new database, a burst before autovacuum analyzes it), the update of a
-                # batch's answers joined the whole table by a hash (2 ms a batch, growing with the
-                # table): this connection's planner stays on the indexes.
-                conn.execute("SET enable_seqscan = off")
-                conn.execute("SET enable_hashjoin = off")
-                conn.execute("SET enable_mergejoin = off")
-                conn.commit()
-            except BaseException:
-                conn.close()
-                raise
-            self._pg_conn = conn
+            conn = self._pg_conn = self._connect_pg()
         return conn
 
     def _drop_pg_connection(self) -> None:
@@ -1069,6 +1260,51 @@ class Journal:
             self._token.run_sync_soon(send.send_nowait, batch)
         except trio.RunFinishedError:
             pass
+
+
+_COMMAND_OK = 1  # libpq's PGRES_COMMAND_OK
+_TUPLES_OK = 2  # PGRES_TUPLES_OK
+
+
+def _numbered(query: str) -> str:
+    """A psycopg query's ``%s`` placeholders as libpq's ``$1``, ``$2``... (for a prepared statement)."""
+    parts = query.split("%s")
+    return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
+
+
+def _pg_send(pgconn: Any, name: str, params: list[Any]) -> None:
+    """Send the prepared statement ``name`` on a non-blocking libpq connection (psycopg's ``pgconn``);
+    ``_pg_receive`` reads its answer. Parameters go as text (str, or a number's exact repr)."""
+    pgconn.send_query_prepared(name.encode(), [p.encode() if isinstance(p, str) else repr(p).encode()
+                                               for p in params])
+
+
+async def _pg_receive(pgconn: Any) -> list[tuple[bytes | None, ...]]:
+    """The answer to what ``_pg_send`` sent, without blocking the event loop: the rest of the query
+    sent as the socket takes it, then read as it becomes readable. Rows come back as text (bytes,
+    None for NULL). Raises psycopg's errors: the server's, or a connection that failed."""
+    import psycopg
+
+    sock = pgconn.socket
+    while pgconn.flush():
+        await trio.lowlevel.wait_writable(sock)
+    rows: list[tuple[bytes | None, ...]] = []
+    error: BaseException | None = None
+    while True:
+        while pgconn.is_busy():
+            await trio.lowlevel.wait_readable(sock)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            break
+        if result.status == _TUPLES_OK:
+            width = result.nfields
+            rows += [tuple(result.get_value(r, c) for c in range(width)) for r in range(result.ntuples)]
+        elif result.status != _COMMAND_OK and error is None:
+            error = psycopg.errors.error_from_result(result, encoding="utf-8")
+    if error is not None:
+        raise error
+    return rows
 
 
 class LogIndexer:

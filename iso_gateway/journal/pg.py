@@ -4,7 +4,9 @@
 and a masked form, the reversal fields sealed with AES-GCM (``PanVault``), never CVV2, track data or
 PIN blocks; the same method set, each method running in the caller's transaction on a psycopg 3
 connection, so ``Journal`` can drive either store. Writes of a batch go in as few statements as
-possible (rows in arrays, ``unnest``), so a group commit of hundreds of rows is a few round trips.
+possible (rows in arrays, ``unnest``), so a group commit of hundreds of rows is a few round trips;
+the journal's common batch, new requests and the answers to earlier ones, is one statement that
+commits by itself (``write_txns``): one round trip.
 
 What several nodes need besides (the schema is in ``migrations/``, applied by ``migrate.py``):
 
@@ -28,6 +30,7 @@ with the session settings every connection gets, and ``run`` for one transaction
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -82,14 +85,77 @@ _P_UPDATED, _P_STATE, _P_RESPONSE_CODE, _P_AUTH_CODE = 2, 17, 20, 21
 _INSERT_TXN_ARRAYS = (
     "INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT * FROM unnest("
     + ", ".join(f"%b::{t}[]" for _, t in _TXN_INSERT_COLUMNS) + ")")
-_UPDATE_TXN_ARRAYS = (
+# A batch of inserts and answers as one statement (``write_txns``), run outside any transaction of the
+# caller's: one round trip, committed when it returns. The new rows and the answers come as JSON
+# (``json_to_recordset``): one parameter each, encoded in C, where arrays cost psycopg a Python loop
+# per column. ``found``: the first row of each new row's duplicate key within the window (one index
+# probe per key); ``ins``: the rows whose key it did not find (a key another node is inserting at the
+# same moment meets it on the unique index and inserts nothing); ``upd``: the answers, folded per
+# row. Every part reads the snapshot the statement started with, so an answer to a row inserted by
+# the same statement would update nothing: such a batch is not sent this way (``write_txns`` says
+# so). The result: the ids inserted (key NULL), then what ``found`` found.
+# The columns the same for every row of a batch are single parameters (the time, the node, the worker,
+# the window number; no answer yet), the others go in the JSON, one object per row.
+_TXN_BATCH_VALUES = {"created": "%s::float8", "updated": "%s::float8", "worker": "%s::int4", "response_code": "NULL",
+                     "auth_code": "NULL", "node": "%s::text", "dup_bucket": "%s::int8"}
+_TXN_JSON_COLUMNS = tuple((i, c, t) for i, (c, t) in enumerate(_TXN_INSERT_COLUMNS) if c not in _TXN_BATCH_VALUES)
+_TXN_JSON_NAMES = tuple(c for _, c, _ in _TXN_JSON_COLUMNS)
+_TXN_JSON_ROW = "json_to_recordset(%s::json) AS r(" + ", ".join(f"{c} {t}" for _, c, t in _TXN_JSON_COLUMNS) + ")"
+_P_ORIGINAL = 18  # the sealed reversal fields: bytes, sent as bytea's hex form
+_UPDATE_TXN_JSON = (
     "UPDATE txn SET state=u.state, updated=u.updated, response_code=COALESCE(u.rc, txn.response_code),"
     " auth_code=COALESCE(u.auth, txn.auth_code)"
-    " FROM unnest(%b::int8[], %b::text[], %b::float8[], %b::text[], %b::text[]) AS u(id, state, updated, rc, auth)"
+    " FROM json_to_recordset(%s::json) AS u(id int8, state text, updated float8, rc text, auth text)"
     " WHERE txn.id=u.id")
+_WRITE_ROWS = "r AS MATERIALIZED (SELECT * FROM " + _TXN_JSON_ROW + ")"
+_WRITE_FOUND = (
+    "found AS MATERIALIZED (SELECT r.dup_key AS key, t.id, t.response_code, t.auth_code FROM r"
+    " CROSS JOIN LATERAL (SELECT txn.id, txn.response_code, txn.auth_code FROM txn WHERE txn.dup_key = r.dup_key"
+    " AND txn.dup_key <> '' AND txn.created >= %s::float8 ORDER BY txn.created LIMIT 1) AS t WHERE r.dup_key <> '')")
+_WRITE_INSERT = (
+    "ins AS (INSERT INTO txn (" + ", ".join(c for c, _ in _TXN_INSERT_COLUMNS) + ") SELECT "
+    + ", ".join(_TXN_BATCH_VALUES.get(c, "r." + c) for c, _ in _TXN_INSERT_COLUMNS) + " FROM r WHERE NOT EXISTS (SELECT 1 FROM found f WHERE f.key = r.dup_key)"
+    " ON CONFLICT (dup_key, dup_bucket) WHERE dup_key <> '' DO NOTHING RETURNING id)")
+_WRITE_UPDATE = "upd AS (" + _UPDATE_TXN_JSON + ")"
+_WRITE_RESULT = (" SELECT id, NULL::text, NULL::text, NULL::text FROM ins"
+                 " UNION ALL SELECT id, key, response_code, auth_code FROM found")
+_WRITE_TXNS = "WITH " + ", ".join((_WRITE_ROWS, _WRITE_FOUND, _WRITE_INSERT, _WRITE_UPDATE)) + _WRITE_RESULT
+_WRITE_TXNS_NO_UPDATES = "WITH " + ", ".join((_WRITE_ROWS, _WRITE_FOUND, _WRITE_INSERT)) + _WRITE_RESULT
+_FIRST_OF = (
+    "SELECT k.key, t.response_code, t.auth_code FROM json_array_elements_text(%s::json) AS k(key) CROSS JOIN LATERAL"
+    " (SELECT response_code, auth_code FROM txn WHERE dup_key = k.key AND dup_key <> '' AND created >= %s::float8"
+    " ORDER BY created LIMIT 1) AS t")
+# ``write_txns``' statements by kind (``TxnWrite.kind``), and the look-up it may need after one.
+WRITE_STATEMENTS = {"write": _WRITE_TXNS, "insert": _WRITE_TXNS_NO_UPDATES, "update": _UPDATE_TXN_JSON,
+                    "first_of": _FIRST_OF}
 _SAF_COLUMNS = "id, txn_id, upstream, state, reason, mti, stan, f90, attempts, next_attempt, created, message"
 _LIVE_SAF = (f"SELECT 1 FROM saf s WHERE s.txn_id=txn.id AND s.state NOT IN ('{SAF_ACKED}', '{SAF_CANCELLED}')")
 _WAITING = (SAF_PENDING, SAF_SENT)
+
+
+class TxnWrite:
+    """A batch of ``write_txns`` between ``plan_write`` and its answer: the statement (``kind``, one of
+    ``WRITE_STATEMENTS``, and ``params``: str and float values), and per call its result once known."""
+
+    __slots__ = ("calls", "now", "kind", "params", "results", "first", "later")
+
+    def __init__(self, calls: Sequence[tuple[bool, tuple[Any, ...]]], now: float) -> None:
+        self.calls = calls
+        self.now = now
+        self.kind = ""
+        self.params: list[Any] = []
+        self.results: list[DuplicateRecorded | None] = [None] * len(calls)
+        self.first: dict[str, int] = {}  # a duplicate key -> the call that inserts it
+        self.later: list[tuple[int, str]] = []  # calls whose key an earlier call of the batch has: in flight
+
+    def lost_keys(self, lost: list[int]) -> list[str]:
+        """The keys of ``lost`` calls (``finish_write``), for ``first_of``."""
+        return sorted({str(self.calls[i][1][0]["dup_key"]) for i in lost})
+
+    def settle(self, lost: list[int], found: dict[str, tuple[str | None, str | None]]) -> None:
+        """The ``lost`` calls' answers: the row another node inserted with their key (``first_of``)."""
+        for i in lost:
+            self.results[i] = DuplicateRecorded(*found.get(str(self.calls[i][1][0]["dup_key"]), (None, None)))
 
 
 # --------------------------------------------------------------------------- errors
@@ -278,13 +344,112 @@ class PgStore:
                 results[i] = DuplicateRecorded(*found.get(keys[i], (None, None)))
         return results
 
+    def write_txns(self, conn: Conn, calls: Sequence[tuple[bool, tuple[Any, ...]]],
+                   ) -> list[DuplicateRecorded | None] | None:
+        """A batch of ``insert_txn`` calls, (True, (row, original)), and ``update_txn`` calls, (False,
+        (txn_id, state[, response_code[, auth_code]])), in order, as one statement: for a connection
+        in autocommit mode, where it is one round trip and commits when it returns (the journal's
+        common batch: new requests and the answers to earlier ones). What it writes and returns are
+        what the calls one after the other in one transaction would: per call None, or for an insert
+        ``DuplicateRecorded`` as ``insert_txn_many`` gives it (the first row's answer as the updates
+        before that call in the batch left it). A statement does not see its own inserts, so a batch
+        that updates a row it inserts is not written this way: None is returned and nothing done (the
+        caller runs the calls in a transaction). Errors as one transaction's: nothing is written.
+        (``plan_write`` and ``finish_write`` are its halves, for a caller that sends it itself.)"""
+        plan = self.plan_write(calls)
+        if plan is None:
+            return None
+        cur = conn.execute(WRITE_STATEMENTS[plan.kind], plan.params, prepare=True)
+        lost = self.finish_write(plan, cur.fetchall() if cur.description else [])
+        if lost:
+            try:
+                again = self._first_of(conn, plan.lost_keys(lost), plan.now)
+            except psycopg.Error:  # the batch is committed: these are refused all the same, as in flight
+                again = {}
+            plan.settle(lost, again)
+        return plan.results
+
+    def plan_write(self, calls: Sequence[tuple[bool, tuple[Any, ...]]]) -> TxnWrite | None:
+        """``write_txns``' statement for ``calls``: which one (``WRITE_STATEMENTS``) and its parameters;
+        None when the batch updates a row it inserts."""
+        now = time.time()
+        window = self.dup_window
+        bucket = int(now // window) if window > 0 else 0
+        txn_params = self._rows.txn_params
+        node = self.node
+        plan = TxnWrite(calls, now)
+        rows: list[dict[str, Any]] = []
+        inserting: set[int] = set()
+        first = plan.first
+        updates: list[tuple[int, str, float, str | None, str | None]] = []
+        for i, (insert, args) in enumerate(calls):
+            if insert:
+                row, original = args
+                inserting.add(row["id"])
+                key = str(row.get("dup_key") or "") if window > 0 else ""
+                if key:
+                    if key in first:
+                        plan.later.append((i, key))
+                        continue
+                    first[key] = i
+                values = [*txn_params(row, original, now), node, key, bucket]
+                values[_P_ORIGINAL] = "\\x" + values[_P_ORIGINAL].hex()
+                rows.append({name: values[i] for i, name, _ in _TXN_JSON_COLUMNS})
+            elif args[0] in inserting:
+                return None
+            else:
+                updates.append((args[0], args[1], now, *(args[2:] + (None, None))[:2]))
+        if not rows:
+            plan.kind, plan.params = "update", [_fold_updates(updates)]
+            return plan
+        plan.kind = "write" if updates else "insert"
+        plan.params = [json.dumps(rows), now - window, now, now, self.worker, node, bucket]
+        if updates:
+            plan.params.append(_fold_updates(updates))
+        return plan
+
+    @staticmethod
+    def finish_write(plan: TxnWrite, answer: Sequence[tuple[int, str | None, str | None, str | None]]) -> list[int]:
+        """Read the statement's ``answer`` (rows of id, key, rc, auth) into ``plan.results``; returns the
+        calls whose key another node inserted at the same moment (``lost``): their answers need
+        ``first_of`` (after the statement), then ``plan.settle``."""
+        if not plan.first:
+            return []
+        found: dict[str, tuple[int, str | None, str | None]] = {}
+        inserted: set[int] = set()
+        for txn_id, key, rc, auth in answer:
+            if key is None:
+                inserted.add(txn_id)
+            else:
+                found[key] = (txn_id, rc, auth)
+        calls = plan.calls
+        results = plan.results
+
+        def seen_by(i: int, key: str) -> DuplicateRecorded:
+            """The first row's answer as call ``i`` sees it: after the batch's updates before it."""
+            first_id, rc, auth = found[key]
+            for insert, args in calls[:i]:
+                if not insert and args[0] == first_id:
+                    new_rc, new_auth = (args[2:] + (None, None))[:2]
+                    rc = rc if new_rc is None else new_rc
+                    auth = auth if new_auth is None else new_auth
+            return DuplicateRecorded(rc, auth)
+
+        lost: list[int] = []
+        for key, i in plan.first.items():
+            if key in found:
+                results[i] = seen_by(i, key)
+            elif calls[i][1][0]["id"] not in inserted:
+                lost.append(i)  # another node inserted the same key meanwhile (it waited for that one's commit)
+        for i, key in plan.later:
+            results[i] = seen_by(i, key) if key in found else DuplicateRecorded(None, None)
+        return lost
+
     def _first_of(self, conn: Conn, keys: list[str], now: float) -> dict[str, tuple[str | None, str | None]]:
         """The first row of each duplicate key created within the window: (response code, auth code).
         One index look-up per key (the lateral join keeps the planner on txn_dup_key)."""
         return {key: (rc, auth) for key, rc, auth in conn.execute(
-            "SELECT k.key, t.response_code, t.auth_code FROM unnest(%s::text[]) AS k(key) CROSS JOIN LATERAL"
-            " (SELECT response_code, auth_code FROM txn WHERE dup_key = k.key AND dup_key <> '' AND created >= %s"
-            " ORDER BY created LIMIT 1) AS t", (keys, now - self.dup_window))}
+            WRITE_STATEMENTS["first_of"], (json.dumps(keys), now - self.dup_window), prepare=True)}
 
     @staticmethod
     def _insert_rows_returning(conn: Conn, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -315,23 +480,11 @@ class PgStore:
 
     @staticmethod
     def _update_rows(conn: Conn, updates: Sequence[tuple[int, str, float, str | None, str | None]]) -> int:
-        """Updates of ``txn`` rows in one statement, with the effect of applying them in order:
-        the last state and time win, and the last response and approval codes given."""
-        folded: dict[int, list[Any]] = {}
-        for txn_id, state, when, rc, auth in updates:
-            row = folded.get(txn_id)
-            if row is None:
-                folded[txn_id] = [txn_id, state, when, rc, auth]
-                continue
-            row[1], row[2] = state, when
-            if rc is not None:
-                row[3] = rc
-            if auth is not None:
-                row[4] = auth
-        if not folded:
+        """Updates of ``txn`` rows in one statement, with the effect of applying them in order
+        (``_fold_updates``)."""
+        if not updates:
             return 0
-        columns = [list(col) for col in zip(*folded.values(), strict=True)]
-        cur = conn.execute(_UPDATE_TXN_ARRAYS, columns)
+        cur = conn.execute(_UPDATE_TXN_JSON, (_fold_updates(updates),))
         return cur.rowcount
 
     def update_txn(self, conn: Conn, txn_id: int, state: str, response_code: str | None = None,
@@ -683,6 +836,24 @@ class PgStore:
             " RETURNING next",
             {"link": link, "first_next": size % STAN_MAX + 1, "size": size, "max": STAN_MAX}))[0]
         return int((nxt - 1 - size) % STAN_MAX + 1)
+
+
+def _fold_updates(updates: Sequence[tuple[int, str, float, str | None, str | None]]) -> str:
+    """Updates of ``txn`` rows (id, state, time, rc, auth) as ``_UPDATE_TXN_JSON``'s parameter, one
+    entry per row with the effect of applying them in order: the last state and time win, and the
+    last response and approval codes given."""
+    folded: dict[int, dict[str, Any]] = {}
+    for txn_id, state, when, rc, auth in updates:
+        row = folded.get(txn_id)
+        if row is None:
+            folded[txn_id] = {"id": txn_id, "state": state, "updated": when, "rc": rc, "auth": auth}
+            continue
+        row["state"], row["updated"] = state, when
+        if rc is not None:
+            row["rc"] = rc
+        if auth is not None:
+            row["auth"] = auth
+    return json.dumps(list(folded.values()))
 
 
 def _one(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
