@@ -75,3 +75,15 @@ async def test_a_transaction_in_flight_when_the_gateway_is_killed_is_reversed_af
         assert OriginalData.parse(reversal.original).stan == original.stan
     finally:
         await gateway.stop()
+
+
+def test_a_request_answered_96_that_the_switch_received_is_a_violation_of_the_outage_check() -> None:
+    from types import SimpleNamespace
+
+    from iso_gateway.sim.integrity import Outcome, refused_but_sent
+
+    records = [SimpleNamespace(rrn="000000000001", mti="0100"), SimpleNamespace(rrn="000000000003", mti="0420")]
+    outcome = Outcome(answered={"000000000001": "96", "000000000002": "96", "000000000003": "96",
+                                "000000000004": "00"})
+    assert refused_but_sent(records, outcome) == ["000000000001"]  # 2 never reached it; 3 only as a reversal
+    assert refused_but_sent(records, Outcome(answered={"000000000001": "00"})) == []

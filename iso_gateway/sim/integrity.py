@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -48,6 +49,7 @@ class Outcome:
     answered: dict[str, str] = field(default_factory=dict)  # rrn -> response code
     killed: set[str] = field(default_factory=set)  # rrn of requests lost with a killed gateway
     duplicates: int = 0
+    approved_at: list[float] = field(default_factory=list)  # when each approval came (the pair check's)
 
 
 def free_port() -> int:
@@ -237,6 +239,13 @@ def _repeats_after_ack(records: list) -> list[str]:
     return out
 
 
+def refused_but_sent(records: list, outcome: Outcome) -> list[str]:
+    """RRNs a front end was answered 96 for (the journal could not take them: never to be sent)
+    that the switch received all the same. (The simulator itself never answers 96 here.)"""
+    refused = {rrn for rrn, rc in outcome.answered.items() if rc == "96"}
+    return sorted(refused & {r.rrn for r in records if r.mti in ("0100", "0101")})
+
+
 def reconcile(records: list, outcome: Outcome, journal_rrns: set[str]) -> dict[str, object]:
     repeats = _repeats_after_ack(records)
     records = [r for r in records if r.rrn and r.rrn.isdigit()]  # readiness probes are not part of the run
@@ -381,6 +390,13 @@ class Haproxy:
                 await self.proc.wait()
 
 
+# A pair-check front end backs off after a failure (its connection broken, or a 96: the journal
+# could not take the request), from BACKOFF_MIN seconds doubling up to BACKOFF_MAX, and starts again
+# from the least after any other answer. With both nodes refusing (a database outage), front ends
+# retrying at full speed would spend the whole run there.
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 0.5
+
+
 async def _drive_pair(port: int, total: int, connections: int, in_flight: int,
                       actions: list[tuple[float, Callable[[], Awaitable[None]]]], outcome: Outcome,
                       gaps: list[float]) -> None:
@@ -401,6 +417,7 @@ async def _drive_pair(port: int, total: int, connections: int, in_flight: int,
         stan_counter = itertools.count(1)
         client: FrontEndClient | None = None
         broke_at: float | None = None
+        backoff = BACKOFF_MIN
         while outcome.sent < total:
             if client is None or client.closed:
                 try:
@@ -410,7 +427,7 @@ async def _drive_pair(port: int, total: int, connections: int, in_flight: int,
                     continue
 
             async def one(c: FrontEndClient) -> None:
-                nonlocal broke_at
+                nonlocal broke_at, backoff
                 async with lock:
                     if outcome.sent >= total:
                         return
@@ -430,13 +447,22 @@ async def _drive_pair(port: int, total: int, connections: int, in_flight: int,
                     broke_at = None
                 if req["37"] in outcome.answered:
                     outcome.duplicates += 1
-                outcome.answered[req["37"]] = resp.get("39", "")
+                rc = outcome.answered[req["37"]] = resp.get("39", "")
+                if rc == "96":  # "system malfunction": back off
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                else:
+                    backoff = BACKOFF_MIN
+                    if rc == "00":
+                        outcome.approved_at.append(time.monotonic())
 
             async with trio.open_nursery() as n:
                 for _ in range(in_flight):
                     n.start_soon(one, client)
             if client.closed:
                 client = None
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
 
     async with trio.open_nursery() as n:
         n.start_soon(killer)
@@ -452,12 +478,19 @@ def _pg_query(dsn: str, query: str) -> list[tuple[Any, ...]]:
 
 
 async def run_pair_check(requests: int, seed: int, dsn: str, connections: int = 16, in_flight: int = 4,
-                         drain_seconds: float = 60.0) -> dict[str, object]:
+                         drain_seconds: float = 60.0, *,
+                         db_outage: tuple[Callable[[], None], Callable[[], None]] | None = None,
+                         outage_seconds: float = 3.0) -> dict[str, object]:
     """The money invariant across two nodes sharing ``dsn`` (an empty database: it is migrated),
     through HAProxy: node A is SIGKILLed at a third of the requests and restarted, node B is
     SIGKILLed at two thirds and left dead, so A finishes B's work (its leased reversals once
     the leases run out, its in-doubt transactions once its heartbeat does). Reconciled against
-    the switch's own records, as ``run_check``, with the journal read from the database."""
+    the switch's own records, as ``run_check``, with the journal read from the database.
+
+    ``db_outage``: (stop, start), blocking calls that stop the database server and start it again:
+    at half of the requests it is stopped for ``outage_seconds``. Then also: every request a front
+    end was answered 96 (the journal could not take it) must be one the switch never saw, and the
+    report counts them (``answered_96``) with the outage's length."""
     state = Path(tempfile.mkdtemp(prefix="iso-gateway-pair-"))
     kek_dir = Path(tempfile.mkdtemp(prefix="iso-gateway-pair-kek-"))  # outside the state directory
     sim = SwitchSimulator(seed=seed, delay_probability=0.05, delay_range=(0.0, 0.8), drop_probability=0.02,
@@ -490,11 +523,23 @@ async def run_pair_check(requests: int, seed: int, dsn: str, connections: int = 
             await nodes["gw-b"].kill()
             takeover["killed_at"] = time.monotonic()
 
+        async def outage() -> None:
+            assert db_outage is not None
+            stop, start = db_outage
+            began = time.monotonic()
+            await trio.to_thread.run_sync(stop)
+            await trio.sleep(outage_seconds)
+            await trio.to_thread.run_sync(start)
+            takeover["outage_ended"] = time.monotonic()
+            takeover["outage"] = round(takeover["outage_ended"] - began, 1)
+
+        actions: list[tuple[float, Callable[[], Awaitable[None]]]] = [(1 / 3, kill_a), (2 / 3, kill_b)]
+        if db_outage is not None:
+            actions.insert(1, (1 / 2, outage))
         outcome = Outcome()
         try:
             with trio.fail_after(max(180, requests / 20)):
-                await _drive_pair(proxy.front, requests, connections, in_flight,
-                                  [(1 / 3, kill_a), (2 / 3, kill_b)], outcome, gaps)
+                await _drive_pair(proxy.front, requests, connections, in_flight, actions, outcome, gaps)
             waiting_query = "SELECT COUNT(*) FROM saf WHERE state IN ('pending', 'sent')"
             with trio.move_on_after(drain_seconds):
                 while (await trio.to_thread.run_sync(_pg_query, dsn, waiting_query))[0][0]:  # noqa: ASYNC110
@@ -514,6 +559,18 @@ async def run_pair_check(requests: int, seed: int, dsn: str, connections: int = 
     report["failover_seconds_max"] = round(max(gaps), 2) if gaps else 0.0
     report["connections_failed_over"] = len(gaps)
     report["seconds_from_last_kill_to_queue_empty"] = takeover.get("drained_after_kill", -1)
+    if db_outage is not None:
+        report["database_outage_seconds"] = takeover.get("outage", -1)
+        ended = takeover.get("outage_ended")
+        after = [t for t in outcome.approved_at if ended is not None and t > ended]
+        # From the database's return to the first approval after it (the fail-over maximum above
+        # includes the outage: no node can serve during it).
+        report["approvals_again_after_database_seconds"] = round(min(after) - ended, 2) if after and ended else -1
+        report["answered_96"] = sum(1 for rc in outcome.answered.values() if rc == "96")
+        sent_anyway = refused_but_sent(sim.records, outcome)
+        for rrn in sent_anyway:
+            report["violation_samples"].append(f"RRN {rrn}: answered 96 and sent to the switch all the same")  # type: ignore[attr-defined]
+        report["violations"] = int(report["violations"]) + len(sent_anyway)  # type: ignore[call-overload]
     report["seconds"] = round(time.monotonic() - started, 1)
     report["state_dir"] = str(state)
     if waiting:
@@ -532,9 +589,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the pair check instead: two nodes on this (empty) PostgreSQL database behind HAProxy, "
                          "one SIGKILLed and restarted, then the other SIGKILLed (deploy/pair/run-pair gives a "
                          "throwaway database)")
+    ap.add_argument("--db-stop", metavar="COMMAND", help="with --pair-dsn: a command that stops the database server; "
+                    "with --db-start, the run stops it at half of the requests for --outage seconds")
+    ap.add_argument("--db-start", metavar="COMMAND", help="with --pair-dsn and --db-stop: the command that starts it again")
+    ap.add_argument("--outage", type=float, default=3.0, metavar="SECONDS", help="the database outage (default 3)")
     args = ap.parse_args(argv)
+    if bool(args.db_stop) != bool(args.db_start) or (args.db_stop and not args.pair_dsn):
+        ap.error("--db-stop and --db-start go together, with --pair-dsn")
     if args.pair_dsn:
-        report = trio.run(run_pair_check, args.requests, args.seed, args.pair_dsn)
+        outage = None
+        if args.db_stop:
+            import shlex
+
+            stop_cmd, start_cmd = shlex.split(args.db_stop), shlex.split(args.db_start)
+            outage = (lambda: subprocess.run(stop_cmd, check=True, timeout=120),
+                      lambda: subprocess.run(start_cmd, check=True, timeout=120))
+        report = trio.run(partial(run_pair_check, args.requests, args.seed, args.pair_dsn, db_outage=outage,  # type: ignore[arg-type]
+                                  outage_seconds=args.outage))
     else:
         report = trio.run(run_check, args.requests, args.kills, args.seed)
     if args.json:
