@@ -1084,11 +1084,7 @@ class Journal:
 
     def _drop_here(self) -> None:
         conn, self._here = self._here, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - it is gone either way
-                pass
+        _close_quietly(conn)
 
     def _connect_pg(self) -> Any:
         """A connection as the journal's statements need it, in autocommit mode."""
@@ -1124,11 +1120,7 @@ class Journal:
 
     def _drop_pg_connection(self) -> None:
         conn, self._pg_conn = self._pg_conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - it is gone either way
-                pass
+        _close_quietly(conn)
 
     def _refuse(self, ops: list[_Op], error: BaseException, note: bool = True) -> None:
         """The store took none of ``ops``: MUST_LAND writes are kept (in order), the others fail."""
@@ -1264,6 +1256,15 @@ class Journal:
 
 _COMMAND_OK = 1  # libpq's PGRES_COMMAND_OK
 _TUPLES_OK = 2  # PGRES_TUPLES_OK
+
+
+def _close_quietly(conn: Any) -> None:
+    """Close a database connection that may be broken already (it is gone either way)."""
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _numbered(query: str) -> str:
