@@ -76,9 +76,10 @@ class MacSwitch:
                 await stream.send_all(FRAMER.encode(sign(resp, SWITCH_KEY)))
 
 
-async def start(nursery: trio.Nursery, tmp_path: Any, switch: MacSwitch, **listener: Any) -> Gateway:
+async def start(nursery: trio.Nursery, tmp_path: Any, switch: MacSwitch, *, front_mac: bool = True,
+                **listener: Any) -> Gateway:
     port = await nursery.start(switch.serve)
-    cfg = make_config(port, state_dir=tmp_path, listener={"mac": {"key": "ecom.mac"}, **listener},
+    cfg = make_config(port, state_dir=tmp_path, listener={**({"mac": {"key": "ecom.mac"}} if front_mac else {}), **listener},
                       upstream={"mac": {"key": "cmi.mac"}, "sign_on": False})
     module = open_security_module(cfg)
     module.import_key("ecom.mac", FRONT_KEY, usage="mac", algorithm="retail")
@@ -116,6 +117,25 @@ async def test_a_signed_authorization_crosses_both_macd_hops_and_its_answer_is_s
     reversal = sample_reversal(msg)
     answer = await exchange(gw.listeners[0].port, sign(reversal, FRONT_KEY))  # field 90: the MAC goes in 128
     assert signed_by(answer, FRONT_KEY) and decode(DIALECT, answer)["39"] == "00"
+    assert switch.received[-1]["t"] == "0420" and switch.bad == 0
+
+
+async def test_a_mac_on_the_switch_link_only_is_added_to_each_request_and_dropped_from_each_answer(nursery, tmp_path):
+    """Front ends on their own (no MAC on the listener), the switch link MAC'd: the switch gets
+    every request signed with its key (field 64 added; 128 for a reversal with field 90), the front
+    end every answer without a MAC field, byte for byte what it would be with no MAC anywhere."""
+    switch = MacSwitch()
+    gw = await start(nursery, tmp_path, switch, front_mac=False)
+    msg = sample_auth(7, 15000)
+    answer = await exchange(gw.listeners[0].port, encode(DIALECT, msg))
+    resp = decode(DIALECT, answer)
+    assert resp["39"] == "00" and resp["11"] == msg["11"] and "64" not in resp and "128" not in resp
+    assert answer == encode(DIALECT, resp)  # what an encoder gives: bitmap and bytes, no MAC field
+    assert len(switch.received) == 1 and switch.bad == 0
+    for field in ("2", "3", "4", "37", "41", "42", "43", "49"):  # the rest of the request as the front end sent it
+        assert switch.received[0][field] == msg[field]
+    answer = await exchange(gw.listeners[0].port, encode(DIALECT, sample_reversal(msg)))  # field 90: MAC in 128
+    assert decode(DIALECT, answer)["39"] == "00" and not {"64", "128"} & set(decode(DIALECT, answer))
     assert switch.received[-1]["t"] == "0420" and switch.bad == 0
 
 
