@@ -501,7 +501,9 @@ class Flow:
         mode = _mac_mode(side.scanner, scan.bitmap, upstream.mac) if side.dialect is upstream.dialect else None
         if mode is not None:
             stan = self._allocate_stan(link)
-            out = self._respliced(side.scanner, side.scanner.splice(raw, scan, 11, stan), mode, upstream.mac)
+            out = side.scanner.splice(raw, scan, 11, stan)
+            if mode != _KEEP:
+                out = self._respliced(side.scanner, out, mode, upstream.mac)
             self._dispatch(txn, link, stan, out, values, now)
         else:
             msg = decode(side.dialect, raw, check_types=False)
@@ -645,7 +647,8 @@ class Flow:
                 out = self._encode(side.dialect, side.mac, msg)
             else:
                 out = upstream.scanner.splice(raw, scan, 11, txn.front_stan) if 11 in scan.spans else raw
-                out = self._respliced(upstream.scanner, out, mode, side.mac)
+                if mode != _KEEP:
+                    out = self._respliced(upstream.scanner, out, mode, side.mac)
         except IsoGatewayError as exc:
             self._log(WARNING, "response from %s can't be returned to the front end (%s); answering 96", upstream.name, exc)
             txn.rc, txn.auth = "96", None
